@@ -1,0 +1,174 @@
+//! Serving: binding, the middleware every server wears, HTTP metrics and graceful shutdown.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use poem::listener::{Acceptor, Listener, TcpAcceptor, TcpListener};
+use poem::middleware::SizeLimit;
+use poem::{Endpoint, EndpointExt, IntoResponse, Middleware, Request, Response, Server};
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder};
+
+use crate::errors::to_json_error;
+
+/// A bound listener and the address it really got (port 0 resolves here).
+pub struct Bound {
+    /// The accepting socket.
+    pub acceptor: TcpAcceptor,
+    /// The real local address.
+    pub addr: SocketAddr,
+}
+
+/// Binds `host:port`; port 0 picks any free port.
+pub async fn bind(host: &str, port: u16) -> anyhow::Result<Bound> {
+    let acceptor = TcpListener::bind(format!("{host}:{port}"))
+        .into_acceptor()
+        .await
+        .with_context(|| format!("Failed to bind {host}:{port}"))?;
+    let addr = acceptor
+        .local_addr()
+        .first()
+        .and_then(|a| a.as_socket_addr().copied())
+        .context("Failed to read the bound address")?;
+    Ok(Bound { acceptor, addr })
+}
+
+/// Wraps a route tree with what every server needs, outermost last: JSON errors for everything
+/// (unknown routes, bad JSON, auth), a body-size limit, HTTP metrics and the correlation id.
+pub fn edge<E>(routes: E, max_body_bytes: usize, metrics: HttpMetrics) -> impl Endpoint<Output = Response>
+where
+    E: Endpoint + 'static,
+{
+    routes
+        .with(SizeLimit::new(max_body_bytes))
+        .catch_all_error(|error| async move { to_json_error(error) })
+        .with(metrics)
+        .with(telemetry::CorrelationId)
+}
+
+/// Serves until `shutdown` completes, then lets in-flight requests finish (bounded by `grace`).
+pub async fn serve<E, S>(bound: Bound, app: E, shutdown: S, grace: Duration) -> std::io::Result<()>
+where
+    E: Endpoint + 'static,
+    S: Future<Output = ()> + Send,
+{
+    Server::new_with_acceptor(bound.acceptor)
+        .run_with_graceful_shutdown(app, shutdown, Some(grace))
+        .await
+}
+
+/// Request counters and latency by route and status.
+#[derive(Clone)]
+pub struct HttpMetrics {
+    requests: IntCounterVec,
+    latency: HistogramVec,
+}
+
+impl HttpMetrics {
+    /// Registers the HTTP metrics in `registry`.
+    pub fn new(registry: &Registry) -> prometheus::Result<Self> {
+        let requests = IntCounterVec::new(
+            Opts::new("http_requests_total", "HTTP requests by route, method and status."),
+            &["route", "method", "status"],
+        )?;
+        let latency = HistogramVec::new(
+            HistogramOpts::new("http_request_duration_seconds", "HTTP request latency by route."),
+            &["route", "method"],
+        )?;
+        registry.register(Box::new(requests.clone()))?;
+        registry.register(Box::new(latency.clone()))?;
+        Ok(Self { requests, latency })
+    }
+}
+
+/// The route label: ids become `{id}`, unknown routes one `unmatched`, so cardinality is bounded.
+pub fn route_label(path: &str, status: u16) -> String {
+    if status == 404 && !path.contains("/messages/") && !path.contains("/commit/") && !path.contains("/fail/") && !path.contains("/release/") {
+        return "unmatched".into();
+    }
+    path.split('/')
+        .map(|segment| {
+            if segment.len() == 24 && segment.bytes().all(|b| b.is_ascii_hexdigit()) {
+                "{id}"
+            } else {
+                segment
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+impl<E: Endpoint> Middleware<E> for HttpMetrics {
+    type Output = HttpMetricsEndpoint<E>;
+
+    fn transform(&self, inner: E) -> Self::Output {
+        HttpMetricsEndpoint {
+            inner,
+            metrics: self.clone(),
+        }
+    }
+}
+
+/// The endpoint produced by [`HttpMetrics`].
+pub struct HttpMetricsEndpoint<E> {
+    inner: E,
+    metrics: HttpMetrics,
+}
+
+impl<E: Endpoint> Endpoint for HttpMetricsEndpoint<E> {
+    type Output = Response;
+
+    async fn call(&self, req: Request) -> poem::Result<Response> {
+        let path = req.uri().path().to_owned();
+        let method = req.method().to_string();
+        let started = Instant::now();
+        let response = match self.inner.call(req).await {
+            Ok(output) => output.into_response(),
+            Err(error) => error.into_response(),
+        };
+        let status = response.status().as_u16();
+        let route = route_label(&path, status);
+        self.metrics
+            .requests
+            .with_label_values(&[route.as_str(), method.as_str(), &status.to_string()])
+            .inc();
+        self.metrics
+            .latency
+            .with_label_values(&[route.as_str(), method.as_str()])
+            .observe(started.elapsed().as_secs_f64());
+        Ok(response)
+    }
+}
+
+/// Renders a registry in the Prometheus text format.
+pub fn render_metrics(registry: &Registry) -> Response {
+    match TextEncoder::new().encode_to_string(&registry.gather()) {
+        Ok(text) => Response::builder()
+            .content_type("text/plain; version=0.0.4")
+            .body(text),
+        Err(error) => crate::errors::ApiError::internal(&error).as_response_owned(),
+    }
+}
+
+impl crate::errors::ApiError {
+    /// This error as a response.
+    pub fn as_response_owned(&self) -> Response {
+        poem::error::ResponseError::as_response(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn route_labels_hide_ids_and_unknown_paths() {
+        assert_eq!(
+            route_label("/api/messenger/messages/0123456789abcdef01234567", 200),
+            "/api/messenger/messages/{id}"
+        );
+        assert_eq!(route_label("/random/thing", 404), "unmatched");
+        assert_eq!(route_label("/api/messenger/messages", 201), "/api/messenger/messages");
+    }
+}

@@ -1,0 +1,432 @@
+//! Typed settings for every role, loaded with [`layered_config`] and validated once at start-up.
+
+use std::path::Path;
+use std::time::Duration;
+
+use layered_config::{ExposeSecret, Layers, SecretString};
+use serde::Deserialize;
+
+/// Environment-variable prefix: `HERALD__SECTION__KEY`.
+pub const ENV_PREFIX: &str = "HERALD";
+
+/// Keys whose environment value is a comma-separated list.
+pub const LIST_KEYS: &[&str] = &["auth.api_keys", "delivery.retry_schedule_seconds"];
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// MongoDB connection.
+    pub mongo: MongoSettings,
+    /// Redis connection and cache keys.
+    pub redis: RedisSettings,
+    /// The Messenger API role.
+    pub messenger_api: MessengerApiSettings,
+    /// The Job Scheduler role.
+    pub job_scheduler: JobSchedulerSettings,
+    /// The local provider stand-in role.
+    pub webhook_sink: WebhookSinkSettings,
+    /// The provider webhook.
+    pub webhook: WebhookSettings,
+    /// Retry policy.
+    pub delivery: DeliverySettings,
+    /// Message validation.
+    pub message: MessageSettings,
+    /// API keys.
+    pub auth: AuthSettings,
+    /// Logging.
+    pub telemetry: TelemetrySettings,
+}
+
+/// `[mongo]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MongoSettings {
+    /// Connection string; secret because it may carry a password.
+    pub uri: SecretString,
+    /// Database name.
+    pub database: String,
+    /// How long an operation waits to find a usable server, in milliseconds.
+    pub server_selection_timeout_ms: u64,
+}
+
+/// `[redis]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisSettings {
+    /// Connection URL; secret because it may carry a password.
+    pub url: SecretString,
+    /// Prefix of every key.
+    pub key_prefix: String,
+    /// TTL of the sent-message cache entry, in seconds.
+    pub sent_ttl_seconds: u64,
+    /// Connect and response timeout, in milliseconds.
+    pub timeout_ms: u64,
+}
+
+/// `[messenger_api]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MessengerApiSettings {
+    /// Bind address.
+    pub host: String,
+    /// Bind port (0 = any free port).
+    pub port: u16,
+    /// Where the scheduler reaches the API.
+    pub url: String,
+    /// Largest accepted request body, in bytes.
+    pub max_body_bytes: usize,
+}
+
+/// `[job_scheduler]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobSchedulerSettings {
+    /// Bind address.
+    pub host: String,
+    /// Bind port (0 = any free port).
+    pub port: u16,
+    /// Where the API's toggle reaches the scheduler.
+    pub url: String,
+    /// Cron expression with seconds, UTC.
+    pub schedule: String,
+    /// Messages claimed per run.
+    pub batch_size: u32,
+    /// Sends in flight at once within a run.
+    pub concurrency: u32,
+    /// Run once immediately when the job starts.
+    pub run_on_start: bool,
+    /// How long a claim is held, in seconds.
+    pub lease_seconds: u64,
+    /// Worker id of this replica; empty = generated.
+    pub worker_id: String,
+    /// How long run history is kept, in days.
+    pub run_history_days: u64,
+}
+
+/// `[webhook_sink]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookSinkSettings {
+    /// Bind address.
+    pub host: String,
+    /// Bind port (0 = any free port).
+    pub port: u16,
+    /// Added latency, in milliseconds.
+    pub latency_ms: u64,
+    /// Share of requests that fail, 0.0..=1.0.
+    pub fail_rate: f64,
+    /// Status of an injected failure.
+    pub status: u16,
+}
+
+/// `[webhook]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookSettings {
+    /// Provider endpoint.
+    pub url: String,
+    /// Header carrying the auth key.
+    pub auth_header: String,
+    /// The auth key.
+    pub auth_key: SecretString,
+    /// Total request timeout, in milliseconds.
+    pub timeout_ms: u64,
+    /// Connect timeout, in milliseconds.
+    pub connect_timeout_ms: u64,
+    /// Longest honoured `Retry-After`, in seconds.
+    pub max_retry_after_seconds: u64,
+}
+
+/// `[delivery]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeliverySettings {
+    /// Delay before retry n, in seconds.
+    pub retry_schedule_seconds: Vec<u64>,
+    /// Random spread of each delay, in percent.
+    pub jitter_percent: u32,
+}
+
+/// `[message]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MessageSettings {
+    /// Content limit in Unicode characters.
+    pub max_chars: usize,
+}
+
+/// `[auth]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthSettings {
+    /// Accepted bearer tokens; the first is presented to the other service.
+    pub api_keys: Vec<SecretString>,
+}
+
+/// `[telemetry]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetrySettings {
+    /// `pretty` or `json`.
+    pub format: String,
+    /// Default log filter.
+    pub filter: String,
+}
+
+/// A configuration that loaded but breaks a rule. One line, naming the key.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {0}")]
+pub struct InvalidSettings(pub String);
+
+impl Settings {
+    /// Loads `default.toml`, `<env>.toml` and `HERALD__*` variables from `dir`, then validates.
+    pub fn load(dir: &Path, env: &str) -> Result<Self, anyhow::Error> {
+        Self::load_with_env(dir, env, std::env::vars())
+    }
+
+    /// Like [`Settings::load`] with an explicit environment (for tests).
+    pub fn load_with_env<I>(dir: &Path, env: &str, vars: I) -> Result<Self, anyhow::Error>
+    where
+        I: IntoIterator<Item = (String, String)>,
+    {
+        let mut layers = Layers::new(dir, env, ENV_PREFIX);
+        for key in LIST_KEYS {
+            layers = layers.list_key(key);
+        }
+        let settings: Settings = layers.load_with_env(vars)?;
+        settings.validate()?;
+        if env == "production" {
+            settings.reject_development_secrets()?;
+        }
+        Ok(settings)
+    }
+
+    /// Checks every cross-field and range rule.
+    pub fn validate(&self) -> Result<(), InvalidSettings> {
+        let fail = |msg: String| Err(InvalidSettings(msg));
+        let js = &self.job_scheduler;
+        if js.lease_seconds * 1000 <= self.webhook.timeout_ms + 5000 {
+            return fail(format!(
+                "job_scheduler.lease_seconds ({}) must exceed webhook.timeout_ms + 5 s ({} ms)",
+                js.lease_seconds,
+                self.webhook.timeout_ms + 5000
+            ));
+        }
+        if !(1..=500).contains(&js.batch_size) {
+            return fail(format!("job_scheduler.batch_size ({}) must be 1..=500", js.batch_size));
+        }
+        if !(1..=64).contains(&js.concurrency) {
+            return fail(format!("job_scheduler.concurrency ({}) must be 1..=64", js.concurrency));
+        }
+        if js.lease_seconds > 3600 {
+            return fail("job_scheduler.lease_seconds must be at most 3600".into());
+        }
+        if js.run_history_days == 0 {
+            return fail("job_scheduler.run_history_days must be at least 1".into());
+        }
+        if js.schedule.split_whitespace().count() < 6 {
+            return fail(format!(
+                "job_scheduler.schedule ({:?}) must be a cron expression with seconds (6 or 7 fields)",
+                js.schedule
+            ));
+        }
+        for (key, url) in [
+            ("messenger_api.url", &self.messenger_api.url),
+            ("job_scheduler.url", &self.job_scheduler.url),
+            ("webhook.url", &self.webhook.url),
+        ] {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return fail(format!("{key} ({url:?}) must be an http:// or https:// URL"));
+            }
+        }
+        if self.webhook.timeout_ms == 0 || self.webhook.connect_timeout_ms == 0 {
+            return fail("webhook.timeout_ms and webhook.connect_timeout_ms must be positive".into());
+        }
+        if self.webhook.auth_header.trim().is_empty() {
+            return fail("webhook.auth_header must not be empty".into());
+        }
+        if self.delivery.retry_schedule_seconds.is_empty() {
+            return fail("delivery.retry_schedule_seconds must list at least one delay".into());
+        }
+        if self.delivery.jitter_percent > 100 {
+            return fail("delivery.jitter_percent must be 0..=100".into());
+        }
+        if self.message.max_chars == 0 {
+            return fail("message.max_chars must be at least 1".into());
+        }
+        if self.auth.api_keys.is_empty() || self.auth.api_keys.iter().any(|k| k.expose_secret().trim().is_empty()) {
+            return fail("auth.api_keys must hold at least one non-empty key".into());
+        }
+        if !(0.0..=1.0).contains(&self.webhook_sink.fail_rate) {
+            return fail("webhook_sink.fail_rate must be 0.0..=1.0".into());
+        }
+        if !(100..=599).contains(&self.webhook_sink.status) {
+            return fail("webhook_sink.status must be an HTTP status (100..=599)".into());
+        }
+        if self.redis.sent_ttl_seconds == 0 {
+            return fail("redis.sent_ttl_seconds must be positive".into());
+        }
+        if self.messenger_api.max_body_bytes < 1024 {
+            return fail("messenger_api.max_body_bytes must be at least 1024".into());
+        }
+        if !matches!(self.telemetry.format.as_str(), "pretty" | "json") {
+            return fail(format!("telemetry.format ({:?}) must be \"pretty\" or \"json\"", self.telemetry.format));
+        }
+        Ok(())
+    }
+
+    /// In production the development secrets shipped in `default.toml` must be overridden.
+    fn reject_development_secrets(&self) -> Result<(), InvalidSettings> {
+        if self.auth.api_keys.iter().any(|k| k.expose_secret().starts_with("local-dev-")) {
+            return Err(InvalidSettings("auth.api_keys still holds the development key; set HERALD__AUTH__API_KEYS".into()));
+        }
+        if self.webhook.auth_key.expose_secret().starts_with("local-dev-") {
+            return Err(InvalidSettings("webhook.auth_key still holds the development key; set HERALD__WEBHOOK__AUTH_KEY".into()));
+        }
+        Ok(())
+    }
+
+    /// The log format as the telemetry crate wants it.
+    pub fn log_format(&self) -> telemetry::LogFormat {
+        if self.telemetry.format == "json" {
+            telemetry::LogFormat::Json
+        } else {
+            telemetry::LogFormat::Pretty
+        }
+    }
+
+    /// The key each service presents when it calls the other.
+    pub fn service_key(&self) -> &SecretString {
+        // validate() guarantees at least one key.
+        &self.auth.api_keys[0]
+    }
+}
+
+impl WebhookSettings {
+    /// Total timeout as a [`Duration`].
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    fn configs() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs")
+    }
+
+    fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn every_shipped_environment_loads_and_validates() {
+        let secrets = vars(&[("HERALD__AUTH__API_KEYS", "prod-key"), ("HERALD__WEBHOOK__AUTH_KEY", "prod-hook")]);
+        for env in ["local", "test", "docker", "production"] {
+            Settings::load_with_env(&configs(), env, secrets.clone()).unwrap_or_else(|e| panic!("{env}: {e}"));
+        }
+    }
+
+    #[test]
+    fn production_refuses_the_development_secrets() {
+        let err = Settings::load_with_env(&configs(), "production", vec![]).unwrap_err().to_string();
+        assert!(err.contains("auth.api_keys"), "{err}");
+    }
+
+    #[test]
+    fn the_defaults_match_the_specification() {
+        let s = Settings::load_with_env(&configs(), "local", vec![]).unwrap();
+        assert_eq!(s.mongo.uri.expose_secret(), "mongodb://127.0.0.1:27017");
+        assert_eq!(s.mongo.database, "herald");
+        assert_eq!(s.redis.key_prefix, "herald:");
+        assert_eq!(s.redis.sent_ttl_seconds, 604_800);
+        assert_eq!((s.messenger_api.port, s.job_scheduler.port, s.webhook_sink.port), (3000, 3001, 8090));
+        assert_eq!(s.job_scheduler.schedule, "0 */2 * * * *");
+        assert_eq!((s.job_scheduler.batch_size, s.job_scheduler.concurrency), (2, 2));
+        assert!(s.job_scheduler.run_on_start);
+        assert_eq!(s.job_scheduler.lease_seconds, 30);
+        assert_eq!(s.webhook.auth_header, "x-ins-auth-key");
+        assert_eq!(s.webhook.timeout_ms, 10_000);
+        assert_eq!(s.delivery.retry_schedule_seconds, [5, 300, 1800, 7200, 18000, 36000, 36000]);
+        assert_eq!(s.message.max_chars, 160);
+    }
+
+    #[test]
+    fn environment_variables_override_files_and_split_lists() {
+        let s = Settings::load_with_env(
+            &configs(),
+            "local",
+            vars(&[
+                ("HERALD__MONGO__URI", "mongodb://db.example:27017"),
+                ("HERALD__WEBHOOK__URL", "https://provider.example/hook"),
+                ("HERALD__AUTH__API_KEYS", "key-one,key-two"),
+                ("HERALD__DELIVERY__RETRY_SCHEDULE_SECONDS", "1,2,3"),
+                ("HERALD__JOB_SCHEDULER__BATCH_SIZE", "7"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.mongo.uri.expose_secret(), "mongodb://db.example:27017");
+        assert_eq!(s.webhook.url, "https://provider.example/hook");
+        let keys: Vec<&str> = s.auth.api_keys.iter().map(|k| k.expose_secret()).collect();
+        assert_eq!(keys, ["key-one", "key-two"]);
+        assert_eq!(s.delivery.retry_schedule_seconds, [1, 2, 3]);
+        assert_eq!(s.job_scheduler.batch_size, 7);
+    }
+
+    #[test]
+    fn a_lease_shorter_than_the_webhook_timeout_is_rejected_by_name() {
+        let err = Settings::load_with_env(
+            &configs(),
+            "local",
+            vars(&[("HERALD__JOB_SCHEDULER__LEASE_SECONDS", "12")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("job_scheduler.lease_seconds must exceed webhook.timeout_ms + 5 s"), "{err}");
+    }
+
+    #[test]
+    fn a_value_of_the_wrong_type_names_its_key() {
+        let err = Settings::load_with_env(&configs(), "local", vars(&[("HERALD__MESSENGER_API__PORT", "eighty")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("messenger_api.port"), "{err}");
+        assert!(!err.contains('\n'));
+    }
+
+    #[test]
+    fn out_of_range_values_are_rejected_by_name() {
+        for (key, value, named) in [
+            ("HERALD__JOB_SCHEDULER__BATCH_SIZE", "0", "job_scheduler.batch_size"),
+            ("HERALD__WEBHOOK_SINK__FAIL_RATE", "1.5", "webhook_sink.fail_rate"),
+            ("HERALD__TELEMETRY__FORMAT", "xml", "telemetry.format"),
+            ("HERALD__WEBHOOK__URL", "ftp://x", "webhook.url"),
+            ("HERALD__JOB_SCHEDULER__SCHEDULE", "* * *", "job_scheduler.schedule"),
+        ] {
+            let err = Settings::load_with_env(&configs(), "local", vars(&[(key, value)]))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(named), "{key}={value}: {err}");
+        }
+    }
+
+    #[test]
+    fn secrets_never_appear_in_debug_output() {
+        let s = Settings::load_with_env(
+            &configs(),
+            "local",
+            vars(&[
+                ("HERALD__WEBHOOK__AUTH_KEY", "super-secret-webhook"),
+                ("HERALD__AUTH__API_KEYS", "super-secret-api"),
+                ("HERALD__MONGO__URI", "mongodb://user:super-secret-pw@h:1"),
+            ]),
+        )
+        .unwrap();
+        let debug = format!("{s:?}");
+        assert!(!debug.contains("super-secret"), "{debug}");
+    }
+}

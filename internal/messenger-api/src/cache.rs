@@ -1,0 +1,89 @@
+//! The Redis sent-message cache: `SET <prefix>sent:<id> {"messageId","sentAt"} EX <ttl>`.
+//!
+//! Redis is a cache, never the source of truth: every call is bounded by a timeout, and a
+//! failure is reported to the caller (who logs and counts it) instead of failing a commit.
+
+use std::time::Duration;
+
+use herald_core::settings::RedisSettings;
+use layered_config::ExposeSecret;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use serde::{Deserialize, Serialize};
+
+/// What is cached for a sent message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SentEntry {
+    /// The provider's id (null when it accepted without one).
+    pub message_id: Option<String>,
+    /// RFC 3339 send time.
+    pub sent_at: String,
+}
+
+/// The cache client. Connects lazily, so a service starts while Redis is down.
+#[derive(Clone)]
+pub struct SentCache {
+    connection: ConnectionManager,
+    prefix: String,
+    ttl_seconds: u64,
+    timeout: Duration,
+}
+
+impl SentCache {
+    /// Builds the client without connecting.
+    pub fn new(settings: &RedisSettings) -> anyhow::Result<Self> {
+        use anyhow::Context;
+        let timeout = Duration::from_millis(settings.timeout_ms);
+        let client = redis::Client::open(settings.url.expose_secret()).context("Failed to parse redis.url")?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(timeout))
+            .set_response_timeout(Some(timeout))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(200));
+        let connection =
+            ConnectionManager::new_lazy_with_config(client, config).context("Failed to set up the Redis client")?;
+        Ok(Self {
+            connection,
+            prefix: settings.key_prefix.clone(),
+            ttl_seconds: settings.sent_ttl_seconds,
+            timeout,
+        })
+    }
+
+    /// The key of a message.
+    pub fn key(&self, id: &str) -> String {
+        format!("{}sent:{id}", self.prefix)
+    }
+
+    /// Writes the entry with its TTL.
+    pub async fn put_sent(&self, id: &str, entry: &SentEntry) -> Result<(), String> {
+        let value = serde_json::to_string(entry).map_err(|e| e.to_string())?;
+        let mut conn = self.connection.clone();
+        let command = redis::cmd("SET")
+            .arg(self.key(id))
+            .arg(value)
+            .arg("EX")
+            .arg(self.ttl_seconds)
+            .to_owned();
+        self.bounded(async move { command.query_async::<()>(&mut conn).await }).await
+    }
+
+    /// PING, for readiness.
+    pub async fn ping(&self) -> Result<(), String> {
+        let mut conn = self.connection.clone();
+        self.bounded(async move { redis::cmd("PING").query_async::<String>(&mut conn).await.map(|_| ()) })
+            .await
+    }
+
+    async fn bounded<F>(&self, call: F) -> Result<(), String>
+    where
+        F: std::future::Future<Output = redis::RedisResult<()>>,
+    {
+        // Connect + retry + response can exceed one timeout; cap the whole call at three.
+        match tokio::time::timeout(self.timeout * 3, call).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(error)) => Err(error.to_string()),
+            Err(_) => Err(format!("Redis did not answer within {} ms", (self.timeout * 3).as_millis())),
+        }
+    }
+}

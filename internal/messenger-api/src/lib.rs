@@ -1,0 +1,25 @@
+//! The Messenger API: owns the `messages` collection.
+//!
+//! Layers, one way down:
+//! - [`routes`]: poem-openapi operations; they parse, authorise and map errors to the catalogue.
+//! - [`service`]: the rules — validation, the state machine, retry policy, the commit-then-cache
+//!   order, the toggle call to the Job Scheduler.
+//! - [`store`]: the repository over `Collection<MessageDoc>`; BSON stays here. Claims are atomic
+//!   per document and cost a fixed number of round trips.
+//! - [`cache`]: the Redis sent-message cache (a cache, never the source of truth).
+//!
+//! [`startup::Application`] wires them to a bound port; [`openapi_json`] renders the document.
+
+#![forbid(unsafe_code)]
+
+pub mod cache;
+pub mod domain;
+pub mod error;
+pub mod metrics;
+pub mod routes;
+pub mod scheduler_client;
+pub mod service;
+pub mod startup;
+pub mod store;
+
+pub use startup::{openapi_json, Application};

@@ -1,0 +1,61 @@
+//! The Messenger API's Prometheus metrics.
+
+use prometheus::{Gauge, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry};
+
+/// Every metric of the service, registered in its own registry (no globals, so tests that run
+/// several services in one process do not collide).
+#[derive(Clone)]
+pub struct MessengerMetrics {
+    /// The registry `/metrics` renders.
+    pub registry: Registry,
+    /// HTTP requests by route and status.
+    pub http: herald_core::http::HttpMetrics,
+    /// Messages by status (refreshed on scrape).
+    pub messages: IntGaugeVec,
+    /// How long the most overdue pending message has been due (refreshed on scrape).
+    pub oldest_pending_age: Gauge,
+    /// Messages handed out by get-two.
+    pub claimed: IntCounter,
+    /// Commit calls by result: committed, replayed, claim_lost.
+    pub commits: IntCounterVec,
+    /// Failure reports by result: retry_scheduled, failed.
+    pub failures: IntCounterVec,
+    /// Sent-cache writes that did not reach Redis.
+    pub cache_write_failures: IntCounter,
+}
+
+impl MessengerMetrics {
+    /// Creates and registers everything.
+    pub fn new() -> prometheus::Result<Self> {
+        let registry = Registry::new_custom(Some("herald".into()), None)?;
+        let http = herald_core::http::HttpMetrics::new(&registry)?;
+        let messages = IntGaugeVec::new(Opts::new("messages", "Messages by status."), &["status"])?;
+        let oldest_pending_age = Gauge::new(
+            "oldest_pending_age_seconds",
+            "How long the most overdue pending message has been due (delivery lag).",
+        )?;
+        let claimed = IntCounter::new("messages_claimed_total", "Messages handed out by get-two.")?;
+        let commits = IntCounterVec::new(Opts::new("commits_total", "Commit calls by result."), &["result"])?;
+        let failures = IntCounterVec::new(Opts::new("failure_reports_total", "Failure reports by result."), &["result"])?;
+        let cache_write_failures = IntCounter::new(
+            "redis_cache_write_failures_total",
+            "Sent-message cache entries that could not be written to Redis.",
+        )?;
+        registry.register(Box::new(messages.clone()))?;
+        registry.register(Box::new(oldest_pending_age.clone()))?;
+        registry.register(Box::new(claimed.clone()))?;
+        registry.register(Box::new(commits.clone()))?;
+        registry.register(Box::new(failures.clone()))?;
+        registry.register(Box::new(cache_write_failures.clone()))?;
+        Ok(Self {
+            registry,
+            http,
+            messages,
+            oldest_pending_age,
+            claimed,
+            commits,
+            failures,
+            cache_write_failures,
+        })
+    }
+}

@@ -1,0 +1,186 @@
+//! Create, list and inspect messages.
+
+use std::sync::Arc;
+
+use herald_core::api_errors;
+use herald_core::auth::BearerAuth;
+use herald_core::ApiError;
+use poem_openapi::param::{Header, Path, Query};
+use poem_openapi::payload::Json;
+use poem_openapi::{ApiResponse, OpenApi};
+
+use super::views::{BatchCreated, MessagePage, MessageView, NewBatch, NewMessage};
+use super::ApiTags;
+use crate::service::{MessengerService, PageRequest};
+use crate::store::PageStart;
+
+api_errors!(CreateErrors: 400, 401, 409, 413, 500, 503);
+api_errors!(BatchErrors: 400, 401, 413, 500, 503);
+api_errors!(ListErrors: 400, 401, 500, 503);
+api_errors!(GetErrors: 400, 401, 404, 500, 503);
+api_errors!(RetryErrors: 400, 401, 404, 409, 500, 503);
+
+/// A created message.
+#[derive(ApiResponse)]
+pub enum Created {
+    /// Created (or, for a repeated Idempotency-Key with the same body, the original).
+    #[oai(status = 201)]
+    Created(
+        Json<MessageView>,
+        /// `true` when this answer replays an earlier request with the same key.
+        #[oai(header = "Idempotent-Replayed")]
+        Option<bool>,
+    ),
+}
+
+/// Created messages.
+#[derive(ApiResponse)]
+pub enum BatchResponse {
+    /// All stored.
+    #[oai(status = 201)]
+    Created(Json<BatchCreated>),
+}
+
+/// A page.
+#[derive(ApiResponse)]
+pub enum PageResponse {
+    /// The page.
+    #[oai(status = 200)]
+    Ok(Json<MessagePage>),
+}
+
+/// One message.
+#[derive(ApiResponse)]
+pub enum MessageResponse {
+    /// The message.
+    #[oai(status = 200)]
+    Ok(Json<MessageView>),
+}
+
+/// A re-queued message.
+#[derive(ApiResponse)]
+pub enum Requeued {
+    /// Pending again, due now.
+    #[oai(status = 202)]
+    Accepted(Json<MessageView>),
+}
+
+/// Message operations.
+pub struct MessagesApi {
+    /// The service.
+    pub service: Arc<MessengerService>,
+}
+
+fn offset_of(page: &PageRequest) -> Option<i64> {
+    match page.start {
+        PageStart::Offset(o) => Some(o as i64),
+        PageStart::After(_) => None,
+    }
+}
+
+#[OpenApi(tag = "ApiTags::Messages")]
+impl MessagesApi {
+    /// Create a message
+    ///
+    /// Stores one pending message, due now. With an `Idempotency-Key`, repeating the request
+    /// with the same body returns the original message; another body gets 409.
+    #[oai(path = "/api/messenger/messages", method = "post", operation_id = "createMessage")]
+    async fn create(
+        &self,
+        _auth: BearerAuth,
+        /// Client key that makes retries of this request safe (1 to 255 visible ASCII characters).
+        #[oai(name = "Idempotency-Key")]
+        idempotency_key: Header<Option<String>>,
+        body: Json<NewMessage>,
+    ) -> Result<Created, CreateErrors> {
+        let (message, created) = self
+            .service
+            .create(&body.to, &body.content, idempotency_key.0)
+            .await
+            .map_err(ApiError::from)?;
+        Ok(Created::Created(Json(message.into()), (!created).then_some(true)))
+    }
+
+    /// Create messages in a batch
+    ///
+    /// Stores 1 to 1,000 messages, all or none: a 400 names every bad item by index.
+    #[oai(path = "/api/messenger/messages/batch", method = "post", operation_id = "createMessageBatch")]
+    async fn create_batch(&self, _auth: BearerAuth, body: Json<NewBatch>) -> Result<BatchResponse, BatchErrors> {
+        let items: Vec<(String, String)> = body.0.messages.into_iter().map(|m| (m.to, m.content)).collect();
+        let created = self.service.create_batch(&items).await.map_err(ApiError::from)?;
+        Ok(BatchResponse::Created(Json(BatchCreated {
+            items: created.into_iter().map(Into::into).collect(),
+        })))
+    }
+
+    /// List messages
+    ///
+    /// Newest first. Page with `limit` and `offset`, or with `after` (the previous page's
+    /// `nextCursor`), which stays fast however deep the page.
+    #[oai(path = "/api/messenger/messages", method = "get", operation_id = "listMessages")]
+    async fn list(
+        &self,
+        _auth: BearerAuth,
+        /// Only messages in this status: pending, processing, sent or failed.
+        status: Query<Option<String>>,
+        /// Page size, 1..=100 (default 20).
+        limit: Query<Option<i64>>,
+        /// Messages to skip (not with `after`).
+        offset: Query<Option<i64>>,
+        /// Continue after this id (a `nextCursor`).
+        after: Query<Option<String>>,
+    ) -> Result<PageResponse, ListErrors> {
+        let page = PageRequest::parse(limit.0, offset.0, after.0.as_deref()).map_err(ApiError::from)?;
+        let result = self.service.list(status.0.as_deref(), page).await.map_err(ApiError::from)?;
+        Ok(PageResponse::Ok(Json(MessagePage::new(result, page.limit, offset_of(&page)))))
+    }
+
+    /// List sent messages
+    ///
+    /// Sent messages, newest `sentAt` first, each with the provider's `webhookMessageId`.
+    /// Same pagination as the message list.
+    #[oai(path = "/api/messenger/messages/sent", method = "get", operation_id = "listSentMessages")]
+    async fn list_sent(
+        &self,
+        _auth: BearerAuth,
+        /// Page size, 1..=100 (default 20).
+        limit: Query<Option<i64>>,
+        /// Messages to skip (not with `after`).
+        offset: Query<Option<i64>>,
+        /// Continue after this id (a `nextCursor`).
+        after: Query<Option<String>>,
+    ) -> Result<PageResponse, ListErrors> {
+        let page = PageRequest::parse(limit.0, offset.0, after.0.as_deref()).map_err(ApiError::from)?;
+        let result = self.service.list_sent(page).await.map_err(ApiError::from)?;
+        Ok(PageResponse::Ok(Json(MessagePage::new(result, page.limit, offset_of(&page)))))
+    }
+
+    /// Get a message
+    ///
+    /// One message with its delivery state.
+    #[oai(path = "/api/messenger/messages/:id", method = "get", operation_id = "getMessage")]
+    async fn get(
+        &self,
+        _auth: BearerAuth,
+        /// The message id (24 hex characters).
+        id: Path<String>,
+    ) -> Result<MessageResponse, GetErrors> {
+        let message = self.service.get(&id.0).await.map_err(ApiError::from)?;
+        Ok(MessageResponse::Ok(Json(message.into())))
+    }
+
+    /// Retry a failed message
+    ///
+    /// Operator action: a `failed` message becomes `pending`, due now, with a fresh retry
+    /// budget. Any other status gets 409.
+    #[oai(path = "/api/messenger/messages/:id/retry", method = "post", operation_id = "retryMessage")]
+    async fn retry(
+        &self,
+        _auth: BearerAuth,
+        /// The message id (24 hex characters).
+        id: Path<String>,
+    ) -> Result<Requeued, RetryErrors> {
+        let message = self.service.retry(&id.0).await.map_err(ApiError::from)?;
+        Ok(Requeued::Accepted(Json(message.into())))
+    }
+}

@@ -1,0 +1,132 @@
+//! The worker protocol the Job Scheduler speaks: claim, commit, fail, release.
+
+use std::sync::Arc;
+
+use herald_core::api_errors;
+use herald_core::auth::BearerAuth;
+use herald_core::ApiError;
+use poem_openapi::param::Path;
+use poem_openapi::payload::Json;
+use poem_openapi::{ApiResponse, OpenApi};
+
+use super::views::{ClaimRequest, ClaimedMessage, CommitRequest, CommitView, FailRequest, MessageView, ReleaseRequest};
+use super::ApiTags;
+use crate::service::{FailureReport, MessengerService};
+
+api_errors!(ClaimErrors: 400, 401, 413, 500, 503);
+api_errors!(TransitionErrors: 400, 401, 404, 409, 413, 500, 503);
+
+/// Claimed messages.
+#[derive(ApiResponse)]
+pub enum ClaimResponse {
+    /// Up to `limit` messages, now held by the caller until `leaseUntil` (possibly none).
+    #[oai(status = 200)]
+    Ok(Json<Vec<ClaimedMessage>>),
+}
+
+/// A committed message.
+#[derive(ApiResponse)]
+pub enum CommitResponse {
+    /// Sent (also for a repeated commit of the same claim).
+    #[oai(status = 200)]
+    Ok(Json<CommitView>),
+}
+
+/// A message after a failure report or release.
+#[derive(ApiResponse)]
+pub enum TransitionResponse {
+    /// The message as it is now.
+    #[oai(status = 200)]
+    Ok(Json<MessageView>),
+}
+
+/// Worker operations.
+pub struct WorkerApi {
+    /// The service.
+    pub service: Arc<MessengerService>,
+}
+
+#[OpenApi(tag = "ApiTags::Worker")]
+impl WorkerApi {
+    /// Claim due messages
+    ///
+    /// Atomically claims up to `limit` due messages (oldest due first) for `worker`: pending
+    /// messages whose time has come and processing ones whose lease lapsed. Concurrent callers
+    /// never receive the same message. A claim of any size costs a fixed number of database
+    /// round trips.
+    #[oai(path = "/api/messenger/get-two", method = "post", operation_id = "claimMessages")]
+    async fn get_two(&self, _auth: BearerAuth, body: Json<ClaimRequest>) -> Result<ClaimResponse, ClaimErrors> {
+        let claimed = self
+            .service
+            .claim(&body.worker, body.limit, body.lease_seconds)
+            .await
+            .map_err(ApiError::from)?;
+        Ok(ClaimResponse::Ok(Json(claimed.into_iter().map(Into::into).collect())))
+    }
+
+    /// Commit a sent message
+    ///
+    /// Marks the message sent in MongoDB, then writes `<prefix>sent:<id>` with the provider's
+    /// `messageId` and the send time to Redis. Idempotent for the same claim; 409 when the
+    /// claim was lost (Redis is then not touched). If Redis is down the commit still stands and
+    /// `cached` is false.
+    #[oai(path = "/api/messenger/commit/:id", method = "put", operation_id = "commitMessage")]
+    async fn commit(
+        &self,
+        _auth: BearerAuth,
+        /// The message id.
+        id: Path<String>,
+        body: Json<CommitRequest>,
+    ) -> Result<CommitResponse, TransitionErrors> {
+        let committed = self
+            .service
+            .commit(&id.0, &body.claim_token, body.webhook_message_id.as_deref(), body.sent_at)
+            .await
+            .map_err(ApiError::from)?;
+        Ok(CommitResponse::Ok(Json(CommitView {
+            message: committed.message.into(),
+            cached: committed.cached,
+        })))
+    }
+
+    /// Report a failed attempt
+    ///
+    /// Retryable: back to pending at the next delay of `delivery.retry_schedule_seconds`
+    /// (±jitter, not before `retryAfterSeconds`); out of retries or not retryable: `failed`
+    /// with the error kept.
+    #[oai(path = "/api/messenger/fail/:id", method = "put", operation_id = "failMessage")]
+    async fn fail(
+        &self,
+        _auth: BearerAuth,
+        /// The message id.
+        id: Path<String>,
+        body: Json<FailRequest>,
+    ) -> Result<TransitionResponse, TransitionErrors> {
+        let body = body.0;
+        let report = FailureReport {
+            kind: body.error.kind.as_str().to_owned(),
+            status: body.error.status.map(i32::from),
+            detail: body.error.detail,
+            retryable: body.retryable,
+            retry_after_seconds: body.retry_after_seconds,
+        };
+        let message = self.service.fail(&id.0, &body.claim_token, report).await.map_err(ApiError::from)?;
+        Ok(TransitionResponse::Ok(Json(message.into())))
+    }
+
+    /// Release an unsent claim
+    ///
+    /// Gives a claimed message back, pending and due now, without counting the attempt (used
+    /// on graceful shutdown for messages that were never sent).
+    #[oai(path = "/api/messenger/release/:id", method = "put", operation_id = "releaseMessage")]
+    async fn release(
+        &self,
+        _auth: BearerAuth,
+        /// The message id.
+        id: Path<String>,
+        body: Json<ReleaseRequest>,
+    ) -> Result<TransitionResponse, TransitionErrors> {
+        let message = self.service.release(&id.0, &body.claim_token).await.map_err(ApiError::from)?;
+        Ok(TransitionResponse::Ok(Json(message.into())))
+    }
+}

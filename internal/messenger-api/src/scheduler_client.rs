@@ -1,0 +1,91 @@
+//! The toggle's client: asks the Job Scheduler to start or stop the sending job.
+
+use std::time::Duration;
+
+use herald_core::jobs::JobStatus;
+use herald_core::{ErrorBody, ErrorCode};
+use layered_config::{ExposeSecret, SecretString};
+
+use crate::error::ServiceError;
+
+/// `start` or `stop`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobCommand {
+    /// Start sending.
+    Start,
+    /// Stop sending.
+    Stop,
+}
+
+impl JobCommand {
+    /// Parses the query parameter.
+    pub fn parse(text: &str) -> Result<Self, ServiceError> {
+        match text {
+            "start" => Ok(Self::Start),
+            "stop" => Ok(Self::Stop),
+            _ => Err(ServiceError::invalid(ErrorCode::InvalidCommand, "command must be `start` or `stop`")),
+        }
+    }
+
+    fn path(self) -> &'static str {
+        match self {
+            Self::Start => "start",
+            Self::Stop => "stop",
+        }
+    }
+}
+
+/// HTTP client of the Job Scheduler's control surface.
+#[derive(Clone)]
+pub struct SchedulerClient {
+    http: reqwest::Client,
+    base_url: String,
+    key: SecretString,
+}
+
+impl SchedulerClient {
+    /// A client for `base_url`, presenting `key`. Stop waits for an in-flight run, which the
+    /// webhook timeout bounds, so the request timeout is generous.
+    pub fn new(base_url: &str, key: SecretString, timeout: Duration) -> anyhow::Result<Self> {
+        let http = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(Duration::from_secs(2))
+            .user_agent(herald_core::USER_AGENT)
+            .build()?;
+        Ok(Self {
+            http,
+            base_url: base_url.trim_end_matches('/').to_owned(),
+            key,
+        })
+    }
+
+    /// Sends the command and returns the job's state.
+    pub async fn send(&self, command: JobCommand, correlation_id: Option<&str>) -> Result<JobStatus, ServiceError> {
+        let url = format!("{}/job-scheduler/messenger/{}", self.base_url, command.path());
+        let mut request = self.http.post(&url).bearer_auth(self.key.expose_secret());
+        if let Some(id) = correlation_id {
+            request = request.header(telemetry::CORRELATION_HEADER, id);
+        }
+        let response = request
+            .send()
+            .await
+            .map_err(|e| ServiceError::SchedulerUnreachable(e.to_string()))?;
+        let status = response.status();
+        if status.is_success() {
+            return response
+                .json::<JobStatus>()
+                .await
+                .map_err(|e| ServiceError::SchedulerUnreachable(format!("unreadable answer: {e}")));
+        }
+        if status == reqwest::StatusCode::CONFLICT {
+            let body = response.json::<ErrorBody>().await.ok();
+            let code = match command {
+                JobCommand::Start => ErrorCode::JobAlreadyWorking,
+                JobCommand::Stop => ErrorCode::JobAlreadyStopped,
+            };
+            let message = body.map(|b| b.message).unwrap_or_else(|| "The job is already in that state.".into());
+            return Err(ServiceError::JobConflict { code, message });
+        }
+        Err(ServiceError::SchedulerUnreachable(format!("{url} answered {status}")))
+    }
+}

@@ -1,0 +1,500 @@
+//! The rules of the Messenger API: validation, the state machine, retry policy, and the order
+//! of commit (MongoDB first, then the Redis cache).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use bson::DateTime;
+use chrono::Utc;
+use herald_core::probes::{self, ReadyResponse};
+use herald_core::settings::Settings;
+use herald_core::ErrorCode;
+use mongodb::Database;
+use rand::Rng;
+
+use crate::cache::{SentCache, SentEntry};
+use crate::domain::{self, LastError, MessageDoc, MessageStatus};
+use crate::error::ServiceError;
+use crate::metrics::MessengerMetrics;
+use crate::scheduler_client::{JobCommand, SchedulerClient};
+use crate::store::{CommitOutcome, MessageStore, Page, PageStart, TransitionOutcome};
+use herald_core::jobs::JobStatus;
+
+/// Most messages in one batch create.
+pub const MAX_BATCH: usize = 1000;
+/// Most messages in one claim.
+pub const MAX_CLAIM: u32 = 500;
+/// Default and largest page size.
+pub const DEFAULT_LIMIT: i64 = 20;
+/// Largest page size.
+pub const MAX_LIMIT: i64 = 100;
+/// Longest kept error detail, in bytes.
+pub const MAX_ERROR_DETAIL: usize = 4096;
+
+/// The knobs the rules need, taken from the settings once.
+#[derive(Debug, Clone)]
+pub struct Rules {
+    /// Content limit in characters.
+    pub max_chars: usize,
+    /// Lease used when a claimer names none.
+    pub default_lease: Duration,
+    /// Delay before retry n, in seconds.
+    pub retry_schedule: Vec<u64>,
+    /// Jitter in percent.
+    pub jitter_percent: u32,
+    /// Cap on a provider's Retry-After, in seconds.
+    pub max_retry_after: u64,
+}
+
+impl Rules {
+    /// Takes the rules out of the settings.
+    pub fn from_settings(settings: &Settings) -> Self {
+        Self {
+            max_chars: settings.message.max_chars,
+            default_lease: Duration::from_secs(settings.job_scheduler.lease_seconds),
+            retry_schedule: settings.delivery.retry_schedule_seconds.clone(),
+            jitter_percent: settings.delivery.jitter_percent,
+            max_retry_after: settings.webhook.max_retry_after_seconds,
+        }
+    }
+
+    /// The delay before the next attempt after `attempts` attempts, or `None` when retries are
+    /// exhausted. A provider's `retry_after` (capped) is a floor.
+    pub fn retry_delay(&self, attempts: i32, retry_after: Option<u64>) -> Option<Duration> {
+        let index = usize::try_from(attempts.max(1) - 1).ok()?;
+        let base = *self.retry_schedule.get(index)? as f64;
+        let spread = f64::from(self.jitter_percent) / 100.0;
+        let factor = if spread > 0.0 {
+            rand::rng().random_range(1.0 - spread..=1.0 + spread)
+        } else {
+            1.0
+        };
+        let mut seconds = base * factor;
+        if let Some(after) = retry_after {
+            seconds = seconds.max(after.min(self.max_retry_after) as f64);
+        }
+        Some(Duration::from_secs_f64(seconds))
+    }
+}
+
+/// A validated page request.
+#[derive(Debug, Clone, Copy)]
+pub struct PageRequest {
+    /// Page size.
+    pub limit: i64,
+    /// Where it starts.
+    pub start: PageStart,
+}
+
+impl PageRequest {
+    /// Validates `limit`, `offset` and `after`.
+    pub fn parse(limit: Option<i64>, offset: Option<i64>, after: Option<&str>) -> Result<Self, ServiceError> {
+        let bad = |msg: &str| ServiceError::invalid(ErrorCode::InvalidPagination, msg);
+        let limit = limit.unwrap_or(DEFAULT_LIMIT);
+        if !(1..=MAX_LIMIT).contains(&limit) {
+            return Err(bad("limit must be 1..=100"));
+        }
+        let start = match (offset, after) {
+            (Some(_), Some(_)) => return Err(bad("give offset or after, not both")),
+            (Some(offset), None) if offset < 0 => return Err(bad("offset must not be negative")),
+            (Some(offset), None) => PageStart::Offset(offset as u64),
+            (None, Some(after)) => PageStart::After(
+                bson::oid::ObjectId::parse_str(after).map_err(|_| bad("after must be a message id (nextCursor)"))?,
+            ),
+            (None, None) => PageStart::Offset(0),
+        };
+        Ok(Self { limit, start })
+    }
+}
+
+/// Input of a failure report.
+#[derive(Debug, Clone)]
+pub struct FailureReport {
+    /// `timeout`, `connection`, `http_status` or `invalid_response`.
+    pub kind: String,
+    /// Provider status.
+    pub status: Option<i32>,
+    /// Detail (cut to 4 KiB).
+    pub detail: String,
+    /// Whether another attempt may help.
+    pub retryable: bool,
+    /// The provider's Retry-After, in seconds.
+    pub retry_after_seconds: Option<u64>,
+}
+
+/// The outcome of a commit.
+#[derive(Debug)]
+pub struct Committed {
+    /// The message after the commit.
+    pub message: MessageDoc,
+    /// Whether the Redis entry was written.
+    pub cached: bool,
+}
+
+/// The service.
+pub struct MessengerService {
+    store: MessageStore,
+    cache: SentCache,
+    scheduler: SchedulerClient,
+    db: Database,
+    rules: Rules,
+    /// Metrics, shared with the routes.
+    pub metrics: MessengerMetrics,
+}
+
+fn now() -> DateTime {
+    DateTime::now()
+}
+
+fn truncate(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut cut = max;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text.truncate(cut);
+    }
+    text
+}
+
+impl MessengerService {
+    /// Wires the parts.
+    pub fn new(
+        db: Database,
+        cache: SentCache,
+        scheduler: SchedulerClient,
+        rules: Rules,
+        metrics: MessengerMetrics,
+    ) -> Self {
+        Self {
+            store: MessageStore::new(&db),
+            cache,
+            scheduler,
+            db,
+            rules,
+            metrics,
+        }
+    }
+
+    /// The store (for start-up index creation and seeding).
+    pub fn store(&self) -> &MessageStore {
+        &self.store
+    }
+
+    /// Creates one message. With an idempotency key, a repeat with the same body returns the
+    /// first message (`false`), another body is a conflict.
+    pub async fn create(
+        &self,
+        to: &str,
+        content: &str,
+        idempotency_key: Option<String>,
+    ) -> Result<(MessageDoc, bool), ServiceError> {
+        let valid = domain::validate(to, content, self.rules.max_chars)?;
+        if let Some(key) = &idempotency_key {
+            if key.is_empty() || key.len() > 255 || !key.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(ServiceError::invalid(
+                    ErrorCode::InvalidIdempotencyKey,
+                    "Idempotency-Key must be 1 to 255 visible ASCII characters",
+                ));
+            }
+            if let Some(existing) = self.store.find_by_idempotency_key(key).await? {
+                return same_body(existing, &valid).map(|m| (m, false));
+            }
+        }
+        let message = MessageDoc::new_pending(valid.clone(), idempotency_key.clone(), now());
+        match self.store.insert(&message).await {
+            Ok(()) => Ok((message, true)),
+            Err(crate::error::StoreError::AlreadyExists) => {
+                // Lost a race with a concurrent request carrying the same key.
+                let key = idempotency_key.unwrap_or_default();
+                let existing = self.store.find_by_idempotency_key(&key).await?.ok_or(ServiceError::IdempotencyConflict)?;
+                same_body(existing, &valid).map(|m| (m, false))
+            }
+            Err(other) => Err(other.into()),
+        }
+    }
+
+    /// Creates all of `items` or none; a bad item is named by index.
+    pub async fn create_batch(&self, items: &[(String, String)]) -> Result<Vec<MessageDoc>, ServiceError> {
+        if items.is_empty() || items.len() > MAX_BATCH {
+            return Err(ServiceError::invalid(
+                ErrorCode::BatchSize,
+                format!("a batch holds 1 to {MAX_BATCH} messages; this one has {}", items.len()),
+            ));
+        }
+        let stamp = now();
+        let mut problems = Vec::new();
+        let mut docs = Vec::with_capacity(items.len());
+        for (index, (to, content)) in items.iter().enumerate() {
+            match domain::validate(to, content, self.rules.max_chars) {
+                Ok(valid) => docs.push(MessageDoc::new_pending(valid, None, stamp)),
+                Err(error) => problems.push(format!("messages[{index}]: {error}")),
+            }
+        }
+        if !problems.is_empty() {
+            return Err(ServiceError::invalid(
+                ErrorCode::InvalidBatch,
+                format!("{} invalid item(s), nothing stored: {}", problems.len(), problems.join("; ")),
+            ));
+        }
+        self.store.insert_many(&docs).await?;
+        Ok(docs)
+    }
+
+    /// A page of messages, newest first.
+    pub async fn list(&self, status: Option<&str>, page: PageRequest) -> Result<Page, ServiceError> {
+        let status = match status {
+            None => None,
+            Some(text) => Some(MessageStatus::parse(text).ok_or_else(|| {
+                ServiceError::invalid(ErrorCode::InvalidStatusFilter, "status must be pending, processing, sent or failed")
+            })?),
+        };
+        Ok(self.store.list(status, page.start, page.limit).await?)
+    }
+
+    /// A page of sent messages, newest `sent_at` first.
+    pub async fn list_sent(&self, page: PageRequest) -> Result<Page, ServiceError> {
+        Ok(self.store.list_sent(page.start, page.limit).await?)
+    }
+
+    /// One message.
+    pub async fn get(&self, id: &str) -> Result<MessageDoc, ServiceError> {
+        let id = domain::parse_id(id)?;
+        self.store.find(id).await?.ok_or(ServiceError::NotFound)
+    }
+
+    /// Operator re-queue of a failed message.
+    pub async fn retry(&self, id: &str) -> Result<MessageDoc, ServiceError> {
+        let id = domain::parse_id(id)?;
+        match self.store.requeue_failed(id, now()).await? {
+            TransitionOutcome::Done(doc) => Ok(doc),
+            TransitionOutcome::Conflict(doc) => Err(ServiceError::NotFailed(doc.status.as_str())),
+            TransitionOutcome::NotFound => Err(ServiceError::NotFound),
+        }
+    }
+
+    /// Claims up to `limit` due messages for `worker`.
+    pub async fn claim(
+        &self,
+        worker: &str,
+        limit: Option<u32>,
+        lease_seconds: Option<u64>,
+    ) -> Result<Vec<MessageDoc>, ServiceError> {
+        let bad = |msg: &str| ServiceError::invalid(ErrorCode::InvalidClaimRequest, msg);
+        let worker = worker.trim();
+        if worker.is_empty() || worker.len() > 200 {
+            return Err(bad("worker must be 1 to 200 characters"));
+        }
+        let limit = limit.unwrap_or(2);
+        if !(1..=MAX_CLAIM).contains(&limit) {
+            return Err(bad("limit must be 1..=500"));
+        }
+        let lease = match lease_seconds {
+            None => self.rules.default_lease,
+            Some(s) if (1..=3600).contains(&s) => Duration::from_secs(s),
+            Some(_) => return Err(bad("leaseSeconds must be 1..=3600")),
+        };
+        let claimed = self.store.claim_due(worker, limit as usize, lease, now()).await?;
+        self.metrics.claimed.inc_by(claimed.len() as u64);
+        Ok(claimed)
+    }
+
+    /// Marks a claimed message sent (MongoDB), then caches the provider id (Redis). Idempotent
+    /// for the same claim; a lost claim is a conflict and Redis is not touched.
+    pub async fn commit(
+        &self,
+        id: &str,
+        claim_token: &str,
+        webhook_message_id: Option<&str>,
+        sent_at: Option<chrono::DateTime<Utc>>,
+    ) -> Result<Committed, ServiceError> {
+        let oid = domain::parse_id(id)?;
+        let sent_at = sent_at.map(DateTime::from_chrono).unwrap_or_else(now);
+        let webhook_message_id = webhook_message_id.map(str::trim).filter(|m| !m.is_empty());
+        let message = match self.store.commit_sent(oid, claim_token, webhook_message_id, sent_at, now()).await? {
+            CommitOutcome::Committed(doc) => {
+                self.metrics.commits.with_label_values(&["committed"]).inc();
+                doc
+            }
+            CommitOutcome::AlreadyCommitted(doc) => {
+                self.metrics.commits.with_label_values(&["replayed"]).inc();
+                doc
+            }
+            CommitOutcome::ClaimLost => {
+                self.metrics.commits.with_label_values(&["claim_lost"]).inc();
+                return Err(ServiceError::ClaimLost);
+            }
+            CommitOutcome::NotFound => return Err(ServiceError::NotFound),
+        };
+        let entry = SentEntry {
+            message_id: message.webhook_message_id.clone(),
+            sent_at: message
+                .sent_at
+                .unwrap_or(sent_at)
+                .to_chrono()
+                .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        };
+        let cached = match self.cache.put_sent(id, &entry).await {
+            Ok(()) => true,
+            Err(error) => {
+                self.metrics.cache_write_failures.inc();
+                tracing::warn!(message_id = id, %error, "message committed but the Redis cache entry was not written");
+                false
+            }
+        };
+        Ok(Committed { message, cached })
+    }
+
+    /// Records a failed attempt: retry later per the schedule, or `failed` when permanent or
+    /// exhausted.
+    pub async fn fail(&self, id: &str, claim_token: &str, report: FailureReport) -> Result<MessageDoc, ServiceError> {
+        let oid = domain::parse_id(id)?;
+        let current = self.store.find(oid).await?.ok_or(ServiceError::NotFound)?;
+        if current.claim_token.as_deref() != Some(claim_token) {
+            return Err(ServiceError::ClaimLost);
+        }
+        if current.status != MessageStatus::Processing {
+            // The same claim reported twice: answer with what the first report did.
+            return match current.status {
+                MessageStatus::Pending | MessageStatus::Failed => Ok(current),
+                _ => Err(ServiceError::ClaimLost),
+            };
+        }
+        let stamp = now();
+        let delay = if report.retryable {
+            self.rules.retry_delay(current.attempts, report.retry_after_seconds)
+        } else {
+            None
+        };
+        let (status, next_attempt_at) = match delay {
+            Some(delay) => (
+                MessageStatus::Pending,
+                DateTime::from_millis(stamp.timestamp_millis() + delay.as_millis() as i64),
+            ),
+            None => (MessageStatus::Failed, stamp),
+        };
+        let mut detail = truncate(report.detail, MAX_ERROR_DETAIL);
+        if report.retryable && delay.is_none() {
+            detail = format!("retries exhausted after {} attempts: {detail}", current.attempts);
+        }
+        let error = LastError {
+            kind: report.kind,
+            status: report.status,
+            detail,
+            at: stamp,
+        };
+        match self.store.record_failure(oid, claim_token, status, next_attempt_at, &error, stamp).await? {
+            TransitionOutcome::Done(doc) => {
+                let label = if status == MessageStatus::Failed { "failed" } else { "retry_scheduled" };
+                self.metrics.failures.with_label_values(&[label]).inc();
+                Ok(doc)
+            }
+            TransitionOutcome::Conflict(_) => Err(ServiceError::ClaimLost),
+            TransitionOutcome::NotFound => Err(ServiceError::NotFound),
+        }
+    }
+
+    /// Gives an unsent claim back (graceful shutdown).
+    pub async fn release(&self, id: &str, claim_token: &str) -> Result<MessageDoc, ServiceError> {
+        let oid = domain::parse_id(id)?;
+        match self.store.release(oid, claim_token, now()).await? {
+            TransitionOutcome::Done(doc) => Ok(doc),
+            TransitionOutcome::Conflict(doc)
+                if doc.status == MessageStatus::Pending && doc.claim_token.as_deref() == Some(claim_token) =>
+            {
+                Ok(doc)
+            }
+            TransitionOutcome::Conflict(_) => Err(ServiceError::ClaimLost),
+            TransitionOutcome::NotFound => Err(ServiceError::NotFound),
+        }
+    }
+
+    /// Asks the Job Scheduler to start or stop.
+    pub async fn toggle(&self, command: &str, correlation_id: Option<&str>) -> Result<JobStatus, ServiceError> {
+        let command = JobCommand::parse(command)?;
+        self.scheduler.send(command, correlation_id).await
+    }
+
+    /// Readiness: MongoDB is critical, Redis only degrades.
+    pub async fn readiness(&self) -> ReadyResponse {
+        let deadline = Duration::from_secs(2);
+        let (mongo, redis) = tokio::join!(
+            probes::check(true, deadline, herald_core::mongo::ping(&self.db)),
+            probes::check(false, deadline, self.cache.ping()),
+        );
+        probes::verdict(BTreeMap::from([("mongodb".to_owned(), mongo), ("redis".to_owned(), redis)]))
+    }
+
+    /// Refreshes the gauges that are read from MongoDB. A down database leaves them as they were.
+    pub async fn refresh_gauges(&self) {
+        let refresh = async {
+            for (status, count) in self.store.count_by_status().await? {
+                self.metrics.messages.with_label_values(&[status.as_str()]).set(count as i64);
+            }
+            let age = self.store.oldest_due_age_seconds(now()).await?;
+            self.metrics.oldest_pending_age.set(age);
+            Ok::<_, crate::error::StoreError>(())
+        };
+        if let Err(error) = refresh.await {
+            tracing::warn!(%error, "could not refresh message gauges");
+        }
+    }
+}
+
+fn same_body(existing: MessageDoc, valid: &domain::ValidMessage) -> Result<MessageDoc, ServiceError> {
+    if existing.to == valid.to && existing.content == valid.content {
+        Ok(existing)
+    } else {
+        Err(ServiceError::IdempotencyConflict)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rules(jitter: u32) -> Rules {
+        Rules {
+            max_chars: 160,
+            default_lease: Duration::from_secs(30),
+            retry_schedule: vec![5, 300, 1800],
+            jitter_percent: jitter,
+            max_retry_after: 3600,
+        }
+    }
+
+    #[test]
+    fn retry_delays_follow_the_schedule_and_run_out() {
+        let r = rules(0);
+        assert_eq!(r.retry_delay(1, None), Some(Duration::from_secs(5)));
+        assert_eq!(r.retry_delay(3, None), Some(Duration::from_secs(1800)));
+        assert_eq!(r.retry_delay(4, None), None);
+    }
+
+    #[test]
+    fn jitter_stays_within_twenty_percent() {
+        let r = rules(20);
+        for _ in 0..200 {
+            let d = r.retry_delay(2, None).unwrap().as_secs_f64();
+            assert!((240.0..=360.0).contains(&d), "{d}");
+        }
+    }
+
+    #[test]
+    fn retry_after_is_a_capped_floor() {
+        let r = rules(0);
+        assert_eq!(r.retry_delay(1, Some(60)), Some(Duration::from_secs(60)));
+        assert_eq!(r.retry_delay(1, Some(1)), Some(Duration::from_secs(5)));
+        assert_eq!(r.retry_delay(1, Some(999_999)), Some(Duration::from_secs(3600)));
+    }
+
+    #[test]
+    fn pagination_parameters_are_checked() {
+        assert!(PageRequest::parse(None, None, None).is_ok());
+        assert!(PageRequest::parse(Some(0), None, None).is_err());
+        assert!(PageRequest::parse(Some(101), None, None).is_err());
+        assert!(PageRequest::parse(None, Some(-1), None).is_err());
+        assert!(PageRequest::parse(None, Some(1), Some("0123456789abcdef01234567")).is_err());
+        assert!(PageRequest::parse(None, None, Some("zzz")).is_err());
+    }
+}

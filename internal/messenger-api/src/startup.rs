@@ -1,0 +1,144 @@
+//! Wiring: settings → clients → service → routes → a bound server.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use herald_core::auth::ApiKeys;
+use herald_core::http::{self, Bound};
+use herald_core::settings::Settings;
+use poem::endpoint::BoxEndpoint;
+use poem::{EndpointExt, Response, Route};
+use poem_openapi::OpenApiService;
+
+use crate::cache::SentCache;
+use crate::metrics::MessengerMetrics;
+use crate::routes::job::JobApi;
+use crate::routes::messages::MessagesApi;
+use crate::routes::probes::ProbesApi;
+use crate::routes::worker::WorkerApi;
+use crate::scheduler_client::SchedulerClient;
+use crate::service::{MessengerService, Rules};
+
+type Apis = (MessagesApi, WorkerApi, JobApi, ProbesApi);
+
+/// How long in-flight requests may take to finish after a shutdown signal.
+const GRACE: Duration = Duration::from_secs(15);
+
+/// A built Messenger API, bound to its port and ready to run.
+pub struct Application {
+    bound: Bound,
+    app: BoxEndpoint<'static, Response>,
+    service: Arc<MessengerService>,
+}
+
+/// Builds the service (clients connect lazily; nothing waits for a server here).
+pub async fn build_service(settings: &Settings) -> anyhow::Result<Arc<MessengerService>> {
+    let db = herald_core::mongo::connect(&settings.mongo, "herald-messenger-api").await?;
+    let cache = SentCache::new(&settings.redis)?;
+    // Stop waits for the scheduler's in-flight run, which the webhook timeout bounds.
+    let toggle_timeout = Duration::from_millis(settings.webhook.timeout_ms * 2 + 10_000);
+    let scheduler = SchedulerClient::new(&settings.job_scheduler.url, settings.service_key().clone(), toggle_timeout)
+        .context("Failed to build the Job Scheduler client")?;
+    let metrics = MessengerMetrics::new().context("Failed to register metrics")?;
+    Ok(Arc::new(MessengerService::new(db, cache, scheduler, Rules::from_settings(settings), metrics)))
+}
+
+fn api_service(service: &Arc<MessengerService>) -> OpenApiService<Apis, ()> {
+    let apis = (
+        MessagesApi { service: service.clone() },
+        WorkerApi { service: service.clone() },
+        JobApi { service: service.clone() },
+        ProbesApi { service: service.clone() },
+    );
+    OpenApiService::new(apis, "Herald Messenger API", env!("CARGO_PKG_VERSION")).description(
+        "Stores messages in MongoDB, hands them to workers with atomic leased claims, and records \
+         what the provider accepted (MongoDB, then the Redis cache). Every /api route needs \
+         `Authorization: Bearer <key>`; errors answer `{status, internalCode, message}`.",
+    )
+}
+
+/// The OpenAPI document as pretty JSON.
+pub async fn openapi_json(settings: &Settings) -> anyhow::Result<String> {
+    Ok(api_service(&build_service(settings).await?).spec())
+}
+
+impl Application {
+    /// Connects (lazily), creates indexes (in the background if MongoDB is down), binds.
+    pub async fn build(settings: &Settings) -> anyhow::Result<Self> {
+        herald_core::errors::check_catalogue(herald_core::errors::CATALOGUE).map_err(anyhow::Error::msg)?;
+        let service = build_service(settings).await?;
+        ensure_indexes(service.clone()).await;
+        let bound = http::bind(&settings.messenger_api.host, settings.messenger_api.port).await?;
+        tracing::info!(address = %bound.addr, "messenger API listening; Swagger UI at /messenger/swagger");
+        let api = api_service(&service);
+        let ui = api.swagger_ui();
+        let spec = api.spec_endpoint();
+        let metrics_service = service.clone();
+        let metrics = poem::endpoint::make(move |_| {
+            let service = metrics_service.clone();
+            async move {
+                service.refresh_gauges().await;
+                http::render_metrics(&service.metrics.registry)
+            }
+        });
+        let routes = Route::new()
+            .at("/messenger/openapi.json", spec)
+            .nest("/messenger/swagger", ui)
+            .at("/metrics", metrics)
+            .nest("/", api)
+            .data(ApiKeys::new(settings.auth.api_keys.clone()));
+        let app = http::edge(routes, settings.messenger_api.max_body_bytes, service.metrics.http.clone()).boxed();
+        Ok(Self { bound, app, service })
+    }
+
+    /// The bound address.
+    pub fn addr(&self) -> SocketAddr {
+        self.bound.addr
+    }
+
+    /// The bound port (the real one when 0 was asked for).
+    pub fn port(&self) -> u16 {
+        self.bound.addr.port()
+    }
+
+    /// The service behind the routes.
+    pub fn service(&self) -> Arc<MessengerService> {
+        self.service.clone()
+    }
+
+    /// Serves until `shutdown` completes, then drains in-flight requests.
+    pub async fn run_until_stopped<S>(self, shutdown: S) -> std::io::Result<()>
+    where
+        S: Future<Output = ()> + Send,
+    {
+        http::serve(self.bound, self.app, shutdown, GRACE).await?;
+        tracing::info!("messenger API stopped");
+        Ok(())
+    }
+}
+
+/// Creates the indexes now, or — when MongoDB is down at start-up — keeps trying in the
+/// background so the service recovers by itself.
+async fn ensure_indexes(service: Arc<MessengerService>) {
+    match service.store().ensure_indexes().await {
+        Ok(()) => {}
+        Err(error) => {
+            tracing::warn!(%error, "could not create indexes yet; retrying in the background");
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                    match service.store().ensure_indexes().await {
+                        Ok(()) => {
+                            tracing::info!("indexes created");
+                            break;
+                        }
+                        Err(error) => tracing::warn!(%error, "could not create indexes yet"),
+                    }
+                }
+            });
+        }
+    }
+}

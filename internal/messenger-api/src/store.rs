@@ -1,0 +1,404 @@
+//! The repository over the `messages` collection. BSON and `doc!` live here only.
+//!
+//! Claiming is the delicate part. A due message is `pending` with `next_attempt_at <= now`, or
+//! `processing` whose lease has passed — and while a message is processing its
+//! `next_attempt_at` *is* its lease end, so one condition and one index
+//! (`{status, next_attempt_at, _id}`) serve both. A claim:
+//! 1. reads the ids of the oldest due messages,
+//! 2. updates them with `update_many` whose filter repeats the due condition — each document's
+//!    update is atomic, so a message another caller took in between is skipped, never shared,
+//! 3. repeats for what it lost to other callers, at most [`CLAIM_ROUNDS`] times,
+//! 4. reads back what carries its fresh claim token.
+//!
+//! So a claim of N messages costs at most `2 × CLAIM_ROUNDS + 1` round trips, whatever N is.
+
+use std::time::Duration;
+
+use bson::oid::ObjectId;
+use bson::{doc, DateTime, Document};
+use futures::TryStreamExt;
+use mongodb::options::{FindOneAndUpdateOptions, IndexOptions, ReturnDocument};
+use mongodb::{Collection, Database, IndexModel};
+
+use crate::domain::{LastError, MessageDoc, MessageStatus};
+use crate::error::StoreError;
+
+/// Name of the collection.
+pub const COLLECTION: &str = "messages";
+
+/// Most claim rounds per `get-two` call (each costs two round trips).
+pub const CLAIM_ROUNDS: usize = 4;
+
+/// The outcome of a conditional commit.
+#[derive(Debug)]
+pub enum CommitOutcome {
+    /// This call marked it sent.
+    Committed(MessageDoc),
+    /// It was already committed under the same claim (a retried call).
+    AlreadyCommitted(MessageDoc),
+    /// The claim is no longer held.
+    ClaimLost,
+    /// No such message.
+    NotFound,
+}
+
+/// The outcome of a conditional transition other than commit.
+#[derive(Debug)]
+pub enum TransitionOutcome {
+    /// Done; the document after the change.
+    Done(MessageDoc),
+    /// The precondition did not hold; the document as it is.
+    Conflict(MessageDoc),
+    /// No such message.
+    NotFound,
+}
+
+/// Where a page starts.
+#[derive(Debug, Clone, Copy)]
+pub enum PageStart {
+    /// Skip this many.
+    Offset(u64),
+    /// Continue after this id (newest-first order).
+    After(ObjectId),
+}
+
+/// One page of messages.
+#[derive(Debug)]
+pub struct Page {
+    /// The messages.
+    pub items: Vec<MessageDoc>,
+    /// Whether more follow.
+    pub has_more: bool,
+    /// Matching messages in all, when counted.
+    pub total: Option<u64>,
+}
+
+/// The repository.
+#[derive(Clone)]
+pub struct MessageStore {
+    messages: Collection<MessageDoc>,
+    raw: Collection<Document>,
+}
+
+fn due_filter(now: DateTime) -> Document {
+    doc! {
+        "status": {"$in": [MessageStatus::Pending.as_str(), MessageStatus::Processing.as_str()]},
+        "next_attempt_at": {"$lte": now},
+    }
+}
+
+impl MessageStore {
+    /// The store over `db.messages`.
+    pub fn new(db: &Database) -> Self {
+        Self {
+            messages: db.collection(COLLECTION),
+            raw: db.collection(COLLECTION),
+        }
+    }
+
+    /// Creates the indexes (idempotent).
+    pub async fn ensure_indexes(&self) -> Result<(), StoreError> {
+        let indexes = vec![
+            IndexModel::builder()
+                .keys(doc! {"status": 1, "next_attempt_at": 1, "_id": 1})
+                .options(IndexOptions::builder().name("claim".to_owned()).build())
+                .build(),
+            IndexModel::builder()
+                .keys(doc! {"status": 1, "sent_at": -1})
+                .options(IndexOptions::builder().name("sent".to_owned()).build())
+                .build(),
+            IndexModel::builder()
+                .keys(doc! {"idempotency_key": 1})
+                .options(
+                    IndexOptions::builder()
+                        .name("idempotency_key".to_owned())
+                        .unique(true)
+                        .sparse(true)
+                        .build(),
+                )
+                .build(),
+            IndexModel::builder()
+                .keys(doc! {"claim_token": 1})
+                .options(IndexOptions::builder().name("claim_token".to_owned()).sparse(true).build())
+                .build(),
+        ];
+        self.messages.create_indexes(indexes).await?;
+        Ok(())
+    }
+
+    /// Inserts one message; a taken idempotency key gives [`StoreError::AlreadyExists`].
+    pub async fn insert(&self, message: &MessageDoc) -> Result<(), StoreError> {
+        self.messages.insert_one(message).await?;
+        Ok(())
+    }
+
+    /// Inserts many in order. If the database fails part-way, the ones that went in are removed
+    /// again, so a batch is stored whole or not at all.
+    pub async fn insert_many(&self, messages: &[MessageDoc]) -> Result<(), StoreError> {
+        if messages.is_empty() {
+            return Ok(());
+        }
+        if let Err(error) = self.messages.insert_many(messages).await {
+            let ids: Vec<ObjectId> = messages.iter().map(|m| m.id).collect();
+            if let Err(cleanup) = self.messages.delete_many(doc! {"_id": {"$in": ids}}).await {
+                tracing::error!(%cleanup, "could not remove a partly inserted batch");
+            }
+            return Err(error.into());
+        }
+        Ok(())
+    }
+
+    /// One message by id.
+    pub async fn find(&self, id: ObjectId) -> Result<Option<MessageDoc>, StoreError> {
+        Ok(self.messages.find_one(doc! {"_id": id}).await?)
+    }
+
+    /// One message by idempotency key.
+    pub async fn find_by_idempotency_key(&self, key: &str) -> Result<Option<MessageDoc>, StoreError> {
+        Ok(self.messages.find_one(doc! {"idempotency_key": key}).await?)
+    }
+
+    /// Newest first, optionally of one status.
+    pub async fn list(&self, status: Option<MessageStatus>, start: PageStart, limit: i64) -> Result<Page, StoreError> {
+        let mut filter = Document::new();
+        if let Some(status) = status {
+            filter.insert("status", status.as_str());
+        }
+        let total = match start {
+            PageStart::Offset(_) => Some(self.messages.count_documents(filter.clone()).await?),
+            PageStart::After(_) => None,
+        };
+        let mut find = self.messages.find(match start {
+            PageStart::After(after) => {
+                let mut f = filter.clone();
+                f.insert("_id", doc! {"$lt": after});
+                f
+            }
+            PageStart::Offset(_) => filter,
+        });
+        find = find.sort(doc! {"_id": -1}).limit(limit + 1);
+        if let PageStart::Offset(skip) = start {
+            find = find.skip(skip);
+        }
+        let mut items: Vec<MessageDoc> = find.await?.try_collect().await?;
+        let has_more = items.len() as i64 > limit;
+        items.truncate(limit as usize);
+        Ok(Page { items, has_more, total })
+    }
+
+    /// Sent messages, newest `sent_at` first (ties by id).
+    pub async fn list_sent(&self, start: PageStart, limit: i64) -> Result<Page, StoreError> {
+        let base = doc! {"status": MessageStatus::Sent.as_str()};
+        let (filter, total, skip) = match start {
+            PageStart::Offset(skip) => (base.clone(), Some(self.messages.count_documents(base).await?), skip),
+            PageStart::After(after) => {
+                let anchor = self.messages.find_one(doc! {"_id": after, "status": "sent"}).await?;
+                let filter = match anchor.and_then(|a| a.sent_at) {
+                    Some(at) => doc! {
+                        "status": "sent",
+                        "$or": [
+                            {"sent_at": {"$lt": at}},
+                            {"sent_at": at, "_id": {"$lt": after}},
+                        ],
+                    },
+                    // An unknown cursor yields an empty page rather than restarting the walk.
+                    None => doc! {"_id": {"$exists": false}},
+                };
+                (filter, None, 0)
+            }
+        };
+        let mut items: Vec<MessageDoc> = self
+            .messages
+            .find(filter)
+            .sort(doc! {"sent_at": -1, "_id": -1})
+            .skip(skip)
+            .limit(limit + 1)
+            .await?
+            .try_collect()
+            .await?;
+        let has_more = items.len() as i64 > limit;
+        items.truncate(limit as usize);
+        Ok(Page { items, has_more, total })
+    }
+
+    /// Claims up to `limit` due messages for `worker` until `now + lease`; see the module docs.
+    pub async fn claim_due(
+        &self,
+        worker: &str,
+        limit: usize,
+        lease: Duration,
+        now: DateTime,
+    ) -> Result<Vec<MessageDoc>, StoreError> {
+        let token = uuid::Uuid::new_v4().to_string();
+        let lease_until = DateTime::from_millis(now.timestamp_millis() + lease.as_millis() as i64);
+        let mut claimed = 0usize;
+        for _ in 0..CLAIM_ROUNDS {
+            let want = limit - claimed;
+            if want == 0 {
+                break;
+            }
+            let candidates: Vec<Document> = self
+                .raw
+                .find(due_filter(now))
+                .sort(doc! {"next_attempt_at": 1, "_id": 1})
+                .limit(want as i64)
+                .projection(doc! {"_id": 1})
+                .await?
+                .try_collect()
+                .await?;
+            let ids: Vec<ObjectId> = candidates.iter().filter_map(|d| d.get_object_id("_id").ok()).collect();
+            if ids.is_empty() {
+                break;
+            }
+            let mut filter = due_filter(now);
+            filter.insert("_id", doc! {"$in": &ids});
+            let result = self
+                .messages
+                .update_many(
+                    filter,
+                    doc! {
+                        "$set": {
+                            "status": MessageStatus::Processing.as_str(),
+                            "claim_token": &token,
+                            "claimed_by": worker,
+                            "lease_until": lease_until,
+                            "next_attempt_at": lease_until,
+                            "updated_at": now,
+                        },
+                        "$inc": {"attempts": 1},
+                    },
+                )
+                .await?;
+            claimed += result.modified_count as usize;
+            if result.modified_count as usize == ids.len() && ids.len() < want {
+                break; // took every due message there was
+            }
+        }
+        if claimed == 0 {
+            return Ok(Vec::new());
+        }
+        Ok(self
+            .messages
+            .find(doc! {"claim_token": &token, "status": MessageStatus::Processing.as_str()})
+            .sort(doc! {"_id": 1})
+            .await?
+            .try_collect()
+            .await?)
+    }
+
+    /// Marks a message sent if `token` still holds its claim.
+    pub async fn commit_sent(
+        &self,
+        id: ObjectId,
+        token: &str,
+        webhook_message_id: Option<&str>,
+        sent_at: DateTime,
+        now: DateTime,
+    ) -> Result<CommitOutcome, StoreError> {
+        let mut set = doc! {"status": MessageStatus::Sent.as_str(), "sent_at": sent_at, "updated_at": now};
+        if let Some(mid) = webhook_message_id {
+            set.insert("webhook_message_id", mid);
+        }
+        let updated = self
+            .messages
+            .find_one_and_update(
+                doc! {"_id": id, "status": MessageStatus::Processing.as_str(), "claim_token": token},
+                doc! {"$set": set, "$unset": {"lease_until": ""}},
+            )
+            .with_options(FindOneAndUpdateOptions::builder().return_document(ReturnDocument::After).build())
+            .await?;
+        if let Some(doc) = updated {
+            return Ok(CommitOutcome::Committed(doc));
+        }
+        Ok(match self.find(id).await? {
+            None => CommitOutcome::NotFound,
+            Some(doc) if doc.status == MessageStatus::Sent && doc.claim_token.as_deref() == Some(token) => {
+                CommitOutcome::AlreadyCommitted(doc)
+            }
+            Some(_) => CommitOutcome::ClaimLost,
+        })
+    }
+
+    /// Moves a claimed message to `status` (pending with a later `next_attempt_at`, or failed)
+    /// if `token` still holds the claim.
+    pub async fn record_failure(
+        &self,
+        id: ObjectId,
+        token: &str,
+        status: MessageStatus,
+        next_attempt_at: DateTime,
+        error: &LastError,
+        now: DateTime,
+    ) -> Result<TransitionOutcome, StoreError> {
+        let error = bson::to_bson(error).map_err(|e| StoreError::Database(e.into()))?;
+        self.transition(
+            doc! {"_id": id, "status": MessageStatus::Processing.as_str(), "claim_token": token},
+            doc! {
+                "$set": {"status": status.as_str(), "next_attempt_at": next_attempt_at, "last_error": error, "updated_at": now},
+                "$unset": {"lease_until": ""},
+            },
+            id,
+        )
+        .await
+    }
+
+    /// Gives a claimed, unsent message back: pending, due now, the attempt not counted.
+    pub async fn release(&self, id: ObjectId, token: &str, now: DateTime) -> Result<TransitionOutcome, StoreError> {
+        self.transition(
+            doc! {"_id": id, "status": MessageStatus::Processing.as_str(), "claim_token": token},
+            doc! {
+                "$set": {"status": MessageStatus::Pending.as_str(), "next_attempt_at": now, "updated_at": now},
+                "$unset": {"lease_until": ""},
+                "$inc": {"attempts": -1},
+            },
+            id,
+        )
+        .await
+    }
+
+    /// Operator re-queue: a failed message becomes pending, due now, with a fresh retry budget.
+    pub async fn requeue_failed(&self, id: ObjectId, now: DateTime) -> Result<TransitionOutcome, StoreError> {
+        self.transition(
+            doc! {"_id": id, "status": MessageStatus::Failed.as_str()},
+            doc! {"$set": {"status": MessageStatus::Pending.as_str(), "next_attempt_at": now, "attempts": 0, "updated_at": now}},
+            id,
+        )
+        .await
+    }
+
+    async fn transition(&self, filter: Document, update: Document, id: ObjectId) -> Result<TransitionOutcome, StoreError> {
+        let updated = self
+            .messages
+            .find_one_and_update(filter, update)
+            .with_options(FindOneAndUpdateOptions::builder().return_document(ReturnDocument::After).build())
+            .await?;
+        if let Some(doc) = updated {
+            return Ok(TransitionOutcome::Done(doc));
+        }
+        Ok(match self.find(id).await? {
+            Some(doc) => TransitionOutcome::Conflict(doc),
+            None => TransitionOutcome::NotFound,
+        })
+    }
+
+    /// Messages per status.
+    pub async fn count_by_status(&self) -> Result<Vec<(MessageStatus, u64)>, StoreError> {
+        let mut counts = Vec::new();
+        for status in MessageStatus::ALL {
+            counts.push((status, self.messages.count_documents(doc! {"status": status.as_str()}).await?));
+        }
+        Ok(counts)
+    }
+
+    /// How long the most overdue pending message has been due, in seconds (0 when none is).
+    pub async fn oldest_due_age_seconds(&self, now: DateTime) -> Result<f64, StoreError> {
+        let oldest = self
+            .messages
+            .find_one(doc! {"status": MessageStatus::Pending.as_str(), "next_attempt_at": {"$lte": now}})
+            .sort(doc! {"next_attempt_at": 1})
+            .await?;
+        Ok(oldest
+            .map(|m| (now.timestamp_millis() - m.next_attempt_at.timestamp_millis()).max(0) as f64 / 1000.0)
+            .unwrap_or(0.0))
+    }
+}

@@ -1,0 +1,200 @@
+//! Layered configuration loading into typed settings.
+//!
+//! A configuration is read from three layers, each overriding the one before:
+//! `<dir>/default.toml` → `<dir>/<env>.toml` → environment variables named
+//! `<PREFIX>__<SECTION>__<KEY>`. Keys listed as lists accept comma-separated values in the
+//! environment (`HERALD__AUTH__API_KEYS=one,two`). The crate knows nothing about the
+//! application; it returns whatever `serde` type the caller asks for.
+
+#![forbid(unsafe_code)]
+
+use std::path::{Path, PathBuf};
+
+use config::{Config, Environment, File, FileFormat};
+use serde::de::DeserializeOwned;
+
+pub use secrecy::{ExposeSecret, SecretString};
+
+/// Where a configuration comes from.
+#[derive(Debug, Clone)]
+pub struct Layers {
+    /// Folder holding `default.toml` and `<env>.toml`.
+    pub dir: PathBuf,
+    /// Environment name: selects `<env>.toml`.
+    pub env: String,
+    /// Prefix of environment variables, without the trailing `__` (e.g. `HERALD`).
+    pub env_prefix: String,
+    /// Dotted keys whose environment value is a comma-separated list.
+    pub list_keys: Vec<String>,
+}
+
+/// Why a configuration could not be loaded. The message is one line and names the key or file.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// A required file is missing.
+    #[error("configuration file {0} not found")]
+    MissingFile(PathBuf),
+    /// A file could not be parsed, or a value does not fit its key.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl Layers {
+    /// Layers for `dir` and `env` with the given environment prefix and list keys.
+    pub fn new(dir: impl Into<PathBuf>, env: impl Into<String>, env_prefix: &str) -> Self {
+        Self {
+            dir: dir.into(),
+            env: env.into(),
+            env_prefix: env_prefix.to_owned(),
+            list_keys: Vec::new(),
+        }
+    }
+
+    /// Declares a dotted key whose environment value is split on commas.
+    pub fn list_key(mut self, key: &str) -> Self {
+        self.list_keys.push(key.to_owned());
+        self
+    }
+
+    /// Loads and deserializes the layers into `T`, reading the process environment.
+    pub fn load<T: DeserializeOwned>(&self) -> Result<T, LoadError> {
+        self.load_with_env(std::env::vars())
+    }
+
+    /// Like [`Layers::load`], with the environment given explicitly (tests use this so they
+    /// never touch the process environment).
+    pub fn load_with_env<T, I>(&self, vars: I) -> Result<T, LoadError>
+    where
+        T: DeserializeOwned,
+        I: IntoIterator<Item = (String, String)>,
+    {
+        let default = self.file("default")?;
+        let env_file = self.file(&self.env)?;
+        let prefix = format!("{}__", self.env_prefix);
+        let source: config::Map<String, String> =
+            vars.into_iter().filter(|(k, _)| k.starts_with(&prefix)).collect();
+        let mut environment = Environment::with_prefix(&self.env_prefix)
+            .prefix_separator("__")
+            .separator("__")
+            .try_parsing(true)
+            .source(Some(source));
+        if !self.list_keys.is_empty() {
+            environment = environment.list_separator(",");
+            for key in &self.list_keys {
+                environment = environment.with_list_parse_key(key);
+            }
+        }
+        Config::builder()
+            .add_source(File::from(default).format(FileFormat::Toml))
+            .add_source(File::from(env_file).format(FileFormat::Toml))
+            .add_source(environment)
+            .build()
+            .and_then(Config::try_deserialize)
+            .map_err(|e| LoadError::Invalid(one_line(&e.to_string())))
+    }
+
+    fn file(&self, name: &str) -> Result<PathBuf, LoadError> {
+        let path = self.dir.join(format!("{name}.toml"));
+        if Path::new(&path).is_file() {
+            Ok(path)
+        } else {
+            Err(LoadError::MissingFile(path))
+        }
+    }
+}
+
+fn one_line(message: &str) -> String {
+    message.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Deserialize;
+
+    #[derive(Debug, Deserialize)]
+    struct Sample {
+        server: Server,
+        auth: Auth,
+    }
+    #[derive(Debug, Deserialize)]
+    struct Server {
+        port: u16,
+        host: String,
+    }
+    #[derive(Debug, Deserialize)]
+    struct Auth {
+        keys: Vec<SecretString>,
+    }
+
+    fn dir_with(files: &[(&str, &str)]) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("layered-config-{}", rand_suffix()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for (name, body) in files {
+            std::fs::write(dir.join(name), body).unwrap();
+        }
+        dir
+    }
+
+    fn rand_suffix() -> String {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        static N: AtomicUsize = AtomicUsize::new(0);
+        format!("{}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst))
+    }
+
+    const DEFAULT: &str = "[server]\nport = 3000\nhost = \"127.0.0.1\"\n[auth]\nkeys = [\"a\"]\n";
+
+    #[test]
+    fn the_env_file_overrides_the_default_file() {
+        let dir = dir_with(&[("default.toml", DEFAULT), ("test.toml", "[server]\nport = 4000\n")]);
+        let s: Sample = Layers::new(&dir, "test", "APP").load_with_env(vec![]).unwrap();
+        assert_eq!(s.server.port, 4000);
+        assert_eq!(s.server.host, "127.0.0.1");
+    }
+
+    #[test]
+    fn environment_variables_override_both_files_and_lists_split_on_commas() {
+        let dir = dir_with(&[("default.toml", DEFAULT), ("test.toml", "[server]\nport = 4000\n")]);
+        let vars = vec![
+            ("APP__SERVER__PORT".to_owned(), "5000".to_owned()),
+            ("APP__AUTH__KEYS".to_owned(), "one,two".to_owned()),
+            ("OTHER__SERVER__PORT".to_owned(), "1".to_owned()),
+        ];
+        let s: Sample = Layers::new(&dir, "test", "APP")
+            .list_key("auth.keys")
+            .load_with_env(vars)
+            .unwrap();
+        assert_eq!(s.server.port, 5000);
+        let keys: Vec<&str> = s.auth.keys.iter().map(|k| k.expose_secret()).collect();
+        assert_eq!(keys, ["one", "two"]);
+    }
+
+    #[test]
+    fn a_bad_value_names_its_key_on_one_line() {
+        let dir = dir_with(&[("default.toml", DEFAULT), ("test.toml", "")]);
+        let vars = vec![("APP__SERVER__PORT".to_owned(), "not-a-port".to_owned())];
+        let err = Layers::new(&dir, "test", "APP")
+            .load_with_env::<Sample, _>(vars)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("server.port"), "{err}");
+        assert!(!err.contains('\n'));
+    }
+
+    #[test]
+    fn a_missing_env_file_is_reported_by_path() {
+        let dir = dir_with(&[("default.toml", DEFAULT)]);
+        let err = Layers::new(&dir, "staging", "APP")
+            .load_with_env::<Sample, _>(vec![])
+            .unwrap_err();
+        assert!(err.to_string().contains("staging.toml"), "{err}");
+    }
+
+    #[test]
+    fn secrets_are_redacted_in_debug_output() {
+        let dir = dir_with(&[("default.toml", DEFAULT), ("test.toml", "")]);
+        let s: Sample = Layers::new(&dir, "test", "APP").load_with_env(vec![]).unwrap();
+        let debug = format!("{s:?}");
+        assert!(!debug.contains("\"a\""), "{debug}");
+    }
+}

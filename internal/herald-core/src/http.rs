@@ -6,7 +6,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use poem::listener::{Acceptor, Listener, TcpAcceptor, TcpListener};
-use poem::middleware::SizeLimit;
 use poem::{Endpoint, EndpointExt, IntoResponse, Middleware, Request, Response, Server};
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder};
 
@@ -41,10 +40,57 @@ where
     E: Endpoint + 'static,
 {
     routes
-        .with(SizeLimit::new(max_body_bytes))
+        .with(BodyLimit(max_body_bytes))
         .catch_all_error(|error| async move { to_json_error(error) })
         .with(metrics)
         .with(telemetry::CorrelationId)
+}
+
+/// Rejects bodies over the limit with 413: at once by `Content-Length`, or while reading a body
+/// sent without one (chunked). Unlike poem's `SizeLimit`, requests without a body pass.
+#[derive(Debug, Clone, Copy)]
+pub struct BodyLimit(pub usize);
+
+impl<E: Endpoint> Middleware<E> for BodyLimit {
+    type Output = BodyLimitEndpoint<E>;
+
+    fn transform(&self, inner: E) -> Self::Output {
+        BodyLimitEndpoint { inner, max: self.0 }
+    }
+}
+
+/// The endpoint produced by [`BodyLimit`].
+pub struct BodyLimitEndpoint<E> {
+    inner: E,
+    max: usize,
+}
+
+impl<E: Endpoint> Endpoint for BodyLimitEndpoint<E> {
+    type Output = E::Output;
+
+    async fn call(&self, mut req: Request) -> poem::Result<Self::Output> {
+        let too_large = || {
+            crate::errors::ApiError::new(
+                crate::errors::ErrorCode::BodyTooLarge,
+                format!("The request body is larger than {} bytes.", self.max),
+            )
+        };
+        let declared = req
+            .headers()
+            .get(poem::http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok());
+        match declared {
+            Some(length) if length > self.max => return Err(too_large().into()),
+            Some(_) => {}
+            None if req.headers().contains_key(poem::http::header::TRANSFER_ENCODING) => {
+                let body = req.take_body().into_bytes_limit(self.max).await.map_err(|_| too_large())?;
+                req.set_body(body);
+            }
+            None => {}
+        }
+        self.inner.call(req).await
+    }
 }
 
 /// Serves until `shutdown` completes, then lets in-flight requests finish (bounded by `grace`).

@@ -208,7 +208,7 @@ impl Settings {
         let js = &self.job_scheduler;
         if js.lease_seconds * 1000 <= self.webhook.timeout_ms + 5000 {
             return fail(format!(
-                "job_scheduler.lease_seconds ({}) must exceed webhook.timeout_ms + 5 s ({} ms)",
+                "job_scheduler.lease_seconds must exceed webhook.timeout_ms + 5 s ({} s is not more than {} ms)",
                 js.lease_seconds,
                 self.webhook.timeout_ms + 5000
             ));

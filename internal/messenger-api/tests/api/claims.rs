@@ -1,0 +1,109 @@
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use serde_json::{json, Value};
+
+use crate::helpers::{assert_error, spawn_app};
+
+#[tokio::test]
+async fn get_two_claims_the_oldest_due_messages_with_a_token_and_lease() {
+    let app = spawn_app().await;
+    let ids = app.seed(5).await;
+    let claimed = app.claim_with(json!({"worker": "worker-a"})).await;
+    assert_eq!(claimed.len(), 2, "default limit is two");
+    let got: Vec<&str> = claimed.iter().map(|m| m["id"].as_str().unwrap()).collect();
+    assert_eq!(got, [ids[0].as_str(), ids[1].as_str()]);
+    for m in &claimed {
+        assert!(m["claimToken"].as_str().is_some_and(|t| !t.is_empty()));
+        assert_eq!(m["attempt"], 1);
+        assert!(m["to"].is_string() && m["content"].is_string() && m["leaseUntil"].is_string());
+    }
+    let stored = app.message(&ids[0]).await;
+    assert_eq!(stored["status"], "processing");
+    assert_eq!(stored["claimedBy"], "worker-a");
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn claim_requests_are_validated() {
+    let app = spawn_app().await;
+    for body in [
+        json!({"worker": "w", "limit": 0}),
+        json!({"worker": "w", "limit": 501}),
+        json!({"worker": "  "}),
+        json!({"worker": "w", "leaseSeconds": 0}),
+    ] {
+        let response = app.post("/api/messenger/get-two").json(&body).send().await.unwrap();
+        assert_error(response, 400, 400011).await;
+    }
+    let missing = app.post("/api/messenger/get-two").json(&json!({})).send().await.unwrap();
+    assert_error(missing, 400, 400001).await;
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn many_concurrent_claimers_never_share_a_message_and_together_take_all() {
+    let app = Arc::new(spawn_app().await);
+    let total = 3000;
+    app.seed(total).await;
+    let workers = (0..16).map(|w| {
+        let app = app.clone();
+        tokio::spawn(async move {
+            let mut mine = Vec::new();
+            loop {
+                let batch = app.claim(&format!("worker-{w}"), 50).await;
+                if batch.is_empty() {
+                    break;
+                }
+                mine.extend(batch.into_iter().map(|m| m["id"].as_str().unwrap().to_owned()));
+            }
+            mine
+        })
+    });
+    let mut all = Vec::new();
+    for worker in futures::future::join_all(workers).await {
+        all.extend(worker.unwrap());
+    }
+    let unique: HashSet<&String> = all.iter().collect();
+    assert_eq!(unique.len(), all.len(), "a message was handed to two claimers");
+    assert_eq!(all.len(), total, "every message was claimed");
+    let app = Arc::into_inner(app).unwrap();
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn an_expired_lease_is_claimable_again_and_the_old_claim_cannot_commit() {
+    let app = spawn_app().await;
+    let ids = app.seed(1).await;
+    let first = app.claim_with(json!({"worker": "slow", "limit": 1, "leaseSeconds": 1})).await;
+    assert_eq!(first.len(), 1);
+    assert!(app.claim("other", 1).await.is_empty(), "a held claim is not handed out");
+    tokio::time::sleep(std::time::Duration::from_millis(1300)).await;
+    let second = app.claim("fast", 1).await;
+    assert_eq!(second.len(), 1);
+    assert_eq!(second[0]["id"], ids[0]);
+    assert_eq!(second[0]["attempt"], 2);
+    assert_ne!(second[0]["claimToken"], first[0]["claimToken"]);
+
+    let stale = app.commit(&ids[0], first[0]["claimToken"].as_str().unwrap(), "late").await;
+    assert_error(stale, 409, 409002).await;
+    assert_eq!(app.env.redis_get(&format!("sent:{}", ids[0])).await.unwrap(), None, "Redis untouched");
+
+    let fresh = app.commit(&ids[0], second[0]["claimToken"].as_str().unwrap(), "on-time").await;
+    assert_eq!(fresh.status(), 200);
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_sent_message_is_never_claimed_again() {
+    let app = spawn_app().await;
+    let ids = app.seed(1).await;
+    let claimed = app.claim_with(json!({"worker": "w", "limit": 1, "leaseSeconds": 1})).await;
+    let committed = app.commit(&ids[0], claimed[0]["claimToken"].as_str().unwrap(), "p-1").await;
+    assert_eq!(committed.status(), 200);
+    tokio::time::sleep(std::time::Duration::from_millis(1300)).await;
+    assert!(app.claim("w", 10).await.is_empty());
+    let message: Value = app.message(&ids[0]).await;
+    assert_eq!(message["status"], "sent");
+    app.cleanup().await;
+}

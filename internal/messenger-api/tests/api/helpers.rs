@@ -1,0 +1,154 @@
+use std::path::Path;
+
+use herald_core::Settings;
+use herald_messenger_api::Application;
+use serde_json::{json, Value};
+use test_support::TestEnv;
+
+pub const KEY: &str = "test-api-key";
+
+pub struct TestApp {
+    pub address: String,
+    pub client: reqwest::Client,
+    pub env: TestEnv,
+    pub settings: Settings,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+pub fn settings_for(env: &TestEnv, extra: &[(&str, &str)]) -> Settings {
+    let mut vars = vec![
+        ("HERALD__MONGO__URI".to_owned(), test_support::mongo_uri()),
+        ("HERALD__MONGO__DATABASE".to_owned(), env.database.clone()),
+        ("HERALD__REDIS__URL".to_owned(), test_support::redis_url()),
+        ("HERALD__REDIS__KEY_PREFIX".to_owned(), env.key_prefix.clone()),
+    ];
+    vars.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    let configs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
+    Settings::load_with_env(&configs, "test", vars).expect("test settings")
+}
+
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(&[]).await
+}
+
+pub async fn spawn_app_with(extra: &[(&str, &str)]) -> TestApp {
+    let env = TestEnv::new().await.expect("test servers");
+    let settings = settings_for(&env, extra);
+    spawn_with_settings(env, settings).await
+}
+
+pub async fn spawn_with_settings(env: TestEnv, settings: Settings) -> TestApp {
+    let app = Application::build(&settings).await.expect("build");
+    let address = format!("http://127.0.0.1:{}", app.port());
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(app.run_until_stopped(async move {
+        let _ = rx.await;
+    }));
+    TestApp {
+        address,
+        client: reqwest::Client::new(),
+        env,
+        settings,
+        stop: Some(tx),
+    }
+}
+
+impl TestApp {
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.address, path)
+    }
+
+    pub fn post(&self, path: &str) -> reqwest::RequestBuilder {
+        self.client.post(self.url(path)).bearer_auth(KEY)
+    }
+
+    pub fn put(&self, path: &str) -> reqwest::RequestBuilder {
+        self.client.put(self.url(path)).bearer_auth(KEY)
+    }
+
+    pub fn get(&self, path: &str) -> reqwest::RequestBuilder {
+        self.client.get(self.url(path)).bearer_auth(KEY)
+    }
+
+    pub async fn create(&self, to: &str, content: &str) -> Value {
+        let response = self
+            .post("/api/messenger/messages")
+            .json(&json!({"to": to, "content": content}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 201);
+        response.json().await.unwrap()
+    }
+
+    /// Creates `n` valid messages through the batch endpoint (in chunks of 1,000).
+    pub async fn seed(&self, n: usize) -> Vec<String> {
+        let mut ids = Vec::new();
+        let mut made = 0;
+        while made < n {
+            let chunk = (n - made).min(1000);
+            let messages: Vec<Value> = (0..chunk)
+                .map(|i| json!({"to": format!("+90555{:07}", made + i), "content": format!("message {}", made + i)}))
+                .collect();
+            let response = self
+                .post("/api/messenger/messages/batch")
+                .json(&json!({"messages": messages}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 201);
+            let body: Value = response.json().await.unwrap();
+            ids.extend(body["items"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap().to_owned()));
+            made += chunk;
+        }
+        ids
+    }
+
+    pub async fn claim(&self, worker: &str, limit: u32) -> Vec<Value> {
+        self.claim_with(json!({"worker": worker, "limit": limit})).await
+    }
+
+    pub async fn claim_with(&self, body: Value) -> Vec<Value> {
+        let response = self.post("/api/messenger/get-two").json(&body).send().await.unwrap();
+        assert_eq!(response.status(), 200);
+        response.json::<Vec<Value>>().await.unwrap()
+    }
+
+    pub async fn commit(&self, id: &str, token: &str, message_id: &str) -> reqwest::Response {
+        self.put(&format!("/api/messenger/commit/{id}"))
+            .json(&json!({"claimToken": token, "webhookMessageId": message_id}))
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn message(&self, id: &str) -> Value {
+        let response = self.get(&format!("/api/messenger/messages/{id}")).send().await.unwrap();
+        assert_eq!(response.status(), 200);
+        response.json().await.unwrap()
+    }
+
+    pub async fn cleanup(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        self.env.cleanup().await.expect("cleanup");
+    }
+}
+
+/// Asserts a JSON error body with the given status and internal code.
+pub async fn assert_error(response: reqwest::Response, status: u16, code: u32) -> Value {
+    assert_eq!(response.status(), status, "status");
+    let body: Value = response.json().await.expect("JSON error body");
+    assert_eq!(body["status"], status, "{body}");
+    assert_eq!(body["internalCode"], code, "{body}");
+    assert!(body["message"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
+    body
+}
+
+impl TestApp {
+    /// A claim whose answer the caller inspects itself.
+    pub async fn claim_raw(&self) -> reqwest::Response {
+        self.post("/api/messenger/get-two").json(&json!({"worker": "w"})).send().await.unwrap()
+    }
+}

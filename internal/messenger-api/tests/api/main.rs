@@ -1,0 +1,8 @@
+//! Integration tests of the Messenger API against the real MongoDB-compatible server and real
+//! Redis, one fresh database and key prefix per test.
+
+mod claims;
+mod helpers;
+mod messages;
+mod resilience;
+mod worker;

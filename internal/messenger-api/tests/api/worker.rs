@@ -1,0 +1,202 @@
+use serde_json::{json, Value};
+
+use crate::helpers::{assert_error, spawn_app, spawn_app_with};
+
+#[tokio::test]
+async fn commit_marks_sent_then_caches_the_provider_id_and_time_in_redis() {
+    let app = spawn_app().await;
+    let ids = app.seed(1).await;
+    let claimed = app.claim("w", 1).await;
+    let token = claimed[0]["claimToken"].as_str().unwrap();
+    let response = app
+        .put(&format!("/api/messenger/commit/{}", ids[0]))
+        .json(&json!({"claimToken": token, "webhookMessageId": "prov-1", "sentAt": "2026-11-21T10:00:00Z"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["status"], "sent");
+    assert_eq!(body["webhookMessageId"], "prov-1");
+    assert_eq!(body["cached"], true);
+
+    let cached: Value = serde_json::from_str(&app.env.redis_get(&format!("sent:{}", ids[0])).await.unwrap().unwrap()).unwrap();
+    assert_eq!(cached, json!({"messageId": "prov-1", "sentAt": "2026-11-21T10:00:00.000Z"}));
+    let ttl = app.env.redis_ttl(&format!("sent:{}", ids[0])).await.unwrap();
+    assert!((604_700..=604_800).contains(&ttl), "{ttl}");
+
+    // The same commit again is answered the same way.
+    let again = app.commit(&ids[0], token, "prov-1").await;
+    assert_eq!(again.status(), 200);
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn commit_needs_the_current_claim_and_a_known_id() {
+    let app = spawn_app().await;
+    let ids = app.seed(1).await;
+    app.claim("w", 1).await;
+    assert_error(app.commit(&ids[0], "not-the-token", "x").await, 409, 409002).await;
+    assert_error(app.commit("0123456789abcdef01234567", "t", "x").await, 404, 404001).await;
+    assert_error(app.commit("bad-id", "t", "x").await, 400, 400006).await;
+    app.cleanup().await;
+}
+
+async fn fail(app: &crate::helpers::TestApp, id: &str, token: &str, body: Value) -> reqwest::Response {
+    let mut body = body;
+    body["claimToken"] = json!(token);
+    app.put(&format!("/api/messenger/fail/{id}")).json(&body).send().await.unwrap()
+}
+
+#[tokio::test]
+async fn a_retryable_failure_schedules_the_next_attempt_and_exhaustion_fails_it() {
+    // Test schedule: [1, 2, 4] seconds, ±20 %.
+    let app = spawn_app_with(&[("HERALD__DELIVERY__JITTER_PERCENT", "0")]).await;
+    let ids = app.seed(1).await;
+    let error = json!({"kind": "http_status", "status": 503, "detail": "busy"});
+    for (attempt, delay) in [(1, 1u64), (2, 2), (3, 4)] {
+        let claimed = loop {
+            let c = app.claim("w", 1).await;
+            if !c.is_empty() {
+                break c;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        };
+        assert_eq!(claimed[0]["attempt"], attempt);
+        let before = chrono::Utc::now();
+        let response = fail(&app, &ids[0], claimed[0]["claimToken"].as_str().unwrap(), json!({"error": error, "retryable": true})).await;
+        assert_eq!(response.status(), 200);
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["status"], "pending");
+        assert_eq!(body["lastError"]["status"], 503);
+        let next: chrono::DateTime<chrono::Utc> = body["nextAttemptAt"].as_str().unwrap().parse().unwrap();
+        let wait = (next - before).num_milliseconds();
+        assert!((delay as i64 * 1000 - 200..=delay as i64 * 1000 + 500).contains(&wait), "attempt {attempt}: {wait} ms");
+        assert!(app.claim("w", 1).await.is_empty(), "not due before its time");
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(4200)).await;
+    let last = app.claim("w", 1).await;
+    assert_eq!(last[0]["attempt"], 4);
+    let response = fail(&app, &ids[0], last[0]["claimToken"].as_str().unwrap(), json!({"error": error, "retryable": true})).await;
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["status"], "failed");
+    assert!(body["lastError"]["detail"].as_str().unwrap().contains("retries exhausted"));
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn retry_after_delays_the_next_attempt_and_permanent_failures_fail_at_once() {
+    let app = spawn_app().await;
+    let ids = app.seed(2).await;
+    let claimed = app.claim("w", 2).await;
+    let limited = fail(
+        &app,
+        &ids[0],
+        claimed[0]["claimToken"].as_str().unwrap(),
+        json!({"error": {"kind": "http_status", "status": 429, "detail": "slow down"}, "retryable": true, "retryAfterSeconds": 120}),
+    )
+    .await;
+    let body: Value = limited.json().await.unwrap();
+    let next: chrono::DateTime<chrono::Utc> = body["nextAttemptAt"].as_str().unwrap().parse().unwrap();
+    assert!((next - chrono::Utc::now()).num_seconds() >= 118);
+
+    let permanent = fail(
+        &app,
+        &ids[1],
+        claimed[1]["claimToken"].as_str().unwrap(),
+        json!({"error": {"kind": "http_status", "status": 400, "detail": "bad number"}, "retryable": false}),
+    )
+    .await;
+    let body: Value = permanent.json().await.unwrap();
+    assert_eq!(body["status"], "failed");
+    assert_eq!(body["lastError"], json!({"kind": "http_status", "status": 400, "detail": "bad number", "at": body["lastError"]["at"]}));
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn an_operator_can_requeue_only_failed_messages() {
+    let app = spawn_app().await;
+    let ids = app.seed(2).await;
+    let claimed = app.claim("w", 1).await;
+    fail(
+        &app,
+        &ids[0],
+        claimed[0]["claimToken"].as_str().unwrap(),
+        json!({"error": {"kind": "http_status", "status": 400, "detail": "x"}, "retryable": false}),
+    )
+    .await;
+    let retried = app.post(&format!("/api/messenger/messages/{}/retry", ids[0])).send().await.unwrap();
+    assert_eq!(retried.status(), 202);
+    let body: Value = retried.json().await.unwrap();
+    assert_eq!(body["status"], "pending");
+    assert_eq!(body["attempts"], 0);
+    let not_failed = app.post(&format!("/api/messenger/messages/{}/retry", ids[1])).send().await.unwrap();
+    assert_error(not_failed, 409, 409003).await;
+    let unknown = app.post("/api/messenger/messages/0123456789abcdef01234567/retry").send().await.unwrap();
+    assert_error(unknown, 404, 404001).await;
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn release_gives_an_unsent_claim_back_without_counting_the_attempt() {
+    let app = spawn_app().await;
+    let ids = app.seed(1).await;
+    let claimed = app.claim("w", 1).await;
+    let token = claimed[0]["claimToken"].as_str().unwrap();
+    let response = app
+        .put(&format!("/api/messenger/release/{}", ids[0]))
+        .json(&json!({"claimToken": token}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let again = app.claim("other", 1).await;
+    assert_eq!(again[0]["attempt"], 1);
+    let stale = app
+        .put(&format!("/api/messenger/release/{}", ids[0]))
+        .json(&json!({"claimToken": token}))
+        .send()
+        .await
+        .unwrap();
+    assert_error(stale, 409, 409002).await;
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn the_toggle_forwards_to_the_job_scheduler_and_maps_its_answers() {
+    use wiremock::matchers::{header, method, path};
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+    let scheduler = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/job-scheduler/messenger/stop"))
+        .and(header("authorization", "Bearer test-api-key"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({
+            "working": false, "changedAt": "2026-11-21T10:00:00Z", "changedBy": "w1", "lastRunAt": null, "nextRunAt": null
+        })))
+        .mount(&scheduler)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/job-scheduler/messenger/start"))
+        .respond_with(ResponseTemplate::new(409).set_body_json(json!({
+            "status": 409, "internalCode": 409004, "message": "The sending job is already working."
+        })))
+        .mount(&scheduler)
+        .await;
+    let app = spawn_app_with(&[("HERALD__JOB_SCHEDULER__URL", &scheduler.uri())]).await;
+    let stopped = app.post("/api/messenger/messenger-job-toggle?command=stop").send().await.unwrap();
+    assert_eq!(stopped.status(), 200);
+    let body: Value = stopped.json().await.unwrap();
+    assert_eq!(body["working"], false);
+    let conflict = app.post("/api/messenger/messenger-job-toggle?command=start").send().await.unwrap();
+    assert_error(conflict, 409, 409004).await;
+    let bad = app.post("/api/messenger/messenger-job-toggle?command=pause").send().await.unwrap();
+    assert_error(bad, 400, 400010).await;
+    let missing = app.post("/api/messenger/messenger-job-toggle").send().await.unwrap();
+    assert_error(missing, 400, 400002).await;
+    app.cleanup().await;
+
+    let unreachable = spawn_app_with(&[("HERALD__JOB_SCHEDULER__URL", "http://127.0.0.1:9")]).await;
+    let response = unreachable.post("/api/messenger/messenger-job-toggle?command=start").send().await.unwrap();
+    assert_error(response, 502, 502001).await;
+    unreachable.cleanup().await;
+}

@@ -1,1 +1,159 @@
-fn main(){}
+//! `herald`: one binary, one subcommand per role. Argument parsing, configuration loading,
+//! telemetry and wiring only; the work lives in the `internal/` crates.
+
+#![forbid(unsafe_code)]
+
+mod seed;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use herald_core::Settings;
+
+/// Herald: stores messages in MongoDB and sends them, two at a time, to an SMS provider.
+#[derive(Debug, Parser)]
+#[command(name = "herald", version, about, long_about = None)]
+struct Cli {
+    #[command(flatten)]
+    global: GlobalArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Args)]
+struct GlobalArgs {
+    /// Folder holding default.toml, <env>.toml and errors.toml.
+    #[arg(long, global = true, env = "HERALD_CONFIG_DIR", default_value = "configs")]
+    config_dir: PathBuf,
+    /// Environment: local, docker, test or production (selects configs/<env>.toml).
+    #[arg(long, global = true, env = "HERALD_ENV", default_value = "local")]
+    env: String,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the Messenger API (messages, get-two claims, commit, toggle). Default port 3000.
+    MessengerApi,
+    /// Run the Job Scheduler (the sending job and its start/stop). Default port 3001.
+    JobScheduler,
+    /// Run a local stand-in for the SMS provider webhook. Default port 8090.
+    WebhookSink(SinkArgs),
+    /// Insert N valid pending mock messages (never deletes anything).
+    Seed(SeedArgs),
+    /// Print or write both OpenAPI documents.
+    Openapi(OpenapiArgs),
+}
+
+#[derive(Debug, Args)]
+struct SinkArgs {
+    /// Added latency before answering, in milliseconds (overrides webhook_sink.latency_ms).
+    #[arg(long)]
+    latency_ms: Option<u64>,
+    /// Share of requests answered with --status instead of 202, 0.0..=1.0.
+    #[arg(long)]
+    fail_rate: Option<f64>,
+    /// Status code of an injected failure.
+    #[arg(long)]
+    status: Option<u16>,
+    /// Bind port (overrides webhook_sink.port; 0 = any free port).
+    #[arg(long)]
+    port: Option<u16>,
+}
+
+#[derive(Debug, Args)]
+struct SeedArgs {
+    /// How many messages to insert.
+    #[arg(long, default_value_t = 10)]
+    count: u64,
+}
+
+#[derive(Debug, Args)]
+struct OpenapiArgs {
+    /// Write messenger-api.json and job-scheduler.json into this folder instead of printing.
+    #[arg(long)]
+    out_dir: Option<PathBuf>,
+    /// With --out-dir: fail if the files there differ instead of writing them.
+    #[arg(long, requires = "out_dir")]
+    check: bool,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            let line = format!("{error:#}").split_whitespace().collect::<Vec<_>>().join(" ");
+            eprintln!("herald: {line}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let mut settings = Settings::load(&cli.global.config_dir, &cli.global.env)?;
+    let quiet = matches!(cli.command, Command::Seed(_) | Command::Openapi(_));
+    let filter = if quiet { "warn".to_owned() } else { settings.telemetry.filter.clone() };
+    telemetry::init(settings.log_format(), &filter);
+    match cli.command {
+        Command::MessengerApi => {
+            let app = herald_messenger_api::Application::build(&settings).await?;
+            app.run_until_stopped(shutdown::wait_for_signal()).await?;
+        }
+        Command::JobScheduler => {
+            let app = herald_job_scheduler::Application::build(&settings).await?;
+            app.run_until_stopped(shutdown::wait_for_signal()).await?;
+        }
+        Command::WebhookSink(args) => {
+            let sink_settings = &mut settings.webhook_sink;
+            sink_settings.latency_ms = args.latency_ms.unwrap_or(sink_settings.latency_ms);
+            sink_settings.fail_rate = args.fail_rate.unwrap_or(sink_settings.fail_rate);
+            sink_settings.status = args.status.unwrap_or(sink_settings.status);
+            sink_settings.port = args.port.unwrap_or(sink_settings.port);
+            settings.validate()?;
+            let s = &settings.webhook_sink;
+            let sink = herald_webhook_sink::WebhookSink::build(herald_webhook_sink::SinkConfig {
+                host: s.host.clone(),
+                port: s.port,
+                auth_header: settings.webhook.auth_header.clone(),
+                auth_key: settings.webhook.auth_key.clone(),
+                latency: std::time::Duration::from_millis(s.latency_ms),
+                fail_rate: s.fail_rate,
+                fail_status: s.status,
+            })
+            .await?;
+            sink.run_until_stopped(shutdown::wait_for_signal()).await?;
+        }
+        Command::Seed(args) => seed::run(&settings, args.count).await?,
+        Command::Openapi(args) => openapi(&settings, args).await?,
+    }
+    Ok(())
+}
+
+async fn openapi(settings: &Settings, args: OpenapiArgs) -> anyhow::Result<()> {
+    let documents = [
+        ("messenger-api.json", herald_messenger_api::openapi_json(settings).await?),
+        ("job-scheduler.json", herald_job_scheduler::openapi_json(settings).await?),
+    ];
+    let Some(dir) = args.out_dir else {
+        for (_, document) in documents {
+            println!("{document}");
+        }
+        return Ok(());
+    };
+    for (name, document) in documents {
+        let path = dir.join(name);
+        let document = format!("{document}\n");
+        if args.check {
+            let current = std::fs::read_to_string(&path).with_context(|| format!("Failed to read {}", path.display()))?;
+            anyhow::ensure!(current == document, "{} is stale: run `herald openapi --out-dir {}`", path.display(), dir.display());
+        } else {
+            std::fs::create_dir_all(&dir).with_context(|| format!("Failed to create {}", dir.display()))?;
+            std::fs::write(&path, document).with_context(|| format!("Failed to write {}", path.display()))?;
+            eprintln!("wrote {}", path.display());
+        }
+    }
+    Ok(())
+}

@@ -8,6 +8,8 @@
 //!   graceful serving, and the `/metrics` endpoint.
 //! - [`probes`]: health and readiness bodies and the MongoDB ping.
 //! - [`mongo`]: connecting to MongoDB with bounded waits.
+//! - [`pagination`]: `limit`/`offset`/`after` page requests.
+//! - [`jobs`]: the sending job's state as both services speak of it.
 
 #![forbid(unsafe_code)]
 
@@ -16,6 +18,7 @@ pub mod errors;
 pub mod http;
 pub mod jobs;
 pub mod mongo;
+pub mod pagination;
 pub mod probes;
 pub mod settings;
 

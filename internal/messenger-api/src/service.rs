@@ -17,17 +17,14 @@ use crate::domain::{self, LastError, MessageDoc, MessageStatus};
 use crate::error::ServiceError;
 use crate::metrics::MessengerMetrics;
 use crate::scheduler_client::{JobCommand, SchedulerClient};
-use crate::store::{CommitOutcome, MessageStore, Page, PageStart, TransitionOutcome};
+use crate::store::{CommitOutcome, MessageStore, Page, TransitionOutcome};
+use herald_core::pagination::PageRequest;
 use herald_core::jobs::JobStatus;
 
 /// Most messages in one batch create.
 pub const MAX_BATCH: usize = 1000;
 /// Most messages in one claim.
 pub const MAX_CLAIM: u32 = 500;
-/// Default and largest page size.
-pub const DEFAULT_LIMIT: i64 = 20;
-/// Largest page size.
-pub const MAX_LIMIT: i64 = 100;
 /// Longest kept error detail, in bytes.
 pub const MAX_ERROR_DETAIL: usize = 4096;
 
@@ -74,36 +71,6 @@ impl Rules {
             seconds = seconds.max(after.min(self.max_retry_after) as f64);
         }
         Some(Duration::from_secs_f64(seconds))
-    }
-}
-
-/// A validated page request.
-#[derive(Debug, Clone, Copy)]
-pub struct PageRequest {
-    /// Page size.
-    pub limit: i64,
-    /// Where it starts.
-    pub start: PageStart,
-}
-
-impl PageRequest {
-    /// Validates `limit`, `offset` and `after`.
-    pub fn parse(limit: Option<i64>, offset: Option<i64>, after: Option<&str>) -> Result<Self, ServiceError> {
-        let bad = |msg: &str| ServiceError::invalid(ErrorCode::InvalidPagination, msg);
-        let limit = limit.unwrap_or(DEFAULT_LIMIT);
-        if !(1..=MAX_LIMIT).contains(&limit) {
-            return Err(bad("limit must be 1..=100"));
-        }
-        let start = match (offset, after) {
-            (Some(_), Some(_)) => return Err(bad("give offset or after, not both")),
-            (Some(offset), None) if offset < 0 => return Err(bad("offset must not be negative")),
-            (Some(offset), None) => PageStart::Offset(offset as u64),
-            (None, Some(after)) => PageStart::After(
-                bson::oid::ObjectId::parse_str(after).map_err(|_| bad("after must be a message id (nextCursor)"))?,
-            ),
-            (None, None) => PageStart::Offset(0),
-        };
-        Ok(Self { limit, start })
     }
 }
 
@@ -486,15 +453,5 @@ mod tests {
         assert_eq!(r.retry_delay(1, Some(60)), Some(Duration::from_secs(60)));
         assert_eq!(r.retry_delay(1, Some(1)), Some(Duration::from_secs(5)));
         assert_eq!(r.retry_delay(1, Some(999_999)), Some(Duration::from_secs(3600)));
-    }
-
-    #[test]
-    fn pagination_parameters_are_checked() {
-        assert!(PageRequest::parse(None, None, None).is_ok());
-        assert!(PageRequest::parse(Some(0), None, None).is_err());
-        assert!(PageRequest::parse(Some(101), None, None).is_err());
-        assert!(PageRequest::parse(None, Some(-1), None).is_err());
-        assert!(PageRequest::parse(None, Some(1), Some("0123456789abcdef01234567")).is_err());
-        assert!(PageRequest::parse(None, None, Some("zzz")).is_err());
     }
 }

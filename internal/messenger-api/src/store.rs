@@ -22,6 +22,7 @@ use mongodb::{Collection, Database, IndexModel};
 
 use crate::domain::{LastError, MessageDoc, MessageStatus};
 use crate::error::StoreError;
+pub use herald_core::pagination::PageStart;
 
 /// Name of the collection.
 pub const COLLECTION: &str = "messages";
@@ -51,15 +52,6 @@ pub enum TransitionOutcome {
     Conflict(MessageDoc),
     /// No such message.
     NotFound,
-}
-
-/// Where a page starts.
-#[derive(Debug, Clone, Copy)]
-pub enum PageStart {
-    /// Skip this many.
-    Offset(u64),
-    /// Continue after this id (newest-first order).
-    After(ObjectId),
 }
 
 /// One page of messages.

@@ -1,1 +1,269 @@
-//! placeholder
+//! A local stand-in for the SMS provider, for demos, tests and benchmarks.
+//!
+//! `POST /webhook` checks the auth header, records the request, waits `latency`, then answers
+//! `202 {"message":"Accepted","messageId":"<uuid v4>"}` — or, for a `fail_rate` share of
+//! requests, `status` with an error body. `GET /webhook-sink/received` lists what arrived (with
+//! each `Idempotency-Key`), so tests and people can count deliveries.
+
+#![forbid(unsafe_code)]
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use herald_core::http::{self, Bound};
+use layered_config::{ExposeSecret, SecretString};
+use poem::endpoint::BoxEndpoint;
+use poem::http::StatusCode;
+use poem::web::{Data, Json};
+use poem::{get, handler, post, EndpointExt, IntoResponse, Request, Response, Route};
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+use subtle::ConstantTimeEq;
+
+/// How the sink behaves.
+#[derive(Debug, Clone)]
+pub struct SinkConfig {
+    /// Bind address.
+    pub host: String,
+    /// Bind port (0 = any free port).
+    pub port: u16,
+    /// Header that must carry the key.
+    pub auth_header: String,
+    /// The expected key.
+    pub auth_key: SecretString,
+    /// Added latency.
+    pub latency: Duration,
+    /// Share of requests that fail, 0.0..=1.0.
+    pub fail_rate: f64,
+    /// Status of an injected failure.
+    pub fail_status: u16,
+}
+
+/// One request the sink received.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Received {
+    /// The `Idempotency-Key` header (the Herald message id).
+    pub idempotency_key: Option<String>,
+    /// Recipient.
+    pub to: String,
+    /// Text.
+    pub content: String,
+    /// Status the sink answered (or will, after its latency).
+    pub status: u16,
+    /// The id it gave, when it accepted.
+    pub message_id: Option<String>,
+    /// When it arrived.
+    pub received_at: DateTime<Utc>,
+}
+
+#[derive(Deserialize)]
+struct Incoming {
+    to: String,
+    content: String,
+}
+
+#[derive(Clone)]
+struct State {
+    config: Arc<SinkConfig>,
+    log: Arc<Mutex<Vec<Received>>>,
+}
+
+/// The record of everything received, shared with tests.
+#[derive(Clone, Default)]
+pub struct ReceivedLog(Arc<Mutex<Vec<Received>>>);
+
+impl ReceivedLog {
+    /// A copy of what arrived so far.
+    pub fn snapshot(&self) -> Vec<Received> {
+        self.0.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+}
+
+/// A bound sink, ready to run.
+pub struct WebhookSink {
+    bound: Bound,
+    app: BoxEndpoint<'static, Response>,
+    log: ReceivedLog,
+}
+
+fn message(status: StatusCode, text: &str) -> Response {
+    Json(serde_json::json!({"message": text})).with_status(status).into_response()
+}
+
+#[handler]
+async fn receive(req: &Request, body: poem::Body, state: Data<&State>) -> Response {
+    let config = &state.config;
+    let presented = req.headers().get(config.auth_header.as_str()).map(|v| v.as_bytes()).unwrap_or_default();
+    if !bool::from(presented.ct_eq(config.auth_key.expose_secret().as_bytes())) {
+        return message(StatusCode::UNAUTHORIZED, "Missing or wrong auth key");
+    }
+    let Ok(bytes) = body.into_bytes_limit(64 * 1024).await else {
+        return message(StatusCode::PAYLOAD_TOO_LARGE, "Body too large");
+    };
+    let Ok(incoming) = serde_json::from_slice::<Incoming>(&bytes) else {
+        return message(StatusCode::BAD_REQUEST, "Body must be {\"to\", \"content\"}");
+    };
+    let fail = config.fail_rate > 0.0 && rand::rng().random_bool(config.fail_rate.clamp(0.0, 1.0));
+    let status = if fail { config.fail_status } else { 202 };
+    let message_id = (!fail).then(|| uuid::Uuid::new_v4().to_string());
+    let idempotency_key = req
+        .headers()
+        .get("idempotency-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    if let Ok(mut log) = state.log.lock() {
+        log.push(Received {
+            idempotency_key: idempotency_key.clone(),
+            to: incoming.to,
+            content: incoming.content,
+            status,
+            message_id: message_id.clone(),
+            received_at: Utc::now(),
+        });
+    }
+    tracing::info!(idempotency_key = idempotency_key.as_deref().unwrap_or("-"), status, "webhook received");
+    if !config.latency.is_zero() {
+        tokio::time::sleep(config.latency).await;
+    }
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    match message_id {
+        Some(id) => Json(serde_json::json!({"message": "Accepted", "messageId": id}))
+            .with_status(StatusCode::ACCEPTED)
+            .into_response(),
+        None => message(status, "Injected failure"),
+    }
+}
+
+#[handler]
+fn received(state: Data<&State>) -> Json<Vec<Received>> {
+    Json(state.log.lock().map(|l| l.clone()).unwrap_or_default())
+}
+
+#[handler]
+fn health() -> Json<serde_json::Value> {
+    Json(serde_json::json!({"status": "ok", "service": "webhook-sink"}))
+}
+
+impl WebhookSink {
+    /// Binds the sink.
+    pub async fn build(config: SinkConfig) -> anyhow::Result<Self> {
+        let bound = http::bind(&config.host, config.port).await?;
+        tracing::info!(
+            address = %bound.addr,
+            latency_ms = config.latency.as_millis() as u64,
+            fail_rate = config.fail_rate,
+            fail_status = config.fail_status,
+            "webhook sink listening on POST /webhook"
+        );
+        let log = ReceivedLog::default();
+        let state = State {
+            config: Arc::new(config),
+            log: log.0.clone(),
+        };
+        let app = Route::new()
+            .at("/webhook", post(receive))
+            .at("/webhook-sink/received", get(received))
+            .at("/webhook-sink/health", get(health))
+            .data(state)
+            .with(telemetry::CorrelationId)
+            .boxed();
+        Ok(Self { bound, app, log })
+    }
+
+    /// The bound address.
+    pub fn addr(&self) -> SocketAddr {
+        self.bound.addr
+    }
+
+    /// The webhook URL.
+    pub fn webhook_url(&self) -> String {
+        format!("http://{}/webhook", self.bound.addr)
+    }
+
+    /// What arrived (shared; keeps filling while the sink runs).
+    pub fn log(&self) -> ReceivedLog {
+        self.log.clone()
+    }
+
+    /// Serves until `signal` completes.
+    pub async fn run_until_stopped<S>(self, signal: S) -> std::io::Result<()>
+    where
+        S: std::future::Future<Output = ()> + Send,
+    {
+        http::serve(self.bound, self.app, signal, Duration::from_secs(5)).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn sink(fail_rate: f64, latency_ms: u64) -> (String, ReceivedLog) {
+        let sink = WebhookSink::build(SinkConfig {
+            host: "127.0.0.1".into(),
+            port: 0,
+            auth_header: "x-ins-auth-key".into(),
+            auth_key: SecretString::from("k"),
+            latency: Duration::from_millis(latency_ms),
+            fail_rate,
+            fail_status: 503,
+        })
+        .await
+        .unwrap();
+        let url = sink.webhook_url();
+        let log = sink.log();
+        tokio::spawn(sink.run_until_stopped(std::future::pending()));
+        (url, log)
+    }
+
+    #[tokio::test]
+    async fn accepts_with_a_fresh_uuid_and_records_the_idempotency_key() {
+        let (url, log) = sink(0.0, 0).await;
+        let client = reqwest::Client::new();
+        let response = client
+            .post(&url)
+            .header("x-ins-auth-key", "k")
+            .header("idempotency-key", "m-1")
+            .json(&serde_json::json!({"to": "+905551111111", "content": "hi"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 202);
+        let body: serde_json::Value = response.json().await.unwrap();
+        assert_eq!(body["message"], "Accepted");
+        let id = body["messageId"].as_str().unwrap();
+        assert_eq!(uuid::Uuid::parse_str(id).unwrap().get_version_num(), 4);
+        let seen = log.snapshot();
+        assert_eq!(seen.len(), 1);
+        assert_eq!(seen[0].idempotency_key.as_deref(), Some("m-1"));
+    }
+
+    #[tokio::test]
+    async fn rejects_a_missing_or_wrong_key_and_a_bad_body() {
+        let (url, log) = sink(0.0, 0).await;
+        let client = reqwest::Client::new();
+        let body = serde_json::json!({"to": "+905551111111", "content": "hi"});
+        assert_eq!(client.post(&url).json(&body).send().await.unwrap().status(), 401);
+        assert_eq!(client.post(&url).header("x-ins-auth-key", "no").json(&body).send().await.unwrap().status(), 401);
+        assert_eq!(client.post(&url).header("x-ins-auth-key", "k").body("nope").send().await.unwrap().status(), 400);
+        assert!(log.snapshot().is_empty());
+    }
+
+    #[tokio::test]
+    async fn injects_failures_and_latency() {
+        let (url, _) = sink(1.0, 150).await;
+        let started = std::time::Instant::now();
+        let response = reqwest::Client::new()
+            .post(&url)
+            .header("x-ins-auth-key", "k")
+            .json(&serde_json::json!({"to": "+905551111111", "content": "hi"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 503);
+        assert!(started.elapsed() >= Duration::from_millis(150));
+    }
+}

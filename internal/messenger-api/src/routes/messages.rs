@@ -11,8 +11,8 @@ use poem_openapi::{ApiResponse, OpenApi};
 
 use super::views::{BatchCreated, MessagePage, MessageView, NewBatch, NewMessage};
 use super::ApiTags;
-use crate::service::{MessengerService, PageRequest};
-use crate::store::PageStart;
+use crate::service::MessengerService;
+use herald_core::pagination::PageRequest;
 
 api_errors!(CreateErrors: 400, 401, 409, 413, 500, 503);
 api_errors!(BatchErrors: 400, 401, 413, 500, 503);
@@ -71,13 +71,6 @@ pub struct MessagesApi {
     pub service: Arc<MessengerService>,
 }
 
-fn offset_of(page: &PageRequest) -> Option<i64> {
-    match page.start {
-        PageStart::Offset(o) => Some(o as i64),
-        PageStart::After(_) => None,
-    }
-}
-
 #[OpenApi(tag = "ApiTags::Messages")]
 impl MessagesApi {
     /// Create a message
@@ -130,9 +123,9 @@ impl MessagesApi {
         /// Continue after this id (a `nextCursor`).
         after: Query<Option<String>>,
     ) -> Result<PageResponse, ListErrors> {
-        let page = PageRequest::parse(limit.0, offset.0, after.0.as_deref()).map_err(ApiError::from)?;
+        let page = PageRequest::parse(limit.0, offset.0, after.0.as_deref())?;
         let result = self.service.list(status.0.as_deref(), page).await.map_err(ApiError::from)?;
-        Ok(PageResponse::Ok(Json(MessagePage::new(result, page.limit, offset_of(&page)))))
+        Ok(PageResponse::Ok(Json(MessagePage::new(result, page.limit, page.offset()))))
     }
 
     /// List sent messages
@@ -150,9 +143,9 @@ impl MessagesApi {
         /// Continue after this id (a `nextCursor`).
         after: Query<Option<String>>,
     ) -> Result<PageResponse, ListErrors> {
-        let page = PageRequest::parse(limit.0, offset.0, after.0.as_deref()).map_err(ApiError::from)?;
+        let page = PageRequest::parse(limit.0, offset.0, after.0.as_deref())?;
         let result = self.service.list_sent(page).await.map_err(ApiError::from)?;
-        Ok(PageResponse::Ok(Json(MessagePage::new(result, page.limit, offset_of(&page)))))
+        Ok(PageResponse::Ok(Json(MessagePage::new(result, page.limit, page.offset()))))
     }
 
     /// Get a message

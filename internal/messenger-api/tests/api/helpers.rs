@@ -11,7 +11,6 @@ pub struct TestApp {
     pub address: String,
     pub client: reqwest::Client,
     pub env: TestEnv,
-    pub settings: Settings,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
@@ -48,7 +47,6 @@ pub async fn spawn_with_settings(env: TestEnv, settings: Settings) -> TestApp {
         address,
         client: reqwest::Client::new(),
         env,
-        settings,
         stop: Some(tx),
     }
 }

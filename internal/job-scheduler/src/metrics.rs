@@ -1,0 +1,69 @@
+//! The Job Scheduler's Prometheus metrics.
+
+use prometheus::{Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+
+/// Every metric of the service, in its own registry.
+#[derive(Clone)]
+pub struct SchedulerMetrics {
+    /// The registry `/metrics` renders.
+    pub registry: Registry,
+    /// HTTP requests by route and status.
+    pub http: herald_core::http::HttpMetrics,
+    /// Deliveries by outcome: accepted, retryable, permanent, released.
+    pub deliveries: IntCounterVec,
+    /// Provider answers that accepted without a parsable `messageId`.
+    pub accepted_without_id: IntCounter,
+    /// Webhook latency by outcome.
+    pub webhook_latency: HistogramVec,
+    /// Runs by result: completed, skipped, error.
+    pub runs: IntCounterVec,
+    /// Unix time of the last run that was not skipped.
+    pub last_run: Gauge,
+    /// 1 while the job is working, as this replica last saw it.
+    pub working: IntGauge,
+    /// Messenger API calls that failed, by operation.
+    pub messenger_errors: IntCounterVec,
+}
+
+impl SchedulerMetrics {
+    /// Creates and registers everything.
+    pub fn new() -> prometheus::Result<Self> {
+        let registry = Registry::new_custom(Some("herald".into()), None)?;
+        let http = herald_core::http::HttpMetrics::new(&registry)?;
+        let deliveries = IntCounterVec::new(Opts::new("deliveries_total", "Deliveries by outcome."), &["outcome"])?;
+        let accepted_without_id = IntCounter::new(
+            "webhook_accepted_without_message_id_total",
+            "Provider answers that accepted a message without a parsable messageId.",
+        )?;
+        let webhook_latency = HistogramVec::new(
+            HistogramOpts::new("webhook_latency_seconds", "Provider webhook latency.")
+                .buckets(vec![0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]),
+            &["outcome"],
+        )?;
+        let runs = IntCounterVec::new(Opts::new("job_runs_total", "Job runs by result."), &["result"])?;
+        let last_run = Gauge::new("job_last_run_timestamp_seconds", "Unix time of the last run that was not skipped.")?;
+        let working = IntGauge::new("job_working", "1 while the sending job is working.")?;
+        let messenger_errors = IntCounterVec::new(
+            Opts::new("messenger_api_errors_total", "Messenger API calls that failed, by operation."),
+            &["operation"],
+        )?;
+        registry.register(Box::new(deliveries.clone()))?;
+        registry.register(Box::new(accepted_without_id.clone()))?;
+        registry.register(Box::new(webhook_latency.clone()))?;
+        registry.register(Box::new(runs.clone()))?;
+        registry.register(Box::new(last_run.clone()))?;
+        registry.register(Box::new(working.clone()))?;
+        registry.register(Box::new(messenger_errors.clone()))?;
+        Ok(Self {
+            registry,
+            http,
+            deliveries,
+            accepted_without_id,
+            webhook_latency,
+            runs,
+            last_run,
+            working,
+            messenger_errors,
+        })
+    }
+}

@@ -1,0 +1,237 @@
+//! Wiring: settings → clients → job → schedule → routes → a bound server.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use herald_core::auth::ApiKeys;
+use herald_core::http::{self, Bound};
+use herald_core::settings::Settings;
+use layered_config::ExposeSecret;
+use poem::endpoint::BoxEndpoint;
+use poem::{EndpointExt, Response, Route};
+use poem_openapi::OpenApiService;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use webhook_client::{WebhookClient, WebhookConfig};
+
+use crate::control::{JobControl, Trigger};
+use crate::cron::Cron;
+use crate::job::{JobConfig, SendingJob};
+use crate::messenger_client::MessengerClient;
+use crate::metrics::SchedulerMetrics;
+use crate::routes::{JobApi, ProbesApi};
+use crate::store::JobStore;
+
+/// How long in-flight HTTP requests may take after a shutdown signal (a Stop may be waiting
+/// for a run).
+const GRACE: Duration = Duration::from_secs(30);
+
+/// A built Job Scheduler, bound and scheduled.
+pub struct Application {
+    bound: Bound,
+    app: BoxEndpoint<'static, Response>,
+    control: Arc<JobControl>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+}
+
+/// This replica's worker id: configured, or `<hostname>-<random>`.
+pub fn worker_id(settings: &Settings) -> String {
+    let configured = settings.job_scheduler.worker_id.trim();
+    if !configured.is_empty() {
+        return configured.to_owned();
+    }
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "herald".into());
+    format!("{host}-{}", &uuid::Uuid::new_v4().simple().to_string()[..6])
+}
+
+struct Parts {
+    db: mongodb::Database,
+    messenger: MessengerClient,
+    control: Arc<JobControl>,
+    trigger: Trigger,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+}
+
+async fn parts(settings: &Settings) -> anyhow::Result<Parts> {
+    let db = herald_core::mongo::connect(&settings.mongo, "herald-job-scheduler").await?;
+    let messenger = MessengerClient::new(&settings.messenger_api.url, settings.service_key().clone())
+        .context("Failed to build the Messenger API client")?;
+    let webhook = WebhookClient::new(WebhookConfig {
+        url: settings.webhook.url.clone(),
+        auth_header: settings.webhook.auth_header.clone(),
+        auth_key: settings.webhook.auth_key.clone(),
+        timeout: settings.webhook.timeout(),
+        connect_timeout: Duration::from_millis(settings.webhook.connect_timeout_ms),
+        user_agent: herald_core::USER_AGENT.to_owned(),
+    })
+    .map_err(anyhow::Error::msg)?;
+    let js = &settings.job_scheduler;
+    let config = JobConfig {
+        worker_id: worker_id(settings),
+        batch_size: js.batch_size,
+        concurrency: js.concurrency as usize,
+        lease: Duration::from_secs(js.lease_seconds),
+        webhook_timeout: settings.webhook.timeout(),
+    };
+    let metrics = SchedulerMetrics::new().context("Failed to register metrics")?;
+    let shutdown = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let stop_wait = config.lease + config.webhook_timeout + Duration::from_secs(10);
+    let job = Arc::new(SendingJob::new(
+        JobStore::new(&db),
+        messenger.clone(),
+        webhook,
+        config,
+        metrics,
+        shutdown.clone(),
+    ));
+    let trigger = Trigger::new(job.clone(), tracker.clone());
+    let control = Arc::new(JobControl::new(job, trigger.clone(), js.run_on_start, stop_wait));
+    Ok(Parts {
+        db,
+        messenger,
+        control,
+        trigger,
+        tracker,
+        shutdown,
+    })
+}
+
+fn api_service(parts: &Parts) -> OpenApiService<(JobApi, ProbesApi), ()> {
+    let apis = (
+        JobApi {
+            control: parts.control.clone(),
+        },
+        ProbesApi {
+            db: parts.db.clone(),
+            messenger: parts.messenger.clone(),
+        },
+    );
+    OpenApiService::new(apis, "Herald Job Scheduler", env!("CARGO_PKG_VERSION")).description(
+        "Runs the sending job: on its schedule it claims due messages from the Messenger API, \
+         POSTs each to the provider webhook and commits or fails it. Start/stop is shared by \
+         every replica. Every route but the probes needs `Authorization: Bearer <key>`.",
+    )
+}
+
+/// The OpenAPI document as pretty JSON.
+pub async fn openapi_json(settings: &Settings) -> anyhow::Result<String> {
+    Ok(api_service(&parts(settings).await?).spec())
+}
+
+impl Application {
+    /// Connects (lazily), prepares `job_state`/`job_runs`, starts the schedule, binds.
+    pub async fn build(settings: &Settings) -> anyhow::Result<Self> {
+        herald_core::errors::check_catalogue(herald_core::errors::CATALOGUE).map_err(anyhow::Error::msg)?;
+        let parts = parts(settings).await?;
+        let job = parts.control.job().clone();
+        let history = Duration::from_secs(settings.job_scheduler.run_history_days * 86_400);
+        if let Err(error) = job.store().ensure_indexes(history).await {
+            tracing::warn!(%error, "could not create job_runs indexes; runs will report MongoDB errors until it is back");
+        }
+        let working = match job.store().init_state(job.worker_id()).await {
+            Ok(state) => {
+                if !state.working {
+                    tracing::info!(changed_by = %state.changed_by, "the sending job is stopped (persisted); start it to send");
+                }
+                state.working
+            }
+            Err(error) => {
+                tracing::warn!(%error, "could not read the job state yet");
+                false
+            }
+        };
+        job.metrics().working.set(i64::from(working));
+        let cron = Cron::start(&settings.job_scheduler.schedule, parts.trigger.clone()).await?;
+        parts.control.attach_cron(cron);
+        if working && settings.job_scheduler.run_on_start {
+            parts.trigger.fire();
+        }
+        let bound = http::bind(&settings.job_scheduler.host, settings.job_scheduler.port).await?;
+        tracing::info!(
+            address = %bound.addr,
+            worker = job.worker_id(),
+            schedule = %settings.job_scheduler.schedule,
+            webhook = %settings.webhook.url,
+            auth_key_set = !settings.webhook.auth_key.expose_secret().is_empty(),
+            "job scheduler listening; Swagger UI at /job-scheduler/swagger"
+        );
+        let api = api_service(&parts);
+        let ui = api.swagger_ui();
+        let spec = api.spec_endpoint();
+        let metrics = job.metrics().clone();
+        let metrics_endpoint = poem::endpoint::make_sync(move |_| http::render_metrics(&metrics.registry));
+        let routes = Route::new()
+            .at("/job-scheduler/openapi.json", spec)
+            .nest("/job-scheduler/swagger", ui)
+            .at("/metrics", metrics_endpoint)
+            .nest("/", api)
+            .data(ApiKeys::new(settings.auth.api_keys.clone()));
+        let app = http::edge(routes, settings.messenger_api.max_body_bytes, job.metrics().http.clone()).boxed();
+        Ok(Self {
+            bound,
+            app,
+            control: parts.control,
+            shutdown: parts.shutdown,
+            tracker: parts.tracker,
+        })
+    }
+
+    /// The bound address.
+    pub fn addr(&self) -> SocketAddr {
+        self.bound.addr
+    }
+
+    /// The bound port.
+    pub fn port(&self) -> u16 {
+        self.bound.addr.port()
+    }
+
+    /// The control surface (tests call `job().run_once()` through it).
+    pub fn control(&self) -> Arc<JobControl> {
+        self.control.clone()
+    }
+
+    /// Serves until `signal` completes; then stops the schedule, lets the run in flight finish
+    /// its started sends and commit them, releases claims it had not started, and closes.
+    pub async fn run_until_stopped<S>(self, signal: S) -> std::io::Result<()>
+    where
+        S: Future<Output = ()> + Send,
+    {
+        let token = self.shutdown.clone();
+        let server = http::serve(
+            self.bound,
+            self.app,
+            async move {
+                signal.await;
+                token.cancel();
+            },
+            GRACE,
+        );
+        let control = self.control.clone();
+        let tracker = self.tracker.clone();
+        let shutdown = self.shutdown.clone();
+        let drain = async move {
+            shutdown.cancelled().await;
+            if let Some(cron) = control.cron() {
+                cron.shutdown().await;
+            }
+            tracker.close();
+            tracker.wait().await;
+            tracing::info!("sending job drained");
+        };
+        let (served, ()) = tokio::join!(server, drain);
+        tracing::info!("job scheduler stopped");
+        served
+    }
+}

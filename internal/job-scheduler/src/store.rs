@@ -1,0 +1,220 @@
+//! `job_state` and `job_runs`, the scheduler's own collections.
+
+use std::time::Duration;
+
+use bson::oid::ObjectId;
+use bson::{doc, DateTime, Document};
+use futures::TryStreamExt;
+use herald_core::pagination::PageStart;
+use mongodb::options::{FindOneAndUpdateOptions, IndexOptions, ReturnDocument};
+use mongodb::{Collection, Database, IndexModel};
+use serde::{Deserialize, Serialize};
+
+/// Id of the one job there is.
+pub const JOB_ID: &str = "messenger";
+
+/// A document of `job_state`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JobStateDoc {
+    /// The job's name.
+    #[serde(rename = "_id")]
+    pub id: String,
+    /// Whether it sends.
+    pub working: bool,
+    /// When `working` last changed.
+    pub changed_at: DateTime,
+    /// Who changed it.
+    pub changed_by: String,
+}
+
+/// A document of `job_runs`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JobRunDoc {
+    /// Run id.
+    #[serde(rename = "_id")]
+    pub id: ObjectId,
+    /// Replica that ran it.
+    pub worker: String,
+    /// Start.
+    pub started_at: DateTime,
+    /// End; absent while the run is in flight.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<DateTime>,
+    /// After this an unfinished run is taken for dead (its replica was killed).
+    pub expires_at: DateTime,
+    /// Messages claimed.
+    pub claimed: i32,
+    /// Accepted by the provider and committed.
+    pub sent: i32,
+    /// Scheduled for retry.
+    pub retried: i32,
+    /// Marked failed.
+    pub failed: i32,
+    /// Given back unsent (shutdown).
+    #[serde(default)]
+    pub released: i32,
+    /// Why the run did nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub skipped_reason: Option<String>,
+    /// What went wrong.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// The repository.
+#[derive(Clone)]
+pub struct JobStore {
+    state: Collection<JobStateDoc>,
+    runs: Collection<JobRunDoc>,
+}
+
+/// The store's errors are the driver's; callers decide what is fatal.
+pub type StoreResult<T> = Result<T, mongodb::error::Error>;
+
+impl JobStore {
+    /// The store over `db`.
+    pub fn new(db: &Database) -> Self {
+        Self {
+            state: db.collection("job_state"),
+            runs: db.collection("job_runs"),
+        }
+    }
+
+    /// Indexes: TTL on `started_at` (history kept `history`), and the in-flight lookup.
+    pub async fn ensure_indexes(&self, history: Duration) -> StoreResult<()> {
+        self.runs
+            .create_indexes(vec![
+                IndexModel::builder()
+                    .keys(doc! {"started_at": 1})
+                    .options(
+                        IndexOptions::builder()
+                            .name("history_ttl".to_owned())
+                            .expire_after(history)
+                            .build(),
+                    )
+                    .build(),
+                IndexModel::builder()
+                    .keys(doc! {"finished_at": 1, "expires_at": 1})
+                    .options(IndexOptions::builder().name("in_flight".to_owned()).build())
+                    .build(),
+            ])
+            .await?;
+        Ok(())
+    }
+
+    /// Creates the job's state as working unless it exists (a stopped job stays stopped across
+    /// restarts). Returns the state.
+    pub async fn init_state(&self, by: &str) -> StoreResult<JobStateDoc> {
+        let now = DateTime::now();
+        let state = self
+            .state
+            .find_one_and_update(
+                doc! {"_id": JOB_ID},
+                doc! {"$setOnInsert": {"working": true, "changed_at": now, "changed_by": by}},
+            )
+            .with_options(
+                FindOneAndUpdateOptions::builder()
+                    .upsert(true)
+                    .return_document(ReturnDocument::After)
+                    .build(),
+            )
+            .await?;
+        match state {
+            Some(state) => Ok(state),
+            None => self.state_or_default().await,
+        }
+    }
+
+    /// The current state (working when never set).
+    pub async fn state_or_default(&self) -> StoreResult<JobStateDoc> {
+        Ok(self.state.find_one(doc! {"_id": JOB_ID}).await?.unwrap_or(JobStateDoc {
+            id: JOB_ID.into(),
+            working: true,
+            changed_at: DateTime::now(),
+            changed_by: "default".into(),
+        }))
+    }
+
+    /// Sets `working` if it is not already so. `None` when it already was.
+    pub async fn set_working(&self, working: bool, by: &str) -> StoreResult<Option<JobStateDoc>> {
+        let now = DateTime::now();
+        self.state
+            .find_one_and_update(
+                doc! {"_id": JOB_ID, "working": !working},
+                doc! {"$set": {"working": working, "changed_at": now, "changed_by": by}},
+            )
+            .with_options(FindOneAndUpdateOptions::builder().return_document(ReturnDocument::After).build())
+            .await
+    }
+
+    /// Records a run as started (in flight until [`JobStore::finish_run`]).
+    pub async fn begin_run(&self, worker: &str, started_at: DateTime, expires_at: DateTime) -> StoreResult<ObjectId> {
+        let run = JobRunDoc {
+            id: ObjectId::new(),
+            worker: worker.to_owned(),
+            started_at,
+            finished_at: None,
+            expires_at,
+            claimed: 0,
+            sent: 0,
+            retried: 0,
+            failed: 0,
+            released: 0,
+            skipped_reason: None,
+            error: None,
+        };
+        self.runs.insert_one(&run).await?;
+        Ok(run.id)
+    }
+
+    /// Stores the run's result (inserting it if `begin_run` never did).
+    pub async fn finish_run(&self, run: &JobRunDoc) -> StoreResult<()> {
+        self.runs.replace_one(doc! {"_id": run.id}, run).upsert(true).await?;
+        Ok(())
+    }
+
+    /// Runs in flight on any replica (unfinished and not expired).
+    pub async fn in_flight_runs(&self, now: DateTime) -> StoreResult<u64> {
+        self.runs
+            .count_documents(doc! {"finished_at": {"$exists": false}, "expires_at": {"$gt": now}})
+            .await
+    }
+
+    /// Start of the last run that was not skipped.
+    pub async fn last_run_at(&self) -> StoreResult<Option<DateTime>> {
+        Ok(self
+            .runs
+            .find_one(doc! {"skipped_reason": {"$exists": false}})
+            .sort(doc! {"_id": -1})
+            .await?
+            .map(|r| r.started_at))
+    }
+
+    /// Run history, newest first.
+    pub async fn list_runs(&self, start: PageStart, limit: i64) -> StoreResult<(Vec<JobRunDoc>, bool, Option<u64>)> {
+        let mut filter = Document::new();
+        let mut skip = 0;
+        let total = match start {
+            PageStart::After(after) => {
+                filter.insert("_id", doc! {"$lt": after});
+                None
+            }
+            PageStart::Offset(offset) => {
+                skip = offset;
+                Some(self.runs.count_documents(doc! {}).await?)
+            }
+        };
+        let mut items: Vec<JobRunDoc> = self
+            .runs
+            .find(filter)
+            .sort(doc! {"_id": -1})
+            .skip(skip)
+            .limit(limit + 1)
+            .await?
+            .try_collect()
+            .await?;
+        let more = items.len() as i64 > limit;
+        items.truncate(limit as usize);
+        Ok((items, more, total))
+    }
+}

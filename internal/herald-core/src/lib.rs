@@ -10,6 +10,7 @@
 //! - [`mongo`]: connecting to MongoDB with bounded waits.
 //! - [`pagination`]: `limit`/`offset`/`after` page requests.
 //! - [`jobs`]: the sending job's state as both services speak of it.
+//! - [`testing`]: settings for integration tests.
 
 #![forbid(unsafe_code)]
 
@@ -21,6 +22,7 @@ pub mod mongo;
 pub mod pagination;
 pub mod probes;
 pub mod settings;
+pub mod testing;
 
 pub use errors::{ApiError, ErrorBody, ErrorCode};
 pub use settings::Settings;

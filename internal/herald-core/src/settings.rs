@@ -143,6 +143,7 @@ pub struct WebhookSettings {
 #[serde(deny_unknown_fields)]
 pub struct DeliverySettings {
     /// Delay before retry n, in seconds.
+    #[serde(deserialize_with = "layered_config::one_or_many")]
     pub retry_schedule_seconds: Vec<u64>,
     /// Random spread of each delay, in percent.
     pub jitter_percent: u32,
@@ -161,6 +162,7 @@ pub struct MessageSettings {
 #[serde(deny_unknown_fields)]
 pub struct AuthSettings {
     /// Accepted bearer tokens; the first is presented to the other service.
+    #[serde(deserialize_with = "layered_config::one_or_many")]
     pub api_keys: Vec<SecretString>,
 }
 
@@ -369,6 +371,8 @@ mod tests {
             ]),
         )
         .unwrap();
+        let single = Settings::load_with_env(&configs(), "local", vars(&[("HERALD__DELIVERY__RETRY_SCHEDULE_SECONDS", "9")])).unwrap();
+        assert_eq!(single.delivery.retry_schedule_seconds, [9]);
         assert_eq!(s.mongo.uri.expose_secret(), "mongodb://db.example:27017");
         assert_eq!(s.webhook.url, "https://provider.example/hook");
         let keys: Vec<&str> = s.auth.api_keys.iter().map(|k| k.expose_secret()).collect();

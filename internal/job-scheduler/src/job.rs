@@ -200,7 +200,7 @@ impl SendingJob {
             .with_label_values(&[outcome.label()])
             .observe(started.elapsed().as_secs_f64());
         self.metrics.deliveries.with_label_values(&[outcome.label()]).inc();
-        let (result, delivery, operation) = match &outcome {
+        let (result, operation) = match &outcome {
             DeliveryOutcome::Accepted { message_id, .. } => {
                 if message_id.is_none() {
                     self.metrics.accepted_without_id.inc();
@@ -209,24 +209,30 @@ impl SendingJob {
                 let result = self
                     .messenger
                     .commit(&message.id, &message.claim_token, message_id.as_deref(), sent_at)
-                    .await;
-                (result, Delivery::Sent, "commit")
+                    .await
+                    .map(|()| Delivery::Sent);
+                (result, "commit")
             }
             DeliveryOutcome::Retryable { failure, retry_after } => {
                 let result = self
                     .messenger
                     .fail(&message.id, &message.claim_token, failure, true, *retry_after)
-                    .await;
-                (result, Delivery::Retried, "fail")
+                    .await
+                    .map(|status| after_failure(&status));
+                (result, "fail")
             }
             DeliveryOutcome::Permanent { failure } => {
-                let result = self.messenger.fail(&message.id, &message.claim_token, failure, false, None).await;
-                (result, Delivery::Failed, "fail")
+                let result = self
+                    .messenger
+                    .fail(&message.id, &message.claim_token, failure, false, None)
+                    .await
+                    .map(|status| after_failure(&status));
+                (result, "fail")
             }
         };
         tracing::debug!(message_id = %message.id, to = %masked, attempt = message.attempt, outcome = outcome.label(), "delivered");
         match result {
-            Ok(()) => delivery,
+            Ok(delivery) => delivery,
             Err(MessengerError::ClaimLost) => {
                 tracing::warn!(message_id = %message.id, "claim lost before {operation}: another worker took over");
                 Delivery::Unrecorded
@@ -263,6 +269,15 @@ impl SendingJob {
             tracing::warn!(%error, "could not record the run");
         }
         report
+    }
+}
+
+/// What the Messenger API made of a failure report: out of retries counts as failed.
+fn after_failure(status: &str) -> Delivery {
+    if status == "failed" {
+        Delivery::Failed
+    } else {
+        Delivery::Retried
     }
 }
 

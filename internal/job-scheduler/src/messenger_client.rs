@@ -106,7 +106,8 @@ impl MessengerClient {
         self.call(reqwest::Method::PUT, &format!("/api/messenger/commit/{id}"), body).await.map(drop)
     }
 
-    /// Reports a failed attempt.
+    /// Reports a failed attempt; returns the status the Messenger API gave the message
+    /// (`pending` for a scheduled retry, `failed` when permanent or out of retries).
     pub async fn fail(
         &self,
         id: &str,
@@ -114,14 +115,24 @@ impl MessengerClient {
         failure: &DeliveryFailure,
         retryable: bool,
         retry_after: Option<Duration>,
-    ) -> Result<(), MessengerError> {
+    ) -> Result<String, MessengerError> {
         let body = json!({
             "claimToken": token,
             "error": {"kind": failure.kind, "status": failure.status, "detail": failure.detail},
             "retryable": retryable,
             "retryAfterSeconds": retry_after.map(|d| d.as_secs()),
         });
-        self.call(reqwest::Method::PUT, &format!("/api/messenger/fail/{id}"), body).await.map(drop)
+        #[derive(Deserialize)]
+        struct After {
+            status: String,
+        }
+        let after: After = self
+            .call(reqwest::Method::PUT, &format!("/api/messenger/fail/{id}"), body)
+            .await?
+            .json()
+            .await
+            .map_err(|e| MessengerError::Failed(format!("unreadable fail answer: {e}")))?;
+        Ok(after.status)
     }
 
     /// Gives an unsent claim back.

@@ -103,6 +103,51 @@ impl Layers {
     }
 }
 
+/// Deserializes a list that may also be given as one bare value. Needed for list keys set from
+/// the environment: `config` parses `KEY=5` as the number 5, not the list `[5]`.
+///
+/// Use with `#[serde(deserialize_with = "layered_config::one_or_many")]`.
+pub fn one_or_many<'de, D, T>(deserializer: D) -> Result<Vec<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::Deserialize<'de>,
+{
+    use serde::de::{self, IntoDeserializer, SeqAccess, Visitor};
+    use std::marker::PhantomData;
+
+    struct OneOrMany<T>(PhantomData<T>);
+
+    impl<'de, T: serde::Deserialize<'de>> Visitor<'de> for OneOrMany<T> {
+        type Value = Vec<T>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a list or a single value")
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<T>, A::Error> {
+            let mut items = Vec::new();
+            while let Some(item) = seq.next_element()? {
+                items.push(item);
+            }
+            Ok(items)
+        }
+
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<Vec<T>, E> {
+            T::deserialize(v.into_deserializer()).map(|item| vec![item])
+        }
+
+        fn visit_i64<E: de::Error>(self, v: i64) -> Result<Vec<T>, E> {
+            T::deserialize(v.into_deserializer()).map(|item| vec![item])
+        }
+
+        fn visit_u64<E: de::Error>(self, v: u64) -> Result<Vec<T>, E> {
+            T::deserialize(v.into_deserializer()).map(|item| vec![item])
+        }
+    }
+
+    deserializer.deserialize_any(OneOrMany(PhantomData))
+}
+
 fn one_line(message: &str) -> String {
     message.split_whitespace().collect::<Vec<_>>().join(" ")
 }
@@ -124,6 +169,7 @@ mod tests {
     }
     #[derive(Debug, Deserialize)]
     struct Auth {
+        #[serde(deserialize_with = "one_or_many")]
         keys: Vec<SecretString>,
     }
 
@@ -167,6 +213,15 @@ mod tests {
         assert_eq!(s.server.port, 5000);
         let keys: Vec<&str> = s.auth.keys.iter().map(|k| k.expose_secret()).collect();
         assert_eq!(keys, ["one", "two"]);
+    }
+
+    #[test]
+    fn a_list_key_given_one_value_is_a_list_of_one() {
+        let dir = dir_with(&[("default.toml", DEFAULT), ("test.toml", "")]);
+        let vars = vec![("APP__AUTH__KEYS".to_owned(), "only".to_owned())];
+        let s: Sample = Layers::new(&dir, "test", "APP").list_key("auth.keys").load_with_env(vars).unwrap();
+        assert_eq!(s.auth.keys.len(), 1);
+        assert_eq!(s.auth.keys[0].expose_secret(), "only");
     }
 
     #[test]

@@ -1,5 +1,3 @@
-use std::path::Path;
-
 use herald_core::Settings;
 use herald_messenger_api::Application;
 use serde_json::{json, Value};
@@ -15,15 +13,7 @@ pub struct TestApp {
 }
 
 pub fn settings_for(env: &TestEnv, extra: &[(&str, &str)]) -> Settings {
-    let mut vars = vec![
-        ("HERALD__MONGO__URI".to_owned(), test_support::mongo_uri()),
-        ("HERALD__MONGO__DATABASE".to_owned(), env.database.clone()),
-        ("HERALD__REDIS__URL".to_owned(), test_support::redis_url()),
-        ("HERALD__REDIS__KEY_PREFIX".to_owned(), env.key_prefix.clone()),
-    ];
-    vars.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-    let configs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
-    Settings::load_with_env(&configs, "test", vars).expect("test settings")
+    herald_core::testing::test_settings(&test_support::mongo_uri(), &env.database, &test_support::redis_url(), &env.key_prefix, extra)
 }
 
 pub async fn spawn_app() -> TestApp {

@@ -1,0 +1,180 @@
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::helpers::{eventually, sink, Stack, KEY};
+
+async fn post(client: &reqwest::Client, url: String) -> reqwest::Response {
+    client.post(url).bearer_auth(KEY).send().await.unwrap()
+}
+
+#[tokio::test]
+async fn start_and_stop_persist_and_answer_409_when_already_in_that_state() {
+    let stack = Stack::start(&[]).await;
+    let (url, _) = sink(0, 0.0).await;
+    let scheduler = stack.scheduler(&url, &[]).await;
+    let status: Value = stack
+        .client
+        .get(format!("{}/job-scheduler/messenger/is-working", scheduler.url))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(status["working"], true, "the job starts with the service");
+
+    let again = post(&stack.client, format!("{}/job-scheduler/messenger/start", scheduler.url)).await;
+    assert_eq!(again.status(), 409);
+    assert_eq!(again.json::<Value>().await.unwrap()["internalCode"], 409004);
+
+    let stopped = post(&stack.client, format!("{}/job-scheduler/messenger/stop", scheduler.url)).await;
+    assert_eq!(stopped.status(), 200);
+    assert_eq!(stopped.json::<Value>().await.unwrap()["working"], false);
+    let twice = post(&stack.client, format!("{}/job-scheduler/messenger/stop", scheduler.url)).await;
+    assert_eq!(twice.json::<Value>().await.unwrap()["internalCode"], 409005);
+
+    // A restarted replica keeps the persisted state.
+    scheduler.shutdown().await.unwrap();
+    let restarted = stack.scheduler(&url, &[]).await;
+    let status = restarted.control.status().await.unwrap();
+    assert!(!status.working);
+    assert_eq!(restarted.control.job().run_once().await.skipped_reason.as_deref(), Some("job is stopped"));
+
+    let unauthorized = stack.client.post(format!("{}/job-scheduler/messenger/start", restarted.url)).send().await.unwrap();
+    assert_eq!(unauthorized.status(), 401);
+    restarted.shutdown().await.unwrap();
+    stack.cleanup().await;
+}
+
+#[tokio::test]
+async fn stop_through_the_messenger_toggle_halts_every_replica_and_start_resumes() {
+    let stack = Stack::start(&[]).await;
+    let (url, log) = sink(0, 0.0).await;
+    let fast = [("HERALD__JOB_SCHEDULER__SCHEDULE", "*/1 * * * * *")];
+    let a = stack.scheduler(&url, &fast).await;
+    let b = stack.scheduler(&url, &fast).await;
+    // The API's toggle must reach a scheduler: point a second API instance at replica A.
+    let toggle_api = herald_messenger_api::Application::build(&herald_core::testing::test_settings(
+        &test_support::mongo_uri(),
+        &stack.env.database,
+        &test_support::redis_url(),
+        &stack.env.key_prefix,
+        &[("HERALD__JOB_SCHEDULER__URL", &a.url)],
+    ))
+    .await
+    .unwrap();
+    let toggle_url = format!("http://127.0.0.1:{}", toggle_api.port());
+    tokio::spawn(toggle_api.run_until_stopped(std::future::pending()));
+
+    let stop = post(&stack.client, format!("{toggle_url}/api/messenger/messenger-job-toggle?command=stop")).await;
+    assert_eq!(stop.status(), 200);
+    assert_eq!(stop.json::<Value>().await.unwrap()["working"], false);
+    let ids = stack.seed(6).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(log.snapshot().is_empty(), "a replica sent after Stop");
+    assert_eq!(stack.count("pending").await, 6, "a replica claimed after Stop");
+
+    let start = post(&stack.client, format!("{toggle_url}/api/messenger/messenger-job-toggle?command=start")).await;
+    assert_eq!(start.status(), 200);
+    eventually(Duration::from_secs(15), "all six sent after Start", || async { stack.count("sent").await == 6 }).await;
+    let mut keys: Vec<String> = log.snapshot().into_iter().filter_map(|r| r.idempotency_key).collect();
+    keys.sort();
+    let mut expected = ids.clone();
+    expected.sort();
+    assert_eq!(keys, expected);
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
+    stack.cleanup().await;
+}
+
+#[tokio::test]
+async fn run_history_is_recorded_and_paginated_newest_first() {
+    let stack = Stack::start(&[]).await;
+    stack.seed(3).await;
+    let (url, _) = sink(0, 0.0).await;
+    let scheduler = stack.scheduler(&url, &[]).await;
+    for _ in 0..3 {
+        scheduler.control.job().run_once().await;
+    }
+    let page: Value = stack
+        .client
+        .get(format!("{}/job-scheduler/jobs?limit=2", scheduler.url))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(page["total"], 3);
+    let items = page["items"].as_array().unwrap();
+    assert_eq!(items.len(), 2);
+    assert_eq!((items[0]["claimed"].as_i64(), items[1]["claimed"].as_i64()), (Some(0), Some(1)));
+    let cursor = page["nextCursor"].as_str().unwrap();
+    let rest: Value = stack
+        .client
+        .get(format!("{}/job-scheduler/jobs?after={cursor}", scheduler.url))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(rest["items"][0]["sent"], 2);
+    let bad = stack
+        .client
+        .get(format!("{}/job-scheduler/jobs?limit=0", scheduler.url))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.json::<Value>().await.unwrap()["internalCode"], 400009);
+
+    let metrics = stack.client.get(format!("{}/metrics", scheduler.url)).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("herald_deliveries_total{outcome=\"accepted\"} 3"), "{metrics}");
+    assert!(metrics.contains("herald_job_runs_total{result=\"completed\"} 3"), "{metrics}");
+    assert!(metrics.contains("herald_webhook_latency_seconds_bucket"), "{metrics}");
+    assert!(metrics.contains("herald_job_last_run_timestamp_seconds"), "{metrics}");
+    let ready: Value = stack.client.get(format!("{}/job-scheduler/ready", scheduler.url)).send().await.unwrap().json().await.unwrap();
+    assert_eq!(ready["status"], "ready");
+    scheduler.shutdown().await.unwrap();
+    stack.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_run_never_overlaps_the_previous_one_on_the_same_replica() {
+    let stack = Stack::start(&[]).await;
+    stack.seed(2).await;
+    let (url, _) = sink(800, 0.0).await;
+    let scheduler = stack.scheduler(&url, &[]).await;
+    let job = scheduler.control.job().clone();
+    let first = tokio::spawn(async move { job.run_once().await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let second = scheduler.control.job().run_once().await;
+    assert_eq!(second.skipped_reason.as_deref(), Some("previous run still going on this replica"));
+    assert_eq!(first.await.unwrap().sent, 2);
+    scheduler.shutdown().await.unwrap();
+    stack.cleanup().await;
+}
+
+#[tokio::test]
+async fn the_openapi_document_is_served_and_matches_the_committed_file() {
+    let stack = Stack::start(&[]).await;
+    let (url, _) = sink(0, 0.0).await;
+    let scheduler = stack.scheduler(&url, &[]).await;
+    let served: Value = stack.client.get(format!("{}/job-scheduler/openapi.json", scheduler.url)).send().await.unwrap().json().await.unwrap();
+    for path in ["/job-scheduler/messenger/start", "/job-scheduler/messenger/stop", "/job-scheduler/messenger/is-working", "/job-scheduler/jobs"] {
+        assert!(served["paths"][path].is_object(), "{path}");
+    }
+    let swagger = stack.client.get(format!("{}/job-scheduler/swagger", scheduler.url)).send().await.unwrap();
+    assert_eq!(swagger.status(), 200);
+    let settings = herald_core::testing::test_settings(&test_support::mongo_uri(), "x", &test_support::redis_url(), "x:", &[]);
+    let generated = herald_job_scheduler::openapi_json(&settings).await.unwrap();
+    let committed = std::fs::read_to_string(herald_core::testing::configs_dir().join("../docs/openapi/job-scheduler.json")).unwrap();
+    assert_eq!(committed, format!("{generated}\n"), "docs/openapi/job-scheduler.json is stale: run `herald openapi --out-dir docs/openapi`");
+    scheduler.shutdown().await.unwrap();
+    stack.cleanup().await;
+}

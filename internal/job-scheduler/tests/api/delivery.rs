@@ -1,0 +1,205 @@
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde_json::{json, Value};
+use wiremock::matchers::{body_json, header, method, path};
+use wiremock::{Mock, MockServer, ResponseTemplate};
+
+use crate::helpers::{sink, Stack};
+
+async fn provider(response: ResponseTemplate) -> MockServer {
+    let server = MockServer::start().await;
+    Mock::given(method("POST")).and(path("/webhook")).respond_with(response).mount(&server).await;
+    server
+}
+
+fn next_attempt(message: &Value) -> DateTime<Utc> {
+    message["nextAttemptAt"].as_str().unwrap().parse().unwrap()
+}
+
+#[tokio::test]
+async fn an_accepted_message_is_committed_with_the_provider_id_in_mongodb_and_redis() {
+    let stack = Stack::start(&[]).await;
+    let ids = stack.seed(1).await;
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/webhook"))
+        .and(header("x-ins-auth-key", "local-dev-webhook-key"))
+        .and(header("idempotency-key", ids[0].as_str()))
+        .and(header("user-agent", herald_core::USER_AGENT))
+        .and(body_json(json!({"to": "+905550000000", "content": "message 0"})))
+        .respond_with(ResponseTemplate::new(202).set_body_json(json!({"message": "Accepted", "messageId": "prov-77"})))
+        .expect(1)
+        .mount(&server)
+        .await;
+    let scheduler = stack.scheduler(&format!("{}/webhook", server.uri()), &[]).await;
+
+    let report = scheduler.control.job().run_once().await;
+    assert_eq!((report.claimed, report.sent, report.retried, report.failed), (1, 1, 0, 0));
+
+    let message = stack.message(&ids[0]).await;
+    assert_eq!(message["status"], "sent");
+    assert_eq!(message["webhookMessageId"], "prov-77");
+    let cached: Value = serde_json::from_str(&stack.env.redis_get(&format!("sent:{}", ids[0])).await.unwrap().unwrap()).unwrap();
+    assert_eq!(cached["messageId"], "prov-77");
+    let cached_at: DateTime<Utc> = cached["sentAt"].as_str().unwrap().parse().unwrap();
+    let stored_at: DateTime<Utc> = message["sentAt"].as_str().unwrap().parse().unwrap();
+    assert_eq!(cached_at, stored_at);
+    scheduler.shutdown().await.unwrap();
+    stack.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_2xx_without_a_message_id_is_still_sent_and_never_resent() {
+    let stack = Stack::start(&[]).await;
+    let ids = stack.seed(1).await;
+    let server = provider(ResponseTemplate::new(200).set_body_string("ok")).await;
+    let scheduler = stack.scheduler(&format!("{}/webhook", server.uri()), &[]).await;
+    let report = scheduler.control.job().run_once().await;
+    assert_eq!(report.sent, 1);
+    let message = stack.message(&ids[0]).await;
+    assert_eq!(message["status"], "sent");
+    assert!(message["webhookMessageId"].is_null());
+    assert_eq!(scheduler.control.job().run_once().await.claimed, 0);
+    assert_eq!(server.received_requests().await.unwrap().len(), 1);
+    scheduler.shutdown().await.unwrap();
+    stack.cleanup().await;
+}
+
+#[tokio::test]
+async fn server_errors_408_timeouts_and_refused_connections_schedule_a_retry() {
+    // The mock servers stay alive for the whole test: wiremock hands a dropped server's port
+    // to the next one.
+    let servers = [
+        provider(ResponseTemplate::new(500)).await,
+        provider(ResponseTemplate::new(503)).await,
+        provider(ResponseTemplate::new(408)).await,
+        provider(ResponseTemplate::new(202).set_delay(Duration::from_millis(3000))).await,
+    ];
+    let cases = [
+        (format!("{}/webhook", servers[0].uri()), "http_status", Some(500)),
+        (format!("{}/webhook", servers[1].uri()), "http_status", Some(503)),
+        (format!("{}/webhook", servers[2].uri()), "http_status", Some(408)),
+        (format!("{}/webhook", servers[3].uri()), "timeout", None),
+        ("http://127.0.0.1:9/webhook".to_owned(), "connection", None),
+    ];
+    for (url, kind, status) in cases {
+        let stack = Stack::start(&[]).await;
+        let ids = stack.seed(1).await;
+        let scheduler = stack.scheduler(&url, &[]).await;
+        let before = Utc::now();
+        let report = scheduler.control.job().run_once().await;
+        assert_eq!((report.claimed, report.retried), (1, 1), "{kind} {status:?}");
+        let message = stack.message(&ids[0]).await;
+        assert_eq!(message["status"], "pending", "{kind}");
+        assert_eq!(message["attempts"], 1);
+        assert_eq!(message["lastError"]["kind"], kind);
+        assert_eq!(message["lastError"]["status"], json!(status));
+        // Test schedule: first retry after 1 s ± 20 %.
+        let wait = (next_attempt(&message) - before).num_milliseconds();
+        assert!((700..=5000).contains(&wait), "{kind}: retry in {wait} ms");
+        scheduler.shutdown().await.unwrap();
+        stack.cleanup().await;
+    }
+}
+
+#[tokio::test]
+async fn a_429_is_not_retried_before_its_retry_after() {
+    let stack = Stack::start(&[]).await;
+    let ids = stack.seed(1).await;
+    let server = provider(ResponseTemplate::new(429).insert_header("retry-after", "120")).await;
+    let scheduler = stack.scheduler(&format!("{}/webhook", server.uri()), &[]).await;
+    let report = scheduler.control.job().run_once().await;
+    assert_eq!(report.retried, 1);
+    let message = stack.message(&ids[0]).await;
+    assert!((next_attempt(&message) - Utc::now()).num_seconds() >= 118, "{message}");
+    assert_eq!(scheduler.control.job().run_once().await.claimed, 0, "not due yet");
+    scheduler.shutdown().await.unwrap();
+    stack.cleanup().await;
+}
+
+#[tokio::test]
+async fn other_4xx_answers_fail_the_message_with_status_and_body_excerpt() {
+    let stack = Stack::start(&[]).await;
+    let ids = stack.seed(1).await;
+    let body = format!("invalid recipient {}", "x".repeat(6000));
+    let server = provider(ResponseTemplate::new(422).set_body_string(body)).await;
+    let scheduler = stack.scheduler(&format!("{}/webhook", server.uri()), &[]).await;
+    let report = scheduler.control.job().run_once().await;
+    assert_eq!(report.failed, 1);
+    let message = stack.message(&ids[0]).await;
+    assert_eq!(message["status"], "failed");
+    assert_eq!(message["lastError"]["kind"], "http_status");
+    assert_eq!(message["lastError"]["status"], 422);
+    let detail = message["lastError"]["detail"].as_str().unwrap();
+    assert!(detail.starts_with("invalid recipient") && detail.len() <= 4096, "{}", detail.len());
+    scheduler.shutdown().await.unwrap();
+    stack.cleanup().await;
+}
+
+#[tokio::test]
+async fn exhausted_retries_fail_the_message() {
+    let stack = Stack::start(&[("HERALD__DELIVERY__RETRY_SCHEDULE_SECONDS", "1")]).await;
+    let ids = stack.seed(1).await;
+    let server = provider(ResponseTemplate::new(500)).await;
+    let scheduler = stack
+        .scheduler(&format!("{}/webhook", server.uri()), &[("HERALD__DELIVERY__RETRY_SCHEDULE_SECONDS", "1")])
+        .await;
+    assert_eq!(scheduler.control.job().run_once().await.retried, 1);
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    let report = scheduler.control.job().run_once().await;
+    assert_eq!(report.failed, 1, "{report:?} {}", stack.message(&ids[0]).await);
+    let message = stack.message(&ids[0]).await;
+    assert_eq!(message["status"], "failed");
+    assert_eq!(message["attempts"], 2);
+    assert!(message["lastError"]["detail"].as_str().unwrap().contains("retries exhausted"));
+    scheduler.shutdown().await.unwrap();
+    stack.cleanup().await;
+}
+
+#[tokio::test]
+async fn the_default_policy_sends_two_two_one_then_nothing() {
+    let stack = Stack::start(&[]).await;
+    stack.seed(5).await;
+    let (url, log) = sink(0, 0.0).await;
+    let scheduler = stack.scheduler(&url, &[]).await;
+    let mut sent = Vec::new();
+    for _ in 0..4 {
+        sent.push(scheduler.control.job().run_once().await.sent);
+    }
+    assert_eq!(sent, [2, 2, 1, 0]);
+    assert_eq!(log.snapshot().len(), 5);
+    scheduler.shutdown().await.unwrap();
+    stack.cleanup().await;
+}
+
+#[tokio::test]
+async fn graceful_shutdown_finishes_started_sends_and_releases_the_rest() {
+    let stack = Stack::start(&[]).await;
+    let ids = stack.seed(4).await;
+    let (url, log) = sink(1500, 0.0).await;
+    let scheduler = stack
+        .scheduler(&url, &[("HERALD__JOB_SCHEDULER__BATCH_SIZE", "4"), ("HERALD__JOB_SCHEDULER__CONCURRENCY", "1")])
+        .await;
+    let job = scheduler.control.job().clone();
+    let run = tokio::spawn(async move { job.run_once().await });
+    crate::helpers::eventually(Duration::from_secs(5), "the first send to start", || {
+        let log = log.clone();
+        async move { !log.snapshot().is_empty() }
+    })
+    .await;
+    let started = std::time::Instant::now();
+    scheduler.shutdown().await.unwrap();
+    let report = run.await.unwrap();
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!((report.claimed, report.sent, report.released), (4, 1, 3), "{report:?}");
+    assert_eq!(log.snapshot().len(), 1, "nothing new was sent after the signal");
+    let mut statuses = Vec::new();
+    for id in &ids {
+        let m = stack.message(id).await;
+        statuses.push((m["status"].as_str().unwrap().to_owned(), m["attempts"].as_i64().unwrap()));
+    }
+    assert_eq!(statuses.iter().filter(|(s, _)| s == "sent").count(), 1);
+    assert!(statuses.iter().filter(|(s, _)| s == "pending").all(|(_, a)| *a == 0), "{statuses:?}");
+    stack.cleanup().await;
+}

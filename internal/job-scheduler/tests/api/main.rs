@@ -1,0 +1,7 @@
+//! Integration tests of the Job Scheduler against the real MongoDB-compatible server, real
+//! Redis, the real Messenger API (in-process) and a real HTTP provider stand-in.
+
+mod control;
+mod delivery;
+mod helpers;
+mod replicas;

@@ -95,7 +95,11 @@ async fn main() -> ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let mut settings = Settings::load(&cli.global.config_dir, &cli.global.env)?;
     let quiet = matches!(cli.command, Command::Seed(_) | Command::Openapi(_));
-    let filter = if quiet { "warn".to_owned() } else { settings.telemetry.filter.clone() };
+    let filter = if quiet {
+        "warn".to_owned()
+    } else {
+        settings.telemetry.filter.clone()
+    };
     telemetry::init(settings.log_format(), &filter);
     match cli.command {
         Command::MessengerApi => {
@@ -134,8 +138,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
 async fn openapi(settings: &Settings, args: OpenapiArgs) -> anyhow::Result<()> {
     let documents = [
-        ("messenger-api.json", herald_messenger_api::openapi_json(settings).await?),
-        ("job-scheduler.json", herald_job_scheduler::openapi_json(settings).await?),
+        (
+            "messenger-api.json",
+            herald_messenger_api::openapi_json(settings).await?,
+        ),
+        (
+            "job-scheduler.json",
+            herald_job_scheduler::openapi_json(settings).await?,
+        ),
     ];
     let Some(dir) = args.out_dir else {
         for (_, document) in documents {
@@ -147,8 +157,14 @@ async fn openapi(settings: &Settings, args: OpenapiArgs) -> anyhow::Result<()> {
         let path = dir.join(name);
         let document = format!("{document}\n");
         if args.check {
-            let current = std::fs::read_to_string(&path).with_context(|| format!("Failed to read {}", path.display()))?;
-            anyhow::ensure!(current == document, "{} is stale: run `herald openapi --out-dir {}`", path.display(), dir.display());
+            let current =
+                std::fs::read_to_string(&path).with_context(|| format!("Failed to read {}", path.display()))?;
+            anyhow::ensure!(
+                current == document,
+                "{} is stale: run `herald openapi --out-dir {}`",
+                path.display(),
+                dir.display()
+            );
         } else {
             std::fs::create_dir_all(&dir).with_context(|| format!("Failed to create {}", dir.display()))?;
             std::fs::write(&path, document).with_context(|| format!("Failed to write {}", path.display()))?;

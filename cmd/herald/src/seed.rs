@@ -32,7 +32,10 @@ pub fn mock(n: u64) -> (String, String) {
 pub async fn run(settings: &Settings, count: u64) -> anyhow::Result<()> {
     let db = herald_core::mongo::connect(&settings.mongo, "herald-seed").await?;
     let store = MessageStore::new(&db);
-    store.ensure_indexes().await.context("Failed to reach MongoDB (is it running? build/local-services.sh up)")?;
+    store
+        .ensure_indexes()
+        .await
+        .context("Failed to reach MongoDB (is it running? build/local-services.sh up)")?;
     let bar = ProgressBar::new(count);
     bar.set_style(
         ProgressStyle::with_template("{spinner} seeding [{bar:40}] {pos}/{len} ({per_sec}, eta {eta})")
@@ -52,11 +55,17 @@ pub async fn run(settings: &Settings, count: u64) -> anyhow::Result<()> {
                 Ok(MessageDoc::new_pending(valid, None, now))
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
-        store.insert_many(&docs).await.context("Failed to insert mock messages")?;
+        store
+            .insert_many(&docs)
+            .await
+            .context("Failed to insert mock messages")?;
         done += size;
         bar.set_position(done);
     }
     bar.finish_and_clear();
-    println!("seeded {count} pending messages into {}.messages", settings.mongo.database);
+    println!(
+        "seeded {count} pending messages into {}.messages",
+        settings.mongo.database
+    );
     Ok(())
 }

@@ -161,10 +161,13 @@ pub fn to_json_error(error: poem::Error) -> Response {
             ErrorCode::Unauthorized,
             "A valid `Authorization: Bearer <key>` header is required.",
         ),
-        StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(ErrorCode::BodyTooLarge, "The request body is larger than the limit."),
+        StatusCode::PAYLOAD_TOO_LARGE => {
+            ApiError::new(ErrorCode::BodyTooLarge, "The request body is larger than the limit.")
+        }
         StatusCode::UNSUPPORTED_MEDIA_TYPE => ApiError::new(ErrorCode::UnsupportedMediaType, detail),
         StatusCode::BAD_REQUEST => {
-            if error.is::<poem_openapi::error::ParseRequestPayloadError>() || error.is::<poem::error::ParseJsonError>() {
+            if error.is::<poem_openapi::error::ParseRequestPayloadError>() || error.is::<poem::error::ParseJsonError>()
+            {
                 ApiError::new(ErrorCode::MalformedBody, detail)
             } else {
                 ApiError::new(ErrorCode::InvalidParameter, detail)
@@ -200,7 +203,10 @@ pub fn check_catalogue(text: &str) -> Result<HashMap<u32, CatalogueEntry>, Strin
     let mut names = HashSet::new();
     for entry in file.error {
         if !(100_000..=599_999).contains(&entry.code) || entry.code / 1000 < 400 {
-            return Err(format!("configs/errors.toml: {} is not a 6-digit error code", entry.code));
+            return Err(format!(
+                "configs/errors.toml: {} is not a 6-digit error code",
+                entry.code
+            ));
         }
         if !names.insert(entry.name.clone()) {
             return Err(format!("configs/errors.toml: name {} is listed twice", entry.name));
@@ -309,6 +315,13 @@ mod tests {
     #[test]
     fn the_body_repeats_the_status_and_the_code() {
         let body = ApiError::new(ErrorCode::ClaimLost, "gone").body();
-        assert_eq!(body, ErrorBody { status: 409, internal_code: 409002, message: "gone".into() });
+        assert_eq!(
+            body,
+            ErrorBody {
+                status: 409,
+                internal_code: 409002,
+                message: "gone".into()
+            }
+        );
     }
 }

@@ -84,7 +84,11 @@ impl<E: Endpoint> Endpoint for BodyLimitEndpoint<E> {
             Some(length) if length > self.max => return Err(too_large().into()),
             Some(_) => {}
             None if req.headers().contains_key(poem::http::header::TRANSFER_ENCODING) => {
-                let body = req.take_body().into_bytes_limit(self.max).await.map_err(|_| too_large())?;
+                let body = req
+                    .take_body()
+                    .into_bytes_limit(self.max)
+                    .await
+                    .map_err(|_| too_large())?;
                 req.set_body(body);
             }
             None => {}
@@ -130,7 +134,12 @@ impl HttpMetrics {
 
 /// The route label: ids become `{id}`, unknown routes one `unmatched`, so cardinality is bounded.
 pub fn route_label(path: &str, status: u16) -> String {
-    if status == 404 && !path.contains("/messages/") && !path.contains("/commit/") && !path.contains("/fail/") && !path.contains("/release/") {
+    if status == 404
+        && !path.contains("/messages/")
+        && !path.contains("/commit/")
+        && !path.contains("/fail/")
+        && !path.contains("/release/")
+    {
         return "unmatched".into();
     }
     path.split('/')
@@ -190,9 +199,7 @@ impl<E: Endpoint> Endpoint for HttpMetricsEndpoint<E> {
 /// Renders a registry in the Prometheus text format.
 pub fn render_metrics(registry: &Registry) -> Response {
     match TextEncoder::new().encode_to_string(&registry.gather()) {
-        Ok(text) => Response::builder()
-            .content_type("text/plain; version=0.0.4")
-            .body(text),
+        Ok(text) => Response::builder().content_type("text/plain; version=0.0.4").body(text),
         Err(error) => crate::errors::ApiError::internal(&error).as_response_owned(),
     }
 }

@@ -62,7 +62,13 @@ mod tests {
 
     #[test]
     fn pagination_parameters_are_checked() {
-        assert_eq!(PageRequest::parse(None, None, None).unwrap(), PageRequest { limit: 20, start: PageStart::Offset(0) });
+        assert_eq!(
+            PageRequest::parse(None, None, None).unwrap(),
+            PageRequest {
+                limit: 20,
+                start: PageStart::Offset(0)
+            }
+        );
         assert!(PageRequest::parse(Some(0), None, None).is_err());
         assert!(PageRequest::parse(Some(101), None, None).is_err());
         assert!(PageRequest::parse(None, Some(-1), None).is_err());

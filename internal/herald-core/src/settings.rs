@@ -273,18 +273,30 @@ impl Settings {
             return fail("messenger_api.max_body_bytes must be at least 1024".into());
         }
         if !matches!(self.telemetry.format.as_str(), "pretty" | "json") {
-            return fail(format!("telemetry.format ({:?}) must be \"pretty\" or \"json\"", self.telemetry.format));
+            return fail(format!(
+                "telemetry.format ({:?}) must be \"pretty\" or \"json\"",
+                self.telemetry.format
+            ));
         }
         Ok(())
     }
 
     /// In production the development secrets shipped in `default.toml` must be overridden.
     fn reject_development_secrets(&self) -> Result<(), InvalidSettings> {
-        if self.auth.api_keys.iter().any(|k| k.expose_secret().starts_with("local-dev-")) {
-            return Err(InvalidSettings("auth.api_keys still holds the development key; set HERALD__AUTH__API_KEYS".into()));
+        if self
+            .auth
+            .api_keys
+            .iter()
+            .any(|k| k.expose_secret().starts_with("local-dev-"))
+        {
+            return Err(InvalidSettings(
+                "auth.api_keys still holds the development key; set HERALD__AUTH__API_KEYS".into(),
+            ));
         }
         if self.webhook.auth_key.expose_secret().starts_with("local-dev-") {
-            return Err(InvalidSettings("webhook.auth_key still holds the development key; set HERALD__WEBHOOK__AUTH_KEY".into()));
+            return Err(InvalidSettings(
+                "webhook.auth_key still holds the development key; set HERALD__WEBHOOK__AUTH_KEY".into(),
+            ));
         }
         Ok(())
     }
@@ -327,7 +339,10 @@ mod tests {
 
     #[test]
     fn every_shipped_environment_loads_and_validates() {
-        let secrets = vars(&[("HERALD__AUTH__API_KEYS", "prod-key"), ("HERALD__WEBHOOK__AUTH_KEY", "prod-hook")]);
+        let secrets = vars(&[
+            ("HERALD__AUTH__API_KEYS", "prod-key"),
+            ("HERALD__WEBHOOK__AUTH_KEY", "prod-hook"),
+        ]);
         for env in ["local", "test", "docker", "production"] {
             Settings::load_with_env(&configs(), env, secrets.clone()).unwrap_or_else(|e| panic!("{env}: {e}"));
         }
@@ -335,7 +350,9 @@ mod tests {
 
     #[test]
     fn production_refuses_the_development_secrets() {
-        let err = Settings::load_with_env(&configs(), "production", vec![]).unwrap_err().to_string();
+        let err = Settings::load_with_env(&configs(), "production", vec![])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("auth.api_keys"), "{err}");
     }
 
@@ -346,14 +363,20 @@ mod tests {
         assert_eq!(s.mongo.database, "herald");
         assert_eq!(s.redis.key_prefix, "herald:");
         assert_eq!(s.redis.sent_ttl_seconds, 604_800);
-        assert_eq!((s.messenger_api.port, s.job_scheduler.port, s.webhook_sink.port), (3000, 3001, 8090));
+        assert_eq!(
+            (s.messenger_api.port, s.job_scheduler.port, s.webhook_sink.port),
+            (3000, 3001, 8090)
+        );
         assert_eq!(s.job_scheduler.schedule, "0 */2 * * * *");
         assert_eq!((s.job_scheduler.batch_size, s.job_scheduler.concurrency), (2, 2));
         assert!(s.job_scheduler.run_on_start);
         assert_eq!(s.job_scheduler.lease_seconds, 30);
         assert_eq!(s.webhook.auth_header, "x-ins-auth-key");
         assert_eq!(s.webhook.timeout_ms, 10_000);
-        assert_eq!(s.delivery.retry_schedule_seconds, [5, 300, 1800, 7200, 18000, 36000, 36000]);
+        assert_eq!(
+            s.delivery.retry_schedule_seconds,
+            [5, 300, 1800, 7200, 18000, 36000, 36000]
+        );
         assert_eq!(s.message.max_chars, 160);
     }
 
@@ -371,7 +394,12 @@ mod tests {
             ]),
         )
         .unwrap();
-        let single = Settings::load_with_env(&configs(), "local", vars(&[("HERALD__DELIVERY__RETRY_SCHEDULE_SECONDS", "9")])).unwrap();
+        let single = Settings::load_with_env(
+            &configs(),
+            "local",
+            vars(&[("HERALD__DELIVERY__RETRY_SCHEDULE_SECONDS", "9")]),
+        )
+        .unwrap();
         assert_eq!(single.delivery.retry_schedule_seconds, [9]);
         assert_eq!(s.mongo.uri.expose_secret(), "mongodb://db.example:27017");
         assert_eq!(s.webhook.url, "https://provider.example/hook");
@@ -390,7 +418,10 @@ mod tests {
         )
         .unwrap_err()
         .to_string();
-        assert!(err.contains("job_scheduler.lease_seconds must exceed webhook.timeout_ms + 5 s"), "{err}");
+        assert!(
+            err.contains("job_scheduler.lease_seconds must exceed webhook.timeout_ms + 5 s"),
+            "{err}"
+        );
     }
 
     #[test]

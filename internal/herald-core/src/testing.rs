@@ -11,7 +11,13 @@ pub fn configs_dir() -> &'static Path {
 }
 
 /// Test settings on `database` and `key_prefix`, with `HERALD__*`-style overrides.
-pub fn test_settings(mongo_uri: &str, database: &str, redis_url: &str, key_prefix: &str, extra: &[(&str, &str)]) -> Settings {
+pub fn test_settings(
+    mongo_uri: &str,
+    database: &str,
+    redis_url: &str,
+    key_prefix: &str,
+    extra: &[(&str, &str)],
+) -> Settings {
     let mut vars = vec![
         ("HERALD__MONGO__URI".to_owned(), mongo_uri.to_owned()),
         ("HERALD__MONGO__DATABASE".to_owned(), database.to_owned()),

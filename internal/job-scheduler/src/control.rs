@@ -116,7 +116,10 @@ impl JobControl {
             return Err(ControlError::AlreadyStopped);
         }
         self.job.metrics().working.set(0);
-        tracing::info!(by = self.job.worker_id(), "sending job stopping; waiting for runs in flight");
+        tracing::info!(
+            by = self.job.worker_id(),
+            "sending job stopping; waiting for runs in flight"
+        );
         self.job.wait_idle().await;
         let deadline = tokio::time::Instant::now() + self.stop_wait;
         while self.job.store().in_flight_runs(DateTime::now()).await? > 0 {

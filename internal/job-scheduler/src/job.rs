@@ -5,9 +5,9 @@ use std::time::{Duration, Instant};
 
 use bson::DateTime;
 use futures::StreamExt;
-use tracing::Instrument;
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 use webhook_client::{DeliveryOutcome, WebhookClient, WebhookRequest};
 
 use crate::messenger_client::{Claimed, MessengerClient, MessengerError};
@@ -100,7 +100,9 @@ impl SendingJob {
     pub async fn run_once(&self) -> RunReport {
         let started_at = DateTime::now();
         let Ok(_guard) = self.run_lock.try_lock() else {
-            return self.skipped(started_at, "previous run still going on this replica").await;
+            return self
+                .skipped(started_at, "previous run still going on this replica")
+                .await;
         };
         if self.shutdown.is_cancelled() {
             return self.skipped(started_at, "shutting down").await;
@@ -115,7 +117,11 @@ impl SendingJob {
         let expires = self.config.lease + self.config.webhook_timeout + Duration::from_secs(10);
         let expires_at = DateTime::from_millis(started_at.timestamp_millis() + expires.as_millis() as i64);
         let mut report = blank_report(&self.config.worker_id, started_at, expires_at);
-        match self.store.begin_run(&self.config.worker_id, started_at, expires_at).await {
+        match self
+            .store
+            .begin_run(&self.config.worker_id, started_at, expires_at)
+            .await
+        {
             Ok(id) => report.id = id,
             Err(error) => {
                 // Without the in-flight record a Stop could miss this run: do not claim.
@@ -163,7 +169,13 @@ impl SendingJob {
             }
         }
         if report.claimed > 0 {
-            tracing::info!(claimed = report.claimed, sent = report.sent, retried = report.retried, failed = report.failed, "run finished");
+            tracing::info!(
+                claimed = report.claimed,
+                sent = report.sent,
+                retried = report.retried,
+                failed = report.failed,
+                "run finished"
+            );
         }
         self.finish(report, "completed").await
     }
@@ -260,7 +272,9 @@ impl SendingJob {
         report.finished_at = Some(DateTime::now());
         self.metrics.runs.with_label_values(&[result]).inc();
         if report.skipped_reason.is_none() {
-            self.metrics.last_run.set(report.started_at.timestamp_millis() as f64 / 1000.0);
+            self.metrics
+                .last_run
+                .set(report.started_at.timestamp_millis() as f64 / 1000.0);
         }
         if let Some(error) = &report.error {
             tracing::warn!(%error, "run ended with an error");

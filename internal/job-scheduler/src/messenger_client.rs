@@ -66,7 +66,12 @@ impl MessengerClient {
         })
     }
 
-    async fn call(&self, method: reqwest::Method, path: &str, body: serde_json::Value) -> Result<reqwest::Response, MessengerError> {
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: serde_json::Value,
+    ) -> Result<reqwest::Response, MessengerError> {
         let response = self
             .http
             .request(method, format!("{}{path}", self.base))
@@ -80,7 +85,10 @@ impl MessengerClient {
             reqwest::StatusCode::CONFLICT => Err(MessengerError::ClaimLost),
             s => {
                 let text = response.text().await.unwrap_or_default();
-                Err(MessengerError::Failed(format!("{path} answered {s}: {}", webhook_client::excerpt(text.as_bytes()))))
+                Err(MessengerError::Failed(format!(
+                    "{path} answered {s}: {}",
+                    webhook_client::excerpt(text.as_bytes())
+                )))
             }
         }
     }
@@ -101,9 +109,17 @@ impl MessengerClient {
     }
 
     /// Commits an accepted send.
-    pub async fn commit(&self, id: &str, token: &str, message_id: Option<&str>, sent_at: DateTime<Utc>) -> Result<(), MessengerError> {
+    pub async fn commit(
+        &self,
+        id: &str,
+        token: &str,
+        message_id: Option<&str>,
+        sent_at: DateTime<Utc>,
+    ) -> Result<(), MessengerError> {
         let body = json!({"claimToken": token, "webhookMessageId": message_id, "sentAt": sent_at});
-        self.call(reqwest::Method::PUT, &format!("/api/messenger/commit/{id}"), body).await.map(drop)
+        self.call(reqwest::Method::PUT, &format!("/api/messenger/commit/{id}"), body)
+            .await
+            .map(drop)
     }
 
     /// Reports a failed attempt; returns the status the Messenger API gave the message
@@ -137,9 +153,13 @@ impl MessengerClient {
 
     /// Gives an unsent claim back.
     pub async fn release(&self, id: &str, token: &str) -> Result<(), MessengerError> {
-        self.call(reqwest::Method::PUT, &format!("/api/messenger/release/{id}"), json!({"claimToken": token}))
-            .await
-            .map(drop)
+        self.call(
+            reqwest::Method::PUT,
+            &format!("/api/messenger/release/{id}"),
+            json!({"claimToken": token}),
+        )
+        .await
+        .map(drop)
     }
 
     /// Whether the Messenger API answers its liveness probe.

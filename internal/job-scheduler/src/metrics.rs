@@ -41,10 +41,16 @@ impl SchedulerMetrics {
             &["outcome"],
         )?;
         let runs = IntCounterVec::new(Opts::new("job_runs_total", "Job runs by result."), &["result"])?;
-        let last_run = Gauge::new("job_last_run_timestamp_seconds", "Unix time of the last run that was not skipped.")?;
+        let last_run = Gauge::new(
+            "job_last_run_timestamp_seconds",
+            "Unix time of the last run that was not skipped.",
+        )?;
         let working = IntGauge::new("job_working", "1 while the sending job is working.")?;
         let messenger_errors = IntCounterVec::new(
-            Opts::new("messenger_api_errors_total", "Messenger API calls that failed, by operation."),
+            Opts::new(
+                "messenger_api_errors_total",
+                "Messenger API calls that failed, by operation.",
+            ),
             &["operation"],
         )?;
         registry.register(Box::new(deliveries.clone()))?;

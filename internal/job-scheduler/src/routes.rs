@@ -113,7 +113,10 @@ pub enum HistoryResponse {
 fn store_error(error: mongodb::error::Error) -> ApiError {
     if herald_core::mongo::is_unavailable(&error) {
         tracing::warn!(%error, "MongoDB unavailable");
-        ApiError::new(ErrorCode::DatabaseUnavailable, "MongoDB is unavailable; nothing was changed. Try again.")
+        ApiError::new(
+            ErrorCode::DatabaseUnavailable,
+            "MongoDB is unavailable; nothing was changed. Try again.",
+        )
     } else {
         ApiError::internal(&error)
     }
@@ -122,8 +125,12 @@ fn store_error(error: mongodb::error::Error) -> ApiError {
 impl From<ControlError> for ApiError {
     fn from(error: ControlError) -> Self {
         match error {
-            ControlError::AlreadyWorking => ApiError::new(ErrorCode::JobAlreadyWorking, "The sending job is already working."),
-            ControlError::AlreadyStopped => ApiError::new(ErrorCode::JobAlreadyStopped, "The sending job is already stopped."),
+            ControlError::AlreadyWorking => {
+                ApiError::new(ErrorCode::JobAlreadyWorking, "The sending job is already working.")
+            }
+            ControlError::AlreadyStopped => {
+                ApiError::new(ErrorCode::JobAlreadyStopped, "The sending job is already stopped.")
+            }
             ControlError::Store(e) => store_error(e),
         }
     }
@@ -142,7 +149,9 @@ impl JobApi {
     /// Persists `working: true` for every replica and, with `run_on_start`, runs once at once.
     #[oai(path = "/job-scheduler/messenger/start", method = "post", operation_id = "startJob")]
     async fn start(&self, _auth: BearerAuth) -> Result<StatusResponse, StartErrors> {
-        Ok(StatusResponse::Ok(Json(self.control.start().await.map_err(ApiError::from)?)))
+        Ok(StatusResponse::Ok(Json(
+            self.control.start().await.map_err(ApiError::from)?,
+        )))
     }
 
     /// Stop the sending job
@@ -151,15 +160,23 @@ impl JobApi {
     /// it, no replica claims a message until the job is started again.
     #[oai(path = "/job-scheduler/messenger/stop", method = "post", operation_id = "stopJob")]
     async fn stop(&self, _auth: BearerAuth) -> Result<StatusResponse, StartErrors> {
-        Ok(StatusResponse::Ok(Json(self.control.stop().await.map_err(ApiError::from)?)))
+        Ok(StatusResponse::Ok(Json(
+            self.control.stop().await.map_err(ApiError::from)?,
+        )))
     }
 
     /// Is the job working?
     ///
     /// `working`, when it last changed, the last run and this replica's next scheduled run.
-    #[oai(path = "/job-scheduler/messenger/is-working", method = "get", operation_id = "isWorking")]
+    #[oai(
+        path = "/job-scheduler/messenger/is-working",
+        method = "get",
+        operation_id = "isWorking"
+    )]
     async fn is_working(&self, _auth: BearerAuth) -> Result<StatusResponse, StatusErrors> {
-        Ok(StatusResponse::Ok(Json(self.control.status().await.map_err(store_error)?)))
+        Ok(StatusResponse::Ok(Json(
+            self.control.status().await.map_err(store_error)?,
+        )))
     }
 
     /// Run history
@@ -224,6 +241,9 @@ impl ProbesApi {
             probes::check(true, deadline, herald_core::mongo::ping(&self.db)),
             probes::check(false, deadline, self.messenger.ping()),
         );
-        probes::verdict(BTreeMap::from([("mongodb".to_owned(), mongo), ("messengerApi".to_owned(), api)]))
+        probes::verdict(BTreeMap::from([
+            ("mongodb".to_owned(), mongo),
+            ("messengerApi".to_owned(), api),
+        ]))
     }
 }

@@ -177,7 +177,12 @@ impl Application {
             .at("/metrics", metrics_endpoint)
             .nest("/", api)
             .data(ApiKeys::new(settings.auth.api_keys.clone()));
-        let app = http::edge(routes, settings.messenger_api.max_body_bytes, job.metrics().http.clone()).boxed();
+        let app = http::edge(
+            routes,
+            settings.messenger_api.max_body_bytes,
+            job.metrics().http.clone(),
+        )
+        .boxed();
         Ok(Self {
             bound,
             app,

@@ -143,7 +143,11 @@ impl JobStore {
                 doc! {"_id": JOB_ID, "working": !working},
                 doc! {"$set": {"working": working, "changed_at": now, "changed_by": by}},
             )
-            .with_options(FindOneAndUpdateOptions::builder().return_document(ReturnDocument::After).build())
+            .with_options(
+                FindOneAndUpdateOptions::builder()
+                    .return_document(ReturnDocument::After)
+                    .build(),
+            )
             .await
     }
 

@@ -65,7 +65,8 @@ impl SentCache {
             .arg("EX")
             .arg(self.ttl_seconds)
             .to_owned();
-        self.bounded(async move { command.query_async::<()>(&mut conn).await }).await
+        self.bounded(async move { command.query_async::<()>(&mut conn).await })
+            .await
     }
 
     /// PING, for readiness.
@@ -83,7 +84,10 @@ impl SentCache {
         match tokio::time::timeout(self.timeout * 3, call).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(error)) => Err(error.to_string()),
-            Err(_) => Err(format!("Redis did not answer within {} ms", (self.timeout * 3).as_millis())),
+            Err(_) => Err(format!(
+                "Redis did not answer within {} ms",
+                (self.timeout * 3).as_millis()
+            )),
         }
     }
 }

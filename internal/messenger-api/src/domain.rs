@@ -155,7 +155,10 @@ pub fn validate_phone(to: &str) -> Result<String, ServiceError> {
 pub fn validate_content(content: &str, max_chars: usize) -> Result<String, ServiceError> {
     let content = content.trim();
     if content.is_empty() {
-        return Err(ServiceError::invalid(ErrorCode::EmptyContent, "content must not be empty"));
+        return Err(ServiceError::invalid(
+            ErrorCode::EmptyContent,
+            "content must not be empty",
+        ));
     }
     let chars = content.chars().count();
     if chars > max_chars {
@@ -178,7 +181,10 @@ pub fn validate(to: &str, content: &str, max_chars: usize) -> Result<ValidMessag
 /// Parses a 24-hex id.
 pub fn parse_id(id: &str) -> Result<ObjectId, ServiceError> {
     ObjectId::parse_str(id).map_err(|_| {
-        ServiceError::invalid(ErrorCode::InvalidMessageId, "id must be a 24-character hexadecimal ObjectId")
+        ServiceError::invalid(
+            ErrorCode::InvalidMessageId,
+            "id must be a 24-character hexadecimal ObjectId",
+        )
     })
 }
 
@@ -191,7 +197,15 @@ mod tests {
         assert_eq!(validate_phone(" +905551234567 ").unwrap(), "+905551234567");
         assert!(validate_phone("+12345678").is_ok());
         assert!(validate_phone("+123456789012345").is_ok());
-        for bad in ["905551234567", "+1234567", "+1234567890123456", "+90 555 123", "+90555abc4567", "", "+"] {
+        for bad in [
+            "905551234567",
+            "+1234567",
+            "+1234567890123456",
+            "+90 555 123",
+            "+90555abc4567",
+            "",
+            "+",
+        ] {
             assert!(validate_phone(bad).is_err(), "{bad}");
         }
     }
@@ -199,12 +213,24 @@ mod tests {
     #[test]
     fn content_is_trimmed_and_counted_in_characters_not_bytes() {
         assert_eq!(validate_content("  hi  ", 160).unwrap(), "hi");
-        assert!(matches!(validate_content("   ", 160), Err(ServiceError::Invalid { code: ErrorCode::EmptyContent, .. })));
+        assert!(matches!(
+            validate_content("   ", 160),
+            Err(ServiceError::Invalid {
+                code: ErrorCode::EmptyContent,
+                ..
+            })
+        ));
         let turkish = "ş".repeat(160);
         assert!(turkish.len() > 160);
         assert!(validate_content(&turkish, 160).is_ok());
         let emoji = "🙂".repeat(161);
-        assert!(matches!(validate_content(&emoji, 160), Err(ServiceError::Invalid { code: ErrorCode::ContentTooLong, .. })));
+        assert!(matches!(
+            validate_content(&emoji, 160),
+            Err(ServiceError::Invalid {
+                code: ErrorCode::ContentTooLong,
+                ..
+            })
+        ));
     }
 
     #[test]

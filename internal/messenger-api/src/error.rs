@@ -97,11 +97,17 @@ impl From<ServiceError> for ApiError {
             ServiceError::JobConflict { code, message } => ApiError::new(code, message),
             ServiceError::SchedulerUnreachable(detail) => {
                 tracing::warn!(%detail, "job scheduler unreachable");
-                ApiError::new(ErrorCode::JobSchedulerUnreachable, "The Job Scheduler could not be reached.")
+                ApiError::new(
+                    ErrorCode::JobSchedulerUnreachable,
+                    "The Job Scheduler could not be reached.",
+                )
             }
             ServiceError::Store(StoreError::Unavailable(cause)) => {
                 tracing::warn!(%cause, "MongoDB unavailable");
-                ApiError::new(ErrorCode::DatabaseUnavailable, "MongoDB is unavailable; nothing was changed. Try again.")
+                ApiError::new(
+                    ErrorCode::DatabaseUnavailable,
+                    "MongoDB is unavailable; nothing was changed. Try again.",
+                )
             }
             ServiceError::Store(other) => ApiError::internal(&other),
         }

@@ -36,7 +36,10 @@ impl MessengerMetrics {
         )?;
         let claimed = IntCounter::new("messages_claimed_total", "Messages handed out by get-two.")?;
         let commits = IntCounterVec::new(Opts::new("commits_total", "Commit calls by result."), &["result"])?;
-        let failures = IntCounterVec::new(Opts::new("failure_reports_total", "Failure reports by result."), &["result"])?;
+        let failures = IntCounterVec::new(
+            Opts::new("failure_reports_total", "Failure reports by result."),
+            &["result"],
+        )?;
         let cache_write_failures = IntCounter::new(
             "redis_cache_write_failures_total",
             "Sent-message cache entries that could not be written to Redis.",

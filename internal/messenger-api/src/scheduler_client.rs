@@ -23,7 +23,10 @@ impl JobCommand {
         match text {
             "start" => Ok(Self::Start),
             "stop" => Ok(Self::Stop),
-            _ => Err(ServiceError::invalid(ErrorCode::InvalidCommand, "command must be `start` or `stop`")),
+            _ => Err(ServiceError::invalid(
+                ErrorCode::InvalidCommand,
+                "command must be `start` or `stop`",
+            )),
         }
     }
 
@@ -83,7 +86,9 @@ impl SchedulerClient {
                 JobCommand::Start => ErrorCode::JobAlreadyWorking,
                 JobCommand::Stop => ErrorCode::JobAlreadyStopped,
             };
-            let message = body.map(|b| b.message).unwrap_or_else(|| "The job is already in that state.".into());
+            let message = body
+                .map(|b| b.message)
+                .unwrap_or_else(|| "The job is already in that state.".into());
             return Err(ServiceError::JobConflict { code, message });
         }
         Err(ServiceError::SchedulerUnreachable(format!("{url} answered {status}")))

@@ -18,8 +18,8 @@ use crate::error::ServiceError;
 use crate::metrics::MessengerMetrics;
 use crate::scheduler_client::{JobCommand, SchedulerClient};
 use crate::store::{CommitOutcome, MessageStore, Page, TransitionOutcome};
-use herald_core::pagination::PageRequest;
 use herald_core::jobs::JobStatus;
+use herald_core::pagination::PageRequest;
 
 /// Most messages in one batch create.
 pub const MAX_BATCH: usize = 1000;
@@ -174,7 +174,11 @@ impl MessengerService {
             Err(crate::error::StoreError::AlreadyExists) => {
                 // Lost a race with a concurrent request carrying the same key.
                 let key = idempotency_key.unwrap_or_default();
-                let existing = self.store.find_by_idempotency_key(&key).await?.ok_or(ServiceError::IdempotencyConflict)?;
+                let existing = self
+                    .store
+                    .find_by_idempotency_key(&key)
+                    .await?
+                    .ok_or(ServiceError::IdempotencyConflict)?;
                 same_body(existing, &valid).map(|m| (m, false))
             }
             Err(other) => Err(other.into()),
@@ -201,7 +205,11 @@ impl MessengerService {
         if !problems.is_empty() {
             return Err(ServiceError::invalid(
                 ErrorCode::InvalidBatch,
-                format!("{} invalid item(s), nothing stored: {}", problems.len(), problems.join("; ")),
+                format!(
+                    "{} invalid item(s), nothing stored: {}",
+                    problems.len(),
+                    problems.join("; ")
+                ),
             ));
         }
         self.store.insert_many(&docs).await?;
@@ -213,7 +221,10 @@ impl MessengerService {
         let status = match status {
             None => None,
             Some(text) => Some(MessageStatus::parse(text).ok_or_else(|| {
-                ServiceError::invalid(ErrorCode::InvalidStatusFilter, "status must be pending, processing, sent or failed")
+                ServiceError::invalid(
+                    ErrorCode::InvalidStatusFilter,
+                    "status must be pending, processing, sent or failed",
+                )
             })?),
         };
         Ok(self.store.list(status, page.start, page.limit).await?)
@@ -278,7 +289,11 @@ impl MessengerService {
         let oid = domain::parse_id(id)?;
         let sent_at = sent_at.map(DateTime::from_chrono).unwrap_or_else(now);
         let webhook_message_id = webhook_message_id.map(str::trim).filter(|m| !m.is_empty());
-        let message = match self.store.commit_sent(oid, claim_token, webhook_message_id, sent_at, now()).await? {
+        let message = match self
+            .store
+            .commit_sent(oid, claim_token, webhook_message_id, sent_at, now())
+            .await?
+        {
             CommitOutcome::Committed(doc) => {
                 self.metrics.commits.with_label_values(&["committed"]).inc();
                 doc
@@ -350,9 +365,17 @@ impl MessengerService {
             detail,
             at: stamp,
         };
-        match self.store.record_failure(oid, claim_token, status, next_attempt_at, &error, stamp).await? {
+        match self
+            .store
+            .record_failure(oid, claim_token, status, next_attempt_at, &error, stamp)
+            .await?
+        {
             TransitionOutcome::Done(doc) => {
-                let label = if status == MessageStatus::Failed { "failed" } else { "retry_scheduled" };
+                let label = if status == MessageStatus::Failed {
+                    "failed"
+                } else {
+                    "retry_scheduled"
+                };
                 self.metrics.failures.with_label_values(&[label]).inc();
                 Ok(doc)
             }
@@ -389,14 +412,20 @@ impl MessengerService {
             probes::check(true, deadline, herald_core::mongo::ping(&self.db)),
             probes::check(false, deadline, self.cache.ping()),
         );
-        probes::verdict(BTreeMap::from([("mongodb".to_owned(), mongo), ("redis".to_owned(), redis)]))
+        probes::verdict(BTreeMap::from([
+            ("mongodb".to_owned(), mongo),
+            ("redis".to_owned(), redis),
+        ]))
     }
 
     /// Refreshes the gauges that are read from MongoDB. A down database leaves them as they were.
     pub async fn refresh_gauges(&self) {
         let refresh = async {
             for (status, count) in self.store.count_by_status().await? {
-                self.metrics.messages.with_label_values(&[status.as_str()]).set(count as i64);
+                self.metrics
+                    .messages
+                    .with_label_values(&[status.as_str()])
+                    .set(count as i64);
             }
             let age = self.store.oldest_due_age_seconds(now()).await?;
             self.metrics.oldest_pending_age.set(age);

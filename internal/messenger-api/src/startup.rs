@@ -40,18 +40,36 @@ pub async fn build_service(settings: &Settings) -> anyhow::Result<Arc<MessengerS
     let cache = SentCache::new(&settings.redis)?;
     // Stop waits for the scheduler's in-flight run, which the webhook timeout bounds.
     let toggle_timeout = Duration::from_millis(settings.webhook.timeout_ms * 2 + 10_000);
-    let scheduler = SchedulerClient::new(&settings.job_scheduler.url, settings.service_key().clone(), toggle_timeout)
-        .context("Failed to build the Job Scheduler client")?;
+    let scheduler = SchedulerClient::new(
+        &settings.job_scheduler.url,
+        settings.service_key().clone(),
+        toggle_timeout,
+    )
+    .context("Failed to build the Job Scheduler client")?;
     let metrics = MessengerMetrics::new().context("Failed to register metrics")?;
-    Ok(Arc::new(MessengerService::new(db, cache, scheduler, Rules::from_settings(settings), metrics)))
+    Ok(Arc::new(MessengerService::new(
+        db,
+        cache,
+        scheduler,
+        Rules::from_settings(settings),
+        metrics,
+    )))
 }
 
 fn api_service(service: &Arc<MessengerService>) -> OpenApiService<Apis, ()> {
     let apis = (
-        MessagesApi { service: service.clone() },
-        WorkerApi { service: service.clone() },
-        JobApi { service: service.clone() },
-        ProbesApi { service: service.clone() },
+        MessagesApi {
+            service: service.clone(),
+        },
+        WorkerApi {
+            service: service.clone(),
+        },
+        JobApi {
+            service: service.clone(),
+        },
+        ProbesApi {
+            service: service.clone(),
+        },
     );
     OpenApiService::new(apis, "Herald Messenger API", env!("CARGO_PKG_VERSION")).description(
         "Stores messages in MongoDB, hands them to workers with atomic leased claims, and records \
@@ -90,7 +108,12 @@ impl Application {
             .at("/metrics", metrics)
             .nest("/", api)
             .data(ApiKeys::new(settings.auth.api_keys.clone()));
-        let app = http::edge(routes, settings.messenger_api.max_body_bytes, service.metrics.http.clone()).boxed();
+        let app = http::edge(
+            routes,
+            settings.messenger_api.max_body_bytes,
+            service.metrics.http.clone(),
+        )
+        .boxed();
         Ok(Self { bound, app, service })
     }
 

@@ -111,7 +111,12 @@ impl MessageStore {
                 .build(),
             IndexModel::builder()
                 .keys(doc! {"claim_token": 1})
-                .options(IndexOptions::builder().name("claim_token".to_owned()).sparse(true).build())
+                .options(
+                    IndexOptions::builder()
+                        .name("claim_token".to_owned())
+                        .sparse(true)
+                        .build(),
+                )
                 .build(),
         ];
         self.messages.create_indexes(indexes).await?;
@@ -297,7 +302,11 @@ impl MessageStore {
                 doc! {"_id": id, "status": MessageStatus::Processing.as_str(), "claim_token": token},
                 doc! {"$set": set, "$unset": {"lease_until": ""}},
             )
-            .with_options(FindOneAndUpdateOptions::builder().return_document(ReturnDocument::After).build())
+            .with_options(
+                FindOneAndUpdateOptions::builder()
+                    .return_document(ReturnDocument::After)
+                    .build(),
+            )
             .await?;
         if let Some(doc) = updated {
             return Ok(CommitOutcome::Committed(doc));
@@ -358,11 +367,20 @@ impl MessageStore {
         .await
     }
 
-    async fn transition(&self, filter: Document, update: Document, id: ObjectId) -> Result<TransitionOutcome, StoreError> {
+    async fn transition(
+        &self,
+        filter: Document,
+        update: Document,
+        id: ObjectId,
+    ) -> Result<TransitionOutcome, StoreError> {
         let updated = self
             .messages
             .find_one_and_update(filter, update)
-            .with_options(FindOneAndUpdateOptions::builder().return_document(ReturnDocument::After).build())
+            .with_options(
+                FindOneAndUpdateOptions::builder()
+                    .return_document(ReturnDocument::After)
+                    .build(),
+            )
             .await?;
         if let Some(doc) = updated {
             return Ok(TransitionOutcome::Done(doc));
@@ -377,7 +395,10 @@ impl MessageStore {
     pub async fn count_by_status(&self) -> Result<Vec<(MessageStatus, u64)>, StoreError> {
         let mut counts = Vec::new();
         for status in MessageStatus::ALL {
-            counts.push((status, self.messages.count_documents(doc! {"status": status.as_str()}).await?));
+            counts.push((
+                status,
+                self.messages.count_documents(doc! {"status": status.as_str()}).await?,
+            ));
         }
         Ok(counts)
     }

@@ -90,13 +90,19 @@ pub struct WebhookSink {
 }
 
 fn message(status: StatusCode, text: &str) -> Response {
-    Json(serde_json::json!({"message": text})).with_status(status).into_response()
+    Json(serde_json::json!({"message": text}))
+        .with_status(status)
+        .into_response()
 }
 
 #[handler]
 async fn receive(req: &Request, body: poem::Body, state: Data<&State>) -> Response {
     let config = &state.config;
-    let presented = req.headers().get(config.auth_header.as_str()).map(|v| v.as_bytes()).unwrap_or_default();
+    let presented = req
+        .headers()
+        .get(config.auth_header.as_str())
+        .map(|v| v.as_bytes())
+        .unwrap_or_default();
     if !bool::from(presented.ct_eq(config.auth_key.expose_secret().as_bytes())) {
         return message(StatusCode::UNAUTHORIZED, "Missing or wrong auth key");
     }
@@ -124,7 +130,11 @@ async fn receive(req: &Request, body: poem::Body, state: Data<&State>) -> Respon
             received_at: Utc::now(),
         });
     }
-    tracing::info!(idempotency_key = idempotency_key.as_deref().unwrap_or("-"), status, "webhook received");
+    tracing::info!(
+        idempotency_key = idempotency_key.as_deref().unwrap_or("-"),
+        status,
+        "webhook received"
+    );
     if !config.latency.is_zero() {
         tokio::time::sleep(config.latency).await;
     }
@@ -247,8 +257,28 @@ mod tests {
         let client = reqwest::Client::new();
         let body = serde_json::json!({"to": "+905551111111", "content": "hi"});
         assert_eq!(client.post(&url).json(&body).send().await.unwrap().status(), 401);
-        assert_eq!(client.post(&url).header("x-ins-auth-key", "no").json(&body).send().await.unwrap().status(), 401);
-        assert_eq!(client.post(&url).header("x-ins-auth-key", "k").body("nope").send().await.unwrap().status(), 400);
+        assert_eq!(
+            client
+                .post(&url)
+                .header("x-ins-auth-key", "no")
+                .json(&body)
+                .send()
+                .await
+                .unwrap()
+                .status(),
+            401
+        );
+        assert_eq!(
+            client
+                .post(&url)
+                .header("x-ins-auth-key", "k")
+                .body("nope")
+                .send()
+                .await
+                .unwrap()
+                .status(),
+            400
+        );
         assert!(log.snapshot().is_empty());
     }
 

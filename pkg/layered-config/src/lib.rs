@@ -71,8 +71,7 @@ impl Layers {
         let default = self.file("default")?;
         let env_file = self.file(&self.env)?;
         let prefix = format!("{}__", self.env_prefix);
-        let source: config::Map<String, String> =
-            vars.into_iter().filter(|(k, _)| k.starts_with(&prefix)).collect();
+        let source: config::Map<String, String> = vars.into_iter().filter(|(k, _)| k.starts_with(&prefix)).collect();
         let mut environment = Environment::with_prefix(&self.env_prefix)
             .prefix_separator("__")
             .separator("__")
@@ -219,7 +218,10 @@ mod tests {
     fn a_list_key_given_one_value_is_a_list_of_one() {
         let dir = dir_with(&[("default.toml", DEFAULT), ("test.toml", "")]);
         let vars = vec![("APP__AUTH__KEYS".to_owned(), "only".to_owned())];
-        let s: Sample = Layers::new(&dir, "test", "APP").list_key("auth.keys").load_with_env(vars).unwrap();
+        let s: Sample = Layers::new(&dir, "test", "APP")
+            .list_key("auth.keys")
+            .load_with_env(vars)
+            .unwrap();
         assert_eq!(s.auth.keys.len(), 1);
         assert_eq!(s.auth.keys[0].expose_secret(), "only");
     }

@@ -66,9 +66,7 @@ pub struct CorrelationIdEndpoint<E> {
 /// hostile header cannot forge log lines.
 fn accepted(value: &HeaderValue) -> Option<String> {
     let text = value.to_str().ok()?;
-    let ok = !text.is_empty()
-        && text.len() <= 128
-        && text.bytes().all(|b| b.is_ascii_graphic());
+    let ok = !text.is_empty() && text.len() <= 128 && text.bytes().all(|b| b.is_ascii_graphic());
     ok.then(|| text.to_owned())
 }
 
@@ -119,13 +117,7 @@ pub fn mask_phone(phone: &str) -> String {
     chars
         .iter()
         .enumerate()
-        .map(|(i, c)| {
-            if i < keep_head || i >= chars.len() - 2 {
-                *c
-            } else {
-                '*'
-            }
-        })
+        .map(|(i, c)| if i < keep_head || i >= chars.len() - 2 { *c } else { '*' })
         .collect()
 }
 
@@ -145,8 +137,19 @@ mod tests {
         let client = TestClient::new(app);
         let echoed = client.get("/").header(CORRELATION_HEADER, "abc-123").send().await;
         echoed.assert_header(CORRELATION_HEADER, "abc-123");
-        let generated = client.get("/").header(CORRELATION_HEADER, "bad value with spaces").send().await;
-        let value = generated.0.headers().get(CORRELATION_HEADER).unwrap().to_str().unwrap().to_owned();
+        let generated = client
+            .get("/")
+            .header(CORRELATION_HEADER, "bad value with spaces")
+            .send()
+            .await;
+        let value = generated
+            .0
+            .headers()
+            .get(CORRELATION_HEADER)
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .to_owned();
         assert_eq!(value.len(), 36, "{value}");
         let missing = client.get("/nope").send().await;
         assert!(missing.0.headers().contains_key(CORRELATION_HEADER));

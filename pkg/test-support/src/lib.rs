@@ -89,9 +89,7 @@ impl TestEnv {
         self.db().drop().await?;
         let mut conn = self.redis.clone();
         let keys: Vec<String> = {
-            let mut scan = conn
-                .scan_match::<_, String>(format!("{}*", self.key_prefix))
-                .await?;
+            let mut scan = conn.scan_match::<_, String>(format!("{}*", self.key_prefix)).await?;
             let mut keys = Vec::new();
             while let Some(key) = scan.next().await {
                 keys.push(key?);

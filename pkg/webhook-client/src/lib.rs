@@ -233,7 +233,10 @@ pub fn classify(status: StatusCode, body: &[u8], retry_after: Option<Duration>) 
                 _ => None,
             });
         if message_id.is_none() {
-            tracing::warn!(status = status.as_u16(), "provider accepted without a parsable messageId");
+            tracing::warn!(
+                status = status.as_u16(),
+                "provider accepted without a parsable messageId"
+            );
         }
         return DeliveryOutcome::Accepted {
             message_id,
@@ -246,10 +249,7 @@ pub fn classify(status: StatusCode, body: &[u8], retry_after: Option<Duration>) 
         detail: excerpt(body),
     };
     if status == StatusCode::TOO_MANY_REQUESTS {
-        DeliveryOutcome::Retryable {
-            failure,
-            retry_after,
-        }
+        DeliveryOutcome::Retryable { failure, retry_after }
     } else if status.is_server_error() || status == StatusCode::REQUEST_TIMEOUT {
         DeliveryOutcome::Retryable {
             failure,
@@ -312,10 +312,13 @@ mod tests {
             .and(header("idempotency-key", "msg-1"))
             .and(header("user-agent", "herald/test"))
             .and(header("content-type", "application/json"))
-            .and(body_json(serde_json::json!({"to": "+905551111111", "content": "hello"})))
-            .respond_with(ResponseTemplate::new(202).set_body_json(
-                serde_json::json!({"message": "Accepted", "messageId": "abc"}),
+            .and(body_json(
+                serde_json::json!({"to": "+905551111111", "content": "hello"}),
             ))
+            .respond_with(
+                ResponseTemplate::new(202)
+                    .set_body_json(serde_json::json!({"message": "Accepted", "messageId": "abc"})),
+            )
             .expect(1)
             .mount(&server)
             .await;
@@ -368,12 +371,19 @@ mod tests {
     #[test]
     fn classifies_statuses_per_the_contract() {
         let ok = |s: u16, body: &str| classify(StatusCode::from_u16(s).unwrap(), body.as_bytes(), None);
-        assert!(matches!(ok(200, "not json"), DeliveryOutcome::Accepted { message_id: None, .. }));
-        assert!(matches!(ok(202, r#"{"messageId": 42}"#), DeliveryOutcome::Accepted { message_id: Some(ref id), .. } if id == "42"));
+        assert!(matches!(
+            ok(200, "not json"),
+            DeliveryOutcome::Accepted { message_id: None, .. }
+        ));
+        assert!(
+            matches!(ok(202, r#"{"messageId": 42}"#), DeliveryOutcome::Accepted { message_id: Some(ref id), .. } if id == "42")
+        );
         assert!(matches!(ok(500, ""), DeliveryOutcome::Retryable { .. }));
         assert!(matches!(ok(503, ""), DeliveryOutcome::Retryable { .. }));
         assert!(matches!(ok(408, ""), DeliveryOutcome::Retryable { .. }));
-        assert!(matches!(ok(400, "bad"), DeliveryOutcome::Permanent { ref failure } if failure.status == Some(400) && failure.detail == "bad"));
+        assert!(
+            matches!(ok(400, "bad"), DeliveryOutcome::Permanent { ref failure } if failure.status == Some(400) && failure.detail == "bad")
+        );
         assert!(matches!(ok(404, ""), DeliveryOutcome::Permanent { .. }));
         let limited = classify(StatusCode::TOO_MANY_REQUESTS, b"", Some(Duration::from_secs(7)));
         assert!(matches!(limited, DeliveryOutcome::Retryable { retry_after: Some(d), .. } if d.as_secs() == 7));

@@ -25,7 +25,11 @@ async fn start_and_stop_persist_and_answer_409_when_already_in_that_state() {
         .unwrap();
     assert_eq!(status["working"], true, "the job starts with the service");
 
-    let again = post(&stack.client, format!("{}/job-scheduler/messenger/start", scheduler.url)).await;
+    let again = post(
+        &stack.client,
+        format!("{}/job-scheduler/messenger/start", scheduler.url),
+    )
+    .await;
     assert_eq!(again.status(), 409);
     assert_eq!(again.json::<Value>().await.unwrap()["internalCode"], 409004);
 
@@ -40,9 +44,17 @@ async fn start_and_stop_persist_and_answer_409_when_already_in_that_state() {
     let restarted = stack.scheduler(&url, &[]).await;
     let status = restarted.control.status().await.unwrap();
     assert!(!status.working);
-    assert_eq!(restarted.control.job().run_once().await.skipped_reason.as_deref(), Some("job is stopped"));
+    assert_eq!(
+        restarted.control.job().run_once().await.skipped_reason.as_deref(),
+        Some("job is stopped")
+    );
 
-    let unauthorized = stack.client.post(format!("{}/job-scheduler/messenger/start", restarted.url)).send().await.unwrap();
+    let unauthorized = stack
+        .client
+        .post(format!("{}/job-scheduler/messenger/start", restarted.url))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(unauthorized.status(), 401);
     restarted.shutdown().await.unwrap();
     stack.cleanup().await;
@@ -68,7 +80,11 @@ async fn stop_through_the_messenger_toggle_halts_every_replica_and_start_resumes
     let toggle_url = format!("http://127.0.0.1:{}", toggle_api.port());
     tokio::spawn(toggle_api.run_until_stopped(std::future::pending()));
 
-    let stop = post(&stack.client, format!("{toggle_url}/api/messenger/messenger-job-toggle?command=stop")).await;
+    let stop = post(
+        &stack.client,
+        format!("{toggle_url}/api/messenger/messenger-job-toggle?command=stop"),
+    )
+    .await;
     assert_eq!(stop.status(), 200);
     assert_eq!(stop.json::<Value>().await.unwrap()["working"], false);
     let ids = stack.seed(6).await;
@@ -76,9 +92,16 @@ async fn stop_through_the_messenger_toggle_halts_every_replica_and_start_resumes
     assert!(log.snapshot().is_empty(), "a replica sent after Stop");
     assert_eq!(stack.count("pending").await, 6, "a replica claimed after Stop");
 
-    let start = post(&stack.client, format!("{toggle_url}/api/messenger/messenger-job-toggle?command=start")).await;
+    let start = post(
+        &stack.client,
+        format!("{toggle_url}/api/messenger/messenger-job-toggle?command=start"),
+    )
+    .await;
     assert_eq!(start.status(), 200);
-    eventually(Duration::from_secs(15), "all six sent after Start", || async { stack.count("sent").await == 6 }).await;
+    eventually(Duration::from_secs(15), "all six sent after Start", || async {
+        stack.count("sent").await == 6
+    })
+    .await;
     let mut keys: Vec<String> = log.snapshot().into_iter().filter_map(|r| r.idempotency_key).collect();
     keys.sort();
     let mut expected = ids.clone();
@@ -111,7 +134,10 @@ async fn run_history_is_recorded_and_paginated_newest_first() {
     assert_eq!(page["total"], 3);
     let items = page["items"].as_array().unwrap();
     assert_eq!(items.len(), 2);
-    assert_eq!((items[0]["claimed"].as_i64(), items[1]["claimed"].as_i64()), (Some(0), Some(1)));
+    assert_eq!(
+        (items[0]["claimed"].as_i64(), items[1]["claimed"].as_i64()),
+        (Some(0), Some(1))
+    );
     let cursor = page["nextCursor"].as_str().unwrap();
     let rest: Value = stack
         .client
@@ -133,12 +159,34 @@ async fn run_history_is_recorded_and_paginated_newest_first() {
         .unwrap();
     assert_eq!(bad.json::<Value>().await.unwrap()["internalCode"], 400009);
 
-    let metrics = stack.client.get(format!("{}/metrics", scheduler.url)).send().await.unwrap().text().await.unwrap();
-    assert!(metrics.contains("herald_deliveries_total{outcome=\"accepted\"} 3"), "{metrics}");
-    assert!(metrics.contains("herald_job_runs_total{result=\"completed\"} 3"), "{metrics}");
+    let metrics = stack
+        .client
+        .get(format!("{}/metrics", scheduler.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("herald_deliveries_total{outcome=\"accepted\"} 3"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("herald_job_runs_total{result=\"completed\"} 3"),
+        "{metrics}"
+    );
     assert!(metrics.contains("herald_webhook_latency_seconds_bucket"), "{metrics}");
     assert!(metrics.contains("herald_job_last_run_timestamp_seconds"), "{metrics}");
-    let ready: Value = stack.client.get(format!("{}/job-scheduler/ready", scheduler.url)).send().await.unwrap().json().await.unwrap();
+    let ready: Value = stack
+        .client
+        .get(format!("{}/job-scheduler/ready", scheduler.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(ready["status"], "ready");
     scheduler.shutdown().await.unwrap();
     stack.cleanup().await;
@@ -154,7 +202,10 @@ async fn a_run_never_overlaps_the_previous_one_on_the_same_replica() {
     let first = tokio::spawn(async move { job.run_once().await });
     tokio::time::sleep(Duration::from_millis(200)).await;
     let second = scheduler.control.job().run_once().await;
-    assert_eq!(second.skipped_reason.as_deref(), Some("previous run still going on this replica"));
+    assert_eq!(
+        second.skipped_reason.as_deref(),
+        Some("previous run still going on this replica")
+    );
     assert_eq!(first.await.unwrap().sent, 2);
     scheduler.shutdown().await.unwrap();
     stack.cleanup().await;
@@ -165,16 +216,41 @@ async fn the_openapi_document_is_served_and_matches_the_committed_file() {
     let stack = Stack::start(&[]).await;
     let (url, _) = sink(0, 0.0).await;
     let scheduler = stack.scheduler(&url, &[]).await;
-    let served: Value = stack.client.get(format!("{}/job-scheduler/openapi.json", scheduler.url)).send().await.unwrap().json().await.unwrap();
-    for path in ["/job-scheduler/messenger/start", "/job-scheduler/messenger/stop", "/job-scheduler/messenger/is-working", "/job-scheduler/jobs"] {
+    let served: Value = stack
+        .client
+        .get(format!("{}/job-scheduler/openapi.json", scheduler.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    for path in [
+        "/job-scheduler/messenger/start",
+        "/job-scheduler/messenger/stop",
+        "/job-scheduler/messenger/is-working",
+        "/job-scheduler/jobs",
+    ] {
         assert!(served["paths"][path].is_object(), "{path}");
     }
-    let swagger = stack.client.get(format!("{}/job-scheduler/swagger", scheduler.url)).send().await.unwrap();
+    let swagger = stack
+        .client
+        .get(format!("{}/job-scheduler/swagger", scheduler.url))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(swagger.status(), 200);
-    let settings = herald_core::testing::test_settings(&test_support::mongo_uri(), "x", &test_support::redis_url(), "x:", &[]);
+    let settings =
+        herald_core::testing::test_settings(&test_support::mongo_uri(), "x", &test_support::redis_url(), "x:", &[]);
     let generated = herald_job_scheduler::openapi_json(&settings).await.unwrap();
-    let committed = std::fs::read_to_string(herald_core::testing::configs_dir().join("../docs/openapi/job-scheduler.json")).unwrap();
-    assert_eq!(committed, format!("{generated}\n"), "docs/openapi/job-scheduler.json is stale: run `herald openapi --out-dir docs/openapi`");
+    let committed =
+        std::fs::read_to_string(herald_core::testing::configs_dir().join("../docs/openapi/job-scheduler.json"))
+            .unwrap();
+    assert_eq!(
+        committed,
+        format!("{generated}\n"),
+        "docs/openapi/job-scheduler.json is stale: run `herald openapi --out-dir docs/openapi`"
+    );
     scheduler.shutdown().await.unwrap();
     stack.cleanup().await;
 }

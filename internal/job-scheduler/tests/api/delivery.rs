@@ -9,7 +9,11 @@ use crate::helpers::{sink, Stack};
 
 async fn provider(response: ResponseTemplate) -> MockServer {
     let server = MockServer::start().await;
-    Mock::given(method("POST")).and(path("/webhook")).respond_with(response).mount(&server).await;
+    Mock::given(method("POST"))
+        .and(path("/webhook"))
+        .respond_with(response)
+        .mount(&server)
+        .await;
     server
 }
 
@@ -35,12 +39,16 @@ async fn an_accepted_message_is_committed_with_the_provider_id_in_mongodb_and_re
     let scheduler = stack.scheduler(&format!("{}/webhook", server.uri()), &[]).await;
 
     let report = scheduler.control.job().run_once().await;
-    assert_eq!((report.claimed, report.sent, report.retried, report.failed), (1, 1, 0, 0));
+    assert_eq!(
+        (report.claimed, report.sent, report.retried, report.failed),
+        (1, 1, 0, 0)
+    );
 
     let message = stack.message(&ids[0]).await;
     assert_eq!(message["status"], "sent");
     assert_eq!(message["webhookMessageId"], "prov-77");
-    let cached: Value = serde_json::from_str(&stack.env.redis_get(&format!("sent:{}", ids[0])).await.unwrap().unwrap()).unwrap();
+    let cached: Value =
+        serde_json::from_str(&stack.env.redis_get(&format!("sent:{}", ids[0])).await.unwrap().unwrap()).unwrap();
     assert_eq!(cached["messageId"], "prov-77");
     let cached_at: DateTime<Utc> = cached["sentAt"].as_str().unwrap().parse().unwrap();
     let stored_at: DateTime<Utc> = message["sentAt"].as_str().unwrap().parse().unwrap();
@@ -132,7 +140,11 @@ async fn other_4xx_answers_fail_the_message_with_status_and_body_excerpt() {
     assert_eq!(message["lastError"]["kind"], "http_status");
     assert_eq!(message["lastError"]["status"], 422);
     let detail = message["lastError"]["detail"].as_str().unwrap();
-    assert!(detail.starts_with("invalid recipient") && detail.len() <= 4096, "{}", detail.len());
+    assert!(
+        detail.starts_with("invalid recipient") && detail.len() <= 4096,
+        "{}",
+        detail.len()
+    );
     scheduler.shutdown().await.unwrap();
     stack.cleanup().await;
 }
@@ -143,7 +155,10 @@ async fn exhausted_retries_fail_the_message() {
     let ids = stack.seed(1).await;
     let server = provider(ResponseTemplate::new(500)).await;
     let scheduler = stack
-        .scheduler(&format!("{}/webhook", server.uri()), &[("HERALD__DELIVERY__RETRY_SCHEDULE_SECONDS", "1")])
+        .scheduler(
+            &format!("{}/webhook", server.uri()),
+            &[("HERALD__DELIVERY__RETRY_SCHEDULE_SECONDS", "1")],
+        )
         .await;
     assert_eq!(scheduler.control.job().run_once().await.retried, 1);
     tokio::time::sleep(Duration::from_millis(1300)).await;
@@ -152,7 +167,10 @@ async fn exhausted_retries_fail_the_message() {
     let message = stack.message(&ids[0]).await;
     assert_eq!(message["status"], "failed");
     assert_eq!(message["attempts"], 2);
-    assert!(message["lastError"]["detail"].as_str().unwrap().contains("retries exhausted"));
+    assert!(message["lastError"]["detail"]
+        .as_str()
+        .unwrap()
+        .contains("retries exhausted"));
     scheduler.shutdown().await.unwrap();
     stack.cleanup().await;
 }
@@ -179,7 +197,13 @@ async fn graceful_shutdown_finishes_started_sends_and_releases_the_rest() {
     let ids = stack.seed(4).await;
     let (url, log) = sink(1500, 0.0).await;
     let scheduler = stack
-        .scheduler(&url, &[("HERALD__JOB_SCHEDULER__BATCH_SIZE", "4"), ("HERALD__JOB_SCHEDULER__CONCURRENCY", "1")])
+        .scheduler(
+            &url,
+            &[
+                ("HERALD__JOB_SCHEDULER__BATCH_SIZE", "4"),
+                ("HERALD__JOB_SCHEDULER__CONCURRENCY", "1"),
+            ],
+        )
         .await;
     let job = scheduler.control.job().clone();
     let run = tokio::spawn(async move { job.run_once().await });
@@ -197,9 +221,15 @@ async fn graceful_shutdown_finishes_started_sends_and_releases_the_rest() {
     let mut statuses = Vec::new();
     for id in &ids {
         let m = stack.message(id).await;
-        statuses.push((m["status"].as_str().unwrap().to_owned(), m["attempts"].as_i64().unwrap()));
+        statuses.push((
+            m["status"].as_str().unwrap().to_owned(),
+            m["attempts"].as_i64().unwrap(),
+        ));
     }
     assert_eq!(statuses.iter().filter(|(s, _)| s == "sent").count(), 1);
-    assert!(statuses.iter().filter(|(s, _)| s == "pending").all(|(_, a)| *a == 0), "{statuses:?}");
+    assert!(
+        statuses.iter().filter(|(s, _)| s == "pending").all(|(_, a)| *a == 0),
+        "{statuses:?}"
+    );
     stack.cleanup().await;
 }

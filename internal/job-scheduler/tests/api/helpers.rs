@@ -30,13 +30,21 @@ pub struct Scheduler {
 }
 
 fn settings(env: &TestEnv, extra: &[(&str, &str)]) -> Settings {
-    herald_core::testing::test_settings(&test_support::mongo_uri(), &env.database, &test_support::redis_url(), &env.key_prefix, extra)
+    herald_core::testing::test_settings(
+        &test_support::mongo_uri(),
+        &env.database,
+        &test_support::redis_url(),
+        &env.key_prefix,
+        extra,
+    )
 }
 
 impl Stack {
     pub async fn start(extra: &[(&str, &str)]) -> Self {
         let env = TestEnv::new().await.expect("test servers");
-        let api = herald_messenger_api::Application::build(&settings(&env, extra)).await.expect("messenger api");
+        let api = herald_messenger_api::Application::build(&settings(&env, extra))
+            .await
+            .expect("messenger api");
         let api_url = format!("http://127.0.0.1:{}", api.port());
         let (tx, rx) = oneshot::channel::<()>();
         tokio::spawn(api.run_until_stopped(async move {
@@ -58,7 +66,9 @@ impl Stack {
             ("HERALD__JOB_SCHEDULER__SCHEDULE", NEVER),
         ];
         all.extend_from_slice(extra);
-        let app = herald_job_scheduler::Application::build(&settings(&self.env, &all)).await.expect("scheduler");
+        let app = herald_job_scheduler::Application::build(&settings(&self.env, &all))
+            .await
+            .expect("scheduler");
         let url = format!("http://127.0.0.1:{}", app.port());
         let control = app.control();
         let (tx, rx) = oneshot::channel::<()>();
@@ -87,7 +97,12 @@ impl Stack {
             .unwrap();
         assert_eq!(response.status(), 201);
         let body: Value = response.json().await.unwrap();
-        body["items"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap().to_owned()).collect()
+        body["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["id"].as_str().unwrap().to_owned())
+            .collect()
     }
 
     pub async fn message(&self, id: &str) -> Value {
@@ -105,7 +120,10 @@ impl Stack {
     pub async fn count(&self, status: &str) -> u64 {
         let page: Value = self
             .client
-            .get(format!("{}/api/messenger/messages?status={status}&limit=1", self.api_url))
+            .get(format!(
+                "{}/api/messenger/messages?status={status}&limit=1",
+                self.api_url
+            ))
             .bearer_auth(KEY)
             .send()
             .await

@@ -1,6 +1,8 @@
 //! Integration tests of the Job Scheduler against the real MongoDB-compatible server, real
 //! Redis, the real Messenger API (in-process) and a real HTTP provider stand-in.
 
+#![allow(clippy::unwrap_used, missing_docs)]
+
 mod control;
 mod delivery;
 mod helpers;

@@ -17,7 +17,10 @@ async fn several_replicas_send_every_message_exactly_once() {
     for _ in 0..4 {
         replicas.push(stack.scheduler(&url, &settings).await);
     }
-    eventually(Duration::from_secs(60), "all 300 sent", || async { stack.count("sent").await == 300 }).await;
+    eventually(Duration::from_secs(60), "all 300 sent", || async {
+        stack.count("sent").await == 300
+    })
+    .await;
     for replica in replicas {
         replica.shutdown().await.unwrap();
     }

@@ -36,7 +36,11 @@ impl JobApi {
     /// Asks the Job Scheduler to `start` or `stop` sending. Stop answers once the run in flight
     /// has finished. 409 when the job is already in that state; 502 when the Job Scheduler
     /// cannot be reached.
-    #[oai(path = "/api/messenger/messenger-job-toggle", method = "post", operation_id = "toggleJob")]
+    #[oai(
+        path = "/api/messenger/messenger-job-toggle",
+        method = "post",
+        operation_id = "toggleJob"
+    )]
     async fn toggle(
         &self,
         req: &poem::Request,

@@ -97,7 +97,11 @@ impl MessagesApi {
     /// Create messages in a batch
     ///
     /// Stores 1 to 1,000 messages, all or none: a 400 names every bad item by index.
-    #[oai(path = "/api/messenger/messages/batch", method = "post", operation_id = "createMessageBatch")]
+    #[oai(
+        path = "/api/messenger/messages/batch",
+        method = "post",
+        operation_id = "createMessageBatch"
+    )]
     async fn create_batch(&self, _auth: BearerAuth, body: Json<NewBatch>) -> Result<BatchResponse, BatchErrors> {
         let items: Vec<(String, String)> = body.0.messages.into_iter().map(|m| (m.to, m.content)).collect();
         let created = self.service.create_batch(&items).await.map_err(ApiError::from)?;
@@ -124,15 +128,27 @@ impl MessagesApi {
         after: Query<Option<String>>,
     ) -> Result<PageResponse, ListErrors> {
         let page = PageRequest::parse(limit.0, offset.0, after.0.as_deref())?;
-        let result = self.service.list(status.0.as_deref(), page).await.map_err(ApiError::from)?;
-        Ok(PageResponse::Ok(Json(MessagePage::new(result, page.limit, page.offset()))))
+        let result = self
+            .service
+            .list(status.0.as_deref(), page)
+            .await
+            .map_err(ApiError::from)?;
+        Ok(PageResponse::Ok(Json(MessagePage::new(
+            result,
+            page.limit,
+            page.offset(),
+        ))))
     }
 
     /// List sent messages
     ///
     /// Sent messages, newest `sentAt` first, each with the provider's `webhookMessageId`.
     /// Same pagination as the message list.
-    #[oai(path = "/api/messenger/messages/sent", method = "get", operation_id = "listSentMessages")]
+    #[oai(
+        path = "/api/messenger/messages/sent",
+        method = "get",
+        operation_id = "listSentMessages"
+    )]
     async fn list_sent(
         &self,
         _auth: BearerAuth,
@@ -145,7 +161,11 @@ impl MessagesApi {
     ) -> Result<PageResponse, ListErrors> {
         let page = PageRequest::parse(limit.0, offset.0, after.0.as_deref())?;
         let result = self.service.list_sent(page).await.map_err(ApiError::from)?;
-        Ok(PageResponse::Ok(Json(MessagePage::new(result, page.limit, page.offset()))))
+        Ok(PageResponse::Ok(Json(MessagePage::new(
+            result,
+            page.limit,
+            page.offset(),
+        ))))
     }
 
     /// Get a message
@@ -166,7 +186,11 @@ impl MessagesApi {
     ///
     /// Operator action: a `failed` message becomes `pending`, due now, with a fresh retry
     /// budget. Any other status gets 409.
-    #[oai(path = "/api/messenger/messages/:id/retry", method = "post", operation_id = "retryMessage")]
+    #[oai(
+        path = "/api/messenger/messages/:id/retry",
+        method = "post",
+        operation_id = "retryMessage"
+    )]
     async fn retry(
         &self,
         _auth: BearerAuth,

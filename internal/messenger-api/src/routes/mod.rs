@@ -29,5 +29,7 @@ pub enum ApiTags {
 
 /// The correlation id of the current request, for calls to the other service.
 pub(crate) fn correlation(req: &poem::Request) -> Option<String> {
-    req.extensions().get::<telemetry::CorrelationIdValue>().map(|c| c.0.clone())
+    req.extensions()
+        .get::<telemetry::CorrelationIdValue>()
+        .map(|c| c.0.clone())
 }

@@ -80,7 +80,12 @@ impl WorkerApi {
     ) -> Result<CommitResponse, TransitionErrors> {
         let committed = self
             .service
-            .commit(&id.0, &body.claim_token, body.webhook_message_id.as_deref(), body.sent_at)
+            .commit(
+                &id.0,
+                &body.claim_token,
+                body.webhook_message_id.as_deref(),
+                body.sent_at,
+            )
             .await
             .map_err(ApiError::from)?;
         Ok(CommitResponse::Ok(Json(CommitView {
@@ -110,7 +115,11 @@ impl WorkerApi {
             retryable: body.retryable,
             retry_after_seconds: body.retry_after_seconds,
         };
-        let message = self.service.fail(&id.0, &body.claim_token, report).await.map_err(ApiError::from)?;
+        let message = self
+            .service
+            .fail(&id.0, &body.claim_token, report)
+            .await
+            .map_err(ApiError::from)?;
         Ok(TransitionResponse::Ok(Json(message.into())))
     }
 
@@ -126,7 +135,11 @@ impl WorkerApi {
         id: Path<String>,
         body: Json<ReleaseRequest>,
     ) -> Result<TransitionResponse, TransitionErrors> {
-        let message = self.service.release(&id.0, &body.claim_token).await.map_err(ApiError::from)?;
+        let message = self
+            .service
+            .release(&id.0, &body.claim_token)
+            .await
+            .map_err(ApiError::from)?;
         Ok(TransitionResponse::Ok(Json(message.into())))
     }
 }

@@ -36,7 +36,12 @@ async fn claim_requests_are_validated() {
         let response = app.post("/api/messenger/get-two").json(&body).send().await.unwrap();
         assert_error(response, 400, 400011).await;
     }
-    let missing = app.post("/api/messenger/get-two").json(&json!({})).send().await.unwrap();
+    let missing = app
+        .post("/api/messenger/get-two")
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
     assert_error(missing, 400, 400001).await;
     app.cleanup().await;
 }
@@ -75,7 +80,9 @@ async fn many_concurrent_claimers_never_share_a_message_and_together_take_all() 
 async fn an_expired_lease_is_claimable_again_and_the_old_claim_cannot_commit() {
     let app = spawn_app().await;
     let ids = app.seed(1).await;
-    let first = app.claim_with(json!({"worker": "slow", "limit": 1, "leaseSeconds": 1})).await;
+    let first = app
+        .claim_with(json!({"worker": "slow", "limit": 1, "leaseSeconds": 1}))
+        .await;
     assert_eq!(first.len(), 1);
     assert!(app.claim("other", 1).await.is_empty(), "a held claim is not handed out");
     tokio::time::sleep(std::time::Duration::from_millis(1300)).await;
@@ -85,11 +92,19 @@ async fn an_expired_lease_is_claimable_again_and_the_old_claim_cannot_commit() {
     assert_eq!(second[0]["attempt"], 2);
     assert_ne!(second[0]["claimToken"], first[0]["claimToken"]);
 
-    let stale = app.commit(&ids[0], first[0]["claimToken"].as_str().unwrap(), "late").await;
+    let stale = app
+        .commit(&ids[0], first[0]["claimToken"].as_str().unwrap(), "late")
+        .await;
     assert_error(stale, 409, 409002).await;
-    assert_eq!(app.env.redis_get(&format!("sent:{}", ids[0])).await.unwrap(), None, "Redis untouched");
+    assert_eq!(
+        app.env.redis_get(&format!("sent:{}", ids[0])).await.unwrap(),
+        None,
+        "Redis untouched"
+    );
 
-    let fresh = app.commit(&ids[0], second[0]["claimToken"].as_str().unwrap(), "on-time").await;
+    let fresh = app
+        .commit(&ids[0], second[0]["claimToken"].as_str().unwrap(), "on-time")
+        .await;
     assert_eq!(fresh.status(), 200);
     app.cleanup().await;
 }
@@ -98,8 +113,12 @@ async fn an_expired_lease_is_claimable_again_and_the_old_claim_cannot_commit() {
 async fn a_sent_message_is_never_claimed_again() {
     let app = spawn_app().await;
     let ids = app.seed(1).await;
-    let claimed = app.claim_with(json!({"worker": "w", "limit": 1, "leaseSeconds": 1})).await;
-    let committed = app.commit(&ids[0], claimed[0]["claimToken"].as_str().unwrap(), "p-1").await;
+    let claimed = app
+        .claim_with(json!({"worker": "w", "limit": 1, "leaseSeconds": 1}))
+        .await;
+    let committed = app
+        .commit(&ids[0], claimed[0]["claimToken"].as_str().unwrap(), "p-1")
+        .await;
     assert_eq!(committed.status(), 200);
     tokio::time::sleep(std::time::Duration::from_millis(1300)).await;
     assert!(app.claim("w", 10).await.is_empty());

@@ -13,7 +13,13 @@ pub struct TestApp {
 }
 
 pub fn settings_for(env: &TestEnv, extra: &[(&str, &str)]) -> Settings {
-    herald_core::testing::test_settings(&test_support::mongo_uri(), &env.database, &test_support::redis_url(), &env.key_prefix, extra)
+    herald_core::testing::test_settings(
+        &test_support::mongo_uri(),
+        &env.database,
+        &test_support::redis_url(),
+        &env.key_prefix,
+        extra,
+    )
 }
 
 pub async fn spawn_app() -> TestApp {
@@ -86,7 +92,13 @@ impl TestApp {
                 .unwrap();
             assert_eq!(response.status(), 201);
             let body: Value = response.json().await.unwrap();
-            ids.extend(body["items"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap().to_owned()));
+            ids.extend(
+                body["items"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|m| m["id"].as_str().unwrap().to_owned()),
+            );
             made += chunk;
         }
         ids
@@ -137,6 +149,10 @@ pub async fn assert_error(response: reqwest::Response, status: u16, code: u32) -
 impl TestApp {
     /// A claim whose answer the caller inspects itself.
     pub async fn claim_raw(&self) -> reqwest::Response {
-        self.post("/api/messenger/get-two").json(&json!({"worker": "w"})).send().await.unwrap()
+        self.post("/api/messenger/get-two")
+            .json(&json!({"worker": "w"}))
+            .send()
+            .await
+            .unwrap()
     }
 }

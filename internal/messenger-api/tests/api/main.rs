@@ -1,6 +1,8 @@
 //! Integration tests of the Messenger API against the real MongoDB-compatible server and real
 //! Redis, one fresh database and key prefix per test.
 
+#![allow(clippy::unwrap_used, missing_docs)]
+
 mod claims;
 mod helpers;
 mod messages;

@@ -38,7 +38,14 @@ async fn invalid_messages_are_rejected_with_specific_codes_and_not_stored() {
         .await
         .unwrap();
     assert_error(malformed, 400, 400001).await;
-    let page: Value = app.get("/api/messenger/messages").send().await.unwrap().json().await.unwrap();
+    let page: Value = app
+        .get("/api/messenger/messages")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(page["total"], 0);
     app.cleanup().await;
 }
@@ -79,7 +86,14 @@ async fn an_idempotency_key_returns_the_original_for_the_same_body_and_409_for_a
     assert_eq!(again["id"], first["id"]);
     let other = send(json!({"to": "+905551111111", "content": "bye"})).await.unwrap();
     assert_error(other, 409, 409001).await;
-    let page: Value = app.get("/api/messenger/messages").send().await.unwrap().json().await.unwrap();
+    let page: Value = app
+        .get("/api/messenger/messages")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(page["total"], 1);
     app.cleanup().await;
 }
@@ -98,7 +112,12 @@ async fn concurrent_requests_with_one_idempotency_key_store_one_message() {
     for response in responses {
         let response = response.unwrap();
         assert_eq!(response.status(), 201);
-        ids.insert(response.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned());
+        ids.insert(
+            response.json::<Value>().await.unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        );
     }
     assert_eq!(ids.len(), 1);
     app.cleanup().await;
@@ -112,17 +131,34 @@ async fn a_batch_is_stored_whole_or_not_at_all() {
         {"to": "nope", "content": "ok"},
         {"to": "+905551111112", "content": ""},
     ]});
-    let response = app.post("/api/messenger/messages/batch").json(&bad).send().await.unwrap();
+    let response = app
+        .post("/api/messenger/messages/batch")
+        .json(&bad)
+        .send()
+        .await
+        .unwrap();
     let body = assert_error(response, 400, 400007).await;
     let message = body["message"].as_str().unwrap();
-    assert!(message.contains("messages[1]") && message.contains("messages[2]"), "{message}");
+    assert!(
+        message.contains("messages[1]") && message.contains("messages[2]"),
+        "{message}"
+    );
     assert!(!message.contains("messages[0]"), "{message}");
-    let page: Value = app.get("/api/messenger/messages").send().await.unwrap().json().await.unwrap();
+    let page: Value = app
+        .get("/api/messenger/messages")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(page["total"], 0);
 
     let ids = app.seed(1000).await;
     assert_eq!(ids.len(), 1000);
-    let too_many: Vec<Value> = (0..1001).map(|_| json!({"to": "+905551111111", "content": "x"})).collect();
+    let too_many: Vec<Value> = (0..1001)
+        .map(|_| json!({"to": "+905551111111", "content": "x"}))
+        .collect();
     let response = app
         .post("/api/messenger/messages/batch")
         .json(&json!({"messages": too_many}))
@@ -130,7 +166,12 @@ async fn a_batch_is_stored_whole_or_not_at_all() {
         .await
         .unwrap();
     assert_error(response, 400, 400008).await;
-    let empty = app.post("/api/messenger/messages/batch").json(&json!({"messages": []})).send().await.unwrap();
+    let empty = app
+        .post("/api/messenger/messages/batch")
+        .json(&json!({"messages": []}))
+        .send()
+        .await
+        .unwrap();
     assert_error(empty, 400, 400008).await;
     app.cleanup().await;
 }
@@ -139,18 +180,44 @@ async fn a_batch_is_stored_whole_or_not_at_all() {
 async fn the_list_is_newest_first_filters_by_status_and_pages_by_offset() {
     let app = spawn_app().await;
     let ids = app.seed(25).await;
-    let page: Value = app.get("/api/messenger/messages?limit=10&offset=5").send().await.unwrap().json().await.unwrap();
+    let page: Value = app
+        .get("/api/messenger/messages?limit=10&offset=5")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(page["total"], 25);
     assert_eq!(page["limit"], 10);
     assert_eq!(page["offset"], 5);
-    let got: Vec<&str> = page["items"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
+    let got: Vec<&str> = page["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
     let newest_first: Vec<&str> = ids.iter().rev().skip(5).take(10).map(String::as_str).collect();
     assert_eq!(got, newest_first);
     assert!(page["nextCursor"].is_string());
 
-    let sent: Value = app.get("/api/messenger/messages?status=sent").send().await.unwrap().json().await.unwrap();
+    let sent: Value = app
+        .get("/api/messenger/messages?status=sent")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(sent["total"], 0);
-    let pending: Value = app.get("/api/messenger/messages?status=pending&limit=100").send().await.unwrap().json().await.unwrap();
+    let pending: Value = app
+        .get("/api/messenger/messages?status=pending&limit=100")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(pending["items"].as_array().unwrap().len(), 25);
     assert!(pending["nextCursor"].is_null());
     app.cleanup().await;
@@ -164,7 +231,13 @@ async fn cursor_pagination_walks_a_large_collection_with_no_gap_and_no_repeat() 
     let mut url = "/api/messenger/messages?limit=100".to_owned();
     loop {
         let page: Value = app.get(&url).send().await.unwrap().json().await.unwrap();
-        seen.extend(page["items"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap().to_owned()));
+        seen.extend(
+            page["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|m| m["id"].as_str().unwrap().to_owned()),
+        );
         match page["nextCursor"].as_str() {
             Some(cursor) => url = format!("/api/messenger/messages?limit=100&after={cursor}"),
             None => break,
@@ -188,7 +261,11 @@ async fn bad_query_parameters_get_specific_codes() {
         ("status=lost", 400012),
         ("limit=ten", 400002),
     ] {
-        let response = app.get(&format!("/api/messenger/messages?{query}")).send().await.unwrap();
+        let response = app
+            .get(&format!("/api/messenger/messages?{query}"))
+            .send()
+            .await
+            .unwrap();
         assert_error(response, 400, code).await;
     }
     app.cleanup().await;
@@ -197,9 +274,17 @@ async fn bad_query_parameters_get_specific_codes() {
 #[tokio::test]
 async fn getting_a_message_by_a_bad_or_unknown_id_is_400_or_404() {
     let app = spawn_app().await;
-    assert_error(app.get("/api/messenger/messages/xyz").send().await.unwrap(), 400, 400006).await;
     assert_error(
-        app.get("/api/messenger/messages/0123456789abcdef01234567").send().await.unwrap(),
+        app.get("/api/messenger/messages/xyz").send().await.unwrap(),
+        400,
+        400006,
+    )
+    .await;
+    assert_error(
+        app.get("/api/messenger/messages/0123456789abcdef01234567")
+            .send()
+            .await
+            .unwrap(),
         404,
         404001,
     )
@@ -227,10 +312,22 @@ async fn every_api_route_requires_a_valid_bearer_key() {
         let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
         let none = app.client.request(method.clone(), app.url(path)).send().await.unwrap();
         assert_error(none, 401, 401001).await;
-        let wrong = app.client.request(method, app.url(path)).bearer_auth("wrong-key").send().await.unwrap();
+        let wrong = app
+            .client
+            .request(method, app.url(path))
+            .bearer_auth("wrong-key")
+            .send()
+            .await
+            .unwrap();
         assert_error(wrong, 401, 401001).await;
     }
-    for open in ["/messenger/health", "/messenger/ready", "/messenger/openapi.json", "/messenger/swagger", "/metrics"] {
+    for open in [
+        "/messenger/health",
+        "/messenger/ready",
+        "/messenger/openapi.json",
+        "/messenger/swagger",
+        "/metrics",
+    ] {
         let response = app.client.get(app.url(open)).send().await.unwrap();
         assert_eq!(response.status(), 200, "{open}");
     }
@@ -240,10 +337,28 @@ async fn every_api_route_requires_a_valid_bearer_key() {
 #[tokio::test]
 async fn unknown_routes_wrong_methods_and_oversized_bodies_answer_json_errors() {
     let app = spawn_app().await;
-    assert_error(app.get("/api/messenger/nothing-here").send().await.unwrap(), 404, 404002).await;
+    assert_error(
+        app.get("/api/messenger/nothing-here").send().await.unwrap(),
+        404,
+        404002,
+    )
+    .await;
     assert_error(app.client.get(app.url("/nope")).send().await.unwrap(), 404, 404002).await;
-    assert_error(app.client.delete(app.url("/api/messenger/messages")).bearer_auth(KEY).send().await.unwrap(), 405, 405001).await;
-    let huge = format!(r#"{{"to":"+905551111111","content":"{}"}}"#, "a".repeat(2 * 1024 * 1024));
+    assert_error(
+        app.client
+            .delete(app.url("/api/messenger/messages"))
+            .bearer_auth(KEY)
+            .send()
+            .await
+            .unwrap(),
+        405,
+        405001,
+    )
+    .await;
+    let huge = format!(
+        r#"{{"to":"+905551111111","content":"{}"}}"#,
+        "a".repeat(2 * 1024 * 1024)
+    );
     let response = app
         .post("/api/messenger/messages")
         .header("content-type", "application/json")
@@ -268,7 +383,12 @@ async fn unknown_routes_wrong_methods_and_oversized_bodies_answer_json_errors() 
 #[tokio::test]
 async fn every_response_carries_a_correlation_id() {
     let app = spawn_app().await;
-    let echoed = app.get("/api/messenger/messages").header("x-correlation-id", "trace-me").send().await.unwrap();
+    let echoed = app
+        .get("/api/messenger/messages")
+        .header("x-correlation-id", "trace-me")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(echoed.headers()["x-correlation-id"], "trace-me");
     let error = app.client.get(app.url("/api/messenger/messages")).send().await.unwrap();
     assert!(error.headers().contains_key("x-correlation-id"));
@@ -293,11 +413,26 @@ async fn the_sent_list_is_newest_sent_first_with_provider_ids() {
             .unwrap();
         assert_eq!(response.status(), 200);
     }
-    let page: Value = app.get("/api/messenger/messages/sent?limit=2").send().await.unwrap().json().await.unwrap();
-    let provider_ids: Vec<&str> = page["items"].as_array().unwrap().iter().map(|m| m["webhookMessageId"].as_str().unwrap()).collect();
+    let page: Value = app
+        .get("/api/messenger/messages/sent?limit=2")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let provider_ids: Vec<&str> = page["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["webhookMessageId"].as_str().unwrap())
+        .collect();
     assert_eq!(provider_ids, ["provider-4", "provider-3"]);
     let sent_at: chrono::DateTime<chrono::Utc> = page["items"][0]["sentAt"].as_str().unwrap().parse().unwrap();
-    assert_eq!(sent_at, "2026-01-01T00:00:04Z".parse::<chrono::DateTime<chrono::Utc>>().unwrap());
+    assert_eq!(
+        sent_at,
+        "2026-01-01T00:00:04Z".parse::<chrono::DateTime<chrono::Utc>>().unwrap()
+    );
     assert_eq!(page["total"], 5);
     let cursor = page["nextCursor"].as_str().unwrap();
     let next: Value = app
@@ -308,7 +443,12 @@ async fn the_sent_list_is_newest_sent_first_with_provider_ids() {
         .json()
         .await
         .unwrap();
-    let rest: Vec<&str> = next["items"].as_array().unwrap().iter().map(|m| m["webhookMessageId"].as_str().unwrap()).collect();
+    let rest: Vec<&str> = next["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["webhookMessageId"].as_str().unwrap())
+        .collect();
     assert_eq!(rest, ["provider-2", "provider-1", "provider-0"]);
     app.cleanup().await;
 }
@@ -316,8 +456,20 @@ async fn the_sent_list_is_newest_sent_first_with_provider_ids() {
 #[tokio::test]
 async fn the_openapi_document_lists_every_operation_with_the_bearer_scheme() {
     let app = spawn_app().await;
-    let doc: Value = app.client.get(app.url("/messenger/openapi.json")).send().await.unwrap().json().await.unwrap();
-    assert!(doc["components"]["securitySchemes"]["BearerAuth"].is_object(), "{}", doc["components"]);
+    let doc: Value = app
+        .client
+        .get(app.url("/messenger/openapi.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        doc["components"]["securitySchemes"]["BearerAuth"].is_object(),
+        "{}",
+        doc["components"]
+    );
     for path in [
         "/api/messenger/messages",
         "/api/messenger/messages/batch",
@@ -336,8 +488,35 @@ async fn the_openapi_document_lists_every_operation_with_the_bearer_scheme() {
     }
     let create = &doc["paths"]["/api/messenger/messages"]["post"];
     let statuses: Vec<&String> = create["responses"].as_object().unwrap().keys().collect();
-    assert!(statuses.contains(&&"409".to_owned()) && !statuses.contains(&&"404".to_owned()), "{statuses:?}");
-    let swagger = app.client.get(app.url("/messenger/swagger")).send().await.unwrap().text().await.unwrap();
+    assert!(
+        statuses.contains(&&"409".to_owned()) && !statuses.contains(&&"404".to_owned()),
+        "{statuses:?}"
+    );
+    let swagger = app
+        .client
+        .get(app.url("/messenger/swagger"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert!(swagger.to_lowercase().contains("swagger"));
     app.cleanup().await;
+}
+
+#[tokio::test]
+async fn the_committed_openapi_document_is_current() {
+    let env = test_support::TestEnv::new().await.unwrap();
+    let settings = crate::helpers::settings_for(&env, &[]);
+    let generated = herald_messenger_api::openapi_json(&settings).await.unwrap();
+    let committed =
+        std::fs::read_to_string(herald_core::testing::configs_dir().join("../docs/openapi/messenger-api.json"))
+            .unwrap();
+    assert_eq!(
+        committed,
+        format!("{generated}\n"),
+        "docs/openapi/messenger-api.json is stale: run `herald openapi --out-dir docs/openapi`"
+    );
+    env.cleanup().await.unwrap();
 }

@@ -11,17 +11,31 @@ async fn readiness_reports_mongodb_and_redis_up() {
     assert_eq!(body["status"], "ready");
     assert_eq!(body["checks"]["mongodb"]["status"], "up");
     assert_eq!(body["checks"]["redis"]["status"], "up");
-    let health: Value = app.client.get(app.url("/messenger/health")).send().await.unwrap().json().await.unwrap();
+    let health: Value = app
+        .client
+        .get(app.url("/messenger/health"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(health["status"], "ok");
     app.cleanup().await;
 }
 
 #[tokio::test]
 async fn with_redis_unreachable_commits_still_mark_sent_and_readiness_is_degraded() {
-    let app = spawn_app_with(&[("HERALD__REDIS__URL", "redis://127.0.0.1:1"), ("HERALD__REDIS__TIMEOUT_MS", "200")]).await;
+    let app = spawn_app_with(&[
+        ("HERALD__REDIS__URL", "redis://127.0.0.1:1"),
+        ("HERALD__REDIS__TIMEOUT_MS", "200"),
+    ])
+    .await;
     let ids = app.seed(1).await;
     let claimed = app.claim("w", 1).await;
-    let response = app.commit(&ids[0], claimed[0]["claimToken"].as_str().unwrap(), "prov").await;
+    let response = app
+        .commit(&ids[0], claimed[0]["claimToken"].as_str().unwrap(), "prov")
+        .await;
     assert_eq!(response.status(), 200);
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["status"], "sent");
@@ -34,8 +48,19 @@ async fn with_redis_unreachable_commits_still_mark_sent_and_readiness_is_degrade
     assert_eq!(ready["status"], "degraded");
     assert_eq!(ready["checks"]["redis"]["status"], "down");
 
-    let metrics = app.client.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
-    assert!(metrics.contains("herald_redis_cache_write_failures_total 1"), "{metrics}");
+    let metrics = app
+        .client
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("herald_redis_cache_write_failures_total 1"),
+        "{metrics}"
+    );
     app.cleanup().await;
 }
 
@@ -72,12 +97,28 @@ async fn metrics_count_messages_by_status_and_requests_by_route() {
     let app = spawn_app().await;
     app.seed(3).await;
     let claimed = app.claim("w", 1).await;
-    app.commit(claimed[0]["id"].as_str().unwrap(), claimed[0]["claimToken"].as_str().unwrap(), "p").await;
-    let metrics = app.client.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    app.commit(
+        claimed[0]["id"].as_str().unwrap(),
+        claimed[0]["claimToken"].as_str().unwrap(),
+        "p",
+    )
+    .await;
+    let metrics = app
+        .client
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert!(metrics.contains("herald_messages{status=\"pending\"} 2"), "{metrics}");
     assert!(metrics.contains("herald_messages{status=\"sent\"} 1"), "{metrics}");
     assert!(metrics.contains("herald_messages_claimed_total 1"), "{metrics}");
-    assert!(metrics.contains("herald_commits_total{result=\"committed\"} 1"), "{metrics}");
+    assert!(
+        metrics.contains("herald_commits_total{result=\"committed\"} 1"),
+        "{metrics}"
+    );
     assert!(metrics.contains("herald_oldest_pending_age_seconds"), "{metrics}");
     assert!(metrics.contains("route=\"/api/messenger/commit/{id}\""), "{metrics}");
     app.cleanup().await;

@@ -20,8 +20,12 @@ async fn commit_marks_sent_then_caches_the_provider_id_and_time_in_redis() {
     assert_eq!(body["webhookMessageId"], "prov-1");
     assert_eq!(body["cached"], true);
 
-    let cached: Value = serde_json::from_str(&app.env.redis_get(&format!("sent:{}", ids[0])).await.unwrap().unwrap()).unwrap();
-    assert_eq!(cached, json!({"messageId": "prov-1", "sentAt": "2026-11-21T10:00:00.000Z"}));
+    let cached: Value =
+        serde_json::from_str(&app.env.redis_get(&format!("sent:{}", ids[0])).await.unwrap().unwrap()).unwrap();
+    assert_eq!(
+        cached,
+        json!({"messageId": "prov-1", "sentAt": "2026-11-21T10:00:00.000Z"})
+    );
     let ttl = app.env.redis_ttl(&format!("sent:{}", ids[0])).await.unwrap();
     assert!((604_700..=604_800).contains(&ttl), "{ttl}");
 
@@ -45,7 +49,11 @@ async fn commit_needs_the_current_claim_and_a_known_id() {
 async fn fail(app: &crate::helpers::TestApp, id: &str, token: &str, body: Value) -> reqwest::Response {
     let mut body = body;
     body["claimToken"] = json!(token);
-    app.put(&format!("/api/messenger/fail/{id}")).json(&body).send().await.unwrap()
+    app.put(&format!("/api/messenger/fail/{id}"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
 }
 
 #[tokio::test]
@@ -64,23 +72,41 @@ async fn a_retryable_failure_schedules_the_next_attempt_and_exhaustion_fails_it(
         };
         assert_eq!(claimed[0]["attempt"], attempt);
         let before = chrono::Utc::now();
-        let response = fail(&app, &ids[0], claimed[0]["claimToken"].as_str().unwrap(), json!({"error": error, "retryable": true})).await;
+        let response = fail(
+            &app,
+            &ids[0],
+            claimed[0]["claimToken"].as_str().unwrap(),
+            json!({"error": error, "retryable": true}),
+        )
+        .await;
         assert_eq!(response.status(), 200);
         let body: Value = response.json().await.unwrap();
         assert_eq!(body["status"], "pending");
         assert_eq!(body["lastError"]["status"], 503);
         let next: chrono::DateTime<chrono::Utc> = body["nextAttemptAt"].as_str().unwrap().parse().unwrap();
         let wait = (next - before).num_milliseconds();
-        assert!((delay as i64 * 1000 - 200..=delay as i64 * 1000 + 500).contains(&wait), "attempt {attempt}: {wait} ms");
+        assert!(
+            (delay as i64 * 1000 - 200..=delay as i64 * 1000 + 500).contains(&wait),
+            "attempt {attempt}: {wait} ms"
+        );
         assert!(app.claim("w", 1).await.is_empty(), "not due before its time");
     }
     tokio::time::sleep(std::time::Duration::from_millis(4200)).await;
     let last = app.claim("w", 1).await;
     assert_eq!(last[0]["attempt"], 4);
-    let response = fail(&app, &ids[0], last[0]["claimToken"].as_str().unwrap(), json!({"error": error, "retryable": true})).await;
+    let response = fail(
+        &app,
+        &ids[0],
+        last[0]["claimToken"].as_str().unwrap(),
+        json!({"error": error, "retryable": true}),
+    )
+    .await;
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["status"], "failed");
-    assert!(body["lastError"]["detail"].as_str().unwrap().contains("retries exhausted"));
+    assert!(body["lastError"]["detail"]
+        .as_str()
+        .unwrap()
+        .contains("retries exhausted"));
     app.cleanup().await;
 }
 
@@ -109,7 +135,10 @@ async fn retry_after_delays_the_next_attempt_and_permanent_failures_fail_at_once
     .await;
     let body: Value = permanent.json().await.unwrap();
     assert_eq!(body["status"], "failed");
-    assert_eq!(body["lastError"], json!({"kind": "http_status", "status": 400, "detail": "bad number", "at": body["lastError"]["at"]}));
+    assert_eq!(
+        body["lastError"],
+        json!({"kind": "http_status", "status": 400, "detail": "bad number", "at": body["lastError"]["at"]})
+    );
     app.cleanup().await;
 }
 
@@ -125,14 +154,26 @@ async fn an_operator_can_requeue_only_failed_messages() {
         json!({"error": {"kind": "http_status", "status": 400, "detail": "x"}, "retryable": false}),
     )
     .await;
-    let retried = app.post(&format!("/api/messenger/messages/{}/retry", ids[0])).send().await.unwrap();
+    let retried = app
+        .post(&format!("/api/messenger/messages/{}/retry", ids[0]))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(retried.status(), 202);
     let body: Value = retried.json().await.unwrap();
     assert_eq!(body["status"], "pending");
     assert_eq!(body["attempts"], 0);
-    let not_failed = app.post(&format!("/api/messenger/messages/{}/retry", ids[1])).send().await.unwrap();
+    let not_failed = app
+        .post(&format!("/api/messenger/messages/{}/retry", ids[1]))
+        .send()
+        .await
+        .unwrap();
     assert_error(not_failed, 409, 409003).await;
-    let unknown = app.post("/api/messenger/messages/0123456789abcdef01234567/retry").send().await.unwrap();
+    let unknown = app
+        .post("/api/messenger/messages/0123456789abcdef01234567/retry")
+        .send()
+        .await
+        .unwrap();
     assert_error(unknown, 404, 404001).await;
     app.cleanup().await;
 }
@@ -183,20 +224,36 @@ async fn the_toggle_forwards_to_the_job_scheduler_and_maps_its_answers() {
         .mount(&scheduler)
         .await;
     let app = spawn_app_with(&[("HERALD__JOB_SCHEDULER__URL", &scheduler.uri())]).await;
-    let stopped = app.post("/api/messenger/messenger-job-toggle?command=stop").send().await.unwrap();
+    let stopped = app
+        .post("/api/messenger/messenger-job-toggle?command=stop")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(stopped.status(), 200);
     let body: Value = stopped.json().await.unwrap();
     assert_eq!(body["working"], false);
-    let conflict = app.post("/api/messenger/messenger-job-toggle?command=start").send().await.unwrap();
+    let conflict = app
+        .post("/api/messenger/messenger-job-toggle?command=start")
+        .send()
+        .await
+        .unwrap();
     assert_error(conflict, 409, 409004).await;
-    let bad = app.post("/api/messenger/messenger-job-toggle?command=pause").send().await.unwrap();
+    let bad = app
+        .post("/api/messenger/messenger-job-toggle?command=pause")
+        .send()
+        .await
+        .unwrap();
     assert_error(bad, 400, 400010).await;
     let missing = app.post("/api/messenger/messenger-job-toggle").send().await.unwrap();
     assert_error(missing, 400, 400002).await;
     app.cleanup().await;
 
     let unreachable = spawn_app_with(&[("HERALD__JOB_SCHEDULER__URL", "http://127.0.0.1:9")]).await;
-    let response = unreachable.post("/api/messenger/messenger-job-toggle?command=start").send().await.unwrap();
+    let response = unreachable
+        .post("/api/messenger/messenger-job-toggle?command=start")
+        .send()
+        .await
+        .unwrap();
     assert_error(response, 502, 502001).await;
     unreachable.cleanup().await;
 }

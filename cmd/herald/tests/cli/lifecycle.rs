@@ -1,0 +1,124 @@
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use crate::helpers::{herald, Stack};
+
+#[test]
+fn help_lists_every_subcommand() {
+    let output = herald(&HashMap::new()).arg("--help").output().unwrap();
+    assert!(output.status.success());
+    let text = String::from_utf8(output.stdout).unwrap();
+    for sub in ["messenger-api", "job-scheduler", "webhook-sink", "seed", "openapi"] {
+        assert!(text.contains(sub), "{sub} missing from --help:\n{text}");
+    }
+    for sub in ["messenger-api", "job-scheduler", "webhook-sink", "seed", "openapi"] {
+        let help = herald(&HashMap::new()).args([sub, "--help"]).output().unwrap();
+        let text = String::from_utf8(help.stdout).unwrap();
+        assert!(
+            text.contains("--config-dir") && text.contains("--env"),
+            "{sub}:\n{text}"
+        );
+    }
+}
+
+#[test]
+fn a_bad_configuration_value_exits_non_zero_with_one_line_naming_the_key() {
+    for (key, value, named) in [
+        ("HERALD__MESSENGER_API__PORT", "abc", "messenger_api.port"),
+        (
+            "HERALD__JOB_SCHEDULER__LEASE_SECONDS",
+            "5",
+            "job_scheduler.lease_seconds",
+        ),
+        (
+            "HERALD__JOB_SCHEDULER__SCHEDULE",
+            "every minute",
+            "job_scheduler.schedule",
+        ),
+    ] {
+        let vars = HashMap::from([(key.to_owned(), value.to_owned())]);
+        for sub in ["messenger-api", "job-scheduler"] {
+            let output = herald(&vars).arg(sub).output().unwrap();
+            assert!(!output.status.success(), "{sub} {key}={value} started");
+            let stderr = String::from_utf8(output.stderr).unwrap();
+            let lines: Vec<&str> = stderr.lines().collect();
+            assert_eq!(lines.len(), 1, "{stderr}");
+            assert!(lines[0].contains(named), "{stderr}");
+        }
+    }
+    let missing = herald(&HashMap::new())
+        .args(["--env", "staging", "messenger-api"])
+        .output()
+        .unwrap();
+    assert!(!missing.status.success());
+    assert!(String::from_utf8(missing.stderr).unwrap().contains("staging.toml"));
+}
+
+#[test]
+fn the_committed_openapi_documents_are_current() {
+    let output = herald(&HashMap::new())
+        .args(["openapi", "--out-dir", "docs/openapi", "--check"])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+}
+
+#[tokio::test]
+async fn both_services_answer_their_probes_and_exit_0_on_sigterm_within_two_seconds() {
+    let stack = Stack::new(&[]).await;
+    let mut api = stack.spawn("messenger-api", &["messenger-api"]);
+    let mut scheduler = stack.spawn("job-scheduler", &["job-scheduler"]);
+    stack.wait_healthy(&format!("{}/messenger/health", stack.api)).await;
+    stack
+        .wait_healthy(&format!("{}/job-scheduler/health", stack.scheduler))
+        .await;
+    for url in [
+        format!("{}/messenger/ready", stack.api),
+        format!("{}/job-scheduler/ready", stack.scheduler),
+    ] {
+        let response = stack.client.get(&url).send().await.unwrap();
+        assert_eq!(response.status(), 200, "{url}");
+        let body: serde_json::Value = response.json().await.unwrap();
+        assert_eq!(body["checks"]["mongodb"]["status"], "up", "{url}: {body}");
+    }
+    for (proc, name) in [(&mut api, "messenger-api"), (&mut scheduler, "job-scheduler")] {
+        proc.signal("TERM");
+        let status = proc
+            .wait_exit(Duration::from_secs(2))
+            .unwrap_or_else(|| panic!("{name} still running 2 s after SIGTERM"));
+        assert!(status.success(), "{name} exited with {status}");
+    }
+    stack.cleanup().await;
+}
+
+#[tokio::test]
+async fn end_to_end_ten_seeded_messages_are_all_sent_and_listed() {
+    let stack = Stack::new(&[("HERALD__JOB_SCHEDULER__SCHEDULE", "*/1 * * * * *")]).await;
+    let _sink = stack.spawn("webhook-sink", &["webhook-sink"]);
+    let _api = stack.spawn("messenger-api", &["messenger-api"]);
+    stack.wait_healthy(&format!("{}/messenger/health", stack.api)).await;
+    stack.wait_healthy(&format!("{}/webhook-sink/health", stack.sink)).await;
+    let seeded = stack.command(&["seed", "--count", "10"]).output().unwrap();
+    assert!(seeded.status.success(), "{}", String::from_utf8_lossy(&seeded.stderr));
+    let _scheduler = stack.spawn("job-scheduler", &["job-scheduler"]);
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let sent = loop {
+        let page = stack
+            .get_json(&format!("{}/api/messenger/messages/sent?limit=100", stack.api))
+            .await;
+        if page["total"] == 10 {
+            break page;
+        }
+        assert!(std::time::Instant::now() < deadline, "not all sent: {page}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let items = sent["items"].as_array().unwrap();
+    assert!(items
+        .iter()
+        .all(|m| m["webhookMessageId"].is_string() && m["sentAt"].is_string()));
+    let received = stack.received().await;
+    let keys: HashSet<&str> = received.iter().map(|r| r["idempotencyKey"].as_str().unwrap()).collect();
+    assert_eq!((received.len(), keys.len()), (10, 10));
+    stack.cleanup().await;
+}

@@ -1,0 +1,8 @@
+//! Tests of the `herald` binary as operators run it: real processes, real signals, real
+//! MongoDB-compatible server and Redis.
+
+#![allow(clippy::unwrap_used, missing_docs)]
+
+mod crash;
+mod helpers;
+mod lifecycle;

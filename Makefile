@@ -1,15 +1,16 @@
 # The two commands a newcomer needs:
 #   make run    the whole local stack (MongoDB, Redis, sink, API, scheduler, 10 mock messages)
-#   make test   the whole test suite (format, lints, every test against real servers, ...)
+#   make test   the whole test suite: format, lints, every test against real servers, the
+#               Postman collection with newman against a live stack, compose validation
 SHELL := /bin/bash
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: run test services services-down fmt-check lint unit-tests openapi
+.PHONY: run test services services-down fmt-check lint unit-tests newman compose-check openapi bench
 
 run:
 	build/run-local.sh
 
-test: services fmt-check lint unit-tests
+test: services fmt-check lint unit-tests newman compose-check
 
 services:
 	build/local-services.sh up
@@ -29,6 +30,12 @@ unit-tests:
 	else \
 		cargo test --workspace --no-fail-fast; \
 	fi
+
+newman:
+	build/newman.sh
+
+compose-check:
+	build/check-compose.sh
 
 openapi:
 	cargo run --quiet --bin herald -- openapi --out-dir docs/openapi

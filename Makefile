@@ -37,5 +37,8 @@ newman:
 compose-check:
 	build/check-compose.sh
 
+bench: services
+	cargo run --release -p herald-job-scheduler --example bench -- 20000
+
 openapi:
 	cargo run --quiet --bin herald -- openapi --out-dir docs/openapi

@@ -465,3 +465,51 @@ mod tests {
         assert!(!debug.contains("super-secret"), "{debug}");
     }
 }
+
+#[cfg(test)]
+mod reference_tests {
+    use std::path::Path;
+
+    /// docs/configuration.md lists every key of configs/default.toml with its default and
+    /// environment variable, and no key that does not exist.
+    #[test]
+    fn the_configuration_reference_matches_default_toml() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let defaults: toml::Table = std::fs::read_to_string(root.join("configs/default.toml")).unwrap().parse().unwrap();
+        let doc = std::fs::read_to_string(root.join("docs/configuration.md")).unwrap();
+        let mut documented: Vec<String> = doc
+            .lines()
+            .filter(|l| l.starts_with("| `") && !l.starts_with("| `configs/"))
+            .map(|l| l.split('`').nth(1).unwrap().to_owned())
+            .collect();
+        let mut expected = Vec::new();
+        for (section, keys) in &defaults {
+            for (key, value) in keys.as_table().unwrap() {
+                let name = format!("{section}.{key}");
+                let row = doc
+                    .lines()
+                    .find(|l| l.starts_with(&format!("| `{name}`")))
+                    .unwrap_or_else(|| panic!("docs/configuration.md lacks {name}"));
+                let env = format!("`HERALD__{}__{}`", section.to_uppercase(), key.to_uppercase());
+                assert!(row.contains(&env), "{name}: {env} missing");
+                let shown = match value {
+                    toml::Value::String(s) => format!("`\"{s}\"`"),
+                    toml::Value::Array(items) => format!(
+                        "`[{}]`",
+                        items
+                            .iter()
+                            .map(|v| v.as_str().map(|s| format!("\"{s}\"")).unwrap_or_else(|| v.to_string()))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                    other => format!("`{other}`"),
+                };
+                assert!(row.contains(&shown), "{name}: default {shown} not in {row}");
+                expected.push(name);
+            }
+        }
+        documented.sort();
+        expected.sort();
+        assert_eq!(documented, expected, "documented keys differ from configs/default.toml");
+    }
+}

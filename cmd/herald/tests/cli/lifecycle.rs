@@ -122,3 +122,22 @@ async fn end_to_end_ten_seeded_messages_are_all_sent_and_listed() {
     assert_eq!((received.len(), keys.len()), (10, 10));
     stack.cleanup().await;
 }
+
+#[test]
+fn every_service_subcommand_has_ide_run_configurations() {
+    let root = crate::helpers::repo_root();
+    let launch: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join(".vscode/launch.json")).unwrap()).unwrap();
+    let configs = launch["configurations"].as_array().unwrap();
+    for sub in ["messenger-api", "job-scheduler", "webhook-sink"] {
+        assert!(
+            configs.iter().any(|c| c["args"][0] == sub && c["cwd"] == "${workspaceFolder}"),
+            "no VS Code launch configuration runs `herald {sub}`"
+        );
+        let xml = std::fs::read_to_string(root.join(format!(".run/herald {sub}.run.xml"))).unwrap();
+        assert!(xml.contains(&format!("run --bin herald -- {sub}")), "JetBrains run configuration for {sub}");
+        // The subcommand it names really exists.
+        let help = herald(&HashMap::new()).args([sub, "--help"]).output().unwrap();
+        assert!(help.status.success(), "herald {sub} --help");
+    }
+}

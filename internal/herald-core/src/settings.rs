@@ -475,7 +475,10 @@ mod reference_tests {
     #[test]
     fn the_configuration_reference_matches_default_toml() {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-        let defaults: toml::Table = std::fs::read_to_string(root.join("configs/default.toml")).unwrap().parse().unwrap();
+        let defaults: toml::Table = std::fs::read_to_string(root.join("configs/default.toml"))
+            .unwrap()
+            .parse()
+            .unwrap();
         let doc = std::fs::read_to_string(root.join("docs/configuration.md")).unwrap();
         let mut documented: Vec<String> = doc
             .lines()

@@ -60,7 +60,9 @@ async fn seed(client: &reqwest::Client, api: &str, n: usize) {
 #[tokio::main]
 async fn main() {
     let n: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(20_000);
-    let env = test_support::TestEnv::new().await.expect("run build/local-services.sh up first");
+    let env = test_support::TestEnv::new()
+        .await
+        .expect("run build/local-services.sh up first");
     let api = start_api(&env).await;
     let client = reqwest::Client::new();
     let mut rows = Vec::new();
@@ -76,7 +78,15 @@ async fn main() {
     let mut url = format!("{api}/api/messenger/messages?limit=100");
     let mut seen = 0;
     loop {
-        let page: Value = client.get(&url).bearer_auth(KEY).send().await.unwrap().json().await.unwrap();
+        let page: Value = client
+            .get(&url)
+            .bearer_auth(KEY)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
         seen += page["items"].as_array().unwrap().len();
         match page["nextCursor"].as_str() {
             Some(c) => url = format!("{api}/api/messenger/messages?limit=100&after={c}"),
@@ -84,7 +94,11 @@ async fn main() {
         }
     }
     assert_eq!(seen, n);
-    rows.push(("list, cursor pages of 100 (messages walked)", n, t.elapsed().as_secs_f64()));
+    rows.push((
+        "list, cursor pages of 100 (messages walked)",
+        n,
+        t.elapsed().as_secs_f64(),
+    ));
 
     // 3. Concurrent claims: 16 claimers × limit 100 until empty.
     let t = Instant::now();
@@ -120,7 +134,11 @@ async fn main() {
     }
     let unique: HashSet<&String> = all.iter().collect();
     assert_eq!((all.len(), unique.len()), (n, n), "claims overlapped or missed");
-    rows.push(("get-two claims, 16 concurrent claimers × 100", n, t.elapsed().as_secs_f64()));
+    rows.push((
+        "get-two claims, 16 concurrent claimers × 100",
+        n,
+        t.elapsed().as_secs_f64(),
+    ));
 
     // 4. End to end: 4 scheduler replicas, batch 100, concurrency 16, instant provider.
     let delivered_n = n / 4;
@@ -179,15 +197,26 @@ async fn main() {
     let secs = t.elapsed().as_secs_f64();
     let received = log.snapshot();
     let keys: HashSet<_> = received.iter().filter_map(|r| r.idempotency_key.clone()).collect();
-    assert_eq!((received.len(), keys.len()), (delivered_n, delivered_n), "a message was sent twice or not at all");
-    rows.push(("end to end: claim → webhook → commit, 4 replicas × 100 / run", delivered_n, secs));
+    assert_eq!(
+        (received.len(), keys.len()),
+        (delivered_n, delivered_n),
+        "a message was sent twice or not at all"
+    );
+    rows.push((
+        "end to end: claim → webhook → commit, 4 replicas × 100 / run",
+        delivered_n,
+        secs,
+    ));
 
     println!("| operation | messages | seconds | messages/s |");
     println!("|---|---:|---:|---:|");
     for (what, count, secs) in rows {
         println!("| {what} | {count} | {secs:.2} | {:.0} |", count as f64 / secs);
     }
-    println!("\npeak resident memory of the benchmark process (API + 4 schedulers + sink + client): {:.0} MiB", peak_rss_mib());
+    println!(
+        "\npeak resident memory of the benchmark process (API + 4 schedulers + sink + client): {:.0} MiB",
+        peak_rss_mib()
+    );
     env.cleanup().await.unwrap();
     env2.cleanup().await.unwrap();
 }

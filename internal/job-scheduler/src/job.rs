@@ -116,18 +116,11 @@ impl SendingJob {
         // clears the flag and then waits for in-flight runs cannot miss this one.
         let expires = self.config.lease + self.config.webhook_timeout + Duration::from_secs(10);
         let expires_at = DateTime::from_millis(started_at.timestamp_millis() + expires.as_millis() as i64);
-        let mut report = blank_report(&self.config.worker_id, started_at, expires_at);
-        match self
-            .store
-            .begin_run(&self.config.worker_id, started_at, expires_at)
-            .await
-        {
-            Ok(id) => report.id = id,
-            Err(error) => {
-                // Without the in-flight record a Stop could miss this run: do not claim.
-                report.error = Some(format!("could not record the run: {error}"));
-                return self.finish(report, "error").await;
-            }
+        let mut report = JobRunDoc::started(&self.config.worker_id, started_at, expires_at);
+        if let Err(error) = self.store.begin_run(&report).await {
+            // Without the in-flight record a Stop could miss this run: do not claim.
+            report.error = Some(format!("could not record the run: {error}"));
+            return self.finish(report, "error").await;
         }
         span.record("run_id", tracing::field::display(report.id));
         match self.store.state_or_default().await {
@@ -258,7 +251,7 @@ impl SendingJob {
     }
 
     async fn skipped(&self, started_at: DateTime, reason: &str) -> RunReport {
-        let mut report = blank_report(&self.config.worker_id, started_at, started_at);
+        let mut report = JobRunDoc::started(&self.config.worker_id, started_at, started_at);
         report.skipped_reason = Some(reason.to_owned());
         self.metrics.runs.with_label_values(&["skipped"]).inc();
         report.finished_at = Some(DateTime::now());
@@ -292,23 +285,6 @@ fn after_failure(status: &str) -> Delivery {
         Delivery::Failed
     } else {
         Delivery::Retried
-    }
-}
-
-fn blank_report(worker: &str, started_at: DateTime, expires_at: DateTime) -> RunReport {
-    JobRunDoc {
-        id: bson::oid::ObjectId::new(),
-        worker: worker.to_owned(),
-        started_at,
-        finished_at: None,
-        expires_at,
-        claimed: 0,
-        sent: 0,
-        retried: 0,
-        failed: 0,
-        released: 0,
-        skipped_reason: None,
-        error: None,
     }
 }
 

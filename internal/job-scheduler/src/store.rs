@@ -61,6 +61,26 @@ pub struct JobRunDoc {
     pub error: Option<String>,
 }
 
+impl JobRunDoc {
+    /// A run that has started and done nothing yet.
+    pub fn started(worker: &str, started_at: DateTime, expires_at: DateTime) -> Self {
+        Self {
+            id: ObjectId::new(),
+            worker: worker.to_owned(),
+            started_at,
+            finished_at: None,
+            expires_at,
+            claimed: 0,
+            sent: 0,
+            retried: 0,
+            failed: 0,
+            released: 0,
+            skipped_reason: None,
+            error: None,
+        }
+    }
+}
+
 /// The repository.
 #[derive(Clone)]
 pub struct JobStore {
@@ -152,23 +172,9 @@ impl JobStore {
     }
 
     /// Records a run as started (in flight until [`JobStore::finish_run`]).
-    pub async fn begin_run(&self, worker: &str, started_at: DateTime, expires_at: DateTime) -> StoreResult<ObjectId> {
-        let run = JobRunDoc {
-            id: ObjectId::new(),
-            worker: worker.to_owned(),
-            started_at,
-            finished_at: None,
-            expires_at,
-            claimed: 0,
-            sent: 0,
-            retried: 0,
-            failed: 0,
-            released: 0,
-            skipped_reason: None,
-            error: None,
-        };
-        self.runs.insert_one(&run).await?;
-        Ok(run.id)
+    pub async fn begin_run(&self, run: &JobRunDoc) -> StoreResult<()> {
+        self.runs.insert_one(run).await?;
+        Ok(())
     }
 
     /// Stores the run's result (inserting it if `begin_run` never did).

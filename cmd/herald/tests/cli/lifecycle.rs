@@ -131,11 +131,16 @@ fn every_service_subcommand_has_ide_run_configurations() {
     let configs = launch["configurations"].as_array().unwrap();
     for sub in ["messenger-api", "job-scheduler", "webhook-sink"] {
         assert!(
-            configs.iter().any(|c| c["args"][0] == sub && c["cwd"] == "${workspaceFolder}"),
+            configs
+                .iter()
+                .any(|c| c["args"][0] == sub && c["cwd"] == "${workspaceFolder}"),
             "no VS Code launch configuration runs `herald {sub}`"
         );
         let xml = std::fs::read_to_string(root.join(format!(".run/herald {sub}.run.xml"))).unwrap();
-        assert!(xml.contains(&format!("run --bin herald -- {sub}")), "JetBrains run configuration for {sub}");
+        assert!(
+            xml.contains(&format!("run --bin herald -- {sub}")),
+            "JetBrains run configuration for {sub}"
+        );
         // The subcommand it names really exists.
         let help = herald(&HashMap::new()).args([sub, "--help"]).output().unwrap();
         assert!(help.status.success(), "herald {sub} --help");

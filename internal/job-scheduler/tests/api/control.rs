@@ -14,15 +14,8 @@ async fn start_and_stop_persist_and_answer_409_when_already_in_that_state() {
     let (url, _) = sink(0, 0.0).await;
     let scheduler = stack.scheduler(&url, &[]).await;
     let status: Value = stack
-        .client
-        .get(format!("{}/job-scheduler/messenger/is-working", scheduler.url))
-        .bearer_auth(KEY)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .get_json(&format!("{}/job-scheduler/messenger/is-working", scheduler.url))
+        .await;
     assert_eq!(status["working"], true, "the job starts with the service");
 
     let again = post(
@@ -122,15 +115,8 @@ async fn run_history_is_recorded_and_paginated_newest_first() {
         scheduler.control.job().run_once().await;
     }
     let page: Value = stack
-        .client
-        .get(format!("{}/job-scheduler/jobs?limit=2", scheduler.url))
-        .bearer_auth(KEY)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .get_json(&format!("{}/job-scheduler/jobs?limit=2", scheduler.url))
+        .await;
     assert_eq!(page["total"], 3);
     let items = page["items"].as_array().unwrap();
     assert_eq!(items.len(), 2);
@@ -140,15 +126,8 @@ async fn run_history_is_recorded_and_paginated_newest_first() {
     );
     let cursor = page["nextCursor"].as_str().unwrap();
     let rest: Value = stack
-        .client
-        .get(format!("{}/job-scheduler/jobs?after={cursor}", scheduler.url))
-        .bearer_auth(KEY)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .get_json(&format!("{}/job-scheduler/jobs?after={cursor}", scheduler.url))
+        .await;
     assert_eq!(rest["items"][0]["sent"], 2);
     let bad = stack
         .client

@@ -105,9 +105,10 @@ impl Stack {
             .collect()
     }
 
-    pub async fn message(&self, id: &str) -> Value {
+    /// GET `url` with the key, answered with JSON.
+    pub async fn get_json(&self, url: &str) -> Value {
         self.client
-            .get(format!("{}/api/messenger/messages/{id}", self.api_url))
+            .get(url)
             .bearer_auth(KEY)
             .send()
             .await
@@ -117,20 +118,18 @@ impl Stack {
             .unwrap()
     }
 
+    pub async fn message(&self, id: &str) -> Value {
+        self.get_json(&format!("{}/api/messenger/messages/{id}", self.api_url))
+            .await
+    }
+
     pub async fn count(&self, status: &str) -> u64 {
-        let page: Value = self
-            .client
-            .get(format!(
+        let page = self
+            .get_json(&format!(
                 "{}/api/messenger/messages?status={status}&limit=1",
                 self.api_url
             ))
-            .bearer_auth(KEY)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+            .await;
         page["total"].as_u64().unwrap()
     }
 

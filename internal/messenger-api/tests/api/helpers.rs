@@ -64,6 +64,11 @@ impl TestApp {
         self.client.get(self.url(path)).bearer_auth(KEY)
     }
 
+    /// GET with the key, answered with JSON.
+    pub async fn get_json(&self, path: &str) -> Value {
+        self.get(path).send().await.unwrap().json().await.unwrap()
+    }
+
     pub async fn create(&self, to: &str, content: &str) -> Value {
         let response = self
             .post("/api/messenger/messages")

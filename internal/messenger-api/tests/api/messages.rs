@@ -38,14 +38,7 @@ async fn invalid_messages_are_rejected_with_specific_codes_and_not_stored() {
         .await
         .unwrap();
     assert_error(malformed, 400, 400001).await;
-    let page: Value = app
-        .get("/api/messenger/messages")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let page: Value = app.get_json("/api/messenger/messages").await;
     assert_eq!(page["total"], 0);
     app.cleanup().await;
 }
@@ -86,14 +79,7 @@ async fn an_idempotency_key_returns_the_original_for_the_same_body_and_409_for_a
     assert_eq!(again["id"], first["id"]);
     let other = send(json!({"to": "+905551111111", "content": "bye"})).await.unwrap();
     assert_error(other, 409, 409001).await;
-    let page: Value = app
-        .get("/api/messenger/messages")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let page: Value = app.get_json("/api/messenger/messages").await;
     assert_eq!(page["total"], 1);
     app.cleanup().await;
 }
@@ -144,14 +130,7 @@ async fn a_batch_is_stored_whole_or_not_at_all() {
         "{message}"
     );
     assert!(!message.contains("messages[0]"), "{message}");
-    let page: Value = app
-        .get("/api/messenger/messages")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let page: Value = app.get_json("/api/messenger/messages").await;
     assert_eq!(page["total"], 0);
 
     let ids = app.seed(1000).await;
@@ -180,14 +159,7 @@ async fn a_batch_is_stored_whole_or_not_at_all() {
 async fn the_list_is_newest_first_filters_by_status_and_pages_by_offset() {
     let app = spawn_app().await;
     let ids = app.seed(25).await;
-    let page: Value = app
-        .get("/api/messenger/messages?limit=10&offset=5")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let page: Value = app.get_json("/api/messenger/messages?limit=10&offset=5").await;
     assert_eq!(page["total"], 25);
     assert_eq!(page["limit"], 10);
     assert_eq!(page["offset"], 5);
@@ -201,23 +173,9 @@ async fn the_list_is_newest_first_filters_by_status_and_pages_by_offset() {
     assert_eq!(got, newest_first);
     assert!(page["nextCursor"].is_string());
 
-    let sent: Value = app
-        .get("/api/messenger/messages?status=sent")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let sent: Value = app.get_json("/api/messenger/messages?status=sent").await;
     assert_eq!(sent["total"], 0);
-    let pending: Value = app
-        .get("/api/messenger/messages?status=pending&limit=100")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let pending: Value = app.get_json("/api/messenger/messages?status=pending&limit=100").await;
     assert_eq!(pending["items"].as_array().unwrap().len(), 25);
     assert!(pending["nextCursor"].is_null());
     app.cleanup().await;
@@ -230,7 +188,7 @@ async fn cursor_pagination_walks_a_large_collection_with_no_gap_and_no_repeat() 
     let mut seen = Vec::new();
     let mut url = "/api/messenger/messages?limit=100".to_owned();
     loop {
-        let page: Value = app.get(&url).send().await.unwrap().json().await.unwrap();
+        let page: Value = app.get_json(&url).await;
         seen.extend(
             page["items"]
                 .as_array()
@@ -413,14 +371,7 @@ async fn the_sent_list_is_newest_sent_first_with_provider_ids() {
             .unwrap();
         assert_eq!(response.status(), 200);
     }
-    let page: Value = app
-        .get("/api/messenger/messages/sent?limit=2")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let page: Value = app.get_json("/api/messenger/messages/sent?limit=2").await;
     let provider_ids: Vec<&str> = page["items"]
         .as_array()
         .unwrap()
@@ -436,13 +387,8 @@ async fn the_sent_list_is_newest_sent_first_with_provider_ids() {
     assert_eq!(page["total"], 5);
     let cursor = page["nextCursor"].as_str().unwrap();
     let next: Value = app
-        .get(&format!("/api/messenger/messages/sent?limit=10&after={cursor}"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .get_json(&format!("/api/messenger/messages/sent?limit=10&after={cursor}"))
+        .await;
     let rest: Vec<&str> = next["items"]
         .as_array()
         .unwrap()

@@ -161,7 +161,7 @@ async fn exhausted_retries_fail_the_message() {
         )
         .await;
     assert_eq!(scheduler.control.job().run_once().await.retried, 1);
-    tokio::time::sleep(Duration::from_millis(1300)).await;
+    tokio::time::sleep(Duration::from_millis(1600)).await;
     let report = scheduler.control.job().run_once().await;
     assert_eq!(report.failed, 1, "{report:?} {}", stack.message(&ids[0]).await);
     let message = stack.message(&ids[0]).await;

@@ -86,7 +86,7 @@ async fn a_retryable_failure_schedules_the_next_attempt_and_exhaustion_fails_it(
         let next: chrono::DateTime<chrono::Utc> = body["nextAttemptAt"].as_str().unwrap().parse().unwrap();
         let wait = (next - before).num_milliseconds();
         assert!(
-            (delay as i64 * 1000 - 200..=delay as i64 * 1000 + 500).contains(&wait),
+            (delay as i64 * 1000 - 200..=delay as i64 * 1000 + 1500).contains(&wait),
             "attempt {attempt}: {wait} ms"
         );
         assert!(app.claim("w", 1).await.is_empty(), "not due before its time");

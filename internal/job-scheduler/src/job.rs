@@ -123,6 +123,7 @@ impl SendingJob {
             return self.finish(report, "error").await;
         }
         span.record("run_id", tracing::field::display(report.id));
+        let run_id = report.id.to_hex();
         match self.store.state_or_default().await {
             Ok(state) if !state.working => {
                 report.skipped_reason = Some("job is stopped".into());
@@ -136,7 +137,12 @@ impl SendingJob {
         }
         let claimed = match self
             .messenger
-            .claim(&self.config.worker_id, self.config.batch_size, self.config.lease)
+            .claim(
+                &self.config.worker_id,
+                self.config.batch_size,
+                self.config.lease,
+                &run_id,
+            )
             .await
         {
             Ok(claimed) => claimed,
@@ -148,7 +154,7 @@ impl SendingJob {
         };
         report.claimed = claimed.len() as i32;
         let outcomes: Vec<Delivery> = futures::stream::iter(claimed)
-            .map(|message| self.deliver(message))
+            .map(|message| self.deliver(message, &run_id))
             .buffer_unordered(self.config.concurrency.max(1))
             .collect()
             .await;
@@ -173,11 +179,11 @@ impl SendingJob {
         self.finish(report, "completed").await
     }
 
-    async fn deliver(&self, message: Claimed) -> Delivery {
+    async fn deliver(&self, message: Claimed, run_id: &str) -> Delivery {
         let masked = telemetry::mask_phone(&message.to);
         if self.shutdown.is_cancelled() {
             // Not started: give it back rather than hold it until the lease runs out.
-            return match self.messenger.release(&message.id, &message.claim_token).await {
+            return match self.messenger.release(&message.id, &message.claim_token, run_id).await {
                 Ok(()) => {
                     self.metrics.deliveries.with_label_values(&["released"]).inc();
                     Delivery::Released
@@ -213,7 +219,13 @@ impl SendingJob {
                 let sent_at = chrono::Utc::now();
                 let result = self
                     .messenger
-                    .commit(&message.id, &message.claim_token, message_id.as_deref(), sent_at)
+                    .commit(
+                        &message.id,
+                        &message.claim_token,
+                        message_id.as_deref(),
+                        sent_at,
+                        run_id,
+                    )
                     .await
                     .map(|()| Delivery::Sent);
                 (result, "commit")
@@ -221,7 +233,7 @@ impl SendingJob {
             DeliveryOutcome::Retryable { failure, retry_after } => {
                 let result = self
                     .messenger
-                    .fail(&message.id, &message.claim_token, failure, true, *retry_after)
+                    .fail(&message.id, &message.claim_token, failure, true, *retry_after, run_id)
                     .await
                     .map(|status| after_failure(&status));
                 (result, "fail")
@@ -229,7 +241,7 @@ impl SendingJob {
             DeliveryOutcome::Permanent { failure } => {
                 let result = self
                     .messenger
-                    .fail(&message.id, &message.claim_token, failure, false, None)
+                    .fail(&message.id, &message.claim_token, failure, false, None, run_id)
                     .await
                     .map(|status| after_failure(&status));
                 (result, "fail")

@@ -66,16 +66,20 @@ impl MessengerClient {
         })
     }
 
+    /// One call, carrying the run's id as `X-Correlation-Id` so the Messenger API's request
+    /// spans can be matched to the run that made them.
     async fn call(
         &self,
         method: reqwest::Method,
         path: &str,
         body: serde_json::Value,
+        correlation_id: &str,
     ) -> Result<reqwest::Response, MessengerError> {
         let response = self
             .http
             .request(method, format!("{}{path}", self.base))
             .bearer_auth(self.key.expose_secret())
+            .header(telemetry::CORRELATION_HEADER, correlation_id)
             .json(&body)
             .send()
             .await
@@ -94,14 +98,20 @@ impl MessengerClient {
     }
 
     /// Claims up to `limit` messages for `worker`, held for `lease`.
-    pub async fn claim(&self, worker: &str, limit: u32, lease: Duration) -> Result<Vec<Claimed>, MessengerError> {
+    pub async fn claim(
+        &self,
+        worker: &str,
+        limit: u32,
+        lease: Duration,
+        correlation_id: &str,
+    ) -> Result<Vec<Claimed>, MessengerError> {
         let body = serde_json::to_value(ClaimBody {
             worker,
             limit,
             lease_seconds: lease.as_secs(),
         })
         .map_err(|e| MessengerError::Failed(e.to_string()))?;
-        self.call(reqwest::Method::POST, "/api/messenger/get-two", body)
+        self.call(reqwest::Method::POST, "/api/messenger/get-two", body, correlation_id)
             .await?
             .json()
             .await
@@ -115,11 +125,17 @@ impl MessengerClient {
         token: &str,
         message_id: Option<&str>,
         sent_at: DateTime<Utc>,
+        correlation_id: &str,
     ) -> Result<(), MessengerError> {
         let body = json!({"claimToken": token, "webhookMessageId": message_id, "sentAt": sent_at});
-        self.call(reqwest::Method::PUT, &format!("/api/messenger/commit/{id}"), body)
-            .await
-            .map(drop)
+        self.call(
+            reqwest::Method::PUT,
+            &format!("/api/messenger/commit/{id}"),
+            body,
+            correlation_id,
+        )
+        .await
+        .map(drop)
     }
 
     /// Reports a failed attempt; returns the status the Messenger API gave the message
@@ -131,6 +147,7 @@ impl MessengerClient {
         failure: &DeliveryFailure,
         retryable: bool,
         retry_after: Option<Duration>,
+        correlation_id: &str,
     ) -> Result<String, MessengerError> {
         let body = json!({
             "claimToken": token,
@@ -143,7 +160,12 @@ impl MessengerClient {
             status: String,
         }
         let after: After = self
-            .call(reqwest::Method::PUT, &format!("/api/messenger/fail/{id}"), body)
+            .call(
+                reqwest::Method::PUT,
+                &format!("/api/messenger/fail/{id}"),
+                body,
+                correlation_id,
+            )
             .await?
             .json()
             .await
@@ -152,11 +174,12 @@ impl MessengerClient {
     }
 
     /// Gives an unsent claim back.
-    pub async fn release(&self, id: &str, token: &str) -> Result<(), MessengerError> {
+    pub async fn release(&self, id: &str, token: &str, correlation_id: &str) -> Result<(), MessengerError> {
         self.call(
             reqwest::Method::PUT,
             &format!("/api/messenger/release/{id}"),
             json!({"claimToken": token}),
+            correlation_id,
         )
         .await
         .map(drop)

@@ -233,3 +233,34 @@ async fn graceful_shutdown_finishes_started_sends_and_releases_the_rest() {
     );
     stack.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_run_sends_its_id_as_the_correlation_id_of_its_messenger_calls() {
+    let stack = Stack::start(&[]).await;
+    let messenger = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/api/messenger/get-two"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!([])))
+        .expect(1)
+        .mount(&messenger)
+        .await;
+    let scheduler = stack
+        .scheduler(
+            "http://127.0.0.1:9/webhook",
+            &[("HERALD__MESSENGER_API__URL", &messenger.uri())],
+        )
+        .await;
+    let report = scheduler.control.job().run_once().await;
+    assert_eq!(report.claimed, 0);
+    let requests = messenger.received_requests().await.unwrap();
+    let correlation = requests[0]
+        .headers
+        .get("x-correlation-id")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(correlation, report.id.to_hex());
+    scheduler.shutdown().await.unwrap();
+    stack.cleanup().await;
+}

@@ -9,10 +9,9 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use herald_webhook_sink::{SinkConfig, WebhookSink};
-use layered_config::SecretString;
 use serde_json::{json, Value};
 
 const KEY: &str = "test-api-key";
@@ -145,20 +144,9 @@ async fn main() {
     let env2 = test_support::TestEnv::new().await.unwrap();
     let api2 = start_api(&env2).await;
     seed(&client, &api2, delivered_n).await;
-    let sink = WebhookSink::build(SinkConfig {
-        host: "127.0.0.1".into(),
-        port: 0,
-        auth_header: "x-ins-auth-key".into(),
-        auth_key: SecretString::from("local-dev-webhook-key"),
-        latency: Duration::ZERO,
-        fail_rate: 0.0,
-        fail_status: 500,
-    })
-    .await
-    .unwrap();
-    let webhook = sink.webhook_url();
-    let log = sink.log();
-    tokio::spawn(sink.run_until_stopped(std::future::pending()));
+    let (webhook, log) = WebhookSink::spawn(SinkConfig::local("local-dev-webhook-key", 0, 0.0))
+        .await
+        .unwrap();
     let settings = herald_core::testing::test_settings(
         &test_support::mongo_uri(),
         &env2.database,

@@ -41,6 +41,21 @@ pub struct SinkConfig {
     pub fail_status: u16,
 }
 
+impl SinkConfig {
+    /// A sink on a free loopback port expecting `x-ins-auth-key: <key>` (tests, benchmarks).
+    pub fn local(key: &str, latency_ms: u64, fail_rate: f64) -> Self {
+        Self {
+            host: "127.0.0.1".into(),
+            port: 0,
+            auth_header: "x-ins-auth-key".into(),
+            auth_key: SecretString::from(key.to_owned()),
+            latency: Duration::from_millis(latency_ms),
+            fail_rate,
+            fail_status: 500,
+        }
+    }
+}
+
 /// One request the sink received.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -198,6 +213,16 @@ impl WebhookSink {
         self.log.clone()
     }
 
+    /// Binds and serves in the background for the life of the process; returns the webhook URL
+    /// and the log of what arrives.
+    pub async fn spawn(config: SinkConfig) -> anyhow::Result<(String, ReceivedLog)> {
+        let sink = Self::build(config).await?;
+        let url = sink.webhook_url();
+        let log = sink.log();
+        tokio::spawn(sink.run_until_stopped(std::future::pending()));
+        Ok((url, log))
+    }
+
     /// Serves until `signal` completes.
     pub async fn run_until_stopped<S>(self, signal: S) -> std::io::Result<()>
     where
@@ -212,21 +237,9 @@ mod tests {
     use super::*;
 
     async fn sink(fail_rate: f64, latency_ms: u64) -> (String, ReceivedLog) {
-        let sink = WebhookSink::build(SinkConfig {
-            host: "127.0.0.1".into(),
-            port: 0,
-            auth_header: "x-ins-auth-key".into(),
-            auth_key: SecretString::from("k"),
-            latency: Duration::from_millis(latency_ms),
-            fail_rate,
-            fail_status: 503,
-        })
-        .await
-        .unwrap();
-        let url = sink.webhook_url();
-        let log = sink.log();
-        tokio::spawn(sink.run_until_stopped(std::future::pending()));
-        (url, log)
+        let mut config = SinkConfig::local("k", latency_ms, fail_rate);
+        config.fail_status = 503;
+        WebhookSink::spawn(config).await.unwrap()
     }
 
     #[tokio::test]

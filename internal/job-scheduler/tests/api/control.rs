@@ -157,15 +157,7 @@ async fn run_history_is_recorded_and_paginated_newest_first() {
     );
     assert!(metrics.contains("herald_webhook_latency_seconds_bucket"), "{metrics}");
     assert!(metrics.contains("herald_job_last_run_timestamp_seconds"), "{metrics}");
-    let ready: Value = stack
-        .client
-        .get(format!("{}/job-scheduler/ready", scheduler.url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let ready: Value = stack.open_json(&format!("{}/job-scheduler/ready", scheduler.url)).await;
     assert_eq!(ready["status"], "ready");
     scheduler.shutdown().await.unwrap();
     stack.cleanup().await;
@@ -196,14 +188,8 @@ async fn the_openapi_document_is_served_and_matches_the_committed_file() {
     let (url, _) = sink(0, 0.0).await;
     let scheduler = stack.scheduler(&url, &[]).await;
     let served: Value = stack
-        .client
-        .get(format!("{}/job-scheduler/openapi.json", scheduler.url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .open_json(&format!("{}/job-scheduler/openapi.json", scheduler.url))
+        .await;
     for path in [
         "/job-scheduler/messenger/start",
         "/job-scheduler/messenger/stop",

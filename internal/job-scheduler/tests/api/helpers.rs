@@ -4,7 +4,6 @@ use std::time::Duration;
 use herald_core::Settings;
 use herald_job_scheduler::control::JobControl;
 use herald_webhook_sink::{ReceivedLog, SinkConfig, WebhookSink};
-use layered_config::SecretString;
 use serde_json::{json, Value};
 use test_support::TestEnv;
 use tokio::sync::oneshot;
@@ -105,6 +104,11 @@ impl Stack {
             .collect()
     }
 
+    /// GET an open `url` (no key), answered with JSON.
+    pub async fn open_json(&self, url: &str) -> Value {
+        self.client.get(url).send().await.unwrap().json().await.unwrap()
+    }
+
     /// GET `url` with the key, answered with JSON.
     pub async fn get_json(&self, url: &str) -> Value {
         self.client
@@ -153,21 +157,9 @@ impl Scheduler {
 
 /// A provider stand-in (the project's own sink) on a free port.
 pub async fn sink(latency_ms: u64, fail_rate: f64) -> (String, ReceivedLog) {
-    let sink = WebhookSink::build(SinkConfig {
-        host: "127.0.0.1".into(),
-        port: 0,
-        auth_header: "x-ins-auth-key".into(),
-        auth_key: SecretString::from("local-dev-webhook-key"),
-        latency: Duration::from_millis(latency_ms),
-        fail_rate,
-        fail_status: 500,
-    })
-    .await
-    .unwrap();
-    let url = sink.webhook_url();
-    let log = sink.log();
-    tokio::spawn(sink.run_until_stopped(std::future::pending()));
-    (url, log)
+    WebhookSink::spawn(SinkConfig::local("local-dev-webhook-key", latency_ms, fail_rate))
+        .await
+        .unwrap()
 }
 
 /// Waits until `check` holds, polling; panics with `what` after `limit`.

@@ -64,6 +64,18 @@ impl TestApp {
         self.client.get(self.url(path)).bearer_auth(KEY)
     }
 
+    /// GET an open route (no key), answered with JSON.
+    pub async fn open_json(&self, path: &str) -> Value {
+        self.client
+            .get(self.url(path))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
     /// GET with the key, answered with JSON.
     pub async fn get_json(&self, path: &str) -> Value {
         self.get(path).send().await.unwrap().json().await.unwrap()

@@ -402,15 +402,7 @@ async fn the_sent_list_is_newest_sent_first_with_provider_ids() {
 #[tokio::test]
 async fn the_openapi_document_lists_every_operation_with_the_bearer_scheme() {
     let app = spawn_app().await;
-    let doc: Value = app
-        .client
-        .get(app.url("/messenger/openapi.json"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let doc: Value = app.open_json("/messenger/openapi.json").await;
     assert!(
         doc["components"]["securitySchemes"]["BearerAuth"].is_object(),
         "{}",

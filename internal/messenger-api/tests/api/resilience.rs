@@ -11,15 +11,7 @@ async fn readiness_reports_mongodb_and_redis_up() {
     assert_eq!(body["status"], "ready");
     assert_eq!(body["checks"]["mongodb"]["status"], "up");
     assert_eq!(body["checks"]["redis"]["status"], "up");
-    let health: Value = app
-        .client
-        .get(app.url("/messenger/health"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let health: Value = app.open_json("/messenger/health").await;
     assert_eq!(health["status"], "ok");
     app.cleanup().await;
 }

@@ -138,15 +138,7 @@ async fn run_history_is_recorded_and_paginated_newest_first() {
         .unwrap();
     assert_eq!(bad.json::<Value>().await.unwrap()["internalCode"], 400009);
 
-    let metrics = stack
-        .client
-        .get(format!("{}/metrics", scheduler.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = stack.open_text(&format!("{}/metrics", scheduler.url)).await;
     assert!(
         metrics.contains("herald_deliveries_total{outcome=\"accepted\"} 3"),
         "{metrics}"

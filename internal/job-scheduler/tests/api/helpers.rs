@@ -104,6 +104,11 @@ impl Stack {
             .collect()
     }
 
+    /// GET an open `url` (no key), answered with text.
+    pub async fn open_text(&self, url: &str) -> String {
+        self.client.get(url).send().await.unwrap().text().await.unwrap()
+    }
+
     /// GET an open `url` (no key), answered with JSON.
     pub async fn open_json(&self, url: &str) -> Value {
         self.client.get(url).send().await.unwrap().json().await.unwrap()

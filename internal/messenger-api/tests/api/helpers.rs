@@ -64,6 +64,18 @@ impl TestApp {
         self.client.get(self.url(path)).bearer_auth(KEY)
     }
 
+    /// GET an open route (no key), answered with text.
+    pub async fn open_text(&self, path: &str) -> String {
+        self.client
+            .get(self.url(path))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     /// GET an open route (no key), answered with JSON.
     pub async fn open_json(&self, path: &str) -> Value {
         self.client

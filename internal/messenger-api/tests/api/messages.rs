@@ -430,15 +430,7 @@ async fn the_openapi_document_lists_every_operation_with_the_bearer_scheme() {
         statuses.contains(&&"409".to_owned()) && !statuses.contains(&&"404".to_owned()),
         "{statuses:?}"
     );
-    let swagger = app
-        .client
-        .get(app.url("/messenger/swagger"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let swagger = app.open_text("/messenger/swagger").await;
     assert!(swagger.to_lowercase().contains("swagger"));
     app.cleanup().await;
 }

@@ -40,15 +40,7 @@ async fn with_redis_unreachable_commits_still_mark_sent_and_readiness_is_degrade
     assert_eq!(ready["status"], "degraded");
     assert_eq!(ready["checks"]["redis"]["status"], "down");
 
-    let metrics = app
-        .client
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.open_text("/metrics").await;
     assert!(
         metrics.contains("herald_redis_cache_write_failures_total 1"),
         "{metrics}"
@@ -95,15 +87,7 @@ async fn metrics_count_messages_by_status_and_requests_by_route() {
         "p",
     )
     .await;
-    let metrics = app
-        .client
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.open_text("/metrics").await;
     assert!(metrics.contains("herald_messages{status=\"pending\"} 2"), "{metrics}");
     assert!(metrics.contains("herald_messages{status=\"sent\"} 1"), "{metrics}");
     assert!(metrics.contains("herald_messages_claimed_total 1"), "{metrics}");

@@ -1,16 +1,17 @@
 # The two commands a newcomer needs:
 #   make run    the whole local stack (MongoDB, Redis, sink, API, scheduler, 10 mock messages)
 #   make test   the whole test suite: format, lints, every test against real servers, the
-#               Postman collection with newman against a live stack, compose validation
+#               Postman collection with newman against a live stack, the operator console in
+#               headless Chromium, compose validation
 SHELL := /bin/bash
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: run test services services-down fmt-check lint unit-tests newman compose-check openapi bench
+.PHONY: run test services services-down fmt-check lint unit-tests newman console-test compose-check openapi bench
 
 run:
 	build/run-local.sh
 
-test: services fmt-check lint unit-tests newman compose-check
+test: services fmt-check lint unit-tests newman console-test compose-check
 
 services:
 	build/local-services.sh up
@@ -33,6 +34,9 @@ unit-tests:
 
 newman:
 	build/newman.sh
+
+console-test:
+	build/console-test.sh
 
 compose-check:
 	build/check-compose.sh

@@ -36,6 +36,8 @@ pub struct Settings {
     pub auth: AuthSettings,
     /// Logging.
     pub telemetry: TelemetrySettings,
+    /// The live event feed (SSE and WebSocket).
+    pub events: EventsSettings,
 }
 
 /// `[mongo]`
@@ -176,6 +178,20 @@ pub struct TelemetrySettings {
     pub filter: String,
 }
 
+/// `[events]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventsSettings {
+    /// Events queued per subscriber before a slow consumer is cut off.
+    pub subscriber_buffer: usize,
+    /// Interval of the SSE heartbeat comment, in seconds.
+    pub sse_heartbeat_seconds: u64,
+    /// Interval of WebSocket pings, in seconds; two missed pongs close the socket.
+    pub ws_ping_seconds: u64,
+    /// How long a WebSocket client has to send its `{"auth"}` frame, in seconds.
+    pub ws_auth_timeout_seconds: u64,
+}
+
 /// A configuration that loaded but breaks a rule. One line, naming the key.
 #[derive(Debug, thiserror::Error)]
 #[error("invalid configuration: {0}")]
@@ -223,6 +239,19 @@ impl Settings {
         }
         if js.lease_seconds > 3600 {
             return fail("job_scheduler.lease_seconds must be at most 3600".into());
+        }
+        let ev = &self.events;
+        if !(1..=65_536).contains(&ev.subscriber_buffer) {
+            return fail(format!(
+                "events.subscriber_buffer ({}) must be 1..=65536",
+                ev.subscriber_buffer
+            ));
+        }
+        if ev.sse_heartbeat_seconds == 0 || ev.ws_ping_seconds == 0 || ev.ws_auth_timeout_seconds == 0 {
+            return fail(
+                "events.sse_heartbeat_seconds, events.ws_ping_seconds and events.ws_auth_timeout_seconds must be positive"
+                    .into(),
+            );
         }
         if js.run_history_days == 0 {
             return fail("job_scheduler.run_history_days must be at least 1".into());

@@ -4,16 +4,15 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
 use herald_core::api_errors;
 use herald_core::auth::BearerAuth;
-use herald_core::jobs::JobStatus;
+use herald_core::jobs::{JobStatus, RunPage, RunView};
 use herald_core::pagination::PageRequest;
 use herald_core::probes::{self, Health, ReadyResponse};
 use herald_core::{ApiError, ErrorCode};
 use poem_openapi::param::Query;
 use poem_openapi::payload::Json;
-use poem_openapi::{ApiResponse, Object, OpenApi, Tags};
+use poem_openapi::{ApiResponse, OpenApi, Tags};
 
 use crate::control::{ControlError, JobControl};
 use crate::messenger_client::MessengerClient;
@@ -40,66 +39,20 @@ pub enum StatusResponse {
     Ok(Json<JobStatus>),
 }
 
-/// One run of the job.
-#[derive(Debug, Clone, Object)]
-#[oai(rename_all = "camelCase")]
-pub struct RunView {
-    /// Run id.
-    pub id: String,
-    /// Replica that ran it.
-    pub worker: String,
-    /// Start.
-    pub started_at: DateTime<Utc>,
-    /// End (absent while in flight).
-    pub finished_at: Option<DateTime<Utc>>,
-    /// Messages claimed.
-    pub claimed: i32,
-    /// Sent and committed.
-    pub sent: i32,
-    /// Scheduled for retry.
-    pub retried: i32,
-    /// Marked failed.
-    pub failed: i32,
-    /// Given back unsent (shutdown).
-    pub released: i32,
-    /// Why the run did nothing.
-    pub skipped_reason: Option<String>,
-    /// What went wrong.
-    pub error: Option<String>,
-}
-
-impl From<JobRunDoc> for RunView {
-    fn from(r: JobRunDoc) -> Self {
-        Self {
-            id: r.id.to_hex(),
-            worker: r.worker,
-            started_at: r.started_at.to_chrono(),
-            finished_at: r.finished_at.map(|d| d.to_chrono()),
-            claimed: r.claimed,
-            sent: r.sent,
-            retried: r.retried,
-            failed: r.failed,
-            released: r.released,
-            skipped_reason: r.skipped_reason,
-            error: r.error,
-        }
+fn run_view(r: JobRunDoc) -> RunView {
+    RunView {
+        id: r.id.to_hex(),
+        worker: r.worker,
+        started_at: r.started_at.to_chrono(),
+        finished_at: r.finished_at.map(|d| d.to_chrono()),
+        claimed: r.claimed,
+        sent: r.sent,
+        retried: r.retried,
+        failed: r.failed,
+        released: r.released,
+        skipped_reason: r.skipped_reason,
+        error: r.error,
     }
-}
-
-/// A page of runs.
-#[derive(Debug, Clone, Object)]
-#[oai(rename_all = "camelCase")]
-pub struct RunPage {
-    /// Runs, newest first.
-    pub items: Vec<RunView>,
-    /// Page size.
-    pub limit: i64,
-    /// Offset (offset pagination only).
-    pub offset: Option<i64>,
-    /// Pass as `after` for the next page.
-    pub next_cursor: Option<String>,
-    /// Runs in all (offset pagination only).
-    pub total: Option<u64>,
 }
 
 /// Run history.
@@ -204,7 +157,7 @@ impl JobApi {
             .map_err(store_error)?;
         let next_cursor = if more { runs.last().map(|r| r.id.to_hex()) } else { None };
         Ok(HistoryResponse::Ok(Json(RunPage {
-            items: runs.into_iter().map(Into::into).collect(),
+            items: runs.into_iter().map(run_view).collect(),
             limit: page.limit,
             offset: page.offset(),
             next_cursor,

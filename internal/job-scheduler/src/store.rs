@@ -10,22 +10,8 @@ use mongodb::options::{FindOneAndUpdateOptions, IndexOptions, ReturnDocument};
 use mongodb::{Collection, Database, IndexModel};
 use serde::{Deserialize, Serialize};
 
-/// Id of the one job there is.
-pub const JOB_ID: &str = "messenger";
-
-/// A document of `job_state`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct JobStateDoc {
-    /// The job's name.
-    #[serde(rename = "_id")]
-    pub id: String,
-    /// Whether it sends.
-    pub working: bool,
-    /// When `working` last changed.
-    pub changed_at: DateTime,
-    /// Who changed it.
-    pub changed_by: String,
-}
+pub use herald_core::jobs::{JobStateDoc, JOB_ID};
+use herald_core::jobs::{JOB_RUNS_COLLECTION, JOB_STATE_COLLECTION};
 
 /// A document of `job_runs`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -95,8 +81,8 @@ impl JobStore {
     /// The store over `db`.
     pub fn new(db: &Database) -> Self {
         Self {
-            state: db.collection("job_state"),
-            runs: db.collection("job_runs"),
+            state: db.collection(JOB_STATE_COLLECTION),
+            runs: db.collection(JOB_RUNS_COLLECTION),
         }
     }
 

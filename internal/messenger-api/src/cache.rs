@@ -1,5 +1,8 @@
 //! The Redis sent-message cache: `SET <prefix>sent:<id> {"messageId","sentAt"} EX <ttl>`.
 //!
+//! Beside it, `<prefix>stats:sent:<minute>` counts first commits per minute for the stats'
+//! sent-per-minute chart (kept two hours).
+//!
 //! Redis is a cache, never the source of truth: every call is bounded by a timeout, and a
 //! failure is reported to the caller (who logs and counts it) instead of failing a commit.
 
@@ -9,6 +12,9 @@ use herald_core::settings::RedisSettings;
 use layered_config::ExposeSecret;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use serde::{Deserialize, Serialize};
+
+/// How long a per-minute sent counter is kept, in seconds (the stats show the last hour).
+const MINUTE_COUNTER_TTL_SECONDS: u64 = 2 * 3600;
 
 /// What is cached for a sent message.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -55,18 +61,47 @@ impl SentCache {
         format!("{}sent:{id}", self.prefix)
     }
 
-    /// Writes the entry with its TTL.
-    pub async fn put_sent(&self, id: &str, entry: &SentEntry) -> Result<(), String> {
+    /// The key counting messages sent in the minute starting at `minute` (Unix seconds / 60).
+    fn minute_key(&self, minute: i64) -> String {
+        format!("{}stats:sent:{minute}", self.prefix)
+    }
+
+    /// Writes the entry with its TTL and, for a first commit (`count_in_minute`), counts it in
+    /// that minute's counter, all in one round trip.
+    pub async fn put_sent(&self, id: &str, entry: &SentEntry, count_in_minute: Option<i64>) -> Result<(), String> {
         let value = serde_json::to_string(entry).map_err(|e| e.to_string())?;
         let mut conn = self.connection.clone();
-        let command = redis::cmd("SET")
+        let mut pipe = redis::pipe();
+        pipe.cmd("SET")
             .arg(self.key(id))
             .arg(value)
             .arg("EX")
             .arg(self.ttl_seconds)
-            .to_owned();
-        self.bounded(async move { command.query_async::<()>(&mut conn).await })
+            .ignore();
+        if let Some(minute) = count_in_minute {
+            let key = self.minute_key(minute);
+            pipe.cmd("INCR").arg(&key).ignore();
+            pipe.cmd("EXPIRE").arg(&key).arg(MINUTE_COUNTER_TTL_SECONDS).ignore();
+        }
+        self.bounded(async move { pipe.query_async::<()>(&mut conn).await })
             .await
+    }
+
+    /// Messages sent in each of the `minutes` minutes up to and including `last_minute`,
+    /// oldest first.
+    pub async fn sent_per_minute(&self, last_minute: i64, minutes: i64) -> Result<Vec<u64>, String> {
+        let keys: Vec<String> = (last_minute - minutes + 1..=last_minute)
+            .map(|m| self.minute_key(m))
+            .collect();
+        let mut conn = self.connection.clone();
+        let mut counts = Vec::new();
+        self.bounded(async {
+            let values: Vec<Option<u64>> = redis::cmd("MGET").arg(&keys).query_async(&mut conn).await?;
+            counts = values.into_iter().map(Option::unwrap_or_default).collect();
+            Ok(())
+        })
+        .await?;
+        Ok(counts)
     }
 
     /// PING, for readiness.

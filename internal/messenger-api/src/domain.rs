@@ -48,6 +48,42 @@ impl MessageStatus {
     pub const ALL: [MessageStatus; 4] = [Self::Pending, Self::Processing, Self::Sent, Self::Failed];
 }
 
+/// The state change a write made, stored as `last_transition` so the change feed can name the
+/// event exactly (a released and a re-queued message are both `pending`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Transition {
+    /// Stored.
+    Created,
+    /// Claimed by a worker.
+    Claimed,
+    /// Accepted by the provider and committed.
+    Sent,
+    /// A retryable failure; pending again later.
+    RetryScheduled,
+    /// A permanent failure, or retries exhausted.
+    Failed,
+    /// Given back unsent by a worker.
+    Released,
+    /// Sent back to pending by an operator.
+    Requeued,
+}
+
+impl Transition {
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Created => "created",
+            Self::Claimed => "claimed",
+            Self::Sent => "sent",
+            Self::RetryScheduled => "retry_scheduled",
+            Self::Failed => "failed",
+            Self::Released => "released",
+            Self::Requeued => "requeued",
+        }
+    }
+}
+
 /// The last failed attempt, as stored.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LastError {
@@ -96,6 +132,9 @@ pub struct MessageDoc {
     /// Last failed attempt.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<LastError>,
+    /// The state change of the last write (absent on documents written by older versions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_transition: Option<Transition>,
     /// Client idempotency key (unique, sparse: absent when not given).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idempotency_key: Option<String>,
@@ -130,6 +169,7 @@ impl MessageDoc {
             webhook_message_id: None,
             sent_at: None,
             last_error: None,
+            last_transition: Some(Transition::Created),
             idempotency_key,
             created_at: now,
             updated_at: now,

@@ -6,7 +6,11 @@
 //!   order, the toggle call to the Job Scheduler.
 //! - [`store`]: the repository over `Collection<MessageDoc>`; BSON stays here. Claims are atomic
 //!   per document and cost a fixed number of round trips.
-//! - [`cache`]: the Redis sent-message cache (a cache, never the source of truth).
+//! - [`cache`]: the Redis sent-message cache (a cache, never the source of truth) and the
+//!   per-minute sent counters.
+//! - [`events`]: the live event feed from the database's change stream.
+//! - [`job_view`]: the sending job's state, read for the stats and the console.
+//! - [`routes::console`]: the operator console, embedded in the binary.
 //!
 //! [`startup::Application`] wires them to a bound port; [`openapi_json`] renders the document.
 
@@ -15,6 +19,8 @@
 pub mod cache;
 pub mod domain;
 pub mod error;
+pub mod events;
+pub mod job_view;
 pub mod metrics;
 pub mod routes;
 pub mod scheduler_client;

@@ -1,6 +1,8 @@
 //! The Messenger API's Prometheus metrics.
 
-use prometheus::{Gauge, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry};
+use prometheus::{Gauge, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+
+use crate::events::FeedMetrics;
 
 /// Every metric of the service, registered in its own registry (no globals, so tests that run
 /// several services in one process do not collide).
@@ -22,6 +24,8 @@ pub struct MessengerMetrics {
     pub failures: IntCounterVec,
     /// Sent-cache writes that did not reach Redis.
     pub cache_write_failures: IntCounter,
+    /// The live event feed: subscribers, cut-offs, events read.
+    pub feed: FeedMetrics,
 }
 
 impl MessengerMetrics {
@@ -50,6 +54,26 @@ impl MessengerMetrics {
         registry.register(Box::new(commits.clone()))?;
         registry.register(Box::new(failures.clone()))?;
         registry.register(Box::new(cache_write_failures.clone()))?;
+        let feed = FeedMetrics {
+            subscribers: IntGauge::new(
+                "event_subscribers",
+                "Subscribers of the live event feed (SSE and WebSocket).",
+            )?,
+            dropped: IntCounterVec::new(
+                Opts::new(
+                    "event_subscribers_dropped_total",
+                    "Event subscribers cut off, by reason: slow, ping_timeout, write_timeout.",
+                ),
+                &["reason"],
+            )?,
+            published: IntCounter::new(
+                "events_published_total",
+                "Events read from the database's change stream.",
+            )?,
+        };
+        registry.register(Box::new(feed.subscribers.clone()))?;
+        registry.register(Box::new(feed.dropped.clone()))?;
+        registry.register(Box::new(feed.published.clone()))?;
         Ok(Self {
             registry,
             http,
@@ -59,6 +83,7 @@ impl MessengerMetrics {
             commits,
             failures,
             cache_write_failures,
+            feed,
         })
     }
 }

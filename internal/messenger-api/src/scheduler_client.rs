@@ -2,7 +2,8 @@
 
 use std::time::Duration;
 
-use herald_core::jobs::JobStatus;
+use herald_core::jobs::{JobStatus, RunPage};
+use herald_core::pagination::{PageRequest, PageStart};
 use herald_core::{ErrorBody, ErrorCode};
 use layered_config::{ExposeSecret, SecretString};
 
@@ -92,5 +93,33 @@ impl SchedulerClient {
             return Err(ServiceError::JobConflict { code, message });
         }
         Err(ServiceError::SchedulerUnreachable(format!("{url} answered {status}")))
+    }
+
+    /// One page of the scheduler's run history.
+    pub async fn runs(&self, page: PageRequest, correlation_id: Option<&str>) -> Result<RunPage, ServiceError> {
+        let url = format!("{}/job-scheduler/jobs", self.base_url);
+        let mut query = vec![("limit", page.limit.to_string())];
+        match page.start {
+            PageStart::Offset(offset) => query.push(("offset", offset.to_string())),
+            PageStart::After(after) => query.push(("after", after.to_hex())),
+        }
+        let mut request = self.http.get(&url).query(&query).bearer_auth(self.key.expose_secret());
+        if let Some(id) = correlation_id {
+            request = request.header(telemetry::CORRELATION_HEADER, id);
+        }
+        let response = request
+            .send()
+            .await
+            .map_err(|e| ServiceError::SchedulerUnreachable(e.to_string()))?;
+        if !response.status().is_success() {
+            return Err(ServiceError::SchedulerUnreachable(format!(
+                "{url} answered {}",
+                response.status()
+            )));
+        }
+        response
+            .json::<RunPage>()
+            .await
+            .map_err(|e| ServiceError::SchedulerUnreachable(format!("unreadable answer: {e}")))
     }
 }

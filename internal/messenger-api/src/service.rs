@@ -15,10 +15,11 @@ use rand::Rng;
 use crate::cache::{SentCache, SentEntry};
 use crate::domain::{self, LastError, MessageDoc, MessageStatus};
 use crate::error::ServiceError;
+use crate::job_view::JobView;
 use crate::metrics::MessengerMetrics;
 use crate::scheduler_client::{JobCommand, SchedulerClient};
 use crate::store::{CommitOutcome, MessageStore, Page, TransitionOutcome};
-use herald_core::jobs::JobStatus;
+use herald_core::jobs::{JobStatus, RunPage};
 use herald_core::pagination::PageRequest;
 
 /// Most messages in one batch create.
@@ -98,9 +99,25 @@ pub struct Committed {
     pub cached: bool,
 }
 
+/// A snapshot for the stats endpoint and the console.
+#[derive(Debug, Clone)]
+pub struct Stats {
+    /// Messages per status.
+    pub counts: Vec<(MessageStatus, u64)>,
+    /// How long the most overdue pending message has been due, in seconds.
+    pub oldest_due_age_seconds: f64,
+    /// The start of the newest minute in `sent_per_minute`.
+    pub last_minute: chrono::DateTime<Utc>,
+    /// Messages sent in each of the last 60 minutes, oldest first (empty when Redis is down).
+    pub sent_per_minute: Vec<u64>,
+    /// The sending job, when a scheduler has ever started.
+    pub job: Option<JobStatus>,
+}
+
 /// The service.
 pub struct MessengerService {
     store: MessageStore,
+    jobs: JobView,
     cache: SentCache,
     scheduler: SchedulerClient,
     db: Database,
@@ -135,12 +152,18 @@ impl MessengerService {
     ) -> Self {
         Self {
             store: MessageStore::new(&db),
+            jobs: JobView::new(&db),
             cache,
             scheduler,
             db,
             rules,
             metrics,
         }
+    }
+
+    /// The database (for the event feed).
+    pub fn database(&self) -> &Database {
+        &self.db
     }
 
     /// The store (for start-up index creation and seeding).
@@ -216,8 +239,9 @@ impl MessengerService {
         Ok(docs)
     }
 
-    /// A page of messages, newest first.
-    pub async fn list(&self, status: Option<&str>, page: PageRequest) -> Result<Page, ServiceError> {
+    /// A page of messages, newest first, optionally of one status and/or recipient.
+    pub async fn list(&self, status: Option<&str>, to: Option<&str>, page: PageRequest) -> Result<Page, ServiceError> {
+        let to = to.map(domain::validate_phone).transpose()?;
         let status = match status {
             None => None,
             Some(text) => Some(MessageStatus::parse(text).ok_or_else(|| {
@@ -227,7 +251,7 @@ impl MessengerService {
                 )
             })?),
         };
-        Ok(self.store.list(status, page.start, page.limit).await?)
+        Ok(self.store.list(status, to.as_deref(), page.start, page.limit).await?)
     }
 
     /// A page of sent messages, newest `sent_at` first.
@@ -289,18 +313,18 @@ impl MessengerService {
         let oid = domain::parse_id(id)?;
         let sent_at = sent_at.map(DateTime::from_chrono).unwrap_or_else(now);
         let webhook_message_id = webhook_message_id.map(str::trim).filter(|m| !m.is_empty());
-        let message = match self
+        let (message, first) = match self
             .store
             .commit_sent(oid, claim_token, webhook_message_id, sent_at, now())
             .await?
         {
             CommitOutcome::Committed(doc) => {
                 self.metrics.commits.with_label_values(&["committed"]).inc();
-                doc
+                (doc, true)
             }
             CommitOutcome::AlreadyCommitted(doc) => {
                 self.metrics.commits.with_label_values(&["replayed"]).inc();
-                doc
+                (doc, false)
             }
             CommitOutcome::ClaimLost => {
                 self.metrics.commits.with_label_values(&["claim_lost"]).inc();
@@ -308,15 +332,15 @@ impl MessengerService {
             }
             CommitOutcome::NotFound => return Err(ServiceError::NotFound),
         };
+        let accepted_at = message.sent_at.unwrap_or(sent_at);
         let entry = SentEntry {
             message_id: message.webhook_message_id.clone(),
-            sent_at: message
-                .sent_at
-                .unwrap_or(sent_at)
+            sent_at: accepted_at
                 .to_chrono()
                 .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
         };
-        let cached = match self.cache.put_sent(id, &entry).await {
+        let minute = first.then(|| accepted_at.timestamp_millis().div_euclid(60_000));
+        let cached = match self.cache.put_sent(id, &entry, minute).await {
             Ok(()) => true,
             Err(error) => {
                 self.metrics.cache_write_failures.inc();
@@ -403,6 +427,36 @@ impl MessengerService {
     pub async fn toggle(&self, command: &str, correlation_id: Option<&str>) -> Result<JobStatus, ServiceError> {
         let command = JobCommand::parse(command)?;
         self.scheduler.send(command, correlation_id).await
+    }
+
+    /// The scheduler's run history, asked of the Job Scheduler.
+    pub async fn job_runs(&self, page: PageRequest, correlation_id: Option<&str>) -> Result<RunPage, ServiceError> {
+        self.scheduler.runs(page, correlation_id).await
+    }
+
+    /// Counts by status, the delivery lag, sends per minute over the last hour and the job.
+    pub async fn stats(&self) -> Result<Stats, ServiceError> {
+        let stamp = now();
+        let (counts, age, job) = tokio::join!(
+            self.store.count_by_status(),
+            self.store.oldest_due_age_seconds(stamp),
+            self.jobs.status(),
+        );
+        let last_minute = stamp.timestamp_millis().div_euclid(60_000);
+        let sent_per_minute = match self.cache.sent_per_minute(last_minute, 60).await {
+            Ok(counts) => counts,
+            Err(error) => {
+                tracing::warn!(%error, "could not read the per-minute sent counters from Redis");
+                Vec::new()
+            }
+        };
+        Ok(Stats {
+            counts: counts?,
+            oldest_due_age_seconds: age?,
+            last_minute: chrono::DateTime::from_timestamp(last_minute * 60, 0).unwrap_or_default(),
+            sent_per_minute,
+            job: job?,
+        })
     }
 
     /// Readiness: MongoDB is critical, Redis only degrades.

@@ -10,19 +10,22 @@ use herald_core::auth::ApiKeys;
 use herald_core::http::{self, Bound};
 use herald_core::settings::Settings;
 use poem::endpoint::BoxEndpoint;
-use poem::{EndpointExt, Response, Route};
+use poem::{get, EndpointExt, Response, Route};
 use poem_openapi::OpenApiService;
 
 use crate::cache::SentCache;
+use crate::events::EventFeed;
 use crate::metrics::MessengerMetrics;
+use crate::routes::console;
 use crate::routes::job::JobApi;
+use crate::routes::live::{self, LiveApi, SocketTiming};
 use crate::routes::messages::MessagesApi;
 use crate::routes::probes::ProbesApi;
 use crate::routes::worker::WorkerApi;
 use crate::scheduler_client::SchedulerClient;
 use crate::service::{MessengerService, Rules};
 
-type Apis = (MessagesApi, WorkerApi, JobApi, ProbesApi);
+type Apis = (MessagesApi, WorkerApi, JobApi, LiveApi, ProbesApi);
 
 /// How long in-flight requests may take to finish after a shutdown signal.
 const GRACE: Duration = Duration::from_secs(15);
@@ -32,6 +35,7 @@ pub struct Application {
     bound: Bound,
     app: BoxEndpoint<'static, Response>,
     service: Arc<MessengerService>,
+    feed: EventFeed,
 }
 
 /// Builds the service (clients connect lazily; nothing waits for a server here).
@@ -56,7 +60,7 @@ pub async fn build_service(settings: &Settings) -> anyhow::Result<Arc<MessengerS
     )))
 }
 
-fn api_service(service: &Arc<MessengerService>) -> OpenApiService<Apis, ()> {
+fn api_service(service: &Arc<MessengerService>, feed: &EventFeed, settings: &Settings) -> OpenApiService<Apis, ()> {
     let apis = (
         MessagesApi {
             service: service.clone(),
@@ -67,6 +71,11 @@ fn api_service(service: &Arc<MessengerService>) -> OpenApiService<Apis, ()> {
         JobApi {
             service: service.clone(),
         },
+        LiveApi {
+            service: service.clone(),
+            feed: feed.clone(),
+            heartbeat: Duration::from_secs(settings.events.sse_heartbeat_seconds),
+        },
         ProbesApi {
             service: service.clone(),
         },
@@ -74,13 +83,18 @@ fn api_service(service: &Arc<MessengerService>) -> OpenApiService<Apis, ()> {
     OpenApiService::new(apis, "Herald Messenger API", env!("CARGO_PKG_VERSION")).description(
         "Stores messages in MongoDB, hands them to workers with atomic leased claims, and records \
          what the provider accepted (MongoDB, then the Redis cache). Every /api route needs \
-         `Authorization: Bearer <key>`; errors answer `{status, internalCode, message}`.",
+         `Authorization: Bearer <key>`; errors answer `{status, internalCode, message}`. \
+         Live status: `GET /api/messenger/events` (Server-Sent Events) or the WebSocket \
+         `GET /api/messenger/ws` (key in the upgrade's `Authorization` header or a first frame \
+         `{\"auth\": \"<key>\"}`); the operator console is at `/messenger/console`.",
     )
 }
 
 /// The OpenAPI document as pretty JSON.
 pub async fn openapi_json(settings: &Settings) -> anyhow::Result<String> {
-    Ok(api_service(&build_service(settings).await?).spec())
+    let service = build_service(settings).await?;
+    let feed = feed_for(&service, settings);
+    Ok(api_service(&service, &feed, settings).spec())
 }
 
 impl Application {
@@ -91,7 +105,8 @@ impl Application {
         ensure_indexes(service.clone()).await;
         let bound = http::bind(&settings.messenger_api.host, settings.messenger_api.port).await?;
         tracing::info!(address = %bound.addr, "messenger API listening; Swagger UI at /messenger/swagger");
-        let api = api_service(&service);
+        let feed = feed_for(&service, settings);
+        let api = api_service(&service, &feed, settings);
         let ui = api.swagger_ui();
         let spec = api.spec_endpoint();
         let metrics_service = service.clone();
@@ -106,15 +121,28 @@ impl Application {
             .at("/messenger/openapi.json", spec)
             .nest("/messenger/swagger", ui)
             .at("/metrics", metrics)
+            .at("/messenger/console", get(console::page))
+            .at("/messenger/console/:file", get(console::asset))
+            .at("/api/messenger/ws", get(live::websocket))
             .nest("/", api)
-            .data(ApiKeys::new(settings.auth.api_keys.clone()));
+            .data(ApiKeys::new(settings.auth.api_keys.clone()))
+            .data(feed.clone())
+            .data(SocketTiming {
+                ping: Duration::from_secs(settings.events.ws_ping_seconds),
+                auth: Duration::from_secs(settings.events.ws_auth_timeout_seconds),
+            });
         let app = http::edge(
             routes,
             settings.messenger_api.max_body_bytes,
             service.metrics.http.clone(),
         )
         .boxed();
-        Ok(Self { bound, app, service })
+        Ok(Self {
+            bound,
+            app,
+            service,
+            feed,
+        })
     }
 
     /// The bound address.
@@ -137,10 +165,24 @@ impl Application {
     where
         S: Future<Output = ()> + Send,
     {
+        let feed = self.feed.clone();
+        let shutdown = async move {
+            shutdown.await;
+            // Event streams never end by themselves: end them so the drain is quick.
+            feed.close();
+        };
         http::serve(self.bound, self.app, shutdown, GRACE).await?;
         tracing::info!("messenger API stopped");
         Ok(())
     }
+}
+
+fn feed_for(service: &MessengerService, settings: &Settings) -> EventFeed {
+    EventFeed::new(
+        service.database().clone(),
+        settings.events.subscriber_buffer,
+        service.metrics.feed.clone(),
+    )
 }
 
 /// Creates the indexes now, or — when MongoDB is down at start-up — keeps trying in the

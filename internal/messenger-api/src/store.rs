@@ -20,7 +20,7 @@ use futures::TryStreamExt;
 use mongodb::options::{FindOneAndUpdateOptions, IndexOptions, ReturnDocument};
 use mongodb::{Collection, Database, IndexModel};
 
-use crate::domain::{LastError, MessageDoc, MessageStatus};
+use crate::domain::{LastError, MessageDoc, MessageStatus, Transition};
 use crate::error::StoreError;
 pub use herald_core::pagination::PageStart;
 
@@ -110,6 +110,10 @@ impl MessageStore {
                 )
                 .build(),
             IndexModel::builder()
+                .keys(doc! {"to": 1, "_id": -1})
+                .options(IndexOptions::builder().name("recipient".to_owned()).build())
+                .build(),
+            IndexModel::builder()
                 .keys(doc! {"claim_token": 1})
                 .options(
                     IndexOptions::builder()
@@ -155,11 +159,20 @@ impl MessageStore {
         Ok(self.messages.find_one(doc! {"idempotency_key": key}).await?)
     }
 
-    /// Newest first, optionally of one status.
-    pub async fn list(&self, status: Option<MessageStatus>, start: PageStart, limit: i64) -> Result<Page, StoreError> {
+    /// Newest first, optionally of one status and/or one recipient.
+    pub async fn list(
+        &self,
+        status: Option<MessageStatus>,
+        to: Option<&str>,
+        start: PageStart,
+        limit: i64,
+    ) -> Result<Page, StoreError> {
         let mut filter = Document::new();
         if let Some(status) = status {
             filter.insert("status", status.as_str());
+        }
+        if let Some(to) = to {
+            filter.insert("to", to);
         }
         let total = match start {
             PageStart::Offset(_) => Some(self.messages.count_documents(filter.clone()).await?),
@@ -261,6 +274,7 @@ impl MessageStore {
                             "lease_until": lease_until,
                             "next_attempt_at": lease_until,
                             "updated_at": now,
+                            "last_transition": Transition::Claimed.as_str(),
                         },
                         "$inc": {"attempts": 1},
                     },
@@ -292,7 +306,12 @@ impl MessageStore {
         sent_at: DateTime,
         now: DateTime,
     ) -> Result<CommitOutcome, StoreError> {
-        let mut set = doc! {"status": MessageStatus::Sent.as_str(), "sent_at": sent_at, "updated_at": now};
+        let mut set = doc! {
+            "status": MessageStatus::Sent.as_str(),
+            "sent_at": sent_at,
+            "updated_at": now,
+            "last_transition": Transition::Sent.as_str(),
+        };
         if let Some(mid) = webhook_message_id {
             set.insert("webhook_message_id", mid);
         }
@@ -332,10 +351,21 @@ impl MessageStore {
         now: DateTime,
     ) -> Result<TransitionOutcome, StoreError> {
         let error = bson::to_bson(error).map_err(|e| StoreError::Database(e.into()))?;
+        let transition = if status == MessageStatus::Failed {
+            Transition::Failed
+        } else {
+            Transition::RetryScheduled
+        };
         self.transition(
             doc! {"_id": id, "status": MessageStatus::Processing.as_str(), "claim_token": token},
             doc! {
-                "$set": {"status": status.as_str(), "next_attempt_at": next_attempt_at, "last_error": error, "updated_at": now},
+                "$set": {
+                    "status": status.as_str(),
+                    "next_attempt_at": next_attempt_at,
+                    "last_error": error,
+                    "updated_at": now,
+                    "last_transition": transition.as_str(),
+                },
                 "$unset": {"lease_until": ""},
             },
             id,
@@ -348,7 +378,12 @@ impl MessageStore {
         self.transition(
             doc! {"_id": id, "status": MessageStatus::Processing.as_str(), "claim_token": token},
             doc! {
-                "$set": {"status": MessageStatus::Pending.as_str(), "next_attempt_at": now, "updated_at": now},
+                "$set": {
+                    "status": MessageStatus::Pending.as_str(),
+                    "next_attempt_at": now,
+                    "updated_at": now,
+                    "last_transition": Transition::Released.as_str(),
+                },
                 "$unset": {"lease_until": ""},
                 "$inc": {"attempts": -1},
             },
@@ -361,7 +396,13 @@ impl MessageStore {
     pub async fn requeue_failed(&self, id: ObjectId, now: DateTime) -> Result<TransitionOutcome, StoreError> {
         self.transition(
             doc! {"_id": id, "status": MessageStatus::Failed.as_str()},
-            doc! {"$set": {"status": MessageStatus::Pending.as_str(), "next_attempt_at": now, "attempts": 0, "updated_at": now}},
+            doc! {"$set": {
+                "status": MessageStatus::Pending.as_str(),
+                "next_attempt_at": now,
+                "attempts": 0,
+                "updated_at": now,
+                "last_transition": Transition::Requeued.as_str(),
+            }},
             id,
         )
         .await

@@ -3,7 +3,8 @@
 //! `POST /webhook` checks the auth header, records the request, waits `latency`, then answers
 //! `202 {"message":"Accepted","messageId":"<uuid v4>"}` — or, for a `fail_rate` share of
 //! requests, `status` with an error body. `GET /webhook-sink/received` lists what arrived (with
-//! each `Idempotency-Key`), so tests and people can count deliveries.
+//! each `Idempotency-Key`), so tests and people can count deliveries;
+//! `PUT /webhook-sink/behaviour {"failRate", "status"}` changes how it answers while it runs.
 
 #![forbid(unsafe_code)]
 
@@ -83,7 +84,19 @@ struct Incoming {
 #[derive(Clone)]
 struct State {
     config: Arc<SinkConfig>,
+    behaviour: Arc<Mutex<Behaviour>>,
     log: Arc<Mutex<Vec<Received>>>,
+}
+
+/// How the sink answers, changeable while it runs (`PUT /webhook-sink/behaviour`), so a demo or
+/// a browser test can make the provider fail and recover without a restart.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Behaviour {
+    /// Share of requests that fail, 0.0..=1.0.
+    pub fail_rate: f64,
+    /// Status of an injected failure.
+    pub status: u16,
 }
 
 /// The record of everything received, shared with tests.
@@ -127,8 +140,12 @@ async fn receive(req: &Request, body: poem::Body, state: Data<&State>) -> Respon
     let Ok(incoming) = serde_json::from_slice::<Incoming>(&bytes) else {
         return message(StatusCode::BAD_REQUEST, "Body must be {\"to\", \"content\"}");
     };
-    let fail = config.fail_rate > 0.0 && rand::rng().random_bool(config.fail_rate.clamp(0.0, 1.0));
-    let status = if fail { config.fail_status } else { 202 };
+    let behaviour = state.behaviour.lock().map(|b| *b).unwrap_or(Behaviour {
+        fail_rate: config.fail_rate,
+        status: config.fail_status,
+    });
+    let fail = behaviour.fail_rate > 0.0 && rand::rng().random_bool(behaviour.fail_rate.clamp(0.0, 1.0));
+    let status = if fail { behaviour.status } else { 202 };
     let message_id = (!fail).then(|| uuid::Uuid::new_v4().to_string());
     let idempotency_key = req
         .headers()
@@ -168,6 +185,26 @@ fn received(state: Data<&State>) -> Json<Vec<Received>> {
 }
 
 #[handler]
+fn change_behaviour(state: Data<&State>, body: Json<Behaviour>) -> Response {
+    let wanted = body.0;
+    if !(0.0..=1.0).contains(&wanted.fail_rate) || StatusCode::from_u16(wanted.status).is_err() {
+        return message(
+            StatusCode::BAD_REQUEST,
+            "failRate must be 0..=1 and status an HTTP status",
+        );
+    }
+    if let Ok(mut behaviour) = state.behaviour.lock() {
+        *behaviour = wanted;
+    }
+    tracing::info!(
+        fail_rate = wanted.fail_rate,
+        status = wanted.status,
+        "sink behaviour changed"
+    );
+    Json(wanted).into_response()
+}
+
+#[handler]
 fn health() -> Json<serde_json::Value> {
     Json(serde_json::json!({"status": "ok", "service": "webhook-sink"}))
 }
@@ -185,12 +222,17 @@ impl WebhookSink {
         );
         let log = ReceivedLog::default();
         let state = State {
+            behaviour: Arc::new(Mutex::new(Behaviour {
+                fail_rate: config.fail_rate,
+                status: config.fail_status,
+            })),
             config: Arc::new(config),
             log: log.0.clone(),
         };
         let app = Route::new()
             .at("/webhook", post(receive))
             .at("/webhook-sink/received", get(received))
+            .at("/webhook-sink/behaviour", poem::put(change_behaviour))
             .at("/webhook-sink/health", get(health))
             .data(state)
             .with(telemetry::CorrelationId)

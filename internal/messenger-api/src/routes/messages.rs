@@ -120,6 +120,8 @@ impl MessagesApi {
         _auth: BearerAuth,
         /// Only messages in this status: pending, processing, sent or failed.
         status: Query<Option<String>>,
+        /// Only messages to this phone number (E.164).
+        to: Query<Option<String>>,
         /// Page size, 1..=100 (default 20).
         limit: Query<Option<i64>>,
         /// Messages to skip (not with `after`).
@@ -130,7 +132,7 @@ impl MessagesApi {
         let page = PageRequest::parse(limit.0, offset.0, after.0.as_deref())?;
         let result = self
             .service
-            .list(status.0.as_deref(), page)
+            .list(status.0.as_deref(), to.0.as_deref(), page)
             .await
             .map_err(ApiError::from)?;
         Ok(PageResponse::Ok(Json(MessagePage::new(

@@ -4,9 +4,13 @@
 //! - [`messages`]: create, batch, list, sent list, get, operator retry.
 //! - [`worker`]: `get-two` (claim), `commit`, `fail`, `release` — what the Job Scheduler calls.
 //! - [`job`]: the start/stop toggle.
+//! - [`live`]: the event stream (SSE and WebSocket), the stats and the run history.
+//! - [`console`]: the operator console page and its embedded assets.
 //! - [`probes`]: health and readiness.
 
+pub mod console;
 pub mod job;
+pub mod live;
 pub mod messages;
 pub mod probes;
 pub mod views;
@@ -23,6 +27,8 @@ pub enum ApiTags {
     Worker,
     /// Start and stop the sending job.
     Job,
+    /// Live delivery status: events, stats, run history.
+    Live,
     /// Liveness and readiness.
     Probes,
 }

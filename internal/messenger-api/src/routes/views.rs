@@ -27,7 +27,7 @@ pub struct NewBatch {
 }
 
 /// The last failed attempt.
-#[derive(Debug, Clone, Object)]
+#[derive(Debug, Clone, PartialEq, Object)]
 pub struct LastErrorView {
     /// `timeout`, `connection`, `http_status` or `invalid_response`.
     pub kind: String,
@@ -268,4 +268,79 @@ pub struct FailRequest {
 pub struct ReleaseRequest {
     /// The token from get-two.
     pub claim_token: String,
+}
+
+/// Messages per status.
+#[derive(Debug, Clone, Default, Object)]
+pub struct StatusCounts {
+    /// Waiting to be due or to be claimed.
+    pub pending: u64,
+    /// Claimed by a worker.
+    pub processing: u64,
+    /// Accepted by the provider.
+    pub sent: u64,
+    /// Failed for good (until an operator re-queues them).
+    pub failed: u64,
+    /// All of them.
+    pub total: u64,
+}
+
+/// Messages sent in one minute.
+#[derive(Debug, Clone, Object)]
+pub struct MinuteCount {
+    /// Start of the minute.
+    pub minute: DateTime<Utc>,
+    /// Messages whose provider acceptance fell in it.
+    pub sent: u64,
+}
+
+/// A snapshot of delivery.
+#[derive(Debug, Clone, Object)]
+#[oai(rename_all = "camelCase")]
+pub struct StatsView {
+    /// Messages per status.
+    pub counts: StatusCounts,
+    /// How long the oldest due pending message has waited, in seconds (delivery lag).
+    pub oldest_due_age_seconds: f64,
+    /// Messages sent in each of the last 60 minutes, oldest first (empty while Redis is down).
+    pub sent_per_minute: Vec<MinuteCount>,
+    /// Sum of `sentPerMinute`.
+    pub sent_last_hour: u64,
+    /// The sending job (absent before any scheduler has started).
+    pub job: Option<herald_core::jobs::JobStatus>,
+    /// When the snapshot was taken.
+    pub generated_at: DateTime<Utc>,
+}
+
+impl From<crate::service::Stats> for StatsView {
+    fn from(stats: crate::service::Stats) -> Self {
+        let mut counts = StatusCounts::default();
+        for (status, n) in stats.counts {
+            match status {
+                MessageStatus::Pending => counts.pending = n,
+                MessageStatus::Processing => counts.processing = n,
+                MessageStatus::Sent => counts.sent = n,
+                MessageStatus::Failed => counts.failed = n,
+            }
+            counts.total += n;
+        }
+        let minutes = stats.sent_per_minute.len() as i64;
+        let sent_per_minute: Vec<MinuteCount> = stats
+            .sent_per_minute
+            .iter()
+            .enumerate()
+            .map(|(i, &sent)| MinuteCount {
+                minute: stats.last_minute - chrono::Duration::minutes(minutes - 1 - i as i64),
+                sent,
+            })
+            .collect();
+        Self {
+            counts,
+            oldest_due_age_seconds: stats.oldest_due_age_seconds,
+            sent_last_hour: sent_per_minute.iter().map(|m| m.sent).sum(),
+            sent_per_minute,
+            job: stats.job,
+            generated_at: Utc::now(),
+        }
+    }
 }

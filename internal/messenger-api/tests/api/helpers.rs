@@ -9,7 +9,9 @@ pub struct TestApp {
     pub address: String,
     pub client: reqwest::Client,
     pub env: TestEnv,
+    pub settings: Settings,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
+    replicas: Vec<tokio::sync::oneshot::Sender<()>>,
 }
 
 pub fn settings_for(env: &TestEnv, extra: &[(&str, &str)]) -> Settings {
@@ -32,22 +34,48 @@ pub async fn spawn_app_with(extra: &[(&str, &str)]) -> TestApp {
     spawn_with_settings(env, settings).await
 }
 
-pub async fn spawn_with_settings(env: TestEnv, settings: Settings) -> TestApp {
-    let app = Application::build(&settings).await.expect("build");
+async fn start(settings: &Settings) -> (String, tokio::sync::oneshot::Sender<()>) {
+    let app = Application::build(settings).await.expect("build");
     let address = format!("http://127.0.0.1:{}", app.port());
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(app.run_until_stopped(async move {
         let _ = rx.await;
     }));
+    (address, tx)
+}
+
+pub async fn spawn_with_settings(env: TestEnv, settings: Settings) -> TestApp {
+    let (address, stop) = start(&settings).await;
     TestApp {
         address,
         client: reqwest::Client::new(),
         env,
-        stop: Some(tx),
+        settings,
+        stop: Some(stop),
+        replicas: Vec::new(),
     }
 }
 
 impl TestApp {
+    /// Another API replica on the same database and key prefix (stopped with this one).
+    pub async fn replica(&mut self) -> TestApp {
+        let (address, stop) = start(&self.settings).await;
+        self.replicas.push(stop);
+        TestApp {
+            address,
+            client: reqwest::Client::new(),
+            env: TestEnv::new().await.expect("test servers"),
+            settings: self.settings.clone(),
+            stop: None,
+            replicas: Vec::new(),
+        }
+    }
+
+    /// The WebSocket URL of the event feed.
+    pub fn ws_url(&self) -> String {
+        format!("{}/api/messenger/ws", self.address.replacen("http://", "ws://", 1))
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{}", self.address, path)
     }
@@ -159,6 +187,9 @@ impl TestApp {
 
     pub async fn cleanup(mut self) {
         if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        for tx in self.replicas.drain(..) {
             let _ = tx.send(());
         }
         self.env.cleanup().await.expect("cleanup");

@@ -5,6 +5,7 @@
 
 mod claims;
 mod helpers;
+mod live;
 mod messages;
 mod resilience;
 mod worker;

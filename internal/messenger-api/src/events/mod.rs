@@ -1,0 +1,14 @@
+//! Live status: every state change of every message and of the sending job, read from the
+//! database's own change feed, so a change made through any replica (or by hand in the
+//! database) reaches every subscriber of every replica.
+//!
+//! - [`model`]: the events (SPEC §11), their filter, and how a change becomes one.
+//! - [`feed`]: the change stream and its fan-out to subscribers, with resume and cut-off.
+//!
+//! The routes only adapt a [`feed::Subscription`] to Server-Sent Events or a WebSocket.
+
+pub mod feed;
+pub mod model;
+
+pub use feed::{EventFeed, FeedMetrics, Subscription};
+pub use model::{EventFilter, EventType, FeedEvent};

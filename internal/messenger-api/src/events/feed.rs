@@ -15,7 +15,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -29,7 +29,7 @@ use prometheus::{IntCounter, IntCounterVec, IntGauge};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
-use super::model::{self, EventType, FeedEvent};
+use super::model::{self, EventFilter, EventType, FeedEvent};
 use herald_core::jobs::JOB_STATE_COLLECTION as JOB_STATE;
 
 /// Longest pause between attempts to reopen a broken change stream.
@@ -74,11 +74,20 @@ struct Live {
 struct Subscriber {
     tx: mpsc::Sender<FeedEvent>,
     dropped: Arc<AtomicBool>,
+    filter: SharedFilter,
 }
 
+/// A subscriber's filter, which its connection may change while it runs (WebSocket `subscribe`).
+/// Applied before queueing, so a narrow subscriber costs a comparison per event, not a slot.
+pub type SharedFilter = Arc<RwLock<EventFilter>>;
+
 impl Subscriber {
-    /// Hands over an event; false when the subscriber is gone or has just been cut off.
+    /// Hands over an event it wants; false when the subscriber is gone or has just been cut off.
     fn offer(&self, event: FeedEvent, metrics: &FeedMetrics) -> bool {
+        let wanted = self.filter.read().map(|f| f.accepts(&event)).unwrap_or(true);
+        if !wanted {
+            return !self.tx.is_closed();
+        }
         match self.tx.try_send(event) {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
@@ -123,14 +132,16 @@ impl EventFeed {
         self.inner.closing.clone()
     }
 
-    /// Subscribes from now, or after `resume` (an event id) when given. Answers once the
-    /// subscription is in place, so an event that happens afterwards is not missed.
-    pub async fn subscribe(&self, resume: Option<&str>) -> Subscription {
+    /// Subscribes from now, or after `resume` (an event id) when given, to the events `filter`
+    /// lets through. Answers once the subscription is in place, so an event that happens
+    /// afterwards is not missed.
+    pub async fn subscribe(&self, resume: Option<&str>, filter: SharedFilter) -> Subscription {
         let (tx, rx) = mpsc::channel(self.inner.buffer);
         let dropped = Arc::new(AtomicBool::new(false));
         let subscriber = Subscriber {
             tx,
             dropped: dropped.clone(),
+            filter,
         };
         match resume.map(|text| (text, model::decode_token(text))) {
             Some((_, Some(token))) => {

@@ -1,7 +1,7 @@
 //! Live status: the event stream (SSE), its WebSocket twin, the stats snapshot and the run
 //! history the console shows.
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use futures::stream::BoxStream;
@@ -117,11 +117,10 @@ impl LiveApi {
         #[oai(name = "Last-Event-ID")]
         last_event_id: Header<Option<String>>,
     ) -> Result<EventsResponse, EventsErrors> {
-        let filter = parse_filter(&status.0, &id.0)?;
-        let subscription = self.feed.subscribe(last_event_id.0.as_deref()).await;
-        let stream = subscription.filter(move |e| std::future::ready(filter.accepts(e)));
+        let filter = Arc::new(RwLock::new(parse_filter(&status.0, &id.0)?));
+        let subscription = self.feed.subscribe(last_event_id.0.as_deref(), filter).await;
         Ok(EventsResponse::Ok(
-            EventStream::new(stream.boxed())
+            EventStream::new(subscription.boxed())
                 .keep_alive(self.heartbeat)
                 .to_event(sse_event),
         ))
@@ -268,8 +267,8 @@ async fn serve_socket(
             }
         }
     }
-    let mut filter = EventFilter::default();
-    let mut events = feed.subscribe(resume.as_deref()).await;
+    let filter = Arc::new(RwLock::new(EventFilter::default()));
+    let mut events = feed.subscribe(resume.as_deref(), filter.clone()).await;
     let metrics = feed.metrics().clone();
     if sink.send(control("ready", serde_json::json!({}))).await.is_err() {
         return;
@@ -280,7 +279,7 @@ async fn serve_socket(
     let reason = loop {
         let outgoing = tokio::select! {
             event = events.next() => match event {
-                Some(event) if filter.accepts(&event) => {
+                Some(event) => {
                     let last = event.kind == EventType::Dropped;
                     let frame = Message::Text(event.to_json_string());
                     if last {
@@ -289,7 +288,6 @@ async fn serve_socket(
                     }
                     frame
                 }
-                Some(_) => continue,
                 None => break Some((poem::web::websocket::CloseCode::Away, "server shutting down")),
             },
             frame = incoming.next() => match frame {
@@ -298,8 +296,11 @@ async fn serve_socket(
                     Ok(ClientFrame { subscribe: Some(sub), .. }) => {
                         match super::live::parse_filter(&sub.status, &sub.ids) {
                             Ok(narrower) => {
-                                filter = narrower;
-                                control("subscribed", serde_json::json!({"ids": filter.ids, "status": sub.status}))
+                                let ids = narrower.ids.clone();
+                                if let Ok(mut current) = filter.write() {
+                                    *current = narrower;
+                                }
+                                control("subscribed", serde_json::json!({"ids": ids, "status": sub.status}))
                             }
                             Err(error) => control("error", serde_json::json!({"internalCode": error.code.code(), "message": error.message})),
                         }

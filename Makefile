@@ -6,7 +6,7 @@
 SHELL := /bin/bash
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: run test services services-down fmt-check lint unit-tests newman console-test compose-check openapi bench
+.PHONY: run test services services-down fmt-check lint unit-tests newman console-test compose-check openapi bench bench-feed
 
 run:
 	build/run-local.sh
@@ -43,6 +43,10 @@ compose-check:
 
 bench: services
 	cargo run --release -p herald-job-scheduler --example bench -- 20000
+
+bench-feed: services
+	cargo build --release --bin herald
+	cargo run --release -p herald-messenger-api --example feed_bench -- 1000 500
 
 openapi:
 	cargo run --quiet --bin herald -- openapi --out-dir docs/openapi

@@ -43,8 +43,10 @@ cat <<TXT
 
 Herald is running (logs in .local/*.log). API key for "Authorize": local-dev-api-key
 
+  Operator console:          http://127.0.0.1:3000/messenger/console
   Messenger API Swagger UI:  http://127.0.0.1:3000/messenger/swagger
   Job Scheduler Swagger UI:  http://127.0.0.1:3001/job-scheduler/swagger
+  Live events (SSE):         curl -N -H 'Authorization: Bearer local-dev-api-key' http://127.0.0.1:3000/api/messenger/events
   Sent messages:             curl -H 'Authorization: Bearer local-dev-api-key' http://127.0.0.1:3000/api/messenger/messages/sent
   What the provider got:     http://127.0.0.1:8090/webhook-sink/received
   Metrics:                   http://127.0.0.1:3000/metrics  http://127.0.0.1:3001/metrics

@@ -63,23 +63,37 @@ impl SchedulerClient {
         })
     }
 
-    /// Sends the command and returns the job's state.
-    pub async fn send(&self, command: JobCommand, correlation_id: Option<&str>) -> Result<JobStatus, ServiceError> {
-        let url = format!("{}/job-scheduler/messenger/{}", self.base_url, command.path());
-        let mut request = self.http.post(&url).bearer_auth(self.key.expose_secret());
+    /// Sends `request` with the key and the caller's correlation id.
+    async fn call(
+        &self,
+        request: reqwest::RequestBuilder,
+        correlation_id: Option<&str>,
+    ) -> Result<reqwest::Response, ServiceError> {
+        let mut request = request.bearer_auth(self.key.expose_secret());
         if let Some(id) = correlation_id {
             request = request.header(telemetry::CORRELATION_HEADER, id);
         }
-        let response = request
+        request
             .send()
             .await
-            .map_err(|e| ServiceError::SchedulerUnreachable(e.to_string()))?;
+            .map_err(|e| ServiceError::SchedulerUnreachable(e.to_string()))
+    }
+
+    /// Reads a successful answer's JSON body.
+    async fn read<T: serde::de::DeserializeOwned>(response: reqwest::Response) -> Result<T, ServiceError> {
+        response
+            .json::<T>()
+            .await
+            .map_err(|e| ServiceError::SchedulerUnreachable(format!("unreadable answer: {e}")))
+    }
+
+    /// Sends the command and returns the job's state.
+    pub async fn send(&self, command: JobCommand, correlation_id: Option<&str>) -> Result<JobStatus, ServiceError> {
+        let url = format!("{}/job-scheduler/messenger/{}", self.base_url, command.path());
+        let response = self.call(self.http.post(&url), correlation_id).await?;
         let status = response.status();
         if status.is_success() {
-            return response
-                .json::<JobStatus>()
-                .await
-                .map_err(|e| ServiceError::SchedulerUnreachable(format!("unreadable answer: {e}")));
+            return Self::read(response).await;
         }
         if status == reqwest::StatusCode::CONFLICT {
             let body = response.json::<ErrorBody>().await.ok();
@@ -103,23 +117,10 @@ impl SchedulerClient {
             PageStart::Offset(offset) => query.push(("offset", offset.to_string())),
             PageStart::After(after) => query.push(("after", after.to_hex())),
         }
-        let mut request = self.http.get(&url).query(&query).bearer_auth(self.key.expose_secret());
-        if let Some(id) = correlation_id {
-            request = request.header(telemetry::CORRELATION_HEADER, id);
+        let response = self.call(self.http.get(&url).query(&query), correlation_id).await?;
+        match response.status() {
+            status if status.is_success() => Self::read(response).await,
+            status => Err(ServiceError::SchedulerUnreachable(format!("{url} answered {status}"))),
         }
-        let response = request
-            .send()
-            .await
-            .map_err(|e| ServiceError::SchedulerUnreachable(e.to_string()))?;
-        if !response.status().is_success() {
-            return Err(ServiceError::SchedulerUnreachable(format!(
-                "{url} answered {}",
-                response.status()
-            )));
-        }
-        response
-            .json::<RunPage>()
-            .await
-            .map_err(|e| ServiceError::SchedulerUnreachable(format!("unreadable answer: {e}")))
     }
 }

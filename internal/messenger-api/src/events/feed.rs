@@ -205,6 +205,31 @@ impl Drop for Subscription {
 
 type Changes = ChangeStream<ChangeStreamEvent<Document>>;
 
+/// Doubling pauses between attempts to reopen a change stream, from 100 ms to [`MAX_BACKOFF`].
+struct Backoff(Duration);
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_millis(100);
+
+    fn new() -> Self {
+        Self(Self::FIRST)
+    }
+
+    fn reset(&mut self) {
+        self.0 = Self::FIRST;
+    }
+
+    /// Waits the next pause; false when `interrupt` came first.
+    async fn wait(&mut self, interrupt: impl Future<Output = ()>) -> bool {
+        let pause = self.0;
+        self.0 = (self.0 * 2).min(MAX_BACKOFF);
+        tokio::select! {
+            () = tokio::time::sleep(pause) => true,
+            () = interrupt => false,
+        }
+    }
+}
+
 async fn open(db: &Database, after: Option<ResumeToken>) -> mongodb::error::Result<Changes> {
     db.watch()
         .pipeline([doc! {"$match": {"ns.coll": {"$in": [crate::store::COLLECTION, JOB_STATE]}}}])
@@ -247,10 +272,13 @@ fn fan_out(inner: &Inner, event: Option<FeedEvent>) -> bool {
     true
 }
 
-/// The live stream: runs while anyone listens, reopening after the last event it read.
+/// The live stream: runs while anyone listens, reopening after the last event it read. It ends
+/// when [`fan_out`] finds no subscriber left (which hands the `running` flag back, so the next
+/// subscriber starts a new one) or when the feed closes; on either it touches no shared state
+/// again, since a successor may already own it.
 async fn follow_live(inner: Arc<Inner>) {
     let mut position: Option<ResumeToken> = None;
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = Backoff::new();
     let mut sweep = tokio::time::interval(SWEEP);
     loop {
         let mut changes = match open(&inner.db, position.clone()).await {
@@ -259,24 +287,19 @@ async fn follow_live(inner: Arc<Inner>) {
                 tracing::warn!(%error, "the change stream lost its position; live subscribers get reset");
                 position = None;
                 if !fan_out(&inner, Some(FeedEvent::control(EventType::Reset))) {
-                    break;
+                    return;
                 }
                 continue;
             }
             Err(error) => {
                 tracing::warn!(%error, "could not open the change stream; retrying");
-                tokio::select! {
-                    () = tokio::time::sleep(backoff) => {}
-                    () = inner.closing.cancelled() => break,
-                }
-                backoff = (backoff * 2).min(MAX_BACKOFF);
-                if !fan_out(&inner, None) {
-                    break;
+                if !backoff.wait(inner.closing.cancelled()).await || !fan_out(&inner, None) {
+                    return;
                 }
                 continue;
             }
         };
-        backoff = Duration::from_millis(100);
+        backoff.reset();
         inner.open.send_replace(true);
         loop {
             tokio::select! {
@@ -286,7 +309,6 @@ async fn follow_live(inner: Arc<Inner>) {
                         if let Some(event) = model::from_change(&change) {
                             inner.metrics.published.inc();
                             if !fan_out(&inner, Some(event)) {
-                                inner.open.send_replace(false);
                                 return;
                             }
                         }
@@ -300,26 +322,19 @@ async fn follow_live(inner: Arc<Inner>) {
                 },
                 _ = sweep.tick() => {
                     if !fan_out(&inner, None) {
-                        inner.open.send_replace(false);
                         return;
                     }
                 }
-                () = inner.closing.cancelled() => {
-                    inner.open.send_replace(false);
-                    return;
-                }
+                () = inner.closing.cancelled() => return,
             }
         }
         inner.open.send_replace(false);
     }
-    inner.open.send_replace(false);
-    let mut live = inner.live.lock().unwrap_or_else(|p| p.into_inner());
-    live.running = false;
 }
 
 /// A resuming subscriber's own stream, from its token on.
 async fn follow_one(inner: Arc<Inner>, mut position: ResumeToken, subscriber: Subscriber) {
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = Backoff::new();
     loop {
         let mut changes = match open(&inner.db, Some(position.clone())).await {
             Ok(changes) => changes,
@@ -332,16 +347,19 @@ async fn follow_one(inner: Arc<Inner>, mut position: ResumeToken, subscriber: Su
             }
             Err(error) => {
                 tracing::warn!(%error, "could not open a resumed change stream; retrying");
-                tokio::select! {
-                    () = tokio::time::sleep(backoff) => {}
-                    () = subscriber.tx.closed() => return,
-                    () = inner.closing.cancelled() => return,
+                let interrupt = async {
+                    tokio::select! {
+                        () = subscriber.tx.closed() => {}
+                        () = inner.closing.cancelled() => {}
+                    }
+                };
+                if !backoff.wait(interrupt).await {
+                    return;
                 }
-                backoff = (backoff * 2).min(MAX_BACKOFF);
                 continue;
             }
         };
-        backoff = Duration::from_millis(100);
+        backoff.reset();
         loop {
             tokio::select! {
                 next = changes.next() => match next {

@@ -351,4 +351,35 @@ mod tests {
         assert_eq!(response.status(), 503);
         assert!(started.elapsed() >= Duration::from_millis(150));
     }
+
+    #[tokio::test]
+    async fn its_behaviour_changes_while_it_runs() {
+        let (url, _) = sink(0.0, 0).await;
+        let client = reqwest::Client::new();
+        let behaviour = url.replace("/webhook", "/webhook-sink/behaviour");
+        let send = || {
+            client
+                .post(&url)
+                .header("x-ins-auth-key", "k")
+                .json(&serde_json::json!({"to": "+905551111111", "content": "hi"}))
+                .send()
+        };
+        assert_eq!(send().await.unwrap().status(), 202);
+        let changed = client
+            .put(&behaviour)
+            .json(&serde_json::json!({"failRate": 1.0, "status": 400}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(changed.status(), 200);
+        assert_eq!(send().await.unwrap().status(), 400);
+        let refused = client
+            .put(&behaviour)
+            .json(&serde_json::json!({"failRate": 2.0, "status": 400}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(refused.status(), 400);
+        assert_eq!(send().await.unwrap().status(), 400, "a refused change changes nothing");
+    }
 }

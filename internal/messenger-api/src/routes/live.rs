@@ -294,7 +294,7 @@ async fn serve_socket(
                 Some(Ok(Message::Pong(_))) => { unanswered = 0; continue }
                 Some(Ok(Message::Text(text))) => match serde_json::from_str::<ClientFrame>(&text) {
                     Ok(ClientFrame { subscribe: Some(sub), .. }) => {
-                        match super::live::parse_filter(&sub.status, &sub.ids) {
+                        match parse_filter(&sub.status, &sub.ids) {
                             Ok(narrower) => {
                                 let ids = narrower.ids.clone();
                                 if let Ok(mut current) = filter.write() {

@@ -10,7 +10,8 @@
 //!   of the stream. Nothing is buffered without bound, and nothing is lost: the subscriber may
 //!   resume from the last id it saw.
 //! - When the live stream breaks (the database restarts) it reopens after the last event it
-//!   read; if that position is gone, every live subscriber gets `reset`.
+//!   read; if that position is gone (the server answers that it cannot resume), every live
+//!   subscriber gets `reset` and the stream goes on from now.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -238,8 +239,10 @@ async fn open(db: &Database, after: Option<ResumeToken>) -> mongodb::error::Resu
         .await
 }
 
-/// True when opening after a token failed because the server refused the token (it no longer
-/// holds that position, or never did), not because it could not be reached.
+/// True when the server answered but will not go on from a position (it no longer holds it, or
+/// never did) — at `aggregate` (MongoDB 286, SecantusDB 40647) or at the first `getMore`
+/// (280, as SecantusDB answers after a crash lost the tail of its history) — rather than
+/// could not be reached. The driver has already retried what it can resume by itself.
 fn token_refused(error: &mongodb::error::Error) -> bool {
     !herald_core::mongo::is_unavailable(error)
 }
@@ -313,9 +316,22 @@ async fn follow_live(inner: Arc<Inner>) {
                             }
                         }
                     }
+                    Some(Err(error)) if position.is_some() && token_refused(&error) => {
+                        // The server answered but cannot go on from here (its history lost
+                        // the position, e.g. after a crash): subscribers may have missed events.
+                        tracing::warn!(%error, "the change stream cannot resume; live subscribers get reset");
+                        position = None;
+                        if !fan_out(&inner, Some(FeedEvent::control(EventType::Reset))) {
+                            return;
+                        }
+                        break;
+                    }
                     Some(Err(error)) => {
                         tracing::warn!(%error, "the change stream broke; reopening after the last event");
-                        position = changes.resume_token().or(position);
+                        // The last event's own token: a server's post-batch token may not survive
+                        // its restart (SecantusDB), an event's does. Before any event, the
+                        // driver's token still marks where this stream started.
+                        position = position.or_else(|| changes.resume_token());
                         break;
                     }
                     None => break,
@@ -372,11 +388,15 @@ async fn follow_one(inner: Arc<Inner>, mut position: ResumeToken, subscriber: Su
                             }
                         }
                     }
-                    Some(Err(error)) => {
-                        tracing::warn!(%error, "a resumed change stream broke; reopening");
-                        if let Some(token) = changes.resume_token() {
-                            position = token;
+                    Some(Err(error)) if token_refused(&error) => {
+                        tracing::info!(%error, "a resumed change stream cannot go on; answering reset");
+                        if subscriber.offer(FeedEvent::control(EventType::Reset), &inner.metrics) {
+                            join_live(&inner, subscriber).await;
                         }
+                        return;
+                    }
+                    Some(Err(error)) => {
+                        tracing::warn!(%error, "a resumed change stream broke; reopening after its last event");
                         break;
                     }
                     None => break,

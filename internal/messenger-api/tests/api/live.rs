@@ -458,3 +458,172 @@ async fn stats_count_by_status_and_sends_per_minute() {
     assert_error(runs, 502, 502001).await;
     app.cleanup().await;
 }
+
+/// A MongoDB-compatible server of this test's own (so killing it disturbs no other test).
+struct PrivateDatabase {
+    port: u16,
+    storage: std::path::PathBuf,
+    process: Option<std::process::Child>,
+}
+
+impl PrivateDatabase {
+    fn binary() -> std::path::PathBuf {
+        let home = std::env::var("HOME").unwrap_or_default();
+        let cargo_bin = std::path::Path::new(&home).join(".cargo/bin/secantusd-rs");
+        if cargo_bin.exists() {
+            return cargo_bin;
+        }
+        std::env::var_os("PATH")
+            .and_then(|paths| {
+                std::env::split_paths(&paths)
+                    .map(|dir| dir.join("secantusd-rs"))
+                    .find(|p| p.exists())
+            })
+            .expect("secantusd-rs is needed for this test: run `build/local-services.sh up`")
+    }
+
+    async fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let storage = std::env::temp_dir().join(format!("herald-restart-{}", test_support::unique_suffix()));
+        let mut db = Self {
+            port,
+            storage,
+            process: None,
+        };
+        db.launch().await;
+        db
+    }
+
+    async fn launch(&mut self) {
+        let child = std::process::Command::new(Self::binary())
+            .args([
+                "--host",
+                "127.0.0.1",
+                "--port",
+                &self.port.to_string(),
+                "--storage-path",
+            ])
+            .arg(&self.storage)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        self.process = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await.is_err() {
+            assert!(Instant::now() < deadline, "the private database did not come up");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// SIGKILL: the server gets no chance to flush.
+    fn kill(&mut self) {
+        if let Some(mut child) = self.process.take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+
+    /// SIGTERM: a clean shutdown.
+    fn stop(&mut self) {
+        if let Some(mut child) = self.process.take() {
+            let status = std::process::Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status()
+                .unwrap();
+            assert!(status.success());
+            child.wait().unwrap();
+        }
+    }
+
+    fn uri(&self) -> String {
+        format!("mongodb://127.0.0.1:{}/?directConnection=true", self.port)
+    }
+}
+
+impl Drop for PrivateDatabase {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.storage);
+    }
+}
+
+/// Creates a message, retrying while the API answers 503 (the database is coming back).
+async fn create_when_back(app: &TestApp, to: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let response = app
+            .post("/api/messenger/messages")
+            .json(&json!({"to": to, "content": "after the restart"}))
+            .send()
+            .await
+            .unwrap();
+        if response.status() == 201 {
+            return response.json::<Value>().await.unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_owned();
+        }
+        assert!(Instant::now() < deadline, "the API did not recover");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test]
+async fn the_feed_goes_on_by_itself_after_the_database_is_restarted_or_killed() {
+    let mut db = PrivateDatabase::start().await;
+    let uri = db.uri();
+    let app = spawn_app_with(&[
+        ("HERALD__MONGO__URI", uri.as_str()),
+        ("HERALD__MONGO__SERVER_SELECTION_TIMEOUT_MS", "1000"),
+    ])
+    .await;
+    let mut feed = SseReader::open(&app, "", None).await;
+    let first = app.create("+905551112240", "before").await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    feed.until(&first, "message.created").await;
+
+    // A clean restart: the feed resumes after its last event, with no gap and no reset.
+    db.stop();
+    let down = app
+        .post("/api/messenger/messages")
+        .json(&json!({"to": "+905551112241", "content": "while down"}))
+        .send()
+        .await
+        .unwrap();
+    assert_error(down, 503, 503001).await;
+    db.launch().await;
+    let second = create_when_back(&app, "+905551112242").await;
+    let events = feed.until(&second, "message.created").await;
+    assert!(events.iter().all(|e| e.event != "reset"), "{events:?}");
+    assert!(kinds_of(&events, &first).is_empty(), "nothing repeated: {events:?}");
+
+    // A SIGKILL: SecantusDB loses the tail of its change history, so the feed cannot resume
+    // from its position. Subscribers are told (`reset`: re-read a snapshot) and the feed goes
+    // on live; what a client creates after the reset arrives as usual.
+    db.kill();
+    db.launch().await;
+    let third = create_when_back(&app, "+905551112243").await;
+    let mut seen = Vec::new();
+    while let Some(event) = feed.next(Duration::from_secs(10)).await {
+        let done = event.event == "reset" || event.data["message"]["id"] == third.as_str();
+        seen.push(event);
+        if done {
+            break;
+        }
+    }
+    let last = seen.last().expect("the feed said something after the crash");
+    if last.event == "reset" {
+        let fourth = create_when_back(&app, "+905551112244").await;
+        let after = feed.until(&fourth, "message.created").await;
+        assert!(after.iter().all(|e| e.event != "reset"), "one reset: {after:?}");
+    }
+    assert!(kinds_of(&seen, &second).is_empty(), "nothing repeated: {seen:?}");
+    app.cleanup().await;
+}

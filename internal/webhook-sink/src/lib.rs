@@ -364,22 +364,16 @@ mod tests {
                 .json(&serde_json::json!({"to": "+905551111111", "content": "hi"}))
                 .send()
         };
+        let change = |fail_rate: f64| {
+            client
+                .put(&behaviour)
+                .json(&serde_json::json!({"failRate": fail_rate, "status": 400}))
+                .send()
+        };
         assert_eq!(send().await.unwrap().status(), 202);
-        let changed = client
-            .put(&behaviour)
-            .json(&serde_json::json!({"failRate": 1.0, "status": 400}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(changed.status(), 200);
+        assert_eq!(change(1.0).await.unwrap().status(), 200);
         assert_eq!(send().await.unwrap().status(), 400);
-        let refused = client
-            .put(&behaviour)
-            .json(&serde_json::json!({"failRate": 2.0, "status": 400}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(refused.status(), 400);
+        assert_eq!(change(2.0).await.unwrap().status(), 400);
         assert_eq!(send().await.unwrap().status(), 400, "a refused change changes nothing");
     }
 }

@@ -98,6 +98,11 @@ fn kinds_of(events: &[Sse], id: &str) -> Vec<String> {
         .collect()
 }
 
+/// Creates a message and answers its id.
+async fn new_message(app: &TestApp, to: &str, content: &str) -> String {
+    app.create(to, content).await["id"].as_str().unwrap().to_owned()
+}
+
 async fn claim_and_commit(app: &TestApp, id: &str) {
     let claimed = app.claim("w", 1).await;
     assert_eq!(claimed[0]["id"], id);
@@ -113,10 +118,7 @@ async fn a_commit_through_one_replica_reaches_a_subscriber_of_another() {
     let b = a.replica().await;
     let mut feed = SseReader::open(&b, "", None).await;
 
-    let id = a.create("+905551112233", "hello").await["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = new_message(&a, "+905551112233", "hello").await;
     claim_and_commit(&a, &id).await;
 
     let events = feed.until(&id, "message.sent").await;
@@ -138,19 +140,13 @@ async fn a_commit_through_one_replica_reaches_a_subscriber_of_another() {
 async fn a_subscriber_that_resumes_with_last_event_id_gets_every_missed_event_once() {
     let app = spawn_app().await;
     let mut feed = SseReader::open(&app, "", None).await;
-    let first = app.create("+905551112234", "one").await["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let first = new_message(&app, "+905551112234", "one").await;
     let created = feed.until(&first, "message.created").await;
     let position = created.last().unwrap().id.clone().unwrap();
     drop(feed);
 
     // While nobody listens: a second message, and the first one sent.
-    let second = app.create("+905551112235", "two").await["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let second = new_message(&app, "+905551112235", "two").await;
     claim_and_commit(&app, &first).await;
 
     let mut resumed = SseReader::open(&app, "", Some(&position)).await;
@@ -164,10 +160,7 @@ async fn a_subscriber_that_resumes_with_last_event_id_gets_every_missed_event_on
     assert_eq!(unique.len(), ids.len(), "no event twice");
     assert!(!ids.contains(&position), "the resumed-from event is not repeated");
     // It goes on live after the gap.
-    let third = app.create("+905551112236", "three").await["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let third = new_message(&app, "+905551112236", "three").await;
     resumed.until(&third, "message.created").await;
     app.cleanup().await;
 }
@@ -180,10 +173,7 @@ async fn an_unknown_last_event_id_answers_reset_then_goes_on_live() {
         let first = feed.next(Duration::from_secs(10)).await.unwrap();
         assert_eq!(first.event, "reset", "{junk}");
         assert_eq!(first.id, None);
-        let id = app.create("+905551112237", "after reset").await["id"]
-            .as_str()
-            .unwrap()
-            .to_owned();
+        let id = new_message(&app, "+905551112237", "after reset").await;
         feed.until(&id, "message.created").await;
     }
     app.cleanup().await;
@@ -300,18 +290,12 @@ async fn the_websocket_takes_the_key_in_its_first_frame_and_narrows_with_subscri
         .await
         .unwrap();
     assert_eq!(ws_next_json(&mut socket).await["type"], "ready");
-    let id = app.create("+905551112238", "ws").await["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = new_message(&app, "+905551112238", "ws").await;
     let created = ws_next_json(&mut socket).await;
     assert_eq!(created["type"], "message.created");
     assert_eq!(created["message"]["id"], id.as_str());
 
-    let other = app.create("+905551112239", "other").await["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let other = new_message(&app, "+905551112239", "other").await;
     assert_eq!(ws_next_json(&mut socket).await["message"]["id"], other.as_str());
     socket
         .send(WsMessage::text(
@@ -583,10 +567,7 @@ async fn the_feed_goes_on_by_itself_after_the_database_is_restarted_or_killed() 
     ])
     .await;
     let mut feed = SseReader::open(&app, "", None).await;
-    let first = app.create("+905551112240", "before").await["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let first = new_message(&app, "+905551112240", "before").await;
     feed.until(&first, "message.created").await;
 
     // A clean restart: the feed resumes after its last event, with no gap and no reset.

@@ -100,7 +100,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     } else {
         settings.telemetry.filter.clone()
     };
-    telemetry::init(settings.log_format(), &filter);
+    telemetry::init(settings.telemetry.format, &filter);
     match cli.command {
         Command::MessengerApi => {
             let app = herald_messenger_api::Application::build(&settings).await?;

@@ -70,20 +70,3 @@ pub struct RunView {
     /// What went wrong.
     pub error: Option<String>,
 }
-
-/// A page of runs.
-#[derive(Debug, Clone, PartialEq, Eq, Object, Serialize, Deserialize)]
-#[oai(rename_all = "camelCase")]
-#[serde(rename_all = "camelCase")]
-pub struct RunPage {
-    /// Runs, newest first.
-    pub items: Vec<RunView>,
-    /// Page size.
-    pub limit: i64,
-    /// Offset (offset pagination only).
-    pub offset: Option<i64>,
-    /// Pass as `after` for the next page.
-    pub next_cursor: Option<String>,
-    /// Runs in all (offset pagination only).
-    pub total: Option<u64>,
-}

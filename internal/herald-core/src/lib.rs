@@ -8,9 +8,12 @@
 //!   graceful serving, and the `/metrics` endpoint.
 //! - [`probes`]: health and readiness bodies and the MongoDB ping.
 //! - [`mongo`]: connecting to MongoDB with bounded waits.
-//! - [`pagination`]: `limit`/`offset`/`after` page requests.
+//! - [`pagination`]: `limit`/`offset`/`after` page requests and the page they answer with.
+//! - [`message`]: a message's status, failure kind and public view.
+//! - [`worker`]: the worker contract between the Job Scheduler and the Messenger API.
+//! - [`peer`]: one service calling the other, with the key and the correlation id.
 //! - [`jobs`]: the sending job's state as both services speak of it.
-//! - [`testing`]: settings for integration tests.
+//! - `testing` (feature `testing`): settings, the key and seeding for integration tests.
 
 #![forbid(unsafe_code)]
 
@@ -18,11 +21,15 @@ pub mod auth;
 pub mod errors;
 pub mod http;
 pub mod jobs;
+pub mod message;
 pub mod mongo;
 pub mod pagination;
+pub mod peer;
 pub mod probes;
 pub mod settings;
+#[cfg(feature = "testing")]
 pub mod testing;
+pub mod worker;
 
 pub use errors::{ApiError, ErrorBody, ErrorCode};
 pub use settings::Settings;

@@ -1,13 +1,99 @@
-//! Connecting to MongoDB with bounded waits, and telling "unavailable" from other failures.
+//! Connecting to MongoDB with bounded waits, telling "unavailable" from other failures, and
+//! what every repository shares: [`StoreError`], reading one page ([`find_page`]) and lease
+//! arithmetic ([`after`]).
 
 use std::time::Duration;
 
+use futures::TryStreamExt;
 use layered_config::ExposeSecret;
+use mongodb::bson::{self, Document};
 use mongodb::error::{Error, ErrorKind};
 use mongodb::options::ClientOptions;
-use mongodb::Database;
+use mongodb::{Collection, Database};
+use serde::de::DeserializeOwned;
 
+use crate::errors::{ApiError, ErrorCode};
+use crate::pagination::{Fetched, PageRequest};
 use crate::settings::MongoSettings;
+
+/// What a repository can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database could not be reached.
+    #[error("MongoDB is unavailable")]
+    Unavailable(#[source] Error),
+    /// A unique index refused the write.
+    #[error("duplicate key")]
+    AlreadyExists,
+    /// Any other driver error (a bug or a server-side problem).
+    #[error("MongoDB error")]
+    Database(#[source] Error),
+}
+
+impl From<Error> for StoreError {
+    fn from(error: Error) -> Self {
+        if is_duplicate_key(&error) {
+            Self::AlreadyExists
+        } else if is_unavailable(&error) {
+            Self::Unavailable(error)
+        } else {
+            Self::Database(error)
+        }
+    }
+}
+
+impl From<bson::ser::Error> for StoreError {
+    fn from(error: bson::ser::Error) -> Self {
+        Self::Database(error.into())
+    }
+}
+
+/// A store failure as an answer: 503 when the database is away (nothing was changed), else an
+/// opaque 500 whose cause goes to the log.
+impl From<StoreError> for ApiError {
+    fn from(error: StoreError) -> Self {
+        match error {
+            StoreError::Unavailable(cause) => {
+                tracing::warn!(%cause, "MongoDB unavailable");
+                ApiError::new(
+                    ErrorCode::DatabaseUnavailable,
+                    "MongoDB is unavailable; nothing was changed. Try again.",
+                )
+            }
+            other => ApiError::internal(&telemetry::Chain(&other)),
+        }
+    }
+}
+
+/// One page of `collection`: `filter` in `sort` order, from `skip`, fetched with one extra
+/// item so [`Fetched`] knows whether more follow.
+pub async fn find_page<T>(
+    collection: &Collection<T>,
+    filter: Document,
+    sort: Document,
+    skip: u64,
+    page: &PageRequest,
+    total: Option<u64>,
+    cursor: impl Fn(&T) -> String,
+) -> Result<Fetched<T>, StoreError>
+where
+    T: DeserializeOwned + Send + Sync,
+{
+    let items = collection
+        .find(filter)
+        .sort(sort)
+        .skip(skip)
+        .limit(page.fetch_limit())
+        .await?
+        .try_collect()
+        .await?;
+    Ok(Fetched::new(items, page, total, cursor))
+}
+
+/// `at` plus `delay`: when a lease ends or a retry is due.
+pub fn after(at: bson::DateTime, delay: Duration) -> bson::DateTime {
+    bson::DateTime::from_millis(at.timestamp_millis().saturating_add(delay.as_millis() as i64))
+}
 
 /// Builds a client without waiting for the server: operations wait at most
 /// `server_selection_timeout_ms`, so a down database answers 503 instead of hanging.
@@ -49,9 +135,6 @@ pub fn is_duplicate_key(error: &Error) -> bool {
 }
 
 /// Pings the database.
-pub async fn ping(db: &Database) -> Result<(), String> {
-    db.run_command(mongodb::bson::doc! {"ping": 1})
-        .await
-        .map(|_| ())
-        .map_err(|e| e.to_string())
+pub async fn ping(db: &Database) -> Result<(), Error> {
+    db.run_command(bson::doc! {"ping": 1}).await.map(drop)
 }

@@ -65,13 +65,14 @@ pub enum ReadyResponse {
 }
 
 /// Runs one check with a deadline.
-pub async fn check<F>(critical: bool, deadline: Duration, probe: F) -> DependencyCheck
+pub async fn check<F, E>(critical: bool, deadline: Duration, probe: F) -> DependencyCheck
 where
-    F: Future<Output = Result<(), String>>,
+    F: Future<Output = Result<(), E>>,
+    E: std::error::Error,
 {
     let started = Instant::now();
     let result = match tokio::time::timeout(deadline, probe).await {
-        Ok(result) => result,
+        Ok(result) => result.map_err(|e| telemetry::Chain(&e).to_string()),
         Err(_) => Err(format!("no answer within {} ms", deadline.as_millis())),
     };
     DependencyCheck {

@@ -173,7 +173,7 @@ pub struct AuthSettings {
 #[serde(deny_unknown_fields)]
 pub struct TelemetrySettings {
     /// `pretty` or `json`.
-    pub format: String,
+    pub format: telemetry::LogFormat,
     /// Default log filter.
     pub filter: String,
 }
@@ -301,12 +301,6 @@ impl Settings {
         if self.messenger_api.max_body_bytes < 1024 {
             return fail("messenger_api.max_body_bytes must be at least 1024".into());
         }
-        if !matches!(self.telemetry.format.as_str(), "pretty" | "json") {
-            return fail(format!(
-                "telemetry.format ({:?}) must be \"pretty\" or \"json\"",
-                self.telemetry.format
-            ));
-        }
         Ok(())
     }
 
@@ -328,15 +322,6 @@ impl Settings {
             ));
         }
         Ok(())
-    }
-
-    /// The log format as the telemetry crate wants it.
-    pub fn log_format(&self) -> telemetry::LogFormat {
-        if self.telemetry.format == "json" {
-            telemetry::LogFormat::Json
-        } else {
-            telemetry::LogFormat::Pretty
-        }
     }
 
     /// The key each service presents when it calls the other.

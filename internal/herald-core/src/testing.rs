@@ -1,7 +1,10 @@
-//! Settings for integration tests: the shipped `test` environment pointed at one test's
-//! database and Redis key prefix, plus any overrides.
+//! What the integration tests of both services share: settings (the shipped `test`
+//! environment pointed at one test's database and Redis key prefix, plus any overrides), the
+//! test key, and seeding messages through the API.
 
 use std::path::Path;
+
+use serde_json::{json, Value};
 
 use crate::settings::Settings;
 
@@ -29,4 +32,39 @@ pub fn test_settings(
         Ok(settings) => settings,
         Err(error) => panic!("test settings: {error:#}"),
     }
+}
+
+/// Test settings on `env`'s database and key prefix, on the test servers, with overrides.
+pub fn settings_for(env: &test_support::TestEnv, extra: &[(&str, &str)]) -> Settings {
+    test_settings(
+        &test_support::mongo_uri(),
+        &env.database,
+        &test_support::redis_url(),
+        &env.key_prefix,
+        extra,
+    )
+}
+
+/// The API key of the `test` environment.
+pub const TEST_KEY: &str = "test-api-key";
+
+/// Creates `n` valid messages through the Messenger API at `api` (batches of 1,000) and returns
+/// their ids in order.
+pub async fn seed_messages(http: &test_support::Http, api: &str, n: usize) -> Vec<String> {
+    let mut ids = Vec::with_capacity(n);
+    while ids.len() < n {
+        let from = ids.len();
+        let messages: Vec<Value> = (from..n.min(from + 1000))
+            .map(|i| json!({"to": format!("+90555{i:07}"), "content": format!("message {i}")}))
+            .collect();
+        let created: Value = http
+            .post_json(
+                &format!("{api}/api/messenger/messages/batch"),
+                &json!({"messages": messages}),
+            )
+            .await;
+        let items = created["items"].as_array().expect("created items");
+        ids.extend(items.iter().map(|m| m["id"].as_str().expect("id").to_owned()));
+    }
+    ids
 }

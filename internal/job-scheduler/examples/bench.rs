@@ -14,7 +14,8 @@ use std::time::Instant;
 use herald_webhook_sink::{SinkConfig, WebhookSink};
 use serde_json::{json, Value};
 
-const KEY: &str = "test-api-key";
+use herald_core::testing::{seed_messages, TEST_KEY as KEY};
+use test_support::Http;
 
 fn peak_rss_mib() -> f64 {
     std::fs::read_to_string("/proc/self/status")
@@ -26,34 +27,11 @@ fn peak_rss_mib() -> f64 {
 }
 
 async fn start_api(env: &test_support::TestEnv) -> String {
-    let settings = herald_core::testing::test_settings(
-        &test_support::mongo_uri(),
-        &env.database,
-        &test_support::redis_url(),
-        &env.key_prefix,
-        &[],
-    );
+    let settings = herald_core::testing::settings_for(env, &[]);
     let app = herald_messenger_api::Application::build(&settings).await.unwrap();
     let url = format!("http://127.0.0.1:{}", app.port());
     tokio::spawn(app.run_until_stopped(std::future::pending()));
     url
-}
-
-async fn seed(client: &reqwest::Client, api: &str, n: usize) {
-    for chunk in 0..n.div_ceil(1000) {
-        let size = (n - chunk * 1000).min(1000);
-        let messages: Vec<Value> = (0..size)
-            .map(|i| json!({"to": format!("+90555{:07}", chunk * 1000 + i), "content": format!("bench {i}")}))
-            .collect();
-        let r = client
-            .post(format!("{api}/api/messenger/messages/batch"))
-            .bearer_auth(KEY)
-            .json(&json!({"messages": messages}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 201);
-    }
 }
 
 #[tokio::main]
@@ -63,12 +41,12 @@ async fn main() {
         .await
         .expect("run build/local-services.sh up first");
     let api = start_api(&env).await;
-    let client = reqwest::Client::new();
+    let http = Http::new(KEY);
     let mut rows = Vec::new();
 
     // 1. Batch insert.
     let t = Instant::now();
-    seed(&client, &api, n).await;
+    seed_messages(&http, &api, n).await;
     let secs = t.elapsed().as_secs_f64();
     rows.push(("batch create (1,000 per request)", n, secs));
 
@@ -77,15 +55,7 @@ async fn main() {
     let mut url = format!("{api}/api/messenger/messages?limit=100");
     let mut seen = 0;
     loop {
-        let page: Value = client
-            .get(&url)
-            .bearer_auth(KEY)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let page: Value = http.get_json(&url).await;
         seen += page["items"].as_array().unwrap().len();
         match page["nextCursor"].as_str() {
             Some(c) => url = format!("{api}/api/messenger/messages?limit=100&after={c}"),
@@ -105,20 +75,16 @@ async fn main() {
     let tasks: Vec<_> = (0..16)
         .map(|w| {
             let api = api_arc.clone();
-            let client = client.clone();
+            let http = http.clone();
             tokio::spawn(async move {
                 let mut ids = Vec::new();
                 loop {
-                    let batch: Vec<Value> = client
-                        .post(format!("{api}/api/messenger/get-two"))
-                        .bearer_auth(KEY)
-                        .json(&json!({"worker": format!("bench-{w}"), "limit": 100, "leaseSeconds": 600}))
-                        .send()
-                        .await
-                        .unwrap()
-                        .json()
-                        .await
-                        .unwrap();
+                    let batch: Vec<Value> = http
+                        .post_json(
+                            &format!("{api}/api/messenger/get-two"),
+                            &json!({"worker": format!("bench-{w}"), "limit": 100, "leaseSeconds": 600}),
+                        )
+                        .await;
                     if batch.is_empty() {
                         break ids;
                     }
@@ -143,15 +109,12 @@ async fn main() {
     let delivered_n = n / 4;
     let env2 = test_support::TestEnv::new().await.unwrap();
     let api2 = start_api(&env2).await;
-    seed(&client, &api2, delivered_n).await;
+    seed_messages(&http, &api2, delivered_n).await;
     let (webhook, log) = WebhookSink::spawn(SinkConfig::local("local-dev-webhook-key", 0, 0.0))
         .await
         .unwrap();
-    let settings = herald_core::testing::test_settings(
-        &test_support::mongo_uri(),
-        &env2.database,
-        &test_support::redis_url(),
-        &env2.key_prefix,
+    let settings = herald_core::testing::settings_for(
+        &env2,
         &[
             ("HERALD__MESSENGER_API__URL", &api2),
             ("HERALD__WEBHOOK__URL", &webhook),

@@ -1,15 +1,21 @@
-//! Start, stop and status of the sending job, shared by every replica through `job_state`.
+//! The Job Scheduler's service: start, stop and status of the sending job (shared by every
+//! replica through `job_state`), its run history and readiness. Routes call only this.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bson::DateTime;
-use herald_core::jobs::JobStatus;
-use tokio::sync::OnceCell;
+use herald_core::jobs::{JobStatus, RunView};
+use herald_core::pagination::{Page, PageRequest};
+use herald_core::probes::{self, ReadyResponse};
 use tokio_util::task::TaskTracker;
 
 use crate::cron::Cron;
 use crate::job::SendingJob;
+use crate::messenger_client::MessengerClient;
+use crate::metrics::SchedulerMetrics;
+use crate::store::{JobStore, StoreError};
 
 /// Why a control call failed.
 #[derive(Debug, thiserror::Error)]
@@ -22,10 +28,10 @@ pub enum ControlError {
     AlreadyStopped,
     /// MongoDB failed.
     #[error(transparent)]
-    Store(#[from] mongodb::error::Error),
+    Store(#[from] StoreError),
 }
 
-/// Spawns runs on the task tracker, so shutdown can wait for them.
+/// Starts runs of the job on the task tracker, so shutdown can wait for them.
 #[derive(Clone)]
 pub struct Trigger {
     job: Arc<SendingJob>,
@@ -50,60 +56,62 @@ impl Trigger {
     }
 }
 
+/// What [`JobControl`] is built from.
+pub struct ControlParts {
+    /// The job of this replica.
+    pub job: Arc<SendingJob>,
+    /// Its collections.
+    pub store: JobStore,
+    /// Its metrics.
+    pub metrics: SchedulerMetrics,
+    /// Starts tracked runs.
+    pub trigger: Trigger,
+    /// The schedule (ticking once the application starts it).
+    pub cron: Cron,
+    /// The Messenger API, for readiness.
+    pub messenger: MessengerClient,
+    /// Run once at once when started.
+    pub run_on_start: bool,
+    /// Longest a Stop waits for in-flight runs of other replicas.
+    pub stop_wait: Duration,
+}
+
 /// The job's control surface.
 pub struct JobControl {
-    job: Arc<SendingJob>,
-    trigger: Trigger,
-    cron: OnceCell<Cron>,
-    run_on_start: bool,
-    /// Longest a Stop waits for in-flight runs of other replicas.
-    stop_wait: Duration,
+    parts: ControlParts,
 }
 
 impl JobControl {
-    /// Wires the parts; the cron schedule is attached later with [`JobControl::attach_cron`].
-    pub fn new(job: Arc<SendingJob>, trigger: Trigger, run_on_start: bool, stop_wait: Duration) -> Self {
-        Self {
-            job,
-            trigger,
-            cron: OnceCell::new(),
-            run_on_start,
-            stop_wait,
-        }
+    /// The service over its parts.
+    pub fn new(parts: ControlParts) -> Self {
+        Self { parts }
     }
 
-    /// Attaches the running schedule (for `nextRunAt` and shutdown).
-    pub fn attach_cron(&self, cron: Cron) {
-        if self.cron.set(cron).is_err() {
-            tracing::warn!("cron attached twice; keeping the first");
-        }
-    }
-
-    /// The schedule, once attached.
-    pub fn cron(&self) -> Option<&Cron> {
-        self.cron.get()
-    }
-
-    /// The job.
+    /// The job of this replica (tests call `run_once` on it).
     pub fn job(&self) -> &Arc<SendingJob> {
-        &self.job
+        &self.parts.job
     }
 
-    /// Starts a run now.
+    /// The schedule.
+    pub fn cron(&self) -> &Cron {
+        &self.parts.cron
+    }
+
+    /// Starts a run now, in the background.
     pub fn trigger(&self) {
-        self.trigger.fire();
+        self.parts.trigger.fire();
     }
 
     /// Start: persisted for every replica; runs once at once when `run_on_start`.
     pub async fn start(&self) -> Result<JobStatus, ControlError> {
-        let changed = self.job.store().set_working(true, self.job.worker_id()).await?;
-        if changed.is_none() {
+        let by = self.parts.job.worker_id();
+        if self.parts.store.set_working(true, by).await?.is_none() {
             return Err(ControlError::AlreadyWorking);
         }
-        self.job.metrics().working.set(1);
-        tracing::info!(by = self.job.worker_id(), "sending job started");
-        if self.run_on_start {
-            self.trigger.fire();
+        self.parts.metrics.working.set(1);
+        tracing::info!(by, "sending job started");
+        if self.parts.run_on_start {
+            self.trigger();
         }
         Ok(self.status().await?)
     }
@@ -111,18 +119,15 @@ impl JobControl {
     /// Stop: persisted for every replica; answers once no run is in flight anywhere (runs of a
     /// killed replica are ignored once they expire).
     pub async fn stop(&self) -> Result<JobStatus, ControlError> {
-        let changed = self.job.store().set_working(false, self.job.worker_id()).await?;
-        if changed.is_none() {
+        let by = self.parts.job.worker_id();
+        if self.parts.store.set_working(false, by).await?.is_none() {
             return Err(ControlError::AlreadyStopped);
         }
-        self.job.metrics().working.set(0);
-        tracing::info!(
-            by = self.job.worker_id(),
-            "sending job stopping; waiting for runs in flight"
-        );
-        self.job.wait_idle().await;
-        let deadline = tokio::time::Instant::now() + self.stop_wait;
-        while self.job.store().in_flight_runs(DateTime::now()).await? > 0 {
+        self.parts.metrics.working.set(0);
+        tracing::info!(by, "sending job stopping; waiting for runs in flight");
+        self.parts.job.wait_idle().await;
+        let deadline = tokio::time::Instant::now() + self.parts.stop_wait;
+        while self.parts.store.in_flight_runs(DateTime::now()).await? > 0 {
             if tokio::time::Instant::now() >= deadline {
                 tracing::warn!("runs of other replicas still in flight after the stop wait; answering anyway");
                 break;
@@ -134,15 +139,16 @@ impl JobControl {
     }
 
     /// The job's state as this replica sees it.
-    pub async fn status(&self) -> Result<JobStatus, mongodb::error::Error> {
-        let store = self.job.store();
+    pub async fn status(&self) -> Result<JobStatus, StoreError> {
+        let store = &self.parts.store;
         let state = store.state_or_default().await?;
         let last = store.last_run_at().await?;
-        let next = match self.cron.get() {
-            Some(cron) if state.working => cron.next_tick().await,
-            _ => None,
+        let next = if state.working {
+            self.parts.cron.next_tick().await
+        } else {
+            None
         };
-        self.job.metrics().working.set(i64::from(state.working));
+        self.parts.metrics.working.set(i64::from(state.working));
         Ok(JobStatus {
             working: state.working,
             changed_at: Some(state.changed_at.to_chrono()),
@@ -150,5 +156,23 @@ impl JobControl {
             last_run_at: last.map(|d| d.to_chrono()),
             next_run_at: next,
         })
+    }
+
+    /// A page of the run history of every replica, newest first.
+    pub async fn runs(&self, page: &PageRequest) -> Result<Page<RunView>, StoreError> {
+        Ok(self.parts.store.list_runs(page).await?.into_page(page, RunView::from))
+    }
+
+    /// Readiness: MongoDB is critical, the Messenger API only degrades.
+    pub async fn readiness(&self) -> ReadyResponse {
+        let deadline = Duration::from_secs(2);
+        let (mongo, api) = tokio::join!(
+            probes::check(true, deadline, self.parts.store.ping()),
+            probes::check(false, deadline, self.parts.messenger.ping()),
+        );
+        probes::verdict(BTreeMap::from([
+            ("mongodb".to_owned(), mongo),
+            ("messengerApi".to_owned(), api),
+        ]))
     }
 }

@@ -1,16 +1,19 @@
 //! One run of the sending job.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bson::DateTime;
 use futures::StreamExt;
+use herald_core::message::MessageStatus;
+use herald_core::mongo::after;
+use herald_core::worker::ClaimedMessage;
+use telemetry::Chain;
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use webhook_client::{DeliveryOutcome, WebhookClient, WebhookRequest};
 
-use crate::messenger_client::{Claimed, MessengerClient, MessengerError};
+use crate::messenger_client::{MessengerClient, MessengerError};
 use crate::metrics::SchedulerMetrics;
 use crate::store::{JobRunDoc, JobStore};
 
@@ -30,6 +33,28 @@ pub struct JobConfig {
     pub lease: Duration,
     /// Webhook total timeout (bounds a run's sends).
     pub webhook_timeout: Duration,
+}
+
+/// How a run ended, as counted in `herald_job_runs_total{result}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunResult {
+    /// It claimed (possibly nothing) and reported every outcome it could.
+    Completed,
+    /// It did nothing: stopped, overlapping or shutting down.
+    Skipped,
+    /// It could not record itself, read the job state or claim.
+    Error,
+}
+
+impl RunResult {
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Completed => "completed",
+            Self::Skipped => "skipped",
+            Self::Error => "error",
+        }
+    }
 }
 
 /// What happened to one claimed message.
@@ -81,16 +106,6 @@ impl SendingJob {
         &self.config.worker_id
     }
 
-    /// The job's store.
-    pub fn store(&self) -> &JobStore {
-        &self.store
-    }
-
-    /// The metrics.
-    pub fn metrics(&self) -> &SchedulerMetrics {
-        &self.metrics
-    }
-
     /// Waits until this replica has no run in flight.
     pub async fn wait_idle(&self) {
         drop(self.run_lock.lock().await);
@@ -115,24 +130,24 @@ impl SendingJob {
         // The run is recorded as in flight *before* the working flag is read, so a Stop that
         // clears the flag and then waits for in-flight runs cannot miss this one.
         let expires = self.config.lease + self.config.webhook_timeout + Duration::from_secs(10);
-        let expires_at = DateTime::from_millis(started_at.timestamp_millis() + expires.as_millis() as i64);
+        let expires_at = after(started_at, expires);
         let mut report = JobRunDoc::started(&self.config.worker_id, started_at, expires_at);
         if let Err(error) = self.store.begin_run(&report).await {
             // Without the in-flight record a Stop could miss this run: do not claim.
-            report.error = Some(format!("could not record the run: {error}"));
-            return self.finish(report, "error").await;
+            report.error = Some(format!("could not record the run: {}", Chain(&error)));
+            return self.finish(report, RunResult::Error).await;
         }
         span.record("run_id", tracing::field::display(report.id));
         let run_id = report.id.to_hex();
         match self.store.state_or_default().await {
             Ok(state) if !state.working => {
                 report.skipped_reason = Some("job is stopped".into());
-                return self.finish(report, "skipped").await;
+                return self.finish(report, RunResult::Skipped).await;
             }
             Ok(_) => {}
             Err(error) => {
-                report.error = Some(format!("could not read the job state: {error}"));
-                return self.finish(report, "error").await;
+                report.error = Some(format!("could not read the job state: {}", Chain(&error)));
+                return self.finish(report, RunResult::Error).await;
             }
         }
         let claimed = match self
@@ -148,8 +163,8 @@ impl SendingJob {
             Ok(claimed) => claimed,
             Err(error) => {
                 self.metrics.messenger_errors.with_label_values(&["claim"]).inc();
-                report.error = Some(format!("claim failed: {error}"));
-                return self.finish(report, "error").await;
+                report.error = Some(format!("claim failed: {}", Chain(&error)));
+                return self.finish(report, RunResult::Error).await;
             }
         };
         report.claimed = claimed.len() as i32;
@@ -176,21 +191,21 @@ impl SendingJob {
                 "run finished"
             );
         }
-        self.finish(report, "completed").await
+        self.finish(report, RunResult::Completed).await
     }
 
-    async fn deliver(&self, message: Claimed, run_id: &str) -> Delivery {
+    async fn deliver(&self, message: ClaimedMessage, run_id: &str) -> Delivery {
         let masked = telemetry::mask_phone(&message.to);
         if self.shutdown.is_cancelled() {
             // Not started: give it back rather than hold it until the lease runs out.
-            return match self.messenger.release(&message.id, &message.claim_token, run_id).await {
+            return match self.messenger.release(&message, run_id).await {
                 Ok(()) => {
                     self.metrics.deliveries.with_label_values(&["released"]).inc();
                     Delivery::Released
                 }
                 Err(error) => {
                     self.metrics.messenger_errors.with_label_values(&["release"]).inc();
-                    tracing::warn!(message_id = %message.id, %error, "could not release; the lease will expire");
+                    tracing::warn!(message_id = %message.id, error = %Chain(&error), "could not release; the lease will expire");
                     Delivery::Unrecorded
                 }
             };
@@ -211,21 +226,15 @@ impl SendingJob {
             .with_label_values(&[outcome.label()])
             .observe(started.elapsed().as_secs_f64());
         self.metrics.deliveries.with_label_values(&[outcome.label()]).inc();
-        let (result, operation) = match &outcome {
+        let label = outcome.label();
+        let (result, operation) = match outcome {
             DeliveryOutcome::Accepted { message_id, .. } => {
                 if message_id.is_none() {
                     self.metrics.accepted_without_id.inc();
                 }
-                let sent_at = chrono::Utc::now();
                 let result = self
                     .messenger
-                    .commit(
-                        &message.id,
-                        &message.claim_token,
-                        message_id.as_deref(),
-                        sent_at,
-                        run_id,
-                    )
+                    .commit(&message, message_id, chrono::Utc::now(), run_id)
                     .await
                     .map(|()| Delivery::Sent);
                 (result, "commit")
@@ -233,21 +242,21 @@ impl SendingJob {
             DeliveryOutcome::Retryable { failure, retry_after } => {
                 let result = self
                     .messenger
-                    .fail(&message.id, &message.claim_token, failure, true, *retry_after, run_id)
+                    .fail(&message, &failure, true, retry_after, run_id)
                     .await
-                    .map(|status| after_failure(&status));
+                    .map(after_failure);
                 (result, "fail")
             }
             DeliveryOutcome::Permanent { failure } => {
                 let result = self
                     .messenger
-                    .fail(&message.id, &message.claim_token, failure, false, None, run_id)
+                    .fail(&message, &failure, false, None, run_id)
                     .await
-                    .map(|status| after_failure(&status));
+                    .map(after_failure);
                 (result, "fail")
             }
         };
-        tracing::debug!(message_id = %message.id, to = %masked, attempt = message.attempt, outcome = outcome.label(), "delivered");
+        tracing::debug!(message_id = %message.id, to = %masked, attempt = message.attempt, outcome = label, "delivered");
         match result {
             Ok(delivery) => delivery,
             Err(MessengerError::ClaimLost) => {
@@ -256,7 +265,7 @@ impl SendingJob {
             }
             Err(error) => {
                 self.metrics.messenger_errors.with_label_values(&[operation]).inc();
-                tracing::error!(message_id = %message.id, %error, "{operation} failed; the lease will hand the message out again");
+                tracing::error!(message_id = %message.id, error = %Chain(&error), "{operation} failed; the lease will hand the message out again");
                 Delivery::Unrecorded
             }
         }
@@ -265,17 +274,20 @@ impl SendingJob {
     async fn skipped(&self, started_at: DateTime, reason: &str) -> RunReport {
         let mut report = JobRunDoc::started(&self.config.worker_id, started_at, started_at);
         report.skipped_reason = Some(reason.to_owned());
-        self.metrics.runs.with_label_values(&["skipped"]).inc();
+        self.metrics
+            .runs
+            .with_label_values(&[RunResult::Skipped.as_str()])
+            .inc();
         report.finished_at = Some(DateTime::now());
         if let Err(error) = self.store.finish_run(&report).await {
-            tracing::warn!(%error, "could not record a skipped run");
+            tracing::warn!(error = %Chain(&error), "could not record a skipped run");
         }
         report
     }
 
-    async fn finish(&self, mut report: RunReport, result: &str) -> RunReport {
+    async fn finish(&self, mut report: RunReport, result: RunResult) -> RunReport {
         report.finished_at = Some(DateTime::now());
-        self.metrics.runs.with_label_values(&[result]).inc();
+        self.metrics.runs.with_label_values(&[result.as_str()]).inc();
         if report.skipped_reason.is_none() {
             self.metrics
                 .last_run
@@ -285,20 +297,17 @@ impl SendingJob {
             tracing::warn!(%error, "run ended with an error");
         }
         if let Err(error) = self.store.finish_run(&report).await {
-            tracing::warn!(%error, "could not record the run");
+            tracing::warn!(error = %Chain(&error), "could not record the run");
         }
         report
     }
 }
 
 /// What the Messenger API made of a failure report: out of retries counts as failed.
-fn after_failure(status: &str) -> Delivery {
-    if status == "failed" {
+fn after_failure(status: MessageStatus) -> Delivery {
+    if status == MessageStatus::Failed {
         Delivery::Failed
     } else {
         Delivery::Retried
     }
 }
-
-/// A shared job.
-pub type SharedJob = Arc<SendingJob>;

@@ -3,10 +3,13 @@
 //! - [`job`]: [`job::SendingJob::run_once`] — one run: claim through the Messenger API, send
 //!   to the provider (at most `concurrency` at once), commit or fail each. Tests call it
 //!   directly; tokio-cron-scheduler only decides *when*.
-//! - [`cron`]: the schedule, with what tokio-cron-scheduler lacks added on top — no overlap
-//!   (a try-lock per replica), a pause (the persisted `working` flag read at every run) and a
-//!   drain on shutdown (a task tracker and a cancellation token).
-//! - [`messenger_client`]: the Messenger API's worker protocol over HTTP.
+//!   What tokio-cron-scheduler lacks is added here: no overlap (a try-lock per replica, held
+//!   for the whole run) and a pause (the persisted `working` flag, read at every run).
+//! - [`cron`]: the schedule — it only decides *when* to call back.
+//! - [`control`]: the service the routes call — start, stop (waiting for runs in flight on every
+//!   replica), status, run history, readiness — and the tracked trigger that starts runs, so
+//!   shutdown drains them (a task tracker and a cancellation token).
+//! - [`messenger_client`]: the Messenger API's worker contract over HTTP.
 //! - [`store`]: `job_state` (one document per job) and `job_runs` (TTL-indexed history).
 //! - [`routes`]: start, stop, is-working, run history, probes.
 //! - [`startup::Application`] wires it all to a bound port.

@@ -1,28 +1,20 @@
-//! The worker side of the Messenger API: claim, commit, fail, release.
+//! The worker side of the Messenger API: claim, commit, fail, release, spoken with the typed
+//! contract of [`herald_core::worker`].
 
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use layered_config::{ExposeSecret, SecretString};
-use serde::{Deserialize, Serialize};
-use serde_json::json;
+use herald_core::message::{MessageStatus, MessageView};
+use herald_core::peer::{PeerClient, PeerError};
+use herald_core::worker::{
+    self, ClaimRequest, ClaimedMessage, CommitRequest, DeliveryError, FailRequest, ReleaseRequest,
+};
+use layered_config::SecretString;
+use reqwest::{Method, StatusCode};
 use webhook_client::DeliveryFailure;
 
-/// A claimed message, as `get-two` returns it.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Claimed {
-    /// Message id (also the webhook `Idempotency-Key`).
-    pub id: String,
-    /// Recipient.
-    pub to: String,
-    /// Text.
-    pub content: String,
-    /// Proof of the claim.
-    pub claim_token: String,
-    /// Which attempt this is.
-    pub attempt: i32,
-}
+/// How long one call to the Messenger API may take.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why a call to the Messenger API did not succeed.
 #[derive(Debug, thiserror::Error)]
@@ -31,70 +23,33 @@ pub enum MessengerError {
     #[error("claim lost")]
     ClaimLost,
     /// Any other answer, or no answer.
-    #[error("messenger API: {0}")]
-    Failed(String),
+    #[error(transparent)]
+    Call(PeerError),
 }
 
-/// HTTP client of the Messenger API.
+impl From<PeerError> for MessengerError {
+    fn from(error: PeerError) -> Self {
+        if error.status() == Some(StatusCode::CONFLICT) {
+            Self::ClaimLost
+        } else {
+            Self::Call(error)
+        }
+    }
+}
+
+/// HTTP client of the Messenger API. Every call carries the run's id as `X-Correlation-Id`, so
+/// the Messenger API's request spans can be matched to the run that made them.
 #[derive(Clone)]
 pub struct MessengerClient {
-    http: reqwest::Client,
-    base: String,
-    key: SecretString,
-}
-
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct ClaimBody<'a> {
-    worker: &'a str,
-    limit: u32,
-    lease_seconds: u64,
+    peer: PeerClient,
 }
 
 impl MessengerClient {
     /// A client for `base_url`, presenting `key`.
-    pub fn new(base_url: &str, key: SecretString) -> anyhow::Result<Self> {
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(10))
-            .connect_timeout(Duration::from_secs(2))
-            .user_agent(herald_core::USER_AGENT)
-            .build()?;
+    pub fn new(base_url: &str, key: SecretString) -> reqwest::Result<Self> {
         Ok(Self {
-            http,
-            base: base_url.trim_end_matches('/').to_owned(),
-            key,
+            peer: PeerClient::new(base_url, key, CALL_TIMEOUT)?,
         })
-    }
-
-    /// One call, carrying the run's id as `X-Correlation-Id` so the Messenger API's request
-    /// spans can be matched to the run that made them.
-    async fn call(
-        &self,
-        method: reqwest::Method,
-        path: &str,
-        body: serde_json::Value,
-        correlation_id: &str,
-    ) -> Result<reqwest::Response, MessengerError> {
-        let response = self
-            .http
-            .request(method, format!("{}{path}", self.base))
-            .bearer_auth(self.key.expose_secret())
-            .header(telemetry::CORRELATION_HEADER, correlation_id)
-            .json(&body)
-            .send()
-            .await
-            .map_err(|e| MessengerError::Failed(e.to_string()))?;
-        match response.status() {
-            s if s.is_success() => Ok(response),
-            reqwest::StatusCode::CONFLICT => Err(MessengerError::ClaimLost),
-            s => {
-                let text = response.text().await.unwrap_or_default();
-                Err(MessengerError::Failed(format!(
-                    "{path} answered {s}: {}",
-                    webhook_client::excerpt(text.as_bytes())
-                )))
-            }
-        }
     }
 
     /// Claims up to `limit` messages for `worker`, held for `lease`.
@@ -103,100 +58,78 @@ impl MessengerClient {
         worker: &str,
         limit: u32,
         lease: Duration,
-        correlation_id: &str,
-    ) -> Result<Vec<Claimed>, MessengerError> {
-        let body = serde_json::to_value(ClaimBody {
-            worker,
-            limit,
-            lease_seconds: lease.as_secs(),
-        })
-        .map_err(|e| MessengerError::Failed(e.to_string()))?;
-        self.call(reqwest::Method::POST, "/api/messenger/get-two", body, correlation_id)
-            .await?
-            .json()
-            .await
-            .map_err(|e| MessengerError::Failed(format!("unreadable claim: {e}")))
+        run_id: &str,
+    ) -> Result<Vec<ClaimedMessage>, MessengerError> {
+        let body = ClaimRequest {
+            worker: worker.to_owned(),
+            limit: Some(limit),
+            lease_seconds: Some(lease.as_secs()),
+        };
+        Ok(self
+            .peer
+            .call(Method::POST, worker::CLAIM_PATH, &body, Some(run_id))
+            .await?)
     }
 
     /// Commits an accepted send.
     pub async fn commit(
         &self,
-        id: &str,
-        token: &str,
-        message_id: Option<&str>,
+        message: &ClaimedMessage,
+        webhook_message_id: Option<String>,
         sent_at: DateTime<Utc>,
-        correlation_id: &str,
+        run_id: &str,
     ) -> Result<(), MessengerError> {
-        let body = json!({"claimToken": token, "webhookMessageId": message_id, "sentAt": sent_at});
-        self.call(
-            reqwest::Method::PUT,
-            &format!("/api/messenger/commit/{id}"),
-            body,
-            correlation_id,
-        )
-        .await
-        .map(drop)
+        let body = CommitRequest {
+            claim_token: message.claim_token.clone(),
+            webhook_message_id,
+            sent_at: Some(sent_at),
+        };
+        let path = worker::commit_path(&message.id);
+        self.peer
+            .call::<_, serde::de::IgnoredAny>(Method::PUT, &path, &body, Some(run_id))
+            .await?;
+        Ok(())
     }
 
     /// Reports a failed attempt; returns the status the Messenger API gave the message
     /// (`pending` for a scheduled retry, `failed` when permanent or out of retries).
     pub async fn fail(
         &self,
-        id: &str,
-        token: &str,
+        message: &ClaimedMessage,
         failure: &DeliveryFailure,
         retryable: bool,
         retry_after: Option<Duration>,
-        correlation_id: &str,
-    ) -> Result<String, MessengerError> {
-        let body = json!({
-            "claimToken": token,
-            "error": {"kind": failure.kind, "status": failure.status, "detail": failure.detail},
-            "retryable": retryable,
-            "retryAfterSeconds": retry_after.map(|d| d.as_secs()),
-        });
-        #[derive(Deserialize)]
-        struct After {
-            status: String,
-        }
-        let after: After = self
-            .call(
-                reqwest::Method::PUT,
-                &format!("/api/messenger/fail/{id}"),
-                body,
-                correlation_id,
-            )
-            .await?
-            .json()
-            .await
-            .map_err(|e| MessengerError::Failed(format!("unreadable fail answer: {e}")))?;
+        run_id: &str,
+    ) -> Result<MessageStatus, MessengerError> {
+        let body = FailRequest {
+            claim_token: message.claim_token.clone(),
+            error: DeliveryError {
+                kind: failure.kind,
+                status: failure.status,
+                detail: failure.detail.clone(),
+            },
+            retryable,
+            retry_after_seconds: retry_after.map(|d| d.as_secs()),
+        };
+        let path = worker::fail_path(&message.id);
+        let after: MessageView = self.peer.call(Method::PUT, &path, &body, Some(run_id)).await?;
         Ok(after.status)
     }
 
     /// Gives an unsent claim back.
-    pub async fn release(&self, id: &str, token: &str, correlation_id: &str) -> Result<(), MessengerError> {
-        self.call(
-            reqwest::Method::PUT,
-            &format!("/api/messenger/release/{id}"),
-            json!({"claimToken": token}),
-            correlation_id,
-        )
-        .await
-        .map(drop)
+    pub async fn release(&self, message: &ClaimedMessage, run_id: &str) -> Result<(), MessengerError> {
+        let body = ReleaseRequest {
+            claim_token: message.claim_token.clone(),
+        };
+        let path = worker::release_path(&message.id);
+        self.peer
+            .call::<_, serde::de::IgnoredAny>(Method::PUT, &path, &body, Some(run_id))
+            .await?;
+        Ok(())
     }
 
     /// Whether the Messenger API answers its liveness probe.
-    pub async fn ping(&self) -> Result<(), String> {
-        let response = self
-            .http
-            .get(format!("{}/messenger/health", self.base))
-            .send()
-            .await
-            .map_err(|e| e.to_string())?;
-        if response.status().is_success() {
-            Ok(())
-        } else {
-            Err(format!("health answered {}", response.status()))
-        }
+    pub async fn ping(&self) -> Result<(), PeerError> {
+        self.peer.probe("/messenger/health").await
     }
 }

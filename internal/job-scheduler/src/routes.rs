@@ -1,22 +1,18 @@
 //! The Job Scheduler's HTTP surface: start, stop, is-working, run history, probes.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
 
 use herald_core::api_errors;
 use herald_core::auth::BearerAuth;
-use herald_core::jobs::{JobStatus, RunPage, RunView};
-use herald_core::pagination::PageRequest;
-use herald_core::probes::{self, Health, ReadyResponse};
+use herald_core::jobs::{JobStatus, RunView};
+use herald_core::pagination::{Page, PageRequest};
+use herald_core::probes::{Health, ReadyResponse};
 use herald_core::{ApiError, ErrorCode};
 use poem_openapi::param::Query;
 use poem_openapi::payload::Json;
 use poem_openapi::{ApiResponse, OpenApi, Tags};
 
 use crate::control::{ControlError, JobControl};
-use crate::messenger_client::MessengerClient;
-use crate::store::JobRunDoc;
 
 /// Operation groups.
 #[derive(Tags)]
@@ -39,40 +35,12 @@ pub enum StatusResponse {
     Ok(Json<JobStatus>),
 }
 
-fn run_view(r: JobRunDoc) -> RunView {
-    RunView {
-        id: r.id.to_hex(),
-        worker: r.worker,
-        started_at: r.started_at.to_chrono(),
-        finished_at: r.finished_at.map(|d| d.to_chrono()),
-        claimed: r.claimed,
-        sent: r.sent,
-        retried: r.retried,
-        failed: r.failed,
-        released: r.released,
-        skipped_reason: r.skipped_reason,
-        error: r.error,
-    }
-}
-
 /// Run history.
 #[derive(ApiResponse)]
 pub enum HistoryResponse {
-    /// The page.
+    /// Newest first.
     #[oai(status = 200)]
-    Ok(Json<RunPage>),
-}
-
-fn store_error(error: mongodb::error::Error) -> ApiError {
-    if herald_core::mongo::is_unavailable(&error) {
-        tracing::warn!(%error, "MongoDB unavailable");
-        ApiError::new(
-            ErrorCode::DatabaseUnavailable,
-            "MongoDB is unavailable; nothing was changed. Try again.",
-        )
-    } else {
-        ApiError::internal(&error)
-    }
+    Ok(Json<Page<RunView>>),
 }
 
 impl From<ControlError> for ApiError {
@@ -84,14 +52,14 @@ impl From<ControlError> for ApiError {
             ControlError::AlreadyStopped => {
                 ApiError::new(ErrorCode::JobAlreadyStopped, "The sending job is already stopped.")
             }
-            ControlError::Store(e) => store_error(e),
+            ControlError::Store(e) => e.into(),
         }
     }
 }
 
 /// Job operations.
 pub struct JobApi {
-    /// The control surface.
+    /// Start, stop, status and run history of the job.
     pub control: Arc<JobControl>,
 }
 
@@ -128,7 +96,7 @@ impl JobApi {
     )]
     async fn is_working(&self, _auth: BearerAuth) -> Result<StatusResponse, StatusErrors> {
         Ok(StatusResponse::Ok(Json(
-            self.control.status().await.map_err(store_error)?,
+            self.control.status().await.map_err(ApiError::from)?,
         )))
     }
 
@@ -148,30 +116,16 @@ impl JobApi {
         after: Query<Option<String>>,
     ) -> Result<HistoryResponse, HistoryErrors> {
         let page = PageRequest::parse(limit.0, offset.0, after.0.as_deref())?;
-        let (runs, more, total) = self
-            .control
-            .job()
-            .store()
-            .list_runs(page.start, page.limit)
-            .await
-            .map_err(store_error)?;
-        let next_cursor = if more { runs.last().map(|r| r.id.to_hex()) } else { None };
-        Ok(HistoryResponse::Ok(Json(RunPage {
-            items: runs.into_iter().map(run_view).collect(),
-            limit: page.limit,
-            offset: page.offset(),
-            next_cursor,
-            total,
-        })))
+        Ok(HistoryResponse::Ok(Json(
+            self.control.runs(&page).await.map_err(ApiError::from)?,
+        )))
     }
 }
 
 /// Probe operations.
 pub struct ProbesApi {
-    /// MongoDB, for the ping.
-    pub db: mongodb::Database,
-    /// The Messenger API, for the ping.
-    pub messenger: MessengerClient,
+    /// Readiness comes from the control service.
+    pub control: Arc<JobControl>,
 }
 
 #[OpenApi(tag = "SchedulerTags::Probes")]
@@ -189,14 +143,6 @@ impl ProbesApi {
     /// Pings MongoDB (critical: 503 when down) and the Messenger API (degraded when down).
     #[oai(path = "/job-scheduler/ready", method = "get", operation_id = "schedulerReady")]
     async fn ready(&self) -> ReadyResponse {
-        let deadline = Duration::from_secs(2);
-        let (mongo, api) = tokio::join!(
-            probes::check(true, deadline, herald_core::mongo::ping(&self.db)),
-            probes::check(false, deadline, self.messenger.ping()),
-        );
-        probes::verdict(BTreeMap::from([
-            ("mongodb".to_owned(), mongo),
-            ("messengerApi".to_owned(), api),
-        ]))
+        self.control.readiness().await
     }
 }

@@ -1,4 +1,5 @@
-//! Wiring: settings → clients → job → schedule → routes → a bound server.
+//! Wiring, top to bottom: settings → clients → job → schedule → control → routes → a bound
+//! server.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -13,11 +14,12 @@ use layered_config::ExposeSecret;
 use poem::endpoint::BoxEndpoint;
 use poem::{EndpointExt, Response, Route};
 use poem_openapi::OpenApiService;
+use telemetry::Chain;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use webhook_client::{WebhookClient, WebhookConfig};
 
-use crate::control::{JobControl, Trigger};
+use crate::control::{ControlParts, JobControl, Trigger};
 use crate::cron::Cron;
 use crate::job::{JobConfig, SendingJob};
 use crate::messenger_client::MessengerClient;
@@ -53,11 +55,11 @@ pub fn worker_id(settings: &Settings) -> String {
     format!("{host}-{}", &uuid::Uuid::new_v4().simple().to_string()[..6])
 }
 
+/// Everything but the bound server: the job, its schedule (not yet ticking) and its control.
 struct Parts {
-    db: mongodb::Database,
-    messenger: MessengerClient,
     control: Arc<JobControl>,
-    trigger: Trigger,
+    store: JobStore,
+    metrics: SchedulerMetrics,
     tracker: TaskTracker,
     shutdown: CancellationToken,
 }
@@ -74,7 +76,7 @@ async fn parts(settings: &Settings) -> anyhow::Result<Parts> {
         connect_timeout: Duration::from_millis(settings.webhook.connect_timeout_ms),
         user_agent: herald_core::USER_AGENT.to_owned(),
     })
-    .map_err(anyhow::Error::msg)?;
+    .context("Failed to build the webhook client")?;
     let js = &settings.job_scheduler;
     let config = JobConfig {
         worker_id: worker_id(settings),
@@ -83,38 +85,48 @@ async fn parts(settings: &Settings) -> anyhow::Result<Parts> {
         lease: Duration::from_secs(js.lease_seconds),
         webhook_timeout: settings.webhook.timeout(),
     };
+    let stop_wait = config.lease + config.webhook_timeout + Duration::from_secs(10);
     let metrics = SchedulerMetrics::new().context("Failed to register metrics")?;
+    let store = JobStore::new(&db);
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
-    let stop_wait = config.lease + config.webhook_timeout + Duration::from_secs(10);
     let job = Arc::new(SendingJob::new(
-        JobStore::new(&db),
+        store.clone(),
         messenger.clone(),
         webhook,
         config,
-        metrics,
+        metrics.clone(),
         shutdown.clone(),
     ));
     let trigger = Trigger::new(job.clone(), tracker.clone());
-    let control = Arc::new(JobControl::new(job, trigger.clone(), js.run_on_start, stop_wait));
-    Ok(Parts {
-        db,
-        messenger,
-        control,
+    let tick = trigger.clone();
+    let cron = Cron::new(&js.schedule, move || tick.fire()).await?;
+    let control = Arc::new(JobControl::new(ControlParts {
+        job,
+        store: store.clone(),
+        metrics: metrics.clone(),
         trigger,
+        cron,
+        messenger,
+        run_on_start: js.run_on_start,
+        stop_wait,
+    }));
+    Ok(Parts {
+        control,
+        store,
+        metrics,
         tracker,
         shutdown,
     })
 }
 
-fn api_service(parts: &Parts) -> OpenApiService<(JobApi, ProbesApi), ()> {
+fn api_service(control: &Arc<JobControl>) -> OpenApiService<(JobApi, ProbesApi), ()> {
     let apis = (
         JobApi {
-            control: parts.control.clone(),
+            control: control.clone(),
         },
         ProbesApi {
-            db: parts.db.clone(),
-            messenger: parts.messenger.clone(),
+            control: control.clone(),
         },
     );
     OpenApiService::new(apis, "Herald Job Scheduler", env!("CARGO_PKG_VERSION")).description(
@@ -126,20 +138,26 @@ fn api_service(parts: &Parts) -> OpenApiService<(JobApi, ProbesApi), ()> {
 
 /// The OpenAPI document as pretty JSON.
 pub async fn openapi_json(settings: &Settings) -> anyhow::Result<String> {
-    Ok(api_service(&parts(settings).await?).spec())
+    Ok(api_service(&parts(settings).await?.control).spec())
 }
 
 impl Application {
     /// Connects (lazily), prepares `job_state`/`job_runs`, starts the schedule, binds.
     pub async fn build(settings: &Settings) -> anyhow::Result<Self> {
         herald_core::errors::check_catalogue(herald_core::errors::CATALOGUE).map_err(anyhow::Error::msg)?;
-        let parts = parts(settings).await?;
-        let job = parts.control.job().clone();
+        let Parts {
+            control,
+            store,
+            metrics,
+            tracker,
+            shutdown,
+        } = parts(settings).await?;
+        let worker = control.job().worker_id().to_owned();
         let history = Duration::from_secs(settings.job_scheduler.run_history_days * 86_400);
-        if let Err(error) = job.store().ensure_indexes(history).await {
-            tracing::warn!(%error, "could not create job_runs indexes; runs will report MongoDB errors until it is back");
+        if let Err(error) = store.ensure_indexes(history).await {
+            tracing::warn!(error = %Chain(&error), "could not create job_runs indexes; runs will report MongoDB errors until it is back");
         }
-        let working = match job.store().init_state(job.worker_id()).await {
+        let working = match store.init_state(&worker).await {
             Ok(state) => {
                 if !state.working {
                     tracing::info!(changed_by = %state.changed_by, "the sending job is stopped (persisted); start it to send");
@@ -147,57 +165,51 @@ impl Application {
                 state.working
             }
             Err(error) => {
-                tracing::warn!(%error, "could not read the job state yet");
+                tracing::warn!(error = %Chain(&error), "could not read the job state yet");
                 false
             }
         };
-        job.metrics().working.set(i64::from(working));
-        let cron = Cron::start(&settings.job_scheduler.schedule, parts.trigger.clone()).await?;
-        parts.control.attach_cron(cron);
+        metrics.working.set(i64::from(working));
+        control.cron().start().await?;
         if working && settings.job_scheduler.run_on_start {
-            parts.trigger.fire();
+            control.trigger();
         }
         let bound = http::bind(&settings.job_scheduler.host, settings.job_scheduler.port).await?;
         tracing::info!(
             address = %bound.addr,
-            worker = job.worker_id(),
+            worker,
             schedule = %settings.job_scheduler.schedule,
             webhook = %settings.webhook.url,
             auth_key_set = !settings.webhook.auth_key.expose_secret().is_empty(),
             "job scheduler listening; Swagger UI at /job-scheduler/swagger"
         );
-        let api = api_service(&parts);
+        let api = api_service(&control);
         let ui = api.swagger_ui();
         let spec = api.spec_endpoint();
-        let metrics = job.metrics().clone();
-        let metrics_endpoint = poem::endpoint::make_sync(move |_| http::render_metrics(&metrics.registry));
+        let registry = metrics.registry.clone();
+        let metrics_endpoint = poem::endpoint::make_sync(move |_| http::render_metrics(&registry));
         let routes = Route::new()
             .at("/job-scheduler/openapi.json", spec)
             .nest("/job-scheduler/swagger", ui)
             .at("/metrics", metrics_endpoint)
             .nest("/", api)
             .data(ApiKeys::new(settings.auth.api_keys.clone()));
-        let app = http::edge(
-            routes,
-            settings.messenger_api.max_body_bytes,
-            job.metrics().http.clone(),
-        )
-        .boxed();
+        let app = http::edge(routes, settings.messenger_api.max_body_bytes, metrics.http.clone()).boxed();
         Ok(Self {
             bound,
             app,
-            control: parts.control,
-            shutdown: parts.shutdown,
-            tracker: parts.tracker,
+            control,
+            shutdown,
+            tracker,
         })
     }
 
-    /// The bound address.
+    /// Where the server listens.
     pub fn addr(&self) -> SocketAddr {
         self.bound.addr
     }
 
-    /// The bound port.
+    /// The port it listens on (the real one when 0 was asked for).
     pub fn port(&self) -> u16 {
         self.bound.addr.port()
     }
@@ -228,9 +240,7 @@ impl Application {
         let shutdown = self.shutdown.clone();
         let drain = async move {
             shutdown.cancelled().await;
-            if let Some(cron) = control.cron() {
-                cron.shutdown().await;
-            }
+            control.cron().shutdown().await;
             tracker.close();
             tracker.wait().await;
             tracing::info!("sending job drained");

@@ -3,9 +3,11 @@
 use std::time::Duration;
 
 use bson::oid::ObjectId;
-use bson::{doc, DateTime, Document};
-use futures::TryStreamExt;
-use herald_core::pagination::PageStart;
+use bson::{doc, DateTime};
+use herald_core::jobs::RunView;
+use herald_core::mongo::find_page;
+pub use herald_core::mongo::StoreError;
+use herald_core::pagination::{Fetched, PageRequest, PageStart};
 use mongodb::options::{FindOneAndUpdateOptions, IndexOptions, ReturnDocument};
 use mongodb::{Collection, Database, IndexModel};
 use serde::{Deserialize, Serialize};
@@ -67,20 +69,40 @@ impl JobRunDoc {
     }
 }
 
-/// The repository.
+impl From<JobRunDoc> for RunView {
+    fn from(r: JobRunDoc) -> Self {
+        Self {
+            id: r.id.to_hex(),
+            worker: r.worker,
+            started_at: r.started_at.to_chrono(),
+            finished_at: r.finished_at.map(|d| d.to_chrono()),
+            claimed: r.claimed,
+            sent: r.sent,
+            retried: r.retried,
+            failed: r.failed,
+            released: r.released,
+            skipped_reason: r.skipped_reason,
+            error: r.error,
+        }
+    }
+}
+
+/// The repository over `job_state` and `job_runs`.
 #[derive(Clone)]
 pub struct JobStore {
+    db: Database,
     state: Collection<JobStateDoc>,
     runs: Collection<JobRunDoc>,
 }
 
-/// The store's errors are the driver's; callers decide what is fatal.
-pub type StoreResult<T> = Result<T, mongodb::error::Error>;
+/// What the store answers with.
+pub type StoreResult<T> = Result<T, StoreError>;
 
 impl JobStore {
     /// The store over `db`.
     pub fn new(db: &Database) -> Self {
         Self {
+            db: db.clone(),
             state: db.collection(JOB_STATE_COLLECTION),
             runs: db.collection(JOB_RUNS_COLLECTION),
         }
@@ -144,7 +166,8 @@ impl JobStore {
     /// Sets `working` if it is not already so. `None` when it already was.
     pub async fn set_working(&self, working: bool, by: &str) -> StoreResult<Option<JobStateDoc>> {
         let now = DateTime::now();
-        self.state
+        Ok(self
+            .state
             .find_one_and_update(
                 doc! {"_id": JOB_ID, "working": !working},
                 doc! {"$set": {"working": working, "changed_at": now, "changed_by": by}},
@@ -154,7 +177,7 @@ impl JobStore {
                     .return_document(ReturnDocument::After)
                     .build(),
             )
-            .await
+            .await?)
     }
 
     /// Records a run as started (in flight until [`JobStore::finish_run`]).
@@ -171,9 +194,10 @@ impl JobStore {
 
     /// Runs in flight on any replica (unfinished and not expired).
     pub async fn in_flight_runs(&self, now: DateTime) -> StoreResult<u64> {
-        self.runs
+        Ok(self
+            .runs
             .count_documents(doc! {"finished_at": {"$exists": false}, "expires_at": {"$gt": now}})
-            .await
+            .await?)
     }
 
     /// Start of the last run that was not skipped.
@@ -187,30 +211,19 @@ impl JobStore {
     }
 
     /// Run history, newest first.
-    pub async fn list_runs(&self, start: PageStart, limit: i64) -> StoreResult<(Vec<JobRunDoc>, bool, Option<u64>)> {
-        let mut filter = Document::new();
-        let mut skip = 0;
-        let total = match start {
-            PageStart::After(after) => {
-                filter.insert("_id", doc! {"$lt": after});
-                None
-            }
-            PageStart::Offset(offset) => {
-                skip = offset;
-                Some(self.runs.count_documents(doc! {}).await?)
-            }
+    pub async fn list_runs(&self, page: &PageRequest) -> StoreResult<Fetched<JobRunDoc>> {
+        let (filter, total, skip) = match page.start {
+            PageStart::After(after) => (doc! {"_id": {"$lt": after}}, None, 0),
+            PageStart::Offset(offset) => (doc! {}, Some(self.runs.count_documents(doc! {}).await?), offset),
         };
-        let mut items: Vec<JobRunDoc> = self
-            .runs
-            .find(filter)
-            .sort(doc! {"_id": -1})
-            .skip(skip)
-            .limit(limit + 1)
-            .await?
-            .try_collect()
-            .await?;
-        let more = items.len() as i64 > limit;
-        items.truncate(limit as usize);
-        Ok((items, more, total))
+        find_page(&self.runs, filter, doc! {"_id": -1}, skip, page, total, |r| {
+            r.id.to_hex()
+        })
+        .await
+    }
+
+    /// Pings the database (readiness).
+    pub async fn ping(&self) -> Result<(), mongodb::error::Error> {
+        herald_core::mongo::ping(&self.db).await
     }
 }

@@ -32,19 +32,6 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
-/// POSTs `body` with the key and reads the JSON answer.
-async fn post_json<T: serde::de::DeserializeOwned>(http: &reqwest::Client, url: &str, body: Value) -> T {
-    http.post(url)
-        .bearer_auth(KEY)
-        .json(&body)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
-}
-
 struct Api(Child);
 
 impl Drop for Api {
@@ -73,7 +60,8 @@ async fn main() {
         .spawn()
         .unwrap_or_else(|e| panic!("cannot start {binary}: {e} (cargo build --release --bin herald)")));
     let base = format!("http://127.0.0.1:{PORT}");
-    let http = reqwest::Client::new();
+    let keyed = test_support::Http::new(KEY);
+    let http = keyed.client.clone();
     for _ in 0..100 {
         if http.get(format!("{base}/messenger/health")).send().await.is_ok() {
             break;
@@ -82,12 +70,12 @@ async fn main() {
     }
     let pid = api.0.id();
     // Warm up: one subscriber, one message, so lazily built state is not counted as per-subscriber.
-    let warm: Value = post_json(
-        &http,
-        &format!("{base}/api/messenger/messages"),
-        json!({"to": "+905550000000", "content": "warm"}),
-    )
-    .await;
+    let warm: Value = keyed
+        .post_json(
+            &format!("{base}/api/messenger/messages"),
+            &json!({"to": "+905550000000", "content": "warm"}),
+        )
+        .await;
     let never = warm["id"].as_str().unwrap().to_owned();
     tokio::time::sleep(Duration::from_millis(300)).await;
     let before = rss_kib(pid);
@@ -150,12 +138,12 @@ async fn main() {
         let batch: Vec<Value> = (0..(messages - ids.len()).min(1000))
             .map(|i| json!({"to": format!("+90555{:07}", i), "content": "feed bench"}))
             .collect();
-        let created: Value = post_json(
-            &http,
-            &format!("{base}/api/messenger/messages/batch"),
-            json!({"messages": batch}),
-        )
-        .await;
+        let created: Value = keyed
+            .post_json(
+                &format!("{base}/api/messenger/messages/batch"),
+                &json!({"messages": batch}),
+            )
+            .await;
         ids.extend(
             created["items"]
                 .as_array()
@@ -166,12 +154,12 @@ async fn main() {
     }
     let mut claimed = Vec::new();
     while claimed.len() < messages {
-        let page: Vec<Value> = post_json(
-            &http,
-            &format!("{base}/api/messenger/get-two"),
-            json!({"worker": "bench", "limit": 500, "leaseSeconds": 600}),
-        )
-        .await;
+        let page: Vec<Value> = keyed
+            .post_json(
+                &format!("{base}/api/messenger/get-two"),
+                &json!({"worker": "bench", "limit": 500, "leaseSeconds": 600}),
+            )
+            .await;
         assert!(!page.is_empty(), "claimed everything there was");
         claimed.extend(page.into_iter().filter(|m| m["id"] != never.as_str()));
     }

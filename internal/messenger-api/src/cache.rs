@@ -16,6 +16,20 @@ use serde::{Deserialize, Serialize};
 /// How long a per-minute sent counter is kept, in seconds (the stats show the last hour).
 const MINUTE_COUNTER_TTL_SECONDS: u64 = 2 * 3600;
 
+/// Why a cache call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    /// Redis refused or broke the call.
+    #[error("Redis call failed")]
+    Redis(#[from] redis::RedisError),
+    /// Redis did not answer in time.
+    #[error("Redis did not answer within {0:?}")]
+    Timeout(Duration),
+    /// The entry could not be encoded.
+    #[error("could not encode the cache entry")]
+    Encode(#[from] serde_json::Error),
+}
+
 /// What is cached for a sent message.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -68,8 +82,8 @@ impl SentCache {
 
     /// Writes the entry with its TTL and, for a first commit (`count_in_minute`), counts it in
     /// that minute's counter, all in one round trip.
-    pub async fn put_sent(&self, id: &str, entry: &SentEntry, count_in_minute: Option<i64>) -> Result<(), String> {
-        let value = serde_json::to_string(entry).map_err(|e| e.to_string())?;
+    pub async fn put_sent(&self, id: &str, entry: &SentEntry, count_in_minute: Option<i64>) -> Result<(), CacheError> {
+        let value = serde_json::to_string(entry)?;
         let mut conn = self.connection.clone();
         let mut pipe = redis::pipe();
         pipe.cmd("SET")
@@ -89,40 +103,32 @@ impl SentCache {
 
     /// Messages sent in each of the `minutes` minutes up to and including `last_minute`,
     /// oldest first.
-    pub async fn sent_per_minute(&self, last_minute: i64, minutes: i64) -> Result<Vec<u64>, String> {
+    pub async fn sent_per_minute(&self, last_minute: i64, minutes: i64) -> Result<Vec<u64>, CacheError> {
         let keys: Vec<String> = (last_minute - minutes + 1..=last_minute)
             .map(|m| self.minute_key(m))
             .collect();
         let mut conn = self.connection.clone();
-        let mut counts = Vec::new();
-        self.bounded(async {
-            let values: Vec<Option<u64>> = redis::cmd("MGET").arg(&keys).query_async(&mut conn).await?;
-            counts = values.into_iter().map(Option::unwrap_or_default).collect();
-            Ok(())
-        })
-        .await?;
-        Ok(counts)
+        let values: Vec<Option<u64>> = self
+            .bounded(async move { redis::cmd("MGET").arg(&keys).query_async(&mut conn).await })
+            .await?;
+        Ok(values.into_iter().map(Option::unwrap_or_default).collect())
     }
 
     /// PING, for readiness.
-    pub async fn ping(&self) -> Result<(), String> {
+    pub async fn ping(&self) -> Result<(), CacheError> {
         let mut conn = self.connection.clone();
-        self.bounded(async move { redis::cmd("PING").query_async::<String>(&mut conn).await.map(|_| ()) })
+        self.bounded(async move { redis::cmd("PING").query_async::<String>(&mut conn).await.map(drop) })
             .await
     }
 
-    async fn bounded<F>(&self, call: F) -> Result<(), String>
+    async fn bounded<T, F>(&self, call: F) -> Result<T, CacheError>
     where
-        F: std::future::Future<Output = redis::RedisResult<()>>,
+        F: std::future::Future<Output = redis::RedisResult<T>>,
     {
         // Connect + retry + response can exceed one timeout; cap the whole call at three.
-        match tokio::time::timeout(self.timeout * 3, call).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(error)) => Err(error.to_string()),
-            Err(_) => Err(format!(
-                "Redis did not answer within {} ms",
-                (self.timeout * 3).as_millis()
-            )),
-        }
+        let limit = self.timeout * 3;
+        Ok(tokio::time::timeout(limit, call)
+            .await
+            .map_err(|_| CacheError::Timeout(limit))??)
     }
 }

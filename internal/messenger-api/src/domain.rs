@@ -5,48 +5,8 @@ use bson::DateTime;
 use serde::{Deserialize, Serialize};
 
 use crate::error::ServiceError;
+pub use herald_core::message::{FailureKind, MessageStatus};
 use herald_core::ErrorCode;
-
-/// Where a message is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, poem_openapi::Enum)]
-#[serde(rename_all = "lowercase")]
-#[oai(rename_all = "lowercase")]
-pub enum MessageStatus {
-    /// Waiting until `next_attempt_at`.
-    Pending,
-    /// Claimed by a worker until `lease_until`.
-    Processing,
-    /// Accepted by the provider. Final.
-    Sent,
-    /// Permanently failed or out of retries; only an operator can re-queue it.
-    Failed,
-}
-
-impl MessageStatus {
-    /// The stored string.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Pending => "pending",
-            Self::Processing => "processing",
-            Self::Sent => "sent",
-            Self::Failed => "failed",
-        }
-    }
-
-    /// Parses a status filter.
-    pub fn parse(text: &str) -> Option<Self> {
-        match text {
-            "pending" => Some(Self::Pending),
-            "processing" => Some(Self::Processing),
-            "sent" => Some(Self::Sent),
-            "failed" => Some(Self::Failed),
-            _ => None,
-        }
-    }
-
-    /// Every status, for metrics.
-    pub const ALL: [MessageStatus; 4] = [Self::Pending, Self::Processing, Self::Sent, Self::Failed];
-}
 
 /// The state change a write made, stored as `last_transition` so the change feed can name the
 /// event exactly (a released and a re-queued message are both `pending`).
@@ -87,8 +47,8 @@ impl Transition {
 /// The last failed attempt, as stored.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LastError {
-    /// `timeout`, `connection`, `http_status` or `invalid_response`.
-    pub kind: String,
+    /// How it failed.
+    pub kind: FailureKind,
     /// Provider status, when it answered.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<i32>,

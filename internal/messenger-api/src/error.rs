@@ -2,31 +2,7 @@
 
 use herald_core::{ApiError, ErrorCode};
 
-/// What the store can fail with.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    /// The database could not be reached.
-    #[error("MongoDB is unavailable: {0}")]
-    Unavailable(#[source] mongodb::error::Error),
-    /// A unique index refused the write.
-    #[error("duplicate key")]
-    AlreadyExists,
-    /// Any other driver error (a bug or a server-side problem).
-    #[error("MongoDB error: {0}")]
-    Database(#[source] mongodb::error::Error),
-}
-
-impl From<mongodb::error::Error> for StoreError {
-    fn from(error: mongodb::error::Error) -> Self {
-        if herald_core::mongo::is_duplicate_key(&error) {
-            Self::AlreadyExists
-        } else if herald_core::mongo::is_unavailable(&error) {
-            Self::Unavailable(error)
-        } else {
-            Self::Database(error)
-        }
-    }
-}
+pub use herald_core::mongo::StoreError;
 
 /// What the service can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -60,8 +36,8 @@ pub enum ServiceError {
         message: String,
     },
     /// The Job Scheduler could not be reached or answered oddly.
-    #[error("job scheduler unreachable: {0}")]
-    SchedulerUnreachable(String),
+    #[error("the job scheduler could not be reached")]
+    SchedulerUnreachable(#[from] herald_core::peer::PeerError),
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -95,21 +71,14 @@ impl From<ServiceError> for ApiError {
                 format!("Only a failed message can be retried; this one is {status}."),
             ),
             ServiceError::JobConflict { code, message } => ApiError::new(code, message),
-            ServiceError::SchedulerUnreachable(detail) => {
-                tracing::warn!(%detail, "job scheduler unreachable");
+            ServiceError::SchedulerUnreachable(cause) => {
+                tracing::warn!(cause = %telemetry::Chain(&cause), "job scheduler unreachable");
                 ApiError::new(
                     ErrorCode::JobSchedulerUnreachable,
                     "The Job Scheduler could not be reached.",
                 )
             }
-            ServiceError::Store(StoreError::Unavailable(cause)) => {
-                tracing::warn!(%cause, "MongoDB unavailable");
-                ApiError::new(
-                    ErrorCode::DatabaseUnavailable,
-                    "MongoDB is unavailable; nothing was changed. Try again.",
-                )
-            }
-            ServiceError::Store(other) => ApiError::internal(&other),
+            ServiceError::Store(error) => error.into(),
         }
     }
 }

@@ -2,10 +2,12 @@
 
 use std::time::Duration;
 
-use herald_core::jobs::{JobStatus, RunPage};
-use herald_core::pagination::{PageRequest, PageStart};
+use herald_core::jobs::{JobStatus, RunView};
+use herald_core::pagination::{Page, PageRequest, PageStart};
+use herald_core::peer::PeerClient;
 use herald_core::{ErrorBody, ErrorCode};
-use layered_config::{ExposeSecret, SecretString};
+use layered_config::SecretString;
+use reqwest::{Method, StatusCode};
 
 use crate::error::ServiceError;
 
@@ -42,85 +44,49 @@ impl JobCommand {
 /// HTTP client of the Job Scheduler's control surface.
 #[derive(Clone)]
 pub struct SchedulerClient {
-    http: reqwest::Client,
-    base_url: String,
-    key: SecretString,
+    peer: PeerClient,
 }
 
 impl SchedulerClient {
     /// A client for `base_url`, presenting `key`. Stop waits for an in-flight run, which the
     /// webhook timeout bounds, so the request timeout is generous.
-    pub fn new(base_url: &str, key: SecretString, timeout: Duration) -> anyhow::Result<Self> {
-        let http = reqwest::Client::builder()
-            .timeout(timeout)
-            .connect_timeout(Duration::from_secs(2))
-            .user_agent(herald_core::USER_AGENT)
-            .build()?;
+    pub fn new(base_url: &str, key: SecretString, timeout: Duration) -> reqwest::Result<Self> {
         Ok(Self {
-            http,
-            base_url: base_url.trim_end_matches('/').to_owned(),
-            key,
+            peer: PeerClient::new(base_url, key, timeout)?,
         })
-    }
-
-    /// Sends `request` with the key and the caller's correlation id.
-    async fn call(
-        &self,
-        request: reqwest::RequestBuilder,
-        correlation_id: Option<&str>,
-    ) -> Result<reqwest::Response, ServiceError> {
-        let mut request = request.bearer_auth(self.key.expose_secret());
-        if let Some(id) = correlation_id {
-            request = request.header(telemetry::CORRELATION_HEADER, id);
-        }
-        request
-            .send()
-            .await
-            .map_err(|e| ServiceError::SchedulerUnreachable(e.to_string()))
-    }
-
-    /// Reads a successful answer's JSON body.
-    async fn read<T: serde::de::DeserializeOwned>(response: reqwest::Response) -> Result<T, ServiceError> {
-        response
-            .json::<T>()
-            .await
-            .map_err(|e| ServiceError::SchedulerUnreachable(format!("unreadable answer: {e}")))
     }
 
     /// Sends the command and returns the job's state.
     pub async fn send(&self, command: JobCommand, correlation_id: Option<&str>) -> Result<JobStatus, ServiceError> {
-        let url = format!("{}/job-scheduler/messenger/{}", self.base_url, command.path());
-        let response = self.call(self.http.post(&url), correlation_id).await?;
-        let status = response.status();
-        if status.is_success() {
-            return Self::read(response).await;
+        let path = format!("/job-scheduler/messenger/{}", command.path());
+        let result = self
+            .peer
+            .call::<_, JobStatus>(Method::POST, &path, &(), correlation_id)
+            .await;
+        match result {
+            Err(error) if error.status() == Some(StatusCode::CONFLICT) => {
+                let message = error
+                    .body()
+                    .and_then(|body| serde_json::from_str::<ErrorBody>(body).ok())
+                    .map(|b| b.message)
+                    .unwrap_or_else(|| "The job is already in that state.".into());
+                let code = match command {
+                    JobCommand::Start => ErrorCode::JobAlreadyWorking,
+                    JobCommand::Stop => ErrorCode::JobAlreadyStopped,
+                };
+                Err(ServiceError::JobConflict { code, message })
+            }
+            other => Ok(other?),
         }
-        if status == reqwest::StatusCode::CONFLICT {
-            let body = response.json::<ErrorBody>().await.ok();
-            let code = match command {
-                JobCommand::Start => ErrorCode::JobAlreadyWorking,
-                JobCommand::Stop => ErrorCode::JobAlreadyStopped,
-            };
-            let message = body
-                .map(|b| b.message)
-                .unwrap_or_else(|| "The job is already in that state.".into());
-            return Err(ServiceError::JobConflict { code, message });
-        }
-        Err(ServiceError::SchedulerUnreachable(format!("{url} answered {status}")))
     }
 
     /// One page of the scheduler's run history.
-    pub async fn runs(&self, page: PageRequest, correlation_id: Option<&str>) -> Result<RunPage, ServiceError> {
-        let url = format!("{}/job-scheduler/jobs", self.base_url);
+    pub async fn runs(&self, page: PageRequest, correlation_id: Option<&str>) -> Result<Page<RunView>, ServiceError> {
         let mut query = vec![("limit", page.limit.to_string())];
         match page.start {
             PageStart::Offset(offset) => query.push(("offset", offset.to_string())),
             PageStart::After(after) => query.push(("after", after.to_hex())),
         }
-        let response = self.call(self.http.get(&url).query(&query), correlation_id).await?;
-        match response.status() {
-            status if status.is_success() => Self::read(response).await,
-            status => Err(ServiceError::SchedulerUnreachable(format!("{url} answered {status}"))),
-        }
+        Ok(self.peer.get("/job-scheduler/jobs", &query, correlation_id).await?)
     }
 }

@@ -23,7 +23,9 @@ use crate::routes::messages::MessagesApi;
 use crate::routes::probes::ProbesApi;
 use crate::routes::worker::WorkerApi;
 use crate::scheduler_client::SchedulerClient;
-use crate::service::{MessengerService, Rules};
+use crate::service::{JobRemote, MessengerService, Monitor, Rules};
+use crate::store::MessageStore;
+use telemetry::Chain;
 
 type Apis = (MessagesApi, WorkerApi, JobApi, LiveApi, ProbesApi);
 
@@ -34,87 +36,108 @@ const GRACE: Duration = Duration::from_secs(15);
 pub struct Application {
     bound: Bound,
     app: BoxEndpoint<'static, Response>,
-    service: Arc<MessengerService>,
-    feed: EventFeed,
+    services: Services,
 }
 
-/// Builds the service (clients connect lazily; nothing waits for a server here).
-pub async fn build_service(settings: &Settings) -> anyhow::Result<Arc<MessengerService>> {
-    let db = herald_core::mongo::connect(&settings.mongo, "herald-messenger-api").await?;
-    let cache = SentCache::new(&settings.redis)?;
-    // Stop waits for the scheduler's in-flight run, which the webhook timeout bounds.
-    let toggle_timeout = Duration::from_millis(settings.webhook.timeout_ms * 2 + 10_000);
-    let scheduler = SchedulerClient::new(
-        &settings.job_scheduler.url,
-        settings.service_key().clone(),
-        toggle_timeout,
-    )
-    .context("Failed to build the Job Scheduler client")?;
-    let metrics = MessengerMetrics::new().context("Failed to register metrics")?;
-    Ok(Arc::new(MessengerService::new(
-        db,
-        cache,
-        scheduler,
-        Rules::from_settings(settings),
-        metrics,
-    )))
+/// The services behind the routes, one per concern, over one database and one cache.
+#[derive(Clone)]
+pub struct Services {
+    /// Messages and their life.
+    pub messenger: Arc<MessengerService>,
+    /// The sending job, through the Job Scheduler.
+    pub job: Arc<JobRemote>,
+    /// Stats, readiness, gauges.
+    pub monitor: Arc<Monitor>,
+    /// The live event feed.
+    pub feed: EventFeed,
+    /// The messages' repository (for start-up index creation).
+    pub store: MessageStore,
+    /// Every metric, rendered at `/metrics`.
+    pub metrics: MessengerMetrics,
 }
 
-fn api_service(service: &Arc<MessengerService>, feed: &EventFeed, settings: &Settings) -> OpenApiService<Apis, ()> {
-    let apis = (
-        MessagesApi {
-            service: service.clone(),
-        },
-        WorkerApi {
-            service: service.clone(),
-        },
-        JobApi {
-            service: service.clone(),
-        },
-        LiveApi {
-            service: service.clone(),
-            feed: feed.clone(),
-            heartbeat: Duration::from_secs(settings.events.sse_heartbeat_seconds),
-        },
-        ProbesApi {
-            service: service.clone(),
-        },
-    );
-    OpenApiService::new(apis, "Herald Messenger API", env!("CARGO_PKG_VERSION")).description(
-        "Stores messages in MongoDB, hands them to workers with atomic leased claims, and records \
-         what the provider accepted (MongoDB, then the Redis cache). Every /api route needs \
-         `Authorization: Bearer <key>`; errors answer `{status, internalCode, message}`. \
-         Live status: `GET /api/messenger/events` (Server-Sent Events) or the WebSocket \
-         `GET /api/messenger/ws` (key in the upgrade's `Authorization` header or a first frame \
-         `{\"auth\": \"<key>\"}`); the operator console is at `/messenger/console`.",
-    )
+impl Services {
+    /// Builds the services (clients connect lazily; nothing waits for a server here).
+    pub async fn build(settings: &Settings) -> anyhow::Result<Self> {
+        let db = herald_core::mongo::connect(&settings.mongo, "herald-messenger-api").await?;
+        let cache = SentCache::new(&settings.redis)?;
+        // Stop waits for the scheduler's in-flight run, which the webhook timeout bounds.
+        let toggle_timeout = Duration::from_millis(settings.webhook.timeout_ms * 2 + 10_000);
+        let scheduler = SchedulerClient::new(
+            &settings.job_scheduler.url,
+            settings.service_key().clone(),
+            toggle_timeout,
+        )
+        .context("Failed to build the Job Scheduler client")?;
+        let metrics = MessengerMetrics::new().context("Failed to register metrics")?;
+        let store = MessageStore::new(&db);
+        Ok(Self {
+            messenger: Arc::new(MessengerService::new(
+                store.clone(),
+                cache.clone(),
+                Rules::from_settings(settings),
+                metrics.clone(),
+            )),
+            job: Arc::new(JobRemote::new(scheduler)),
+            monitor: Arc::new(Monitor::new(db.clone(), cache, metrics.clone())),
+            feed: EventFeed::new(db, settings.events.subscriber_buffer, metrics.feed.clone()),
+            store,
+            metrics,
+        })
+    }
+
+    fn api(&self, settings: &Settings) -> OpenApiService<Apis, ()> {
+        let apis = (
+            MessagesApi {
+                service: self.messenger.clone(),
+            },
+            WorkerApi {
+                service: self.messenger.clone(),
+            },
+            JobApi { job: self.job.clone() },
+            LiveApi {
+                monitor: self.monitor.clone(),
+                job: self.job.clone(),
+                feed: self.feed.clone(),
+                heartbeat: Duration::from_secs(settings.events.sse_heartbeat_seconds),
+            },
+            ProbesApi {
+                monitor: self.monitor.clone(),
+            },
+        );
+        OpenApiService::new(apis, "Herald Messenger API", env!("CARGO_PKG_VERSION")).description(
+            "Stores messages in MongoDB, hands them to workers with atomic leased claims, and records \
+             what the provider accepted (MongoDB, then the Redis cache). Every /api route needs \
+             `Authorization: Bearer <key>`; errors answer `{status, internalCode, message}`. \
+             Live status: `GET /api/messenger/events` (Server-Sent Events) or the WebSocket \
+             `GET /api/messenger/ws` (key in the upgrade's `Authorization` header or a first frame \
+             `{\"auth\": \"<key>\"}`); the operator console is at `/messenger/console`.",
+        )
+    }
 }
 
 /// The OpenAPI document as pretty JSON.
 pub async fn openapi_json(settings: &Settings) -> anyhow::Result<String> {
-    let service = build_service(settings).await?;
-    let feed = feed_for(&service, settings);
-    Ok(api_service(&service, &feed, settings).spec())
+    Ok(Services::build(settings).await?.api(settings).spec())
 }
 
 impl Application {
     /// Connects (lazily), creates indexes (in the background if MongoDB is down), binds.
     pub async fn build(settings: &Settings) -> anyhow::Result<Self> {
         herald_core::errors::check_catalogue(herald_core::errors::CATALOGUE).map_err(anyhow::Error::msg)?;
-        let service = build_service(settings).await?;
-        ensure_indexes(service.clone()).await;
+        let services = Services::build(settings).await?;
+        ensure_indexes(services.store.clone()).await;
         let bound = http::bind(&settings.messenger_api.host, settings.messenger_api.port).await?;
         tracing::info!(address = %bound.addr, "messenger API listening; Swagger UI at /messenger/swagger");
-        let feed = feed_for(&service, settings);
-        let api = api_service(&service, &feed, settings);
+        let api = services.api(settings);
         let ui = api.swagger_ui();
         let spec = api.spec_endpoint();
-        let metrics_service = service.clone();
+        let (monitor, registry) = (services.monitor.clone(), services.metrics.registry.clone());
         let metrics = poem::endpoint::make(move |_| {
-            let service = metrics_service.clone();
+            let (monitor, registry) = (monitor.clone(), registry.clone());
             async move {
-                service.refresh_gauges().await;
-                http::render_metrics(&service.metrics.registry)
+                monitor.refresh_gauges().await;
+                http::render_metrics(&registry)
             }
         });
         let routes = Route::new()
@@ -126,7 +149,7 @@ impl Application {
             .at("/api/messenger/ws", get(live::websocket))
             .nest("/", api)
             .data(ApiKeys::new(settings.auth.api_keys.clone()))
-            .data(feed.clone())
+            .data(services.feed.clone())
             .data(SocketTiming {
                 ping: Duration::from_secs(settings.events.ws_ping_seconds),
                 auth: Duration::from_secs(settings.events.ws_auth_timeout_seconds),
@@ -134,18 +157,13 @@ impl Application {
         let app = http::edge(
             routes,
             settings.messenger_api.max_body_bytes,
-            service.metrics.http.clone(),
+            services.metrics.http.clone(),
         )
         .boxed();
-        Ok(Self {
-            bound,
-            app,
-            service,
-            feed,
-        })
+        Ok(Self { bound, app, services })
     }
 
-    /// The bound address.
+    /// Where the server listens.
     pub fn addr(&self) -> SocketAddr {
         self.bound.addr
     }
@@ -155,9 +173,9 @@ impl Application {
         self.bound.addr.port()
     }
 
-    /// The service behind the routes.
-    pub fn service(&self) -> Arc<MessengerService> {
-        self.service.clone()
+    /// The services behind the routes.
+    pub fn services(&self) -> &Services {
+        &self.services
     }
 
     /// Serves until `shutdown` completes, then drains in-flight requests.
@@ -165,7 +183,7 @@ impl Application {
     where
         S: Future<Output = ()> + Send,
     {
-        let feed = self.feed.clone();
+        let feed = self.services.feed.clone();
         let shutdown = async move {
             shutdown.await;
             // Event streams never end by themselves: end them so the drain is quick.
@@ -177,30 +195,22 @@ impl Application {
     }
 }
 
-fn feed_for(service: &MessengerService, settings: &Settings) -> EventFeed {
-    EventFeed::new(
-        service.database().clone(),
-        settings.events.subscriber_buffer,
-        service.metrics.feed.clone(),
-    )
-}
-
 /// Creates the indexes now, or — when MongoDB is down at start-up — keeps trying in the
 /// background so the service recovers by itself.
-async fn ensure_indexes(service: Arc<MessengerService>) {
-    match service.store().ensure_indexes().await {
+async fn ensure_indexes(store: MessageStore) {
+    match store.ensure_indexes().await {
         Ok(()) => {}
         Err(error) => {
-            tracing::warn!(%error, "could not create indexes yet; retrying in the background");
+            tracing::warn!(error = %Chain(&error), "could not create indexes yet; retrying in the background");
             tokio::spawn(async move {
                 loop {
                     tokio::time::sleep(Duration::from_secs(5)).await;
-                    match service.store().ensure_indexes().await {
+                    match store.ensure_indexes().await {
                         Ok(()) => {
                             tracing::info!("indexes created");
                             break;
                         }
-                        Err(error) => tracing::warn!(%error, "could not create indexes yet"),
+                        Err(error) => tracing::warn!(error = %Chain(&error), "could not create indexes yet"),
                     }
                 }
             });

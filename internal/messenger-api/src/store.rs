@@ -1,4 +1,5 @@
-//! The repository over the `messages` collection. BSON and `doc!` live here only.
+//! The repository over the `messages` collection. The messages' BSON and `doc!` live here (the
+//! event feed reads change documents, and [`crate::job_view`] the scheduler's collections).
 //!
 //! Claiming is the delicate part. A due message is `pending` with `next_attempt_at <= now`, or
 //! `processing` whose lease has passed — and while a message is processing its
@@ -22,7 +23,8 @@ use mongodb::{Collection, Database, IndexModel};
 
 use crate::domain::{LastError, MessageDoc, MessageStatus, Transition};
 use crate::error::StoreError;
-pub use herald_core::pagination::PageStart;
+use herald_core::mongo::{after, find_page};
+use herald_core::pagination::{Fetched, PageRequest, PageStart};
 
 /// Name of the collection.
 pub const COLLECTION: &str = "messages";
@@ -54,18 +56,7 @@ pub enum TransitionOutcome {
     NotFound,
 }
 
-/// One page of messages.
-#[derive(Debug)]
-pub struct Page {
-    /// The messages.
-    pub items: Vec<MessageDoc>,
-    /// Whether more follow.
-    pub has_more: bool,
-    /// Matching messages in all, when counted.
-    pub total: Option<u64>,
-}
-
-/// The repository.
+/// The repository over `messages`: inserts, lists, claims, transitions and counts.
 #[derive(Clone)]
 pub struct MessageStore {
     messages: Collection<MessageDoc>,
@@ -90,39 +81,27 @@ impl MessageStore {
 
     /// Creates the indexes (idempotent).
     pub async fn ensure_indexes(&self) -> Result<(), StoreError> {
-        let indexes = vec![
-            IndexModel::builder()
-                .keys(doc! {"status": 1, "next_attempt_at": 1, "_id": 1})
-                .options(IndexOptions::builder().name("claim".to_owned()).build())
-                .build(),
-            IndexModel::builder()
-                .keys(doc! {"status": 1, "sent_at": -1})
-                .options(IndexOptions::builder().name("sent".to_owned()).build())
-                .build(),
-            IndexModel::builder()
-                .keys(doc! {"idempotency_key": 1})
-                .options(
-                    IndexOptions::builder()
-                        .name("idempotency_key".to_owned())
-                        .unique(true)
-                        .sparse(true)
-                        .build(),
-                )
-                .build(),
-            IndexModel::builder()
-                .keys(doc! {"to": 1, "_id": -1})
-                .options(IndexOptions::builder().name("recipient".to_owned()).build())
-                .build(),
-            IndexModel::builder()
-                .keys(doc! {"claim_token": 1})
-                .options(
-                    IndexOptions::builder()
-                        .name("claim_token".to_owned())
-                        .sparse(true)
-                        .build(),
-                )
-                .build(),
+        // (keys, name, unique, sparse)
+        let specs = [
+            (
+                doc! {"status": 1, "next_attempt_at": 1, "_id": 1},
+                "claim",
+                false,
+                false,
+            ),
+            (doc! {"status": 1, "sent_at": -1}, "sent", false, false),
+            (doc! {"idempotency_key": 1}, "idempotency_key", true, true),
+            (doc! {"to": 1, "_id": -1}, "recipient", false, false),
+            (doc! {"claim_token": 1}, "claim_token", false, true),
         ];
+        let indexes = specs.into_iter().map(|(keys, name, unique, sparse)| {
+            let options = IndexOptions::builder()
+                .name(name.to_owned())
+                .unique(unique.then_some(true))
+                .sparse(sparse.then_some(true))
+                .build();
+            IndexModel::builder().keys(keys).options(options).build()
+        });
         self.messages.create_indexes(indexes).await?;
         Ok(())
     }
@@ -164,9 +143,8 @@ impl MessageStore {
         &self,
         status: Option<MessageStatus>,
         to: Option<&str>,
-        start: PageStart,
-        limit: i64,
-    ) -> Result<Page, StoreError> {
+        page: &PageRequest,
+    ) -> Result<Fetched<MessageDoc>, StoreError> {
         let mut filter = Document::new();
         if let Some(status) = status {
             filter.insert("status", status.as_str());
@@ -174,32 +152,21 @@ impl MessageStore {
         if let Some(to) = to {
             filter.insert("to", to);
         }
-        let total = match start {
-            PageStart::Offset(_) => Some(self.messages.count_documents(filter.clone()).await?),
-            PageStart::After(_) => None,
-        };
-        let mut find = self.messages.find(match start {
+        let (total, skip) = match page.start {
+            PageStart::Offset(skip) => (Some(self.messages.count_documents(filter.clone()).await?), skip),
             PageStart::After(after) => {
-                let mut f = filter.clone();
-                f.insert("_id", doc! {"$lt": after});
-                f
+                filter.insert("_id", doc! {"$lt": after});
+                (None, 0)
             }
-            PageStart::Offset(_) => filter,
-        });
-        find = find.sort(doc! {"_id": -1}).limit(limit + 1);
-        if let PageStart::Offset(skip) = start {
-            find = find.skip(skip);
-        }
-        let mut items: Vec<MessageDoc> = find.await?.try_collect().await?;
-        let has_more = items.len() as i64 > limit;
-        items.truncate(limit as usize);
-        Ok(Page { items, has_more, total })
+        };
+        let sort = doc! {"_id": -1};
+        find_page(&self.messages, filter, sort, skip, page, total, |m| m.id.to_hex()).await
     }
 
     /// Sent messages, newest `sent_at` first (ties by id).
-    pub async fn list_sent(&self, start: PageStart, limit: i64) -> Result<Page, StoreError> {
+    pub async fn list_sent(&self, page: &PageRequest) -> Result<Fetched<MessageDoc>, StoreError> {
         let base = doc! {"status": MessageStatus::Sent.as_str()};
-        let (filter, total, skip) = match start {
+        let (filter, total, skip) = match page.start {
             PageStart::Offset(skip) => (base.clone(), Some(self.messages.count_documents(base).await?), skip),
             PageStart::After(after) => {
                 let anchor = self.messages.find_one(doc! {"_id": after, "status": "sent"}).await?;
@@ -217,18 +184,8 @@ impl MessageStore {
                 (filter, None, 0)
             }
         };
-        let mut items: Vec<MessageDoc> = self
-            .messages
-            .find(filter)
-            .sort(doc! {"sent_at": -1, "_id": -1})
-            .skip(skip)
-            .limit(limit + 1)
-            .await?
-            .try_collect()
-            .await?;
-        let has_more = items.len() as i64 > limit;
-        items.truncate(limit as usize);
-        Ok(Page { items, has_more, total })
+        let sort = doc! {"sent_at": -1, "_id": -1};
+        find_page(&self.messages, filter, sort, skip, page, total, |m| m.id.to_hex()).await
     }
 
     /// Claims up to `limit` due messages for `worker` until `now + lease`; see the module docs.
@@ -240,7 +197,7 @@ impl MessageStore {
         now: DateTime,
     ) -> Result<Vec<MessageDoc>, StoreError> {
         let token = uuid::Uuid::new_v4().to_string();
-        let lease_until = DateTime::from_millis(now.timestamp_millis() + lease.as_millis() as i64);
+        let lease_until = after(now, lease);
         let mut claimed = 0usize;
         for _ in 0..CLAIM_ROUNDS {
             let want = limit - claimed;
@@ -350,7 +307,7 @@ impl MessageStore {
         error: &LastError,
         now: DateTime,
     ) -> Result<TransitionOutcome, StoreError> {
-        let error = bson::to_bson(error).map_err(|e| StoreError::Database(e.into()))?;
+        let error = bson::to_bson(error)?;
         let transition = if status == MessageStatus::Failed {
             Transition::Failed
         } else {

@@ -4,6 +4,8 @@
 //!   (`RUST_LOG` wins over the configured filter).
 //! - [`CorrelationId`] gives every request a span carrying its `X-Correlation-Id` (echoed when the
 //!   caller sent a sane one, generated otherwise) and returns the id on every response.
+//! - [`Chain`] logs an error with its causes (`outer: inner: root`), so errors can keep their
+//!   causes as sources instead of pasting them into their own message.
 
 #![forbid(unsafe_code)]
 
@@ -17,8 +19,24 @@ use tracing_subscriber::EnvFilter;
 /// The header that carries a request's correlation id.
 pub const CORRELATION_HEADER: &str = "x-correlation-id";
 
-/// Log output format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// An error and its sources, displayed as `outer: inner: root`.
+pub struct Chain<'a>(pub &'a (dyn std::error::Error + 'a));
+
+impl std::fmt::Display for Chain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(cause) = source {
+            write!(f, ": {cause}")?;
+            source = cause.source();
+        }
+        Ok(())
+    }
+}
+
+/// Log output format (`telemetry.format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     /// Human-readable, multi-line.
     Pretty,
@@ -124,6 +142,24 @@ pub fn mask_phone(phone: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_chain_shows_every_cause() {
+        #[derive(Debug)]
+        struct Outer(std::io::Error);
+        impl std::fmt::Display for Outer {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("could not write")
+            }
+        }
+        impl std::error::Error for Outer {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let error = Outer(std::io::Error::other("disk full"));
+        assert_eq!(Chain(&error).to_string(), "could not write: disk full");
+    }
     use poem::{handler, test::TestClient, EndpointExt, Route};
 
     #[handler]

@@ -7,12 +7,20 @@
 //!
 //! Addresses come from `HERALD_TEST_MONGO_URI` / `HERALD_TEST_REDIS_URL`, defaulting to the
 //! loopback servers.
+//!
+//! Beside it: [`Http`], a client that presents one bearer key and reads JSON answers, and
+//! [`eventually`], which polls until a condition holds.
 
 #![forbid(unsafe_code)]
+
+use std::future::Future;
+use std::time::Duration;
 
 use anyhow::Context;
 use futures::StreamExt;
 use redis::AsyncCommands;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
 
 /// MongoDB URI the tests use.
 pub fn mongo_uri() -> String {
@@ -101,5 +109,81 @@ impl TestEnv {
             let _: () = conn.del(keys).await?;
         }
         Ok(())
+    }
+}
+
+/// An HTTP client for tests that presents one bearer key. Every helper panics on a transport
+/// error or an unreadable body: in a test that is the failure.
+#[derive(Clone)]
+pub struct Http {
+    /// The underlying client, for requests the helpers do not cover.
+    pub client: reqwest::Client,
+    key: String,
+}
+
+impl Http {
+    /// A client presenting `key`.
+    pub fn new(key: &str) -> Self {
+        Self {
+            client: reqwest::Client::new(),
+            key: key.to_owned(),
+        }
+    }
+
+    /// A GET of `url` with the key.
+    pub fn get(&self, url: &str) -> reqwest::RequestBuilder {
+        self.client.get(url).bearer_auth(&self.key)
+    }
+
+    /// A POST to `url` with the key.
+    pub fn post(&self, url: &str) -> reqwest::RequestBuilder {
+        self.client.post(url).bearer_auth(&self.key)
+    }
+
+    /// A PUT to `url` with the key.
+    pub fn put(&self, url: &str) -> reqwest::RequestBuilder {
+        self.client.put(url).bearer_auth(&self.key)
+    }
+
+    /// GET `url` with the key, answered with JSON (any status).
+    pub async fn get_json(&self, url: &str) -> Value {
+        read_json(self.get(url)).await
+    }
+
+    /// GET an open `url` (no key), answered with JSON (any status).
+    pub async fn open_json(&self, url: &str) -> Value {
+        read_json(self.client.get(url)).await
+    }
+
+    /// GET an open `url` (no key), answered with text (any status).
+    pub async fn open_text(&self, url: &str) -> String {
+        let response = self.client.get(url).send().await.expect("request");
+        response.text().await.expect("text body")
+    }
+
+    /// POST `body` to `url` with the key; the answer must be a success with a JSON `T`.
+    pub async fn post_json<T: DeserializeOwned>(&self, url: &str, body: &Value) -> T {
+        let response = self.post(url).json(body).send().await.expect("request");
+        let status = response.status();
+        assert!(status.is_success(), "POST {url} answered {status}");
+        response.json().await.expect("JSON body")
+    }
+}
+
+async fn read_json(request: reqwest::RequestBuilder) -> Value {
+    let response = request.send().await.expect("request");
+    response.json().await.expect("JSON body")
+}
+
+/// Waits until `check` holds, polling every 100 ms; panics naming `what` after `limit`.
+pub async fn eventually<F, Fut>(limit: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    while !check().await {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }

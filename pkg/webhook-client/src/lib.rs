@@ -42,8 +42,10 @@ pub struct WebhookConfig {
 }
 
 /// The stable set of failure kinds, stored with every failed attempt.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(poem_openapi::Enum))]
+#[cfg_attr(feature = "openapi", oai(rename_all = "snake_case"))]
 pub enum FailureKind {
     /// The request did not complete within the timeout.
     Timeout,
@@ -116,6 +118,17 @@ struct AcceptedBody {
     message_id: Option<serde_json::Value>,
 }
 
+/// Why a [`WebhookClient`] could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// `auth_header` is not a valid HTTP header name.
+    #[error("webhook.auth_header is not a valid header name")]
+    AuthHeader(#[source] reqwest::header::InvalidHeaderName),
+    /// The HTTP client (TLS) could not be initialised.
+    #[error("cannot build the webhook HTTP client")]
+    Http(#[source] reqwest::Error),
+}
+
 /// A reusable webhook client (connection pooling lives inside).
 #[derive(Debug, Clone)]
 pub struct WebhookClient {
@@ -126,16 +139,15 @@ pub struct WebhookClient {
 
 impl WebhookClient {
     /// Builds the client; fails when the header name is invalid or TLS cannot initialise.
-    pub fn new(config: WebhookConfig) -> Result<Self, String> {
-        let auth_header = HeaderName::from_bytes(config.auth_header.as_bytes())
-            .map_err(|e| format!("webhook.auth_header is not a valid header name: {e}"))?;
+    pub fn new(config: WebhookConfig) -> Result<Self, BuildError> {
+        let auth_header = HeaderName::from_bytes(config.auth_header.as_bytes()).map_err(BuildError::AuthHeader)?;
         let http = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .timeout(config.timeout)
             .connect_timeout(config.connect_timeout)
             .user_agent(config.user_agent.clone())
             .build()
-            .map_err(|e| format!("cannot build the webhook HTTP client: {e}"))?;
+            .map_err(BuildError::Http)?;
         Ok(Self {
             http,
             config,

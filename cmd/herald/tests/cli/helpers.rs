@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-pub const KEY: &str = "test-api-key";
+pub use herald_core::testing::TEST_KEY as KEY;
 
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -144,15 +144,7 @@ impl Stack {
     }
 
     pub async fn get_json(&self, url: &str) -> Value {
-        self.client
-            .get(url)
-            .bearer_auth(KEY)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
+        test_support::Http::new(KEY).get_json(url).await
     }
 
     pub async fn received(&self) -> Vec<Value> {

@@ -14,6 +14,7 @@ async fn start_and_stop_persist_and_answer_409_when_already_in_that_state() {
     let (url, _) = sink(0, 0.0).await;
     let scheduler = stack.scheduler(&url, &[]).await;
     let status: Value = stack
+        .http
         .get_json(&format!("{}/job-scheduler/messenger/is-working", scheduler.url))
         .await;
     assert_eq!(status["working"], true, "the job starts with the service");
@@ -61,11 +62,8 @@ async fn stop_through_the_messenger_toggle_halts_every_replica_and_start_resumes
     let a = stack.scheduler(&url, &fast).await;
     let b = stack.scheduler(&url, &fast).await;
     // The API's toggle must reach a scheduler: point a second API instance at replica A.
-    let toggle_api = herald_messenger_api::Application::build(&herald_core::testing::test_settings(
-        &test_support::mongo_uri(),
-        &stack.env.database,
-        &test_support::redis_url(),
-        &stack.env.key_prefix,
+    let toggle_api = herald_messenger_api::Application::build(&herald_core::testing::settings_for(
+        &stack.env,
         &[("HERALD__JOB_SCHEDULER__URL", &a.url)],
     ))
     .await
@@ -115,6 +113,7 @@ async fn run_history_is_recorded_and_paginated_newest_first() {
         scheduler.control.job().run_once().await;
     }
     let page: Value = stack
+        .http
         .get_json(&format!("{}/job-scheduler/jobs?limit=2", scheduler.url))
         .await;
     assert_eq!(page["total"], 3);
@@ -126,6 +125,7 @@ async fn run_history_is_recorded_and_paginated_newest_first() {
     );
     let cursor = page["nextCursor"].as_str().unwrap();
     let rest: Value = stack
+        .http
         .get_json(&format!("{}/job-scheduler/jobs?after={cursor}", scheduler.url))
         .await;
     assert_eq!(rest["items"][0]["sent"], 2);
@@ -138,7 +138,7 @@ async fn run_history_is_recorded_and_paginated_newest_first() {
         .unwrap();
     assert_eq!(bad.json::<Value>().await.unwrap()["internalCode"], 400009);
 
-    let metrics = stack.open_text(&format!("{}/metrics", scheduler.url)).await;
+    let metrics = stack.http.open_text(&format!("{}/metrics", scheduler.url)).await;
     assert!(
         metrics.contains("herald_deliveries_total{outcome=\"accepted\"} 3"),
         "{metrics}"
@@ -149,7 +149,10 @@ async fn run_history_is_recorded_and_paginated_newest_first() {
     );
     assert!(metrics.contains("herald_webhook_latency_seconds_bucket"), "{metrics}");
     assert!(metrics.contains("herald_job_last_run_timestamp_seconds"), "{metrics}");
-    let ready: Value = stack.open_json(&format!("{}/job-scheduler/ready", scheduler.url)).await;
+    let ready: Value = stack
+        .http
+        .open_json(&format!("{}/job-scheduler/ready", scheduler.url))
+        .await;
     assert_eq!(ready["status"], "ready");
     scheduler.shutdown().await.unwrap();
     stack.cleanup().await;
@@ -180,6 +183,7 @@ async fn the_openapi_document_is_served_and_matches_the_committed_file() {
     let (url, _) = sink(0, 0.0).await;
     let scheduler = stack.scheduler(&url, &[]).await;
     let served: Value = stack
+        .http
         .open_json(&format!("{}/job-scheduler/openapi.json", scheduler.url))
         .await;
     for path in [

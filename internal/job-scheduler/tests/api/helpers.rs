@@ -1,15 +1,13 @@
-use std::sync::Arc;
-use std::time::Duration;
-
-use herald_core::Settings;
 use herald_job_scheduler::control::JobControl;
 use herald_webhook_sink::{ReceivedLog, SinkConfig, WebhookSink};
-use serde_json::{json, Value};
-use test_support::TestEnv;
+use serde_json::Value;
+use std::sync::Arc;
+use test_support::{Http, TestEnv};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-pub const KEY: &str = "test-api-key";
+pub use herald_core::testing::TEST_KEY as KEY;
+pub use test_support::eventually;
 /// A schedule that never fires during a test: runs are driven with `run_once`.
 pub const NEVER: &str = "0 0 0 1 1 * 2099";
 
@@ -18,6 +16,7 @@ pub struct Stack {
     pub env: TestEnv,
     pub api_url: String,
     pub client: reqwest::Client,
+    pub http: Http,
     stops: Vec<oneshot::Sender<()>>,
 }
 
@@ -28,15 +27,7 @@ pub struct Scheduler {
     handle: JoinHandle<std::io::Result<()>>,
 }
 
-fn settings(env: &TestEnv, extra: &[(&str, &str)]) -> Settings {
-    herald_core::testing::test_settings(
-        &test_support::mongo_uri(),
-        &env.database,
-        &test_support::redis_url(),
-        &env.key_prefix,
-        extra,
-    )
-}
+use herald_core::testing::settings_for as settings;
 
 impl Stack {
     pub async fn start(extra: &[(&str, &str)]) -> Self {
@@ -53,6 +44,7 @@ impl Stack {
             env,
             api_url,
             client: reqwest::Client::new(),
+            http: Http::new(KEY),
             stops: vec![tx],
         }
     }
@@ -83,57 +75,18 @@ impl Stack {
     }
 
     pub async fn seed(&self, n: usize) -> Vec<String> {
-        let messages: Vec<Value> = (0..n)
-            .map(|i| json!({"to": format!("+90555{:07}", i), "content": format!("message {i}")}))
-            .collect();
-        let response = self
-            .client
-            .post(format!("{}/api/messenger/messages/batch", self.api_url))
-            .bearer_auth(KEY)
-            .json(&json!({"messages": messages}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 201);
-        let body: Value = response.json().await.unwrap();
-        body["items"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|m| m["id"].as_str().unwrap().to_owned())
-            .collect()
-    }
-
-    /// GET an open `url` (no key), answered with text.
-    pub async fn open_text(&self, url: &str) -> String {
-        self.client.get(url).send().await.unwrap().text().await.unwrap()
-    }
-
-    /// GET an open `url` (no key), answered with JSON.
-    pub async fn open_json(&self, url: &str) -> Value {
-        self.client.get(url).send().await.unwrap().json().await.unwrap()
-    }
-
-    /// GET `url` with the key, answered with JSON.
-    pub async fn get_json(&self, url: &str) -> Value {
-        self.client
-            .get(url)
-            .bearer_auth(KEY)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
+        herald_core::testing::seed_messages(&self.http, &self.api_url, n).await
     }
 
     pub async fn message(&self, id: &str) -> Value {
-        self.get_json(&format!("{}/api/messenger/messages/{id}", self.api_url))
+        self.http
+            .get_json(&format!("{}/api/messenger/messages/{id}", self.api_url))
             .await
     }
 
     pub async fn count(&self, status: &str) -> u64 {
         let page = self
+            .http
             .get_json(&format!(
                 "{}/api/messenger/messages?status={status}&limit=1",
                 self.api_url
@@ -165,17 +118,4 @@ pub async fn sink(latency_ms: u64, fail_rate: f64) -> (String, ReceivedLog) {
     WebhookSink::spawn(SinkConfig::local("local-dev-webhook-key", latency_ms, fail_rate))
         .await
         .unwrap()
-}
-
-/// Waits until `check` holds, polling; panics with `what` after `limit`.
-pub async fn eventually<F, Fut>(limit: Duration, what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + limit;
-    while !check().await {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }

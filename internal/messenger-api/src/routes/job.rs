@@ -11,7 +11,7 @@ use poem_openapi::payload::Json;
 use poem_openapi::{ApiResponse, OpenApi};
 
 use super::ApiTags;
-use crate::service::MessengerService;
+use crate::service::JobRemote;
 
 api_errors!(ToggleErrors: 400, 401, 409, 502);
 
@@ -25,8 +25,8 @@ pub enum ToggleResponse {
 
 /// Job operations.
 pub struct JobApi {
-    /// The service.
-    pub service: Arc<MessengerService>,
+    /// The job, steered through the Job Scheduler.
+    pub job: Arc<JobRemote>,
 }
 
 #[OpenApi(tag = "ApiTags::Job")]
@@ -49,7 +49,7 @@ impl JobApi {
         command: Query<String>,
     ) -> Result<ToggleResponse, ToggleErrors> {
         let status = self
-            .service
+            .job
             .toggle(&command.0, super::correlation(req).as_deref())
             .await
             .map_err(ApiError::from)?;

@@ -24,8 +24,9 @@ use super::views::StatsView;
 use super::ApiTags;
 use crate::domain::{self, MessageStatus};
 use crate::events::{EventFeed, EventFilter, EventType, FeedEvent};
-use crate::service::MessengerService;
-use herald_core::jobs::RunPage;
+use crate::service::{JobRemote, Monitor};
+use herald_core::jobs::RunView;
+use herald_core::pagination::Page;
 
 api_errors!(EventsErrors: 400, 401);
 api_errors!(StatsErrors: 401, 500, 503);
@@ -52,13 +53,15 @@ pub enum StatsResponse {
 pub enum RunsResponse {
     /// A page of runs, newest first.
     #[oai(status = 200)]
-    Ok(Json<RunPage>),
+    Ok(Json<Page<RunView>>),
 }
 
 /// Live-status operations.
 pub struct LiveApi {
-    /// The service.
-    pub service: Arc<MessengerService>,
+    /// Stats.
+    pub monitor: Arc<Monitor>,
+    /// Run history, asked of the Job Scheduler.
+    pub job: Arc<JobRemote>,
     /// The event feed.
     pub feed: EventFeed,
     /// Interval of the SSE heartbeat comment.
@@ -132,7 +135,7 @@ impl LiveApi {
     /// the last 60 minutes (oldest first) and the sending job's state.
     #[oai(path = "/api/messenger/stats", method = "get", operation_id = "getStats")]
     async fn stats(&self, _auth: BearerAuth) -> Result<StatsResponse, StatsErrors> {
-        let stats = self.service.stats().await.map_err(ApiError::from)?;
+        let stats = self.monitor.stats().await.map_err(ApiError::from)?;
         Ok(StatsResponse::Ok(Json(stats.into())))
     }
 
@@ -154,8 +157,8 @@ impl LiveApi {
     ) -> Result<RunsResponse, RunsErrors> {
         let page = PageRequest::parse(limit.0, offset.0, after.0.as_deref())?;
         let runs = self
-            .service
-            .job_runs(page, super::correlation(req).as_deref())
+            .job
+            .runs(page, super::correlation(req).as_deref())
             .await
             .map_err(ApiError::from)?;
         Ok(RunsResponse::Ok(Json(runs)))

@@ -9,10 +9,10 @@ use poem_openapi::param::{Header, Path, Query};
 use poem_openapi::payload::Json;
 use poem_openapi::{ApiResponse, OpenApi};
 
-use super::views::{BatchCreated, MessagePage, MessageView, NewBatch, NewMessage};
+use super::views::{BatchCreated, MessageView, NewBatch, NewMessage};
 use super::ApiTags;
 use crate::service::MessengerService;
-use herald_core::pagination::PageRequest;
+use herald_core::pagination::{Page, PageRequest};
 
 api_errors!(CreateErrors: 400, 401, 409, 413, 500, 503);
 api_errors!(BatchErrors: 400, 401, 413, 500, 503);
@@ -41,12 +41,12 @@ pub enum BatchResponse {
     Created(Json<BatchCreated>),
 }
 
-/// A page.
+/// A page of messages.
 #[derive(ApiResponse)]
 pub enum PageResponse {
-    /// The page.
+    /// Newest first (sent list: newest `sentAt` first).
     #[oai(status = 200)]
-    Ok(Json<MessagePage>),
+    Ok(Json<Page<MessageView>>),
 }
 
 /// One message.
@@ -67,7 +67,7 @@ pub enum Requeued {
 
 /// Message operations.
 pub struct MessagesApi {
-    /// The service.
+    /// Messages and their life.
     pub service: Arc<MessengerService>,
 }
 
@@ -130,16 +130,12 @@ impl MessagesApi {
         after: Query<Option<String>>,
     ) -> Result<PageResponse, ListErrors> {
         let page = PageRequest::parse(limit.0, offset.0, after.0.as_deref())?;
-        let result = self
+        let fetched = self
             .service
-            .list(status.0.as_deref(), to.0.as_deref(), page)
+            .list(status.0.as_deref(), to.0.as_deref(), &page)
             .await
             .map_err(ApiError::from)?;
-        Ok(PageResponse::Ok(Json(MessagePage::new(
-            result,
-            page.limit,
-            page.offset(),
-        ))))
+        Ok(PageResponse::Ok(Json(fetched.into_page(&page, MessageView::from))))
     }
 
     /// List sent messages
@@ -162,12 +158,8 @@ impl MessagesApi {
         after: Query<Option<String>>,
     ) -> Result<PageResponse, ListErrors> {
         let page = PageRequest::parse(limit.0, offset.0, after.0.as_deref())?;
-        let result = self.service.list_sent(page).await.map_err(ApiError::from)?;
-        Ok(PageResponse::Ok(Json(MessagePage::new(
-            result,
-            page.limit,
-            page.offset(),
-        ))))
+        let fetched = self.service.list_sent(&page).await.map_err(ApiError::from)?;
+        Ok(PageResponse::Ok(Json(fetched.into_page(&page, MessageView::from))))
     }
 
     /// Get a message

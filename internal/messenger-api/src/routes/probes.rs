@@ -7,12 +7,12 @@ use poem_openapi::payload::Json;
 use poem_openapi::OpenApi;
 
 use super::ApiTags;
-use crate::service::MessengerService;
+use crate::service::Monitor;
 
 /// Probe operations.
 pub struct ProbesApi {
-    /// The service.
-    pub service: Arc<MessengerService>,
+    /// Readiness comes from the monitor.
+    pub monitor: Arc<Monitor>,
 }
 
 #[OpenApi(tag = "ApiTags::Probes")]
@@ -30,6 +30,6 @@ impl ProbesApi {
     /// Pings MongoDB (critical: 503 when down) and Redis (degraded when down).
     #[oai(path = "/messenger/ready", method = "get", operation_id = "messengerReady")]
     async fn ready(&self) -> ReadyResponse {
-        self.service.readiness().await
+        self.monitor.readiness().await
     }
 }

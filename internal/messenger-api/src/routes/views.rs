@@ -1,10 +1,12 @@
-//! Request and response bodies, named by direction and converted with `From`.
+//! Request and response bodies, named by direction and converted with `From`. The bodies the
+//! Job Scheduler also speaks live in [`herald_core::worker`] and [`herald_core::message`].
 
 use chrono::{DateTime, Utc};
-use poem_openapi::{Enum, Object};
+pub use herald_core::message::{LastErrorView, MessageView};
+pub use herald_core::worker::{ClaimedMessage, CommitView};
+use poem_openapi::Object;
 
 use crate::domain::{LastError, MessageDoc, MessageStatus};
-use crate::store::Page;
 
 fn utc(at: bson::DateTime) -> DateTime<Utc> {
     at.to_chrono()
@@ -26,19 +28,6 @@ pub struct NewBatch {
     pub messages: Vec<NewMessage>,
 }
 
-/// The last failed attempt.
-#[derive(Debug, Clone, PartialEq, Object)]
-pub struct LastErrorView {
-    /// `timeout`, `connection`, `http_status` or `invalid_response`.
-    pub kind: String,
-    /// Provider HTTP status, when it answered.
-    pub status: Option<i32>,
-    /// Detail or the first 4 KiB of the provider's body.
-    pub detail: String,
-    /// When it was recorded.
-    pub at: DateTime<Utc>,
-}
-
 impl From<LastError> for LastErrorView {
     fn from(e: LastError) -> Self {
         Self {
@@ -48,40 +37,6 @@ impl From<LastError> for LastErrorView {
             at: utc(e.at),
         }
     }
-}
-
-/// A message with its delivery state.
-#[derive(Debug, Clone, Object)]
-#[oai(rename_all = "camelCase")]
-pub struct MessageView {
-    /// 24-hex id.
-    pub id: String,
-    /// Recipient.
-    pub to: String,
-    /// Text.
-    pub content: String,
-    /// `pending`, `processing`, `sent` or `failed`.
-    pub status: MessageStatus,
-    /// Delivery attempts made.
-    pub attempts: i32,
-    /// When a pending message is due (while processing: when its lease ends).
-    pub next_attempt_at: DateTime<Utc>,
-    /// Worker holding (or that last held) the claim.
-    pub claimed_by: Option<String>,
-    /// End of the current claim.
-    pub lease_until: Option<DateTime<Utc>>,
-    /// The provider's `messageId`.
-    pub webhook_message_id: Option<String>,
-    /// When the provider accepted it.
-    pub sent_at: Option<DateTime<Utc>>,
-    /// The last failed attempt.
-    pub last_error: Option<LastErrorView>,
-    /// The client's idempotency key, if given.
-    pub idempotency_key: Option<String>,
-    /// Creation time.
-    pub created_at: DateTime<Utc>,
-    /// Last change.
-    pub updated_at: DateTime<Utc>,
 }
 
 impl From<MessageDoc> for MessageView {
@@ -112,70 +67,6 @@ pub struct BatchCreated {
     pub items: Vec<MessageView>,
 }
 
-/// One page of messages.
-#[derive(Debug, Clone, Object)]
-#[oai(rename_all = "camelCase")]
-pub struct MessagePage {
-    /// The messages.
-    pub items: Vec<MessageView>,
-    /// Page size asked for.
-    pub limit: i64,
-    /// Offset of this page (offset pagination only).
-    pub offset: Option<i64>,
-    /// Pass as `after` for the next page; absent on the last page.
-    pub next_cursor: Option<String>,
-    /// Matching messages in all (offset pagination only).
-    pub total: Option<u64>,
-}
-
-impl MessagePage {
-    /// Builds the page body.
-    pub fn new(page: Page, limit: i64, offset: Option<i64>) -> Self {
-        let next_cursor = if page.has_more {
-            page.items.last().map(|m| m.id.to_hex())
-        } else {
-            None
-        };
-        Self {
-            items: page.items.into_iter().map(Into::into).collect(),
-            limit,
-            offset,
-            next_cursor,
-            total: page.total,
-        }
-    }
-}
-
-/// A claim request.
-#[derive(Debug, Clone, Object)]
-#[oai(rename_all = "camelCase")]
-pub struct ClaimRequest {
-    /// The claiming worker's id (recorded as `claimed_by`).
-    pub worker: String,
-    /// How many to claim, 1..=500 (default 2).
-    pub limit: Option<u32>,
-    /// How long the claim is held, 1..=3600 seconds (default `job_scheduler.lease_seconds`).
-    pub lease_seconds: Option<u64>,
-}
-
-/// A claimed message: what a worker needs to send and commit it.
-#[derive(Debug, Clone, Object)]
-#[oai(rename_all = "camelCase")]
-pub struct ClaimedMessage {
-    /// 24-hex id; also the webhook's `Idempotency-Key`.
-    pub id: String,
-    /// Recipient.
-    pub to: String,
-    /// Text.
-    pub content: String,
-    /// Proof of the claim, required by commit, fail and release.
-    pub claim_token: String,
-    /// Which attempt this is (1 = first).
-    pub attempt: i32,
-    /// When the claim lapses and another worker may take the message.
-    pub lease_until: DateTime<Utc>,
-}
-
 impl From<MessageDoc> for ClaimedMessage {
     fn from(m: MessageDoc) -> Self {
         Self {
@@ -187,87 +78,6 @@ impl From<MessageDoc> for ClaimedMessage {
             lease_until: utc(m.lease_until.unwrap_or(m.next_attempt_at)),
         }
     }
-}
-
-/// Commit of an accepted send.
-#[derive(Debug, Clone, Object)]
-#[oai(rename_all = "camelCase")]
-pub struct CommitRequest {
-    /// The token from get-two.
-    pub claim_token: String,
-    /// The provider's `messageId`, when it gave one.
-    pub webhook_message_id: Option<String>,
-    /// When the provider accepted it (default: now).
-    pub sent_at: Option<DateTime<Utc>>,
-}
-
-/// The committed message and whether its Redis entry was written.
-#[derive(Debug, Clone, Object)]
-pub struct CommitView {
-    /// The message, now `sent`.
-    #[oai(flatten)]
-    pub message: MessageView,
-    /// False when Redis was unreachable (the commit still stands).
-    pub cached: bool,
-}
-
-/// Failure kinds (stable set).
-#[derive(Debug, Clone, Copy, Enum)]
-#[oai(rename_all = "snake_case")]
-pub enum FailureKindInput {
-    /// No answer in time.
-    Timeout,
-    /// No connection.
-    Connection,
-    /// A non-success status.
-    HttpStatus,
-    /// An answer that could not be understood.
-    InvalidResponse,
-}
-
-impl FailureKindInput {
-    /// The stored name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Timeout => "timeout",
-            Self::Connection => "connection",
-            Self::HttpStatus => "http_status",
-            Self::InvalidResponse => "invalid_response",
-        }
-    }
-}
-
-/// What went wrong with an attempt.
-#[derive(Debug, Clone, Object)]
-pub struct DeliveryErrorInput {
-    /// The kind.
-    pub kind: FailureKindInput,
-    /// Provider HTTP status, when it answered.
-    pub status: Option<u16>,
-    /// Detail or body excerpt (cut to 4 KiB).
-    pub detail: String,
-}
-
-/// A failed attempt.
-#[derive(Debug, Clone, Object)]
-#[oai(rename_all = "camelCase")]
-pub struct FailRequest {
-    /// The token from get-two.
-    pub claim_token: String,
-    /// What went wrong.
-    pub error: DeliveryErrorInput,
-    /// True: retry per the schedule; false: mark failed.
-    pub retryable: bool,
-    /// Not before this many seconds (the provider's Retry-After; capped).
-    pub retry_after_seconds: Option<u64>,
-}
-
-/// Giving back an unsent claim.
-#[derive(Debug, Clone, Object)]
-#[oai(rename_all = "camelCase")]
-pub struct ReleaseRequest {
-    /// The token from get-two.
-    pub claim_token: String,
 }
 
 /// Messages per status.

@@ -9,9 +9,10 @@ use poem_openapi::param::Path;
 use poem_openapi::payload::Json;
 use poem_openapi::{ApiResponse, OpenApi};
 
-use super::views::{ClaimRequest, ClaimedMessage, CommitRequest, CommitView, FailRequest, MessageView, ReleaseRequest};
 use super::ApiTags;
 use crate::service::{FailureReport, MessengerService};
+use herald_core::message::MessageView;
+use herald_core::worker::{ClaimRequest, ClaimedMessage, CommitRequest, CommitView, FailRequest, ReleaseRequest};
 
 api_errors!(ClaimErrors: 400, 401, 413, 500, 503);
 api_errors!(TransitionErrors: 400, 401, 404, 409, 413, 500, 503);
@@ -42,7 +43,7 @@ pub enum TransitionResponse {
 
 /// Worker operations.
 pub struct WorkerApi {
-    /// The service.
+    /// Messages and their life (claims and their outcomes).
     pub service: Arc<MessengerService>,
 }
 
@@ -109,7 +110,7 @@ impl WorkerApi {
     ) -> Result<TransitionResponse, TransitionErrors> {
         let body = body.0;
         let report = FailureReport {
-            kind: body.error.kind.as_str().to_owned(),
+            kind: body.error.kind,
             status: body.error.status.map(i32::from),
             detail: body.error.detail,
             retryable: body.retryable,

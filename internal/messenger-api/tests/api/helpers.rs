@@ -1,28 +1,21 @@
 use herald_core::Settings;
 use herald_messenger_api::Application;
 use serde_json::{json, Value};
-use test_support::TestEnv;
+use test_support::{Http, TestEnv};
 
-pub const KEY: &str = "test-api-key";
+pub use herald_core::testing::TEST_KEY as KEY;
 
 pub struct TestApp {
     pub address: String,
     pub client: reqwest::Client,
+    pub http: Http,
     pub env: TestEnv,
     pub settings: Settings,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     replicas: Vec<tokio::sync::oneshot::Sender<()>>,
 }
 
-pub fn settings_for(env: &TestEnv, extra: &[(&str, &str)]) -> Settings {
-    herald_core::testing::test_settings(
-        &test_support::mongo_uri(),
-        &env.database,
-        &test_support::redis_url(),
-        &env.key_prefix,
-        extra,
-    )
-}
+pub use herald_core::testing::settings_for;
 
 pub async fn spawn_app() -> TestApp {
     spawn_app_with(&[]).await
@@ -49,6 +42,7 @@ pub async fn spawn_with_settings(env: TestEnv, settings: Settings) -> TestApp {
     TestApp {
         address,
         client: reqwest::Client::new(),
+        http: Http::new(KEY),
         env,
         settings,
         stop: Some(stop),
@@ -64,6 +58,7 @@ impl TestApp {
         TestApp {
             address,
             client: reqwest::Client::new(),
+            http: Http::new(KEY),
             env: TestEnv::new().await.expect("test servers"),
             settings: self.settings.clone(),
             stop: None,
@@ -94,31 +89,17 @@ impl TestApp {
 
     /// GET an open route (no key), answered with text.
     pub async fn open_text(&self, path: &str) -> String {
-        self.client
-            .get(self.url(path))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
+        self.http.open_text(&self.url(path)).await
     }
 
     /// GET an open route (no key), answered with JSON.
     pub async fn open_json(&self, path: &str) -> Value {
-        self.client
-            .get(self.url(path))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
+        self.http.open_json(&self.url(path)).await
     }
 
     /// GET with the key, answered with JSON.
     pub async fn get_json(&self, path: &str) -> Value {
-        self.get(path).send().await.unwrap().json().await.unwrap()
+        self.http.get_json(&self.url(path)).await
     }
 
     pub async fn create(&self, to: &str, content: &str) -> Value {
@@ -134,31 +115,7 @@ impl TestApp {
 
     /// Creates `n` valid messages through the batch endpoint (in chunks of 1,000).
     pub async fn seed(&self, n: usize) -> Vec<String> {
-        let mut ids = Vec::new();
-        let mut made = 0;
-        while made < n {
-            let chunk = (n - made).min(1000);
-            let messages: Vec<Value> = (0..chunk)
-                .map(|i| json!({"to": format!("+90555{:07}", made + i), "content": format!("message {}", made + i)}))
-                .collect();
-            let response = self
-                .post("/api/messenger/messages/batch")
-                .json(&json!({"messages": messages}))
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(response.status(), 201);
-            let body: Value = response.json().await.unwrap();
-            ids.extend(
-                body["items"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|m| m["id"].as_str().unwrap().to_owned()),
-            );
-            made += chunk;
-        }
-        ids
+        herald_core::testing::seed_messages(&self.http, &self.address, n).await
     }
 
     pub async fn claim(&self, worker: &str, limit: u32) -> Vec<Value> {

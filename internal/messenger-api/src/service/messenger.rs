@@ -1,26 +1,21 @@
-//! The rules of the Messenger API: validation, the state machine, retry policy, and the order
-//! of commit (MongoDB first, then the Redis cache).
+//! The message rules: validation, the state machine, retry policy, and the order of commit
+//! (MongoDB first, then the Redis cache).
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use bson::DateTime;
 use chrono::Utc;
-use herald_core::probes::{self, ReadyResponse};
+use herald_core::mongo::after;
+use herald_core::pagination::{Fetched, PageRequest};
 use herald_core::settings::Settings;
 use herald_core::ErrorCode;
-use mongodb::Database;
 use rand::Rng;
 
 use crate::cache::{SentCache, SentEntry};
-use crate::domain::{self, LastError, MessageDoc, MessageStatus};
+use crate::domain::{self, FailureKind, LastError, MessageDoc, MessageStatus};
 use crate::error::ServiceError;
-use crate::job_view::JobView;
 use crate::metrics::MessengerMetrics;
-use crate::scheduler_client::{JobCommand, SchedulerClient};
-use crate::store::{CommitOutcome, MessageStore, Page, TransitionOutcome};
-use herald_core::jobs::{JobStatus, RunPage};
-use herald_core::pagination::PageRequest;
+use crate::store::{CommitOutcome, MessageStore, TransitionOutcome};
 
 /// Most messages in one batch create.
 pub const MAX_BATCH: usize = 1000;
@@ -78,8 +73,8 @@ impl Rules {
 /// Input of a failure report.
 #[derive(Debug, Clone)]
 pub struct FailureReport {
-    /// `timeout`, `connection`, `http_status` or `invalid_response`.
-    pub kind: String,
+    /// How it failed.
+    pub kind: FailureKind,
     /// Provider status.
     pub status: Option<i32>,
     /// Detail (cut to 4 KiB).
@@ -99,31 +94,12 @@ pub struct Committed {
     pub cached: bool,
 }
 
-/// A snapshot for the stats endpoint and the console.
-#[derive(Debug, Clone)]
-pub struct Stats {
-    /// Messages per status.
-    pub counts: Vec<(MessageStatus, u64)>,
-    /// How long the most overdue pending message has been due, in seconds.
-    pub oldest_due_age_seconds: f64,
-    /// The start of the newest minute in `sent_per_minute`.
-    pub last_minute: chrono::DateTime<Utc>,
-    /// Messages sent in each of the last 60 minutes, oldest first (empty when Redis is down).
-    pub sent_per_minute: Vec<u64>,
-    /// The sending job, when a scheduler has ever started.
-    pub job: Option<JobStatus>,
-}
-
-/// The service.
+/// Messages and their life: create, list, claim, commit, fail, release, re-queue.
 pub struct MessengerService {
     store: MessageStore,
-    jobs: JobView,
     cache: SentCache,
-    scheduler: SchedulerClient,
-    db: Database,
     rules: Rules,
-    /// Metrics, shared with the routes.
-    pub metrics: MessengerMetrics,
+    metrics: MessengerMetrics,
 }
 
 fn now() -> DateTime {
@@ -142,33 +118,14 @@ fn truncate(mut text: String, max: usize) -> String {
 }
 
 impl MessengerService {
-    /// Wires the parts.
-    pub fn new(
-        db: Database,
-        cache: SentCache,
-        scheduler: SchedulerClient,
-        rules: Rules,
-        metrics: MessengerMetrics,
-    ) -> Self {
+    /// The service over `store`, caching commits in `cache`.
+    pub fn new(store: MessageStore, cache: SentCache, rules: Rules, metrics: MessengerMetrics) -> Self {
         Self {
-            store: MessageStore::new(&db),
-            jobs: JobView::new(&db),
+            store,
             cache,
-            scheduler,
-            db,
             rules,
             metrics,
         }
-    }
-
-    /// The database (for the event feed).
-    pub fn database(&self) -> &Database {
-        &self.db
-    }
-
-    /// The store (for start-up index creation and seeding).
-    pub fn store(&self) -> &MessageStore {
-        &self.store
     }
 
     /// Creates one message. With an idempotency key, a repeat with the same body returns the
@@ -240,7 +197,12 @@ impl MessengerService {
     }
 
     /// A page of messages, newest first, optionally of one status and/or recipient.
-    pub async fn list(&self, status: Option<&str>, to: Option<&str>, page: PageRequest) -> Result<Page, ServiceError> {
+    pub async fn list(
+        &self,
+        status: Option<&str>,
+        to: Option<&str>,
+        page: &PageRequest,
+    ) -> Result<Fetched<MessageDoc>, ServiceError> {
         let to = to.map(domain::validate_phone).transpose()?;
         let status = match status {
             None => None,
@@ -251,12 +213,12 @@ impl MessengerService {
                 )
             })?),
         };
-        Ok(self.store.list(status, to.as_deref(), page.start, page.limit).await?)
+        Ok(self.store.list(status, to.as_deref(), page).await?)
     }
 
     /// A page of sent messages, newest `sent_at` first.
-    pub async fn list_sent(&self, page: PageRequest) -> Result<Page, ServiceError> {
-        Ok(self.store.list_sent(page.start, page.limit).await?)
+    pub async fn list_sent(&self, page: &PageRequest) -> Result<Fetched<MessageDoc>, ServiceError> {
+        Ok(self.store.list_sent(page).await?)
     }
 
     /// One message.
@@ -344,7 +306,7 @@ impl MessengerService {
             Ok(()) => true,
             Err(error) => {
                 self.metrics.cache_write_failures.inc();
-                tracing::warn!(message_id = id, %error, "message committed but the Redis cache entry was not written");
+                tracing::warn!(message_id = id, error = %telemetry::Chain(&error), "message committed but the Redis cache entry was not written");
                 false
             }
         };
@@ -373,10 +335,7 @@ impl MessengerService {
             None
         };
         let (status, next_attempt_at) = match delay {
-            Some(delay) => (
-                MessageStatus::Pending,
-                DateTime::from_millis(stamp.timestamp_millis() + delay.as_millis() as i64),
-            ),
+            Some(delay) => (MessageStatus::Pending, after(stamp, delay)),
             None => (MessageStatus::Failed, stamp),
         };
         let mut detail = truncate(report.detail, MAX_ERROR_DETAIL);
@@ -420,73 +379,6 @@ impl MessengerService {
             }
             TransitionOutcome::Conflict(_) => Err(ServiceError::ClaimLost),
             TransitionOutcome::NotFound => Err(ServiceError::NotFound),
-        }
-    }
-
-    /// Asks the Job Scheduler to start or stop.
-    pub async fn toggle(&self, command: &str, correlation_id: Option<&str>) -> Result<JobStatus, ServiceError> {
-        let command = JobCommand::parse(command)?;
-        self.scheduler.send(command, correlation_id).await
-    }
-
-    /// The scheduler's run history, asked of the Job Scheduler.
-    pub async fn job_runs(&self, page: PageRequest, correlation_id: Option<&str>) -> Result<RunPage, ServiceError> {
-        self.scheduler.runs(page, correlation_id).await
-    }
-
-    /// Counts by status, the delivery lag, sends per minute over the last hour and the job.
-    pub async fn stats(&self) -> Result<Stats, ServiceError> {
-        let stamp = now();
-        let (counts, age, job) = tokio::join!(
-            self.store.count_by_status(),
-            self.store.oldest_due_age_seconds(stamp),
-            self.jobs.status(),
-        );
-        let last_minute = stamp.timestamp_millis().div_euclid(60_000);
-        let sent_per_minute = match self.cache.sent_per_minute(last_minute, 60).await {
-            Ok(counts) => counts,
-            Err(error) => {
-                tracing::warn!(%error, "could not read the per-minute sent counters from Redis");
-                Vec::new()
-            }
-        };
-        Ok(Stats {
-            counts: counts?,
-            oldest_due_age_seconds: age?,
-            last_minute: chrono::DateTime::from_timestamp(last_minute * 60, 0).unwrap_or_default(),
-            sent_per_minute,
-            job: job?,
-        })
-    }
-
-    /// Readiness: MongoDB is critical, Redis only degrades.
-    pub async fn readiness(&self) -> ReadyResponse {
-        let deadline = Duration::from_secs(2);
-        let (mongo, redis) = tokio::join!(
-            probes::check(true, deadline, herald_core::mongo::ping(&self.db)),
-            probes::check(false, deadline, self.cache.ping()),
-        );
-        probes::verdict(BTreeMap::from([
-            ("mongodb".to_owned(), mongo),
-            ("redis".to_owned(), redis),
-        ]))
-    }
-
-    /// Refreshes the gauges that are read from MongoDB. A down database leaves them as they were.
-    pub async fn refresh_gauges(&self) {
-        let refresh = async {
-            for (status, count) in self.store.count_by_status().await? {
-                self.metrics
-                    .messages
-                    .with_label_values(&[status.as_str()])
-                    .set(count as i64);
-            }
-            let age = self.store.oldest_due_age_seconds(now()).await?;
-            self.metrics.oldest_pending_age.set(age);
-            Ok::<_, crate::error::StoreError>(())
-        };
-        if let Err(error) = refresh.await {
-            tracing::warn!(%error, "could not refresh message gauges");
         }
     }
 }

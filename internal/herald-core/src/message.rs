@@ -1,0 +1,115 @@
+//! A message as both services see it: its status, its last failure and its public view.
+
+use chrono::{DateTime, Utc};
+use poem_openapi::{Enum, Object};
+use serde::{Deserialize, Serialize};
+
+/// The stable set of failure kinds (the webhook client's classification, kept typed from the
+/// provider's answer to the stored message).
+pub use webhook_client::FailureKind;
+
+/// Where a message is in its life. Stored, filtered and answered as the lowercase name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Enum)]
+#[serde(rename_all = "lowercase")]
+#[oai(rename_all = "lowercase")]
+pub enum MessageStatus {
+    /// Waiting until `next_attempt_at`.
+    Pending,
+    /// Claimed by a worker until `lease_until`.
+    Processing,
+    /// Accepted by the provider. Final.
+    Sent,
+    /// Permanently failed or out of retries; only an operator can re-queue it.
+    Failed,
+}
+
+impl MessageStatus {
+    /// Every status, in the order of a message's life.
+    pub const ALL: [MessageStatus; 4] = [Self::Pending, Self::Processing, Self::Sent, Self::Failed];
+
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Processing => "processing",
+            Self::Sent => "sent",
+            Self::Failed => "failed",
+        }
+    }
+
+    /// Reads a stored name or a status filter.
+    pub fn parse(text: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|s| s.as_str() == text)
+    }
+}
+
+/// The last failed attempt.
+#[derive(Debug, Clone, PartialEq, Object, Serialize, Deserialize)]
+pub struct LastErrorView {
+    /// How it failed.
+    pub kind: FailureKind,
+    /// Provider HTTP status, when it answered.
+    pub status: Option<i32>,
+    /// Detail or the first 4 KiB of the provider's body.
+    pub detail: String,
+    /// When it was recorded.
+    pub at: DateTime<Utc>,
+}
+
+/// A message with its delivery state.
+#[derive(Debug, Clone, Object, Serialize, Deserialize)]
+#[oai(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
+pub struct MessageView {
+    /// 24-hex id.
+    pub id: String,
+    /// Recipient.
+    pub to: String,
+    /// Text.
+    pub content: String,
+    /// `pending`, `processing`, `sent` or `failed`.
+    pub status: MessageStatus,
+    /// Delivery attempts made.
+    pub attempts: i32,
+    /// When a pending message is due (while processing: when its lease ends).
+    pub next_attempt_at: DateTime<Utc>,
+    /// Worker holding (or that last held) the claim.
+    pub claimed_by: Option<String>,
+    /// End of the current claim.
+    pub lease_until: Option<DateTime<Utc>>,
+    /// The provider's `messageId`.
+    pub webhook_message_id: Option<String>,
+    /// When the provider accepted it.
+    pub sent_at: Option<DateTime<Utc>>,
+    /// The last failed attempt.
+    pub last_error: Option<LastErrorView>,
+    /// The client's idempotency key, if given.
+    pub idempotency_key: Option<String>,
+    /// Creation time.
+    pub created_at: DateTime<Utc>,
+    /// Last change.
+    pub updated_at: DateTime<Utc>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_read_back_what_they_store() {
+        for status in MessageStatus::ALL {
+            assert_eq!(MessageStatus::parse(status.as_str()), Some(status));
+            assert_eq!(serde_json::to_value(status).unwrap(), status.as_str());
+        }
+        assert_eq!(MessageStatus::parse("Sent"), None);
+    }
+
+    #[test]
+    fn failure_kinds_keep_their_stored_names() {
+        assert_eq!(serde_json::to_value(FailureKind::HttpStatus).unwrap(), "http_status");
+        assert_eq!(
+            serde_json::from_value::<FailureKind>("invalid_response".into()).unwrap(),
+            FailureKind::InvalidResponse
+        );
+    }
+}

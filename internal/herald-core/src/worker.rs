@@ -1,0 +1,117 @@
+//! The worker contract: what the Job Scheduler sends to the Messenger API and what it gets
+//! back. Both sides use these types, so a renamed field breaks the build, not a run.
+
+use chrono::{DateTime, Utc};
+use poem_openapi::Object;
+use serde::{Deserialize, Serialize};
+
+use crate::message::{FailureKind, MessageView};
+
+/// Path of the claim operation.
+pub const CLAIM_PATH: &str = "/api/messenger/get-two";
+
+/// Path of the commit of message `id`.
+pub fn commit_path(id: &str) -> String {
+    format!("/api/messenger/commit/{id}")
+}
+
+/// Path of the failure report of message `id`.
+pub fn fail_path(id: &str) -> String {
+    format!("/api/messenger/fail/{id}")
+}
+
+/// Path of the release of message `id`.
+pub fn release_path(id: &str) -> String {
+    format!("/api/messenger/release/{id}")
+}
+
+/// A claim request.
+#[derive(Debug, Clone, Object, Serialize, Deserialize)]
+#[oai(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
+pub struct ClaimRequest {
+    /// The claiming worker's id (recorded as `claimed_by`).
+    pub worker: String,
+    /// How many to claim, 1..=500 (default 2).
+    pub limit: Option<u32>,
+    /// How long the claim is held, 1..=3600 seconds (default `job_scheduler.lease_seconds`).
+    pub lease_seconds: Option<u64>,
+}
+
+/// A claimed message: what a worker needs to send and commit it.
+#[derive(Debug, Clone, Object, Serialize, Deserialize)]
+#[oai(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
+pub struct ClaimedMessage {
+    /// 24-hex id; also the webhook's `Idempotency-Key`.
+    pub id: String,
+    /// Recipient.
+    pub to: String,
+    /// Text.
+    pub content: String,
+    /// Proof of the claim, required by commit, fail and release.
+    pub claim_token: String,
+    /// Which attempt this is (1 = first).
+    pub attempt: i32,
+    /// When the claim lapses and another worker may take the message.
+    pub lease_until: DateTime<Utc>,
+}
+
+/// Commit of an accepted send.
+#[derive(Debug, Clone, Object, Serialize, Deserialize)]
+#[oai(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
+pub struct CommitRequest {
+    /// The token from get-two.
+    pub claim_token: String,
+    /// The provider's `messageId`, when it gave one.
+    pub webhook_message_id: Option<String>,
+    /// When the provider accepted it (default: now).
+    pub sent_at: Option<DateTime<Utc>>,
+}
+
+/// The committed message and whether its Redis entry was written.
+#[derive(Debug, Clone, Object, Serialize, Deserialize)]
+pub struct CommitView {
+    /// The message, now `sent`.
+    #[oai(flatten)]
+    #[serde(flatten)]
+    pub message: MessageView,
+    /// False when Redis was unreachable (the commit still stands).
+    pub cached: bool,
+}
+
+/// What went wrong with an attempt.
+#[derive(Debug, Clone, Object, Serialize, Deserialize)]
+pub struct DeliveryError {
+    /// How it failed.
+    pub kind: FailureKind,
+    /// Provider HTTP status, when it answered.
+    pub status: Option<u16>,
+    /// Detail or body excerpt (cut to 4 KiB).
+    pub detail: String,
+}
+
+/// A failed attempt.
+#[derive(Debug, Clone, Object, Serialize, Deserialize)]
+#[oai(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
+pub struct FailRequest {
+    /// The token from get-two.
+    pub claim_token: String,
+    /// What went wrong.
+    pub error: DeliveryError,
+    /// True: retry per the schedule; false: mark failed.
+    pub retryable: bool,
+    /// Not before this many seconds (the provider's Retry-After; capped).
+    pub retry_after_seconds: Option<u64>,
+}
+
+/// Giving back an unsent claim.
+#[derive(Debug, Clone, Object, Serialize, Deserialize)]
+#[oai(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
+pub struct ReleaseRequest {
+    /// The token from get-two.
+    pub claim_token: String,
+}

@@ -53,6 +53,7 @@ error_codes! {
     InvalidClaimRequest = 400011,
     InvalidStatusFilter = 400012,
     InvalidIdempotencyKey = 400013,
+    InvalidOutcomes = 400014,
     Unauthorized = 401001,
     MessageNotFound = 404001,
     RouteNotFound = 404002,

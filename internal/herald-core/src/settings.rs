@@ -104,6 +104,10 @@ pub struct JobSchedulerSettings {
     pub worker_id: String,
     /// How long run history is kept, in days.
     pub run_history_days: u64,
+    /// After a full batch, keep claiming and sending without waiting for the next tick.
+    pub drain: bool,
+    /// In drain mode, how often an idle replica looks for due messages, in milliseconds.
+    pub idle_poll_ms: u64,
 }
 
 /// `[webhook_sink]`
@@ -252,6 +256,12 @@ impl Settings {
                 "events.sse_heartbeat_seconds, events.ws_ping_seconds and events.ws_auth_timeout_seconds must be positive"
                     .into(),
             );
+        }
+        if !(10..=60_000).contains(&js.idle_poll_ms) {
+            return fail(format!(
+                "job_scheduler.idle_poll_ms ({}) must be 10..=60000",
+                js.idle_poll_ms
+            ));
         }
         if js.run_history_days == 0 {
             return fail("job_scheduler.run_history_days must be at least 1".into());

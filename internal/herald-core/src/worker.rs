@@ -2,10 +2,10 @@
 //! back. Both sides use these types, so a renamed field breaks the build, not a run.
 
 use chrono::{DateTime, Utc};
-use poem_openapi::Object;
+use poem_openapi::{Enum, Object, Union};
 use serde::{Deserialize, Serialize};
 
-use crate::message::{FailureKind, MessageView};
+use crate::message::{FailureKind, MessageStatus, MessageView};
 
 /// Path of the claim operation.
 pub const CLAIM_PATH: &str = "/api/messenger/get-two";
@@ -114,4 +114,132 @@ pub struct FailRequest {
 pub struct ReleaseRequest {
     /// The token from get-two.
     pub claim_token: String,
+}
+
+/// Path of the batched outcome report.
+pub const OUTCOMES_PATH: &str = "/api/messenger/outcomes";
+
+/// Most outcomes in one report.
+pub const MAX_OUTCOMES: usize = 1000;
+
+/// The provider accepted a claimed message.
+#[derive(Debug, Clone, Object, Serialize, Deserialize)]
+#[oai(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
+pub struct SentOutcome {
+    /// The message id.
+    pub id: String,
+    /// The token from get-two.
+    pub claim_token: String,
+    /// The provider's `messageId`, when it gave one.
+    pub webhook_message_id: Option<String>,
+    /// When the provider accepted it (default: now).
+    pub sent_at: Option<DateTime<Utc>>,
+}
+
+/// An attempt at a claimed message failed.
+#[derive(Debug, Clone, Object, Serialize, Deserialize)]
+#[oai(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
+pub struct FailedOutcome {
+    /// The message id.
+    pub id: String,
+    /// The token from get-two.
+    pub claim_token: String,
+    /// What went wrong.
+    pub error: DeliveryError,
+    /// True: retry per the schedule; false: mark failed.
+    pub retryable: bool,
+    /// Not before this many seconds (the provider's Retry-After; capped).
+    pub retry_after_seconds: Option<u64>,
+}
+
+/// A claimed message given back unsent.
+#[derive(Debug, Clone, Object, Serialize, Deserialize)]
+#[oai(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
+pub struct ReleasedOutcome {
+    /// The message id.
+    pub id: String,
+    /// The token from get-two.
+    pub claim_token: String,
+}
+
+/// What became of one claimed message, told by its `outcome`.
+#[derive(Debug, Clone, Union, Serialize, Deserialize)]
+#[oai(discriminator_name = "outcome", one_of)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum Outcome {
+    /// Accepted by the provider: commit it.
+    #[oai(mapping = "sent")]
+    Sent(SentOutcome),
+    /// The attempt failed: retry later or fail for good.
+    #[oai(mapping = "failed")]
+    Failed(FailedOutcome),
+    /// Never sent: give it back, the attempt not counted.
+    #[oai(mapping = "released")]
+    Released(ReleasedOutcome),
+}
+
+impl Outcome {
+    /// The message the outcome is about.
+    pub fn id(&self) -> &str {
+        match self {
+            Self::Sent(o) => &o.id,
+            Self::Failed(o) => &o.id,
+            Self::Released(o) => &o.id,
+        }
+    }
+}
+
+/// Outcomes of many claimed messages, applied together.
+#[derive(Debug, Clone, Object, Serialize, Deserialize)]
+pub struct OutcomeBatch {
+    /// 1 to 1,000 outcomes, at most one per message.
+    pub items: Vec<Outcome>,
+}
+
+/// What the Messenger API made of one outcome.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Enum, Serialize, Deserialize)]
+#[oai(rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
+pub enum OutcomeResult {
+    /// Marked sent by this report.
+    Committed,
+    /// Already sent under the same claim (a repeated report).
+    AlreadyCommitted,
+    /// Pending again, due after the retry delay.
+    RetryScheduled,
+    /// Failed for good (permanent, or out of retries).
+    Failed,
+    /// Pending again, due now.
+    Released,
+    /// The claim is no longer held: the lease expired and the message moved on.
+    ClaimLost,
+    /// No message has this id.
+    NotFound,
+    /// The id is not a 24-hex ObjectId.
+    InvalidId,
+}
+
+/// One outcome's result.
+#[derive(Debug, Clone, Object, Serialize, Deserialize)]
+pub struct OutcomeReport {
+    /// The message id, as given.
+    pub id: String,
+    /// What happened.
+    pub result: OutcomeResult,
+    /// The message's status after the report, when it exists.
+    pub status: Option<MessageStatus>,
+}
+
+/// The result of every outcome, in the order given.
+#[derive(Debug, Clone, Object, Serialize, Deserialize)]
+#[oai(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
+pub struct OutcomeResults {
+    /// One per outcome, in order.
+    pub items: Vec<OutcomeReport>,
+    /// False when Redis was unreachable for the commits (they still stand).
+    pub cached: bool,
 }

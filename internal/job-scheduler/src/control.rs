@@ -9,6 +9,7 @@ use bson::DateTime;
 use herald_core::jobs::{JobStatus, RunView};
 use herald_core::pagination::{Page, PageRequest};
 use herald_core::probes::{self, ReadyResponse};
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::cron::Cron;
@@ -52,6 +53,22 @@ impl Trigger {
         let job = self.job.clone();
         self.tracker.spawn(async move {
             job.run_once().await;
+        });
+    }
+
+    /// Drain mode: looks for due messages every `every` while idle (a poll that finds some
+    /// drains them), until `shutdown`.
+    pub fn poll_while_idle(&self, every: Duration, shutdown: CancellationToken) {
+        let job = self.job.clone();
+        self.tracker.spawn(async move {
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    () = tokio::time::sleep(every) => {
+                        job.poll_once().await;
+                    }
+                }
+            }
         });
     }
 }
@@ -100,6 +117,11 @@ impl JobControl {
     /// Starts a run now, in the background.
     pub fn trigger(&self) {
         self.parts.trigger.fire();
+    }
+
+    /// The trigger, for the drain-mode idle poller.
+    pub fn runs_trigger(&self) -> &Trigger {
+        &self.parts.trigger
     }
 
     /// Start: persisted for every replica; runs once at once when `run_on_start`.

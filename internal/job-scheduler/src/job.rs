@@ -4,14 +4,15 @@ use std::time::{Duration, Instant};
 
 use bson::DateTime;
 use futures::StreamExt;
-use herald_core::message::MessageStatus;
 use herald_core::mongo::after;
-use herald_core::worker::ClaimedMessage;
+use herald_core::worker::{
+    ClaimedMessage, DeliveryError, FailedOutcome, Outcome, OutcomeResult, ReleasedOutcome, SentOutcome,
+};
 use telemetry::Chain;
-use tokio::sync::Mutex;
+use tokio::sync::{mpsc, Mutex};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
-use webhook_client::{DeliveryOutcome, WebhookClient, WebhookRequest};
+use webhook_client::{DeliveryFailure, DeliveryOutcome, WebhookClient, WebhookRequest};
 
 use crate::messenger_client::{MessengerClient, MessengerError};
 use crate::metrics::SchedulerMetrics;
@@ -33,6 +34,8 @@ pub struct JobConfig {
     pub lease: Duration,
     /// Webhook total timeout (bounds a run's sends).
     pub webhook_timeout: Duration,
+    /// Go on after a full batch without waiting for the next tick.
+    pub drain: bool,
 }
 
 /// How a run ended, as counted in `herald_job_runs_total{result}`.
@@ -57,15 +60,34 @@ impl RunResult {
     }
 }
 
-/// What happened to one claimed message.
+/// What one claimed message came to, on its way to the Messenger API.
+type Reported = Outcome;
+
+/// Outcomes queued between the sends and the reporter.
+const OUTCOME_QUEUE: usize = 1024;
+/// Most outcomes in one report.
+const OUTCOMES_PER_REPORT: usize = 250;
+/// Longest an outcome waits for others to share its report.
+const OUTCOME_LINGER: Duration = Duration::from_millis(5);
+/// How often a long (drain) run refreshes its record.
+const HEARTBEAT: Duration = Duration::from_secs(5);
+
+/// Why a run was started.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Delivery {
-    Sent,
-    Retried,
-    Failed,
-    Released,
-    /// Commit or fail did not reach the Messenger API; the lease will hand it out again.
-    Unrecorded,
+enum Mode {
+    /// The schedule (or a Start): always recorded.
+    Tick,
+    /// A drain-mode idle poll: recorded only when it claimed something.
+    Poll,
+}
+
+/// What the Messenger API made of a run's outcomes.
+#[derive(Debug, Default)]
+struct Tally {
+    sent: i32,
+    retried: i32,
+    failed: i32,
+    released: i32,
 }
 
 /// The sending job of one replica.
@@ -111,27 +133,50 @@ impl SendingJob {
         drop(self.run_lock.lock().await);
     }
 
-    /// One run: skip when stopped or overlapping; else claim, send, commit/fail, record.
+    /// One run: skip when stopped or overlapping; else claim, send, report the outcomes,
+    /// record. In drain mode a run that claimed a full batch goes on with the next one (claimed
+    /// while the current one is being sent) until fewer than a batch are due, the job is
+    /// stopped, or shutdown.
     pub async fn run_once(&self) -> RunReport {
+        self.run(Mode::Tick).await
+    }
+
+    /// A drain-mode look for due messages by an idle replica: like [`SendingJob::run_once`], but
+    /// quiet — no record at all when the job is stopped, a run is going, or nothing was due.
+    /// Returns the run when it claimed something.
+    pub async fn poll_once(&self) -> Option<RunReport> {
+        let report = self.run(Mode::Poll).await;
+        (report.claimed > 0).then_some(report)
+    }
+
+    async fn run(&self, mode: Mode) -> RunReport {
         let started_at = DateTime::now();
         let Ok(_guard) = self.run_lock.try_lock() else {
             return self
-                .skipped(started_at, "previous run still going on this replica")
+                .skipped(started_at, "previous run still going on this replica", mode)
                 .await;
         };
         if self.shutdown.is_cancelled() {
-            return self.skipped(started_at, "shutting down").await;
+            return self.skipped(started_at, "shutting down", mode).await;
+        }
+        if mode == Mode::Poll && !self.still_working().await {
+            return self.skipped(started_at, "job is stopped", mode).await;
         }
         let span = tracing::info_span!("run", worker = %self.config.worker_id, run_id = tracing::field::Empty);
-        self.run_locked(started_at, span.clone()).instrument(span).await
+        self.run_locked(started_at, mode, span.clone()).instrument(span).await
     }
 
-    async fn run_locked(&self, started_at: DateTime, span: tracing::Span) -> RunReport {
+    fn expires_at(&self, from: DateTime) -> DateTime {
+        after(
+            from,
+            self.config.lease + self.config.webhook_timeout + Duration::from_secs(10),
+        )
+    }
+
+    async fn run_locked(&self, started_at: DateTime, mode: Mode, span: tracing::Span) -> RunReport {
         // The run is recorded as in flight *before* the working flag is read, so a Stop that
         // clears the flag and then waits for in-flight runs cannot miss this one.
-        let expires = self.config.lease + self.config.webhook_timeout + Duration::from_secs(10);
-        let expires_at = after(started_at, expires);
-        let mut report = JobRunDoc::started(&self.config.worker_id, started_at, expires_at);
+        let mut report = JobRunDoc::started(&self.config.worker_id, started_at, self.expires_at(started_at));
         if let Err(error) = self.store.begin_run(&report).await {
             // Without the in-flight record a Stop could miss this run: do not claim.
             report.error = Some(format!("could not record the run: {}", Chain(&error)));
@@ -150,38 +195,27 @@ impl SendingJob {
                 return self.finish(report, RunResult::Error).await;
             }
         }
-        let claimed = match self
-            .messenger
-            .claim(
-                &self.config.worker_id,
-                self.config.batch_size,
-                self.config.lease,
-                &run_id,
-            )
-            .await
-        {
-            Ok(claimed) => claimed,
+        let batch = match self.claim(&run_id).await {
+            Ok(batch) => batch,
             Err(error) => {
-                self.metrics.messenger_errors.with_label_values(&["claim"]).inc();
                 report.error = Some(format!("claim failed: {}", Chain(&error)));
                 return self.finish(report, RunResult::Error).await;
             }
         };
-        report.claimed = claimed.len() as i32;
-        let outcomes: Vec<Delivery> = futures::stream::iter(claimed)
-            .map(|message| self.deliver(message, &run_id))
-            .buffer_unordered(self.config.concurrency.max(1))
-            .collect()
-            .await;
-        for outcome in outcomes {
-            match outcome {
-                Delivery::Sent => report.sent += 1,
-                Delivery::Retried => report.retried += 1,
-                Delivery::Failed => report.failed += 1,
-                Delivery::Released => report.released += 1,
-                Delivery::Unrecorded => {}
+        if batch.is_empty() && mode == Mode::Poll {
+            if let Err(error) = self.store.discard_run(report.id).await {
+                tracing::warn!(error = %Chain(&error), "could not discard an empty poll run");
             }
+            return report;
         }
+        let (outcomes, reported) = mpsc::channel::<Reported>(OUTCOME_QUEUE);
+        let sending = self.send_batches(batch, outcomes, &mut report, &run_id);
+        let reporting = self.report_outcomes(reported, &run_id);
+        let ((), tally) = tokio::join!(sending, reporting);
+        report.sent += tally.sent;
+        report.retried += tally.retried;
+        report.failed += tally.failed;
+        report.released += tally.released;
         if report.claimed > 0 {
             tracing::info!(
                 claimed = report.claimed,
@@ -191,24 +225,97 @@ impl SendingJob {
                 "run finished"
             );
         }
-        self.finish(report, RunResult::Completed).await
+        let result = if report.error.is_some() {
+            RunResult::Error
+        } else {
+            RunResult::Completed
+        };
+        self.finish(report, result).await
     }
 
-    async fn deliver(&self, message: ClaimedMessage, run_id: &str) -> Delivery {
-        let masked = telemetry::mask_phone(&message.to);
-        if self.shutdown.is_cancelled() {
-            // Not started: give it back rather than hold it until the lease runs out.
-            return match self.messenger.release(&message, run_id).await {
-                Ok(()) => {
-                    self.metrics.deliveries.with_label_values(&["released"]).inc();
-                    Delivery::Released
-                }
-                Err(error) => {
-                    self.metrics.messenger_errors.with_label_values(&["release"]).inc();
-                    tracing::warn!(message_id = %message.id, error = %Chain(&error), "could not release; the lease will expire");
-                    Delivery::Unrecorded
+    async fn claim(&self, run_id: &str) -> Result<Vec<ClaimedMessage>, MessengerError> {
+        let claimed = self
+            .messenger
+            .claim(
+                &self.config.worker_id,
+                self.config.batch_size,
+                self.config.lease,
+                run_id,
+            )
+            .await;
+        if claimed.is_err() {
+            self.metrics.messenger_errors.with_label_values(&["claim"]).inc();
+        }
+        claimed
+    }
+
+    /// Sends `first`, and in drain mode the batches after it: the next batch is claimed while
+    /// the current one is being sent, so at most two batches are claimed and unsent at once and
+    /// the provider connection never idles between batches.
+    async fn send_batches(
+        &self,
+        first: Vec<ClaimedMessage>,
+        outcomes: mpsc::Sender<Reported>,
+        report: &mut RunReport,
+        run_id: &str,
+    ) {
+        let full = self.config.batch_size as usize;
+        let mut current = first;
+        let mut heartbeat = tokio::time::Instant::now() + HEARTBEAT;
+        loop {
+            report.claimed += current.len() as i32;
+            let go_on = self.config.drain && current.len() == full && !self.shutdown.is_cancelled();
+            let go_on = go_on && self.still_working().await;
+            let send = self.send_batch(current, &outcomes, run_id);
+            let next = async {
+                if go_on {
+                    Some(self.claim(run_id).await)
+                } else {
+                    None
                 }
             };
+            let ((), next) = tokio::join!(send, next);
+            match next {
+                None => break,
+                Some(Ok(batch)) if batch.is_empty() => break,
+                Some(Ok(batch)) => current = batch,
+                Some(Err(error)) => {
+                    report.error = Some(format!("claim failed: {}", Chain(&error)));
+                    break;
+                }
+            }
+            if tokio::time::Instant::now() >= heartbeat {
+                // A long drain stays visibly in flight (Stop waits for it) and shows progress.
+                heartbeat = tokio::time::Instant::now() + HEARTBEAT;
+                report.expires_at = self.expires_at(DateTime::now());
+                if let Err(error) = self.store.finish_run(report).await {
+                    tracing::warn!(error = %Chain(&error), "could not refresh the run record");
+                }
+            }
+        }
+    }
+
+    async fn still_working(&self) -> bool {
+        matches!(self.store.state_or_default().await, Ok(state) if state.working)
+    }
+
+    async fn send_batch(&self, batch: Vec<ClaimedMessage>, outcomes: &mpsc::Sender<Reported>, run_id: &str) {
+        futures::stream::iter(batch)
+            .for_each_concurrent(self.config.concurrency.max(1), |message| async move {
+                let outcome = self.deliver(&message, run_id).await;
+                // The reporter outlives every send, so this only fails if it panicked.
+                let _ = outcomes.send(outcome).await;
+            })
+            .await;
+    }
+
+    async fn deliver(&self, message: &ClaimedMessage, run_id: &str) -> Reported {
+        if self.shutdown.is_cancelled() {
+            // Not started: give it back rather than hold it until the lease runs out.
+            return Outcome::Released(ReleasedOutcome {
+                id: message.id.clone(),
+                claim_token: message.claim_token.clone(),
+            });
         }
         let started = Instant::now();
         let outcome = self
@@ -226,59 +333,117 @@ impl SendingJob {
             .with_label_values(&[outcome.label()])
             .observe(started.elapsed().as_secs_f64());
         self.metrics.deliveries.with_label_values(&[outcome.label()]).inc();
-        let label = outcome.label();
-        let (result, operation) = match outcome {
+        tracing::debug!(
+            message_id = %message.id,
+            to = %telemetry::mask_phone(&message.to),
+            attempt = message.attempt,
+            outcome = outcome.label(),
+            run_id,
+            "delivered"
+        );
+        let failed = |failure: DeliveryFailure, retryable, retry_after: Option<Duration>| {
+            Outcome::Failed(FailedOutcome {
+                id: message.id.clone(),
+                claim_token: message.claim_token.clone(),
+                error: DeliveryError {
+                    kind: failure.kind,
+                    status: failure.status,
+                    detail: failure.detail,
+                },
+                retryable,
+                retry_after_seconds: retry_after.map(|d| d.as_secs()),
+            })
+        };
+        match outcome {
             DeliveryOutcome::Accepted { message_id, .. } => {
                 if message_id.is_none() {
                     self.metrics.accepted_without_id.inc();
                 }
-                let result = self
-                    .messenger
-                    .commit(&message, message_id, chrono::Utc::now(), run_id)
-                    .await
-                    .map(|()| Delivery::Sent);
-                (result, "commit")
+                Outcome::Sent(SentOutcome {
+                    id: message.id.clone(),
+                    claim_token: message.claim_token.clone(),
+                    webhook_message_id: message_id,
+                    sent_at: Some(chrono::Utc::now()),
+                })
             }
-            DeliveryOutcome::Retryable { failure, retry_after } => {
-                let result = self
-                    .messenger
-                    .fail(&message, &failure, true, retry_after, run_id)
-                    .await
-                    .map(after_failure);
-                (result, "fail")
+            DeliveryOutcome::Retryable { failure, retry_after } => failed(failure, true, retry_after),
+            DeliveryOutcome::Permanent { failure } => failed(failure, false, None),
+        }
+    }
+
+    /// Reports outcomes as they complete, in small batches: whatever is ready, up to
+    /// [`OUTCOMES_PER_REPORT`], waiting at most [`OUTCOME_LINGER`] for company, so one slow
+    /// provider answer holds back no one.
+    async fn report_outcomes(&self, mut reported: mpsc::Receiver<Reported>, run_id: &str) -> Tally {
+        let mut tally = Tally::default();
+        let mut batch = Vec::with_capacity(OUTCOMES_PER_REPORT);
+        while let Some(first) = reported.recv().await {
+            batch.push(first);
+            let linger = tokio::time::sleep(OUTCOME_LINGER);
+            tokio::pin!(linger);
+            while batch.len() < OUTCOMES_PER_REPORT {
+                tokio::select! {
+                    next = reported.recv() => match next {
+                        Some(outcome) => batch.push(outcome),
+                        None => break,
+                    },
+                    () = &mut linger => break,
+                }
             }
-            DeliveryOutcome::Permanent { failure } => {
-                let result = self
-                    .messenger
-                    .fail(&message, &failure, false, None, run_id)
-                    .await
-                    .map(after_failure);
-                (result, "fail")
-            }
-        };
-        tracing::debug!(message_id = %message.id, to = %masked, attempt = message.attempt, outcome = label, "delivered");
-        match result {
-            Ok(delivery) => delivery,
-            Err(MessengerError::ClaimLost) => {
-                tracing::warn!(message_id = %message.id, "claim lost before {operation}: another worker took over");
-                Delivery::Unrecorded
+            self.flush(std::mem::take(&mut batch), run_id, &mut tally).await;
+        }
+        tally
+    }
+
+    async fn flush(&self, batch: Vec<Reported>, run_id: &str, tally: &mut Tally) {
+        let count = batch.len();
+        let mut answer = self.messenger.report(&batch, run_id).await;
+        if answer.is_err() && !self.shutdown.is_cancelled() {
+            // One retry: a report that never lands means messages the provider accepted are
+            // handed out again when their lease ends.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            answer = self.messenger.report(&batch, run_id).await;
+        }
+        match answer {
+            Ok(results) => {
+                for item in results.items {
+                    match item.result {
+                        OutcomeResult::Committed | OutcomeResult::AlreadyCommitted => tally.sent += 1,
+                        OutcomeResult::RetryScheduled => tally.retried += 1,
+                        OutcomeResult::Failed => tally.failed += 1,
+                        OutcomeResult::Released => {
+                            self.metrics.deliveries.with_label_values(&["released"]).inc();
+                            tally.released += 1;
+                        }
+                        OutcomeResult::ClaimLost | OutcomeResult::NotFound | OutcomeResult::InvalidId => {
+                            tracing::warn!(message_id = %item.id, result = ?item.result, "outcome not applied: another worker took over");
+                        }
+                    }
+                }
             }
             Err(error) => {
-                self.metrics.messenger_errors.with_label_values(&[operation]).inc();
-                tracing::error!(message_id = %message.id, error = %Chain(&error), "{operation} failed; the lease will hand the message out again");
-                Delivery::Unrecorded
+                self.metrics.messenger_errors.with_label_values(&["outcomes"]).inc();
+                tracing::error!(
+                    messages = count,
+                    error = %Chain(&error),
+                    "could not report outcomes; their leases will hand the messages out again"
+                );
             }
         }
     }
 
-    async fn skipped(&self, started_at: DateTime, reason: &str) -> RunReport {
+    async fn skipped(&self, started_at: DateTime, reason: &str, mode: Mode) -> RunReport {
         let mut report = JobRunDoc::started(&self.config.worker_id, started_at, started_at);
         report.skipped_reason = Some(reason.to_owned());
+        report.finished_at = Some(DateTime::now());
+        if mode == Mode::Poll {
+            // An idle poll that found nothing to do leaves no trace.
+            return report;
+        }
         self.metrics
             .runs
             .with_label_values(&[RunResult::Skipped.as_str()])
             .inc();
-        report.finished_at = Some(DateTime::now());
         if let Err(error) = self.store.finish_run(&report).await {
             tracing::warn!(error = %Chain(&error), "could not record a skipped run");
         }
@@ -300,14 +465,5 @@ impl SendingJob {
             tracing::warn!(error = %Chain(&error), "could not record the run");
         }
         report
-    }
-}
-
-/// What the Messenger API made of a failure report: out of retries counts as failed.
-fn after_failure(status: MessageStatus) -> Delivery {
-    if status == MessageStatus::Failed {
-        Delivery::Failed
-    } else {
-        Delivery::Retried
     }
 }

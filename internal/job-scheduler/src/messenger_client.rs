@@ -1,17 +1,12 @@
-//! The worker side of the Messenger API: claim, commit, fail, release, spoken with the typed
-//! contract of [`herald_core::worker`].
+//! The worker side of the Messenger API: claim, and report outcomes in batches, spoken with
+//! the typed contract of [`herald_core::worker`].
 
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
-use herald_core::message::{MessageStatus, MessageView};
 use herald_core::peer::{PeerClient, PeerError};
-use herald_core::worker::{
-    self, ClaimRequest, ClaimedMessage, CommitRequest, DeliveryError, FailRequest, ReleaseRequest,
-};
+use herald_core::worker::{self, ClaimRequest, ClaimedMessage, Outcome, OutcomeResults};
 use layered_config::SecretString;
 use reqwest::{Method, StatusCode};
-use webhook_client::DeliveryFailure;
 
 /// How long one call to the Messenger API may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -35,6 +30,12 @@ impl From<PeerError> for MessengerError {
             Self::Call(error)
         }
     }
+}
+
+/// [`worker::OutcomeBatch`] by reference, so a retried report need not copy its outcomes.
+#[derive(serde::Serialize)]
+struct OutcomeBatchRef<'a> {
+    items: &'a [Outcome],
 }
 
 /// HTTP client of the Messenger API. Every call carries the run's id as `X-Correlation-Id`, so
@@ -71,61 +72,13 @@ impl MessengerClient {
             .await?)
     }
 
-    /// Commits an accepted send.
-    pub async fn commit(
-        &self,
-        message: &ClaimedMessage,
-        webhook_message_id: Option<String>,
-        sent_at: DateTime<Utc>,
-        run_id: &str,
-    ) -> Result<(), MessengerError> {
-        let body = CommitRequest {
-            claim_token: message.claim_token.clone(),
-            webhook_message_id,
-            sent_at: Some(sent_at),
-        };
-        let path = worker::commit_path(&message.id);
-        self.peer
-            .call::<_, serde::de::IgnoredAny>(Method::PUT, &path, &body, Some(run_id))
-            .await?;
-        Ok(())
-    }
-
-    /// Reports a failed attempt; returns the status the Messenger API gave the message
-    /// (`pending` for a scheduled retry, `failed` when permanent or out of retries).
-    pub async fn fail(
-        &self,
-        message: &ClaimedMessage,
-        failure: &DeliveryFailure,
-        retryable: bool,
-        retry_after: Option<Duration>,
-        run_id: &str,
-    ) -> Result<MessageStatus, MessengerError> {
-        let body = FailRequest {
-            claim_token: message.claim_token.clone(),
-            error: DeliveryError {
-                kind: failure.kind,
-                status: failure.status,
-                detail: failure.detail.clone(),
-            },
-            retryable,
-            retry_after_seconds: retry_after.map(|d| d.as_secs()),
-        };
-        let path = worker::fail_path(&message.id);
-        let after: MessageView = self.peer.call(Method::PUT, &path, &body, Some(run_id)).await?;
-        Ok(after.status)
-    }
-
-    /// Gives an unsent claim back.
-    pub async fn release(&self, message: &ClaimedMessage, run_id: &str) -> Result<(), MessengerError> {
-        let body = ReleaseRequest {
-            claim_token: message.claim_token.clone(),
-        };
-        let path = worker::release_path(&message.id);
-        self.peer
-            .call::<_, serde::de::IgnoredAny>(Method::PUT, &path, &body, Some(run_id))
-            .await?;
-        Ok(())
+    /// Reports many outcomes at once; answers a result per outcome.
+    pub async fn report(&self, outcomes: &[Outcome], run_id: &str) -> Result<OutcomeResults, MessengerError> {
+        let body = OutcomeBatchRef { items: outcomes };
+        Ok(self
+            .peer
+            .call(Method::POST, worker::OUTCOMES_PATH, &body, Some(run_id))
+            .await?)
     }
 
     /// Whether the Messenger API answers its liveness probe.

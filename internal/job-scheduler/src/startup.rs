@@ -84,6 +84,7 @@ async fn parts(settings: &Settings) -> anyhow::Result<Parts> {
         concurrency: js.concurrency as usize,
         lease: Duration::from_secs(js.lease_seconds),
         webhook_timeout: settings.webhook.timeout(),
+        drain: js.drain,
     };
     let stop_wait = config.lease + config.webhook_timeout + Duration::from_secs(10);
     let metrics = SchedulerMetrics::new().context("Failed to register metrics")?;
@@ -173,6 +174,10 @@ impl Application {
         control.cron().start().await?;
         if working && settings.job_scheduler.run_on_start {
             control.trigger();
+        }
+        if settings.job_scheduler.drain {
+            let every = Duration::from_millis(settings.job_scheduler.idle_poll_ms);
+            control.runs_trigger().poll_while_idle(every, shutdown.clone());
         }
         let bound = http::bind(&settings.job_scheduler.host, settings.job_scheduler.port).await?;
         tracing::info!(

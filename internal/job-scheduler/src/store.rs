@@ -186,9 +186,16 @@ impl JobStore {
         Ok(())
     }
 
-    /// Stores the run's result (inserting it if `begin_run` never did).
+    /// Stores the run as it is now — its progress while in flight, or its result (inserting it
+    /// if `begin_run` never did).
     pub async fn finish_run(&self, run: &JobRunDoc) -> StoreResult<()> {
         self.runs.replace_one(doc! {"_id": run.id}, run).upsert(true).await?;
+        Ok(())
+    }
+
+    /// Removes a run that turned out to be an empty idle poll.
+    pub async fn discard_run(&self, id: ObjectId) -> StoreResult<()> {
+        self.runs.delete_one(doc! {"_id": id}).await?;
         Ok(())
     }
 

@@ -101,6 +101,25 @@ impl SentCache {
             .await
     }
 
+    /// Writes many entries and counts them all in `minute`, in one round trip.
+    pub async fn put_sent_many(&self, entries: &[(String, SentEntry)], minute: i64) -> Result<(), CacheError> {
+        let mut pipe = redis::pipe();
+        for (id, entry) in entries {
+            pipe.cmd("SET")
+                .arg(self.key(id))
+                .arg(serde_json::to_string(entry)?)
+                .arg("EX")
+                .arg(self.ttl_seconds)
+                .ignore();
+        }
+        let key = self.minute_key(minute);
+        pipe.cmd("INCRBY").arg(&key).arg(entries.len()).ignore();
+        pipe.cmd("EXPIRE").arg(&key).arg(MINUTE_COUNTER_TTL_SECONDS).ignore();
+        let mut conn = self.connection.clone();
+        self.bounded(async move { pipe.query_async::<()>(&mut conn).await })
+            .await
+    }
+
     /// Messages sent in each of the `minutes` minutes up to and including `last_minute`,
     /// oldest first.
     pub async fn sent_per_minute(&self, last_minute: i64, minutes: i64) -> Result<Vec<u64>, CacheError> {

@@ -56,9 +56,93 @@ pub enum TransitionOutcome {
     NotFound,
 }
 
+/// A conditional write to a claimed message: it applies only while `token` holds the claim.
+#[derive(Debug, Clone)]
+pub struct ClaimWrite {
+    /// The message.
+    pub id: ObjectId,
+    /// `{_id, status: processing, claim_token}`.
+    filter: Document,
+    /// The transition.
+    update: Document,
+}
+
+impl ClaimWrite {
+    fn claimed(id: ObjectId, token: &str) -> Document {
+        doc! {"_id": id, "status": MessageStatus::Processing.as_str(), "claim_token": token}
+    }
+
+    /// Sent: the provider accepted it at `sent_at`.
+    pub fn sent(id: ObjectId, token: &str, webhook_message_id: Option<&str>, sent_at: DateTime, now: DateTime) -> Self {
+        let mut set = doc! {
+            "status": MessageStatus::Sent.as_str(),
+            "sent_at": sent_at,
+            "updated_at": now,
+            "last_transition": Transition::Sent.as_str(),
+        };
+        if let Some(mid) = webhook_message_id {
+            set.insert("webhook_message_id", mid);
+        }
+        Self {
+            id,
+            filter: Self::claimed(id, token),
+            update: doc! {"$set": set, "$unset": {"lease_until": ""}},
+        }
+    }
+
+    /// A failed attempt: `status` pending (due at `next_attempt_at`) or failed.
+    pub fn failure(
+        id: ObjectId,
+        token: &str,
+        status: MessageStatus,
+        next_attempt_at: DateTime,
+        error: &LastError,
+        now: DateTime,
+    ) -> Result<Self, StoreError> {
+        let transition = if status == MessageStatus::Failed {
+            Transition::Failed
+        } else {
+            Transition::RetryScheduled
+        };
+        Ok(Self {
+            id,
+            filter: Self::claimed(id, token),
+            update: doc! {
+                "$set": {
+                    "status": status.as_str(),
+                    "next_attempt_at": next_attempt_at,
+                    "last_error": bson::to_bson(error)?,
+                    "updated_at": now,
+                    "last_transition": transition.as_str(),
+                },
+                "$unset": {"lease_until": ""},
+            },
+        })
+    }
+
+    /// Given back unsent: pending, due now, the attempt not counted.
+    pub fn release(id: ObjectId, token: &str, now: DateTime) -> Self {
+        Self {
+            id,
+            filter: Self::claimed(id, token),
+            update: doc! {
+                "$set": {
+                    "status": MessageStatus::Pending.as_str(),
+                    "next_attempt_at": now,
+                    "updated_at": now,
+                    "last_transition": Transition::Released.as_str(),
+                },
+                "$unset": {"lease_until": ""},
+                "$inc": {"attempts": -1},
+            },
+        }
+    }
+}
+
 /// The repository over `messages`: inserts, lists, claims, transitions and counts.
 #[derive(Clone)]
 pub struct MessageStore {
+    db: Database,
     messages: Collection<MessageDoc>,
     raw: Collection<Document>,
 }
@@ -74,6 +158,7 @@ impl MessageStore {
     /// The store over `db.messages`.
     pub fn new(db: &Database) -> Self {
         Self {
+            db: db.clone(),
             messages: db.collection(COLLECTION),
             raw: db.collection(COLLECTION),
         }
@@ -263,21 +348,10 @@ impl MessageStore {
         sent_at: DateTime,
         now: DateTime,
     ) -> Result<CommitOutcome, StoreError> {
-        let mut set = doc! {
-            "status": MessageStatus::Sent.as_str(),
-            "sent_at": sent_at,
-            "updated_at": now,
-            "last_transition": Transition::Sent.as_str(),
-        };
-        if let Some(mid) = webhook_message_id {
-            set.insert("webhook_message_id", mid);
-        }
+        let write = ClaimWrite::sent(id, token, webhook_message_id, sent_at, now);
         let updated = self
             .messages
-            .find_one_and_update(
-                doc! {"_id": id, "status": MessageStatus::Processing.as_str(), "claim_token": token},
-                doc! {"$set": set, "$unset": {"lease_until": ""}},
-            )
+            .find_one_and_update(write.filter, write.update)
             .with_options(
                 FindOneAndUpdateOptions::builder()
                     .return_document(ReturnDocument::After)
@@ -307,46 +381,14 @@ impl MessageStore {
         error: &LastError,
         now: DateTime,
     ) -> Result<TransitionOutcome, StoreError> {
-        let error = bson::to_bson(error)?;
-        let transition = if status == MessageStatus::Failed {
-            Transition::Failed
-        } else {
-            Transition::RetryScheduled
-        };
-        self.transition(
-            doc! {"_id": id, "status": MessageStatus::Processing.as_str(), "claim_token": token},
-            doc! {
-                "$set": {
-                    "status": status.as_str(),
-                    "next_attempt_at": next_attempt_at,
-                    "last_error": error,
-                    "updated_at": now,
-                    "last_transition": transition.as_str(),
-                },
-                "$unset": {"lease_until": ""},
-            },
-            id,
-        )
-        .await
+        let write = ClaimWrite::failure(id, token, status, next_attempt_at, error, now)?;
+        self.transition(write.filter, write.update, id).await
     }
 
     /// Gives a claimed, unsent message back: pending, due now, the attempt not counted.
     pub async fn release(&self, id: ObjectId, token: &str, now: DateTime) -> Result<TransitionOutcome, StoreError> {
-        self.transition(
-            doc! {"_id": id, "status": MessageStatus::Processing.as_str(), "claim_token": token},
-            doc! {
-                "$set": {
-                    "status": MessageStatus::Pending.as_str(),
-                    "next_attempt_at": now,
-                    "updated_at": now,
-                    "last_transition": Transition::Released.as_str(),
-                },
-                "$unset": {"lease_until": ""},
-                "$inc": {"attempts": -1},
-            },
-            id,
-        )
-        .await
+        let write = ClaimWrite::release(id, token, now);
+        self.transition(write.filter, write.update, id).await
     }
 
     /// Operator re-queue: a failed message becomes pending, due now, with a fresh retry budget.
@@ -386,6 +428,45 @@ impl MessageStore {
         Ok(match self.find(id).await? {
             Some(doc) => TransitionOutcome::Conflict(doc),
             None => TransitionOutcome::NotFound,
+        })
+    }
+
+    /// The messages with these ids, in no particular order.
+    pub async fn find_many(&self, ids: &[ObjectId]) -> Result<Vec<MessageDoc>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        Ok(self
+            .messages
+            .find(doc! {"_id": {"$in": ids}})
+            .await?
+            .try_collect()
+            .await?)
+    }
+
+    /// Applies `writes` with one unordered `update` command (each write stays conditional on
+    /// its claim) and returns how many matched.
+    pub async fn apply_claim_writes(&self, writes: Vec<ClaimWrite>) -> Result<u64, StoreError> {
+        if writes.is_empty() {
+            return Ok(0);
+        }
+        let updates: Vec<Document> = writes
+            .into_iter()
+            .map(|w| doc! {"q": w.filter, "u": w.update})
+            .collect();
+        let answer = self
+            .db
+            .run_command(doc! {"update": COLLECTION, "updates": updates, "ordered": false})
+            .await?;
+        if let Ok(errors) = answer.get_array("writeErrors") {
+            if !errors.is_empty() {
+                tracing::warn!(errors = errors.len(), "some outcome writes were refused");
+            }
+        }
+        Ok(match answer.get("n") {
+            Some(bson::Bson::Int32(n)) => *n as u64,
+            Some(bson::Bson::Int64(n)) => *n as u64,
+            _ => 0,
         })
     }
 

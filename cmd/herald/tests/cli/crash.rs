@@ -8,12 +8,23 @@ use crate::helpers::Stack;
 /// run had in flight, and carry the same Idempotency-Key.
 #[tokio::test]
 async fn a_killed_scheduler_loses_nothing_and_repeats_only_its_in_flight_messages() {
+    killed_scheduler_loses_nothing("false").await;
+}
+
+/// The same with drain mode, where a batch is claimed ahead while the current one is sent.
+#[tokio::test]
+async fn a_killed_draining_scheduler_loses_nothing_and_repeats_only_its_in_flight_messages() {
+    killed_scheduler_loses_nothing("true").await;
+}
+
+async fn killed_scheduler_loses_nothing(drain: &str) {
     let stack = Stack::new(&[
         ("HERALD__JOB_SCHEDULER__SCHEDULE", "*/1 * * * * *"),
         ("HERALD__JOB_SCHEDULER__BATCH_SIZE", "4"),
         ("HERALD__JOB_SCHEDULER__CONCURRENCY", "4"),
         ("HERALD__JOB_SCHEDULER__LEASE_SECONDS", "8"),
         ("HERALD__WEBHOOK__TIMEOUT_MS", "2500"),
+        ("HERALD__JOB_SCHEDULER__DRAIN", drain),
     ])
     .await;
     let _sink = stack.spawn("webhook-sink", &["webhook-sink", "--latency-ms", "1500"]);

@@ -5,7 +5,7 @@ use serde_json::{json, Value};
 use wiremock::matchers::{body_json, header, method, path};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
-use crate::helpers::{sink, Stack};
+use crate::helpers::{eventually, sink, Stack};
 
 async fn provider(response: ResponseTemplate) -> MockServer {
     let server = MockServer::start().await;
@@ -193,6 +193,15 @@ async fn the_default_policy_sends_two_two_one_then_nothing() {
 
 #[tokio::test]
 async fn graceful_shutdown_finishes_started_sends_and_releases_the_rest() {
+    graceful_shutdown_case("false").await;
+}
+
+#[tokio::test]
+async fn graceful_shutdown_of_a_draining_run_finishes_started_sends_and_releases_the_rest() {
+    graceful_shutdown_case("true").await;
+}
+
+async fn graceful_shutdown_case(drain: &str) {
     let stack = Stack::start(&[]).await;
     let ids = stack.seed(4).await;
     let (url, log) = sink(1500, 0.0).await;
@@ -202,6 +211,7 @@ async fn graceful_shutdown_finishes_started_sends_and_releases_the_rest() {
             &[
                 ("HERALD__JOB_SCHEDULER__BATCH_SIZE", "4"),
                 ("HERALD__JOB_SCHEDULER__CONCURRENCY", "1"),
+                ("HERALD__JOB_SCHEDULER__DRAIN", drain),
             ],
         )
         .await;
@@ -261,6 +271,70 @@ async fn a_run_sends_its_id_as_the_correlation_id_of_its_messenger_calls() {
         .unwrap()
         .to_owned();
     assert_eq!(correlation, report.id.to_hex());
+    scheduler.shutdown().await.unwrap();
+    stack.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_draining_run_goes_on_after_full_batches_and_a_plain_run_does_not() {
+    let stack = Stack::start(&[]).await;
+    stack.seed(25).await;
+    let (url, log) = sink(0, 0.0).await;
+    let batch = [("HERALD__JOB_SCHEDULER__BATCH_SIZE", "10")];
+    let plain = stack.scheduler(&url, &batch).await;
+    assert_eq!(plain.control.job().run_once().await.claimed, 10, "one batch per tick");
+    plain.shutdown().await.unwrap();
+
+    let draining = stack
+        .scheduler(&url, &[batch[0], ("HERALD__JOB_SCHEDULER__DRAIN", "true")])
+        .await;
+    let report = draining.control.job().run_once().await;
+    assert_eq!((report.claimed, report.sent), (15, 15), "{report:?}");
+    assert_eq!(stack.count("sent").await, 25);
+    assert_eq!(log.snapshot().len(), 25, "each message once");
+    draining.shutdown().await.unwrap();
+    stack.cleanup().await;
+}
+
+#[tokio::test]
+async fn an_idle_draining_replica_sends_a_new_message_well_under_a_second() {
+    let stack = Stack::start(&[]).await;
+    let (url, log) = sink(0, 0.0).await;
+    let scheduler = stack
+        .scheduler(
+            &url,
+            &[
+                ("HERALD__JOB_SCHEDULER__DRAIN", "true"),
+                ("HERALD__JOB_SCHEDULER__IDLE_POLL_MS", "50"),
+            ],
+        )
+        .await;
+    // Idle polls that find nothing leave no run behind.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let runs = stack
+        .http
+        .get_json(&format!("{}/job-scheduler/jobs", scheduler.url))
+        .await;
+    assert_eq!(runs["total"], 0, "{runs}");
+
+    let created = std::time::Instant::now();
+    let id = stack.seed(1).await.remove(0);
+    eventually(Duration::from_secs(1), "the new message to be sent", || async {
+        stack.message(&id).await["status"] == "sent"
+    })
+    .await;
+    let latency = created.elapsed();
+    assert!(latency < Duration::from_millis(1000), "{latency:?}");
+    assert_eq!(log.snapshot().len(), 1);
+    let runs = stack
+        .http
+        .get_json(&format!("{}/job-scheduler/jobs", scheduler.url))
+        .await;
+    assert_eq!(
+        (runs["total"].as_u64(), runs["items"][0]["sent"].as_i64()),
+        (Some(1), Some(1)),
+        "{runs}"
+    );
     scheduler.shutdown().await.unwrap();
     stack.cleanup().await;
 }

@@ -5,6 +5,15 @@ use crate::helpers::{eventually, sink, Stack};
 
 #[tokio::test]
 async fn several_replicas_send_every_message_exactly_once() {
+    replicas_send_every_message_exactly_once("false").await;
+}
+
+#[tokio::test]
+async fn several_draining_replicas_send_every_message_exactly_once() {
+    replicas_send_every_message_exactly_once("true").await;
+}
+
+async fn replicas_send_every_message_exactly_once(drain: &str) {
     let stack = Stack::start(&[]).await;
     let ids = stack.seed(300).await;
     let (url, log) = sink(5, 0.0).await;
@@ -12,6 +21,8 @@ async fn several_replicas_send_every_message_exactly_once() {
         ("HERALD__JOB_SCHEDULER__SCHEDULE", "*/1 * * * * *"),
         ("HERALD__JOB_SCHEDULER__BATCH_SIZE", "20"),
         ("HERALD__JOB_SCHEDULER__CONCURRENCY", "4"),
+        ("HERALD__JOB_SCHEDULER__DRAIN", drain),
+        ("HERALD__JOB_SCHEDULER__IDLE_POLL_MS", "50"),
     ];
     let mut replicas = Vec::new();
     for _ in 0..4 {

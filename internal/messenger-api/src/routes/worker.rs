@@ -12,7 +12,9 @@ use poem_openapi::{ApiResponse, OpenApi};
 use super::ApiTags;
 use crate::service::{FailureReport, MessengerService};
 use herald_core::message::MessageView;
-use herald_core::worker::{ClaimRequest, ClaimedMessage, CommitRequest, CommitView, FailRequest, ReleaseRequest};
+use herald_core::worker::{
+    ClaimRequest, ClaimedMessage, CommitRequest, CommitView, FailRequest, OutcomeBatch, OutcomeResults, ReleaseRequest,
+};
 
 api_errors!(ClaimErrors: 400, 401, 413, 500, 503);
 api_errors!(TransitionErrors: 400, 401, 404, 409, 413, 500, 503);
@@ -40,6 +42,16 @@ pub enum TransitionResponse {
     #[oai(status = 200)]
     Ok(Json<MessageView>),
 }
+
+/// Results of an outcome report.
+#[derive(ApiResponse)]
+pub enum OutcomesResponse {
+    /// One result per outcome, in the order given.
+    #[oai(status = 200)]
+    Ok(Json<OutcomeResults>),
+}
+
+api_errors!(OutcomeErrors: 400, 401, 413, 500, 503);
 
 /// Worker operations.
 pub struct WorkerApi {
@@ -142,5 +154,23 @@ impl WorkerApi {
             .await
             .map_err(ApiError::from)?;
         Ok(TransitionResponse::Ok(Json(message.into())))
+    }
+
+    /// Report many outcomes
+    ///
+    /// Applies the outcomes of up to 1,000 claimed messages at once — `sent` (commit), `failed`
+    /// (retry per the schedule, or fail) and `released` — with one bulk write in which each
+    /// update stays conditional on its claim, and one Redis pipeline for the commits. Answers a
+    /// result per outcome (`committed`, `already_committed`, `retry_scheduled`, `failed`,
+    /// `released`, `claim_lost`, `not_found`, `invalid_id`); a repeated report answers what the
+    /// first one did.
+    #[oai(path = "/api/messenger/outcomes", method = "post", operation_id = "reportOutcomes")]
+    async fn outcomes(&self, _auth: BearerAuth, body: Json<OutcomeBatch>) -> Result<OutcomesResponse, OutcomeErrors> {
+        let results = self
+            .service
+            .report_outcomes(body.0.items)
+            .await
+            .map_err(ApiError::from)?;
+        Ok(OutcomesResponse::Ok(Json(results)))
     }
 }

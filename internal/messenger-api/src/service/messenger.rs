@@ -1,8 +1,10 @@
 //! The message rules: validation, the state machine, retry policy, and the order of commit
 //! (MongoDB first, then the Redis cache).
 
+use std::collections::HashMap;
 use std::time::Duration;
 
+use bson::oid::ObjectId;
 use bson::DateTime;
 use chrono::Utc;
 use herald_core::mongo::after;
@@ -15,7 +17,8 @@ use crate::cache::{SentCache, SentEntry};
 use crate::domain::{self, FailureKind, LastError, MessageDoc, MessageStatus};
 use crate::error::ServiceError;
 use crate::metrics::MessengerMetrics;
-use crate::store::{CommitOutcome, MessageStore, TransitionOutcome};
+use crate::store::{ClaimWrite, CommitOutcome, MessageStore, TransitionOutcome};
+use herald_core::worker::{Outcome, OutcomeReport, OutcomeResult, OutcomeResults, MAX_OUTCOMES};
 
 /// Most messages in one batch create.
 pub const MAX_BATCH: usize = 1000;
@@ -49,6 +52,36 @@ impl Rules {
             jitter_percent: settings.delivery.jitter_percent,
             max_retry_after: settings.webhook.max_retry_after_seconds,
         }
+    }
+
+    /// Where a failed attempt leaves `current`: pending at the next retry time, or failed
+    /// (permanent, or out of retries), and the error to keep.
+    pub fn after_failure(
+        &self,
+        current: &MessageDoc,
+        report: FailureReport,
+        stamp: DateTime,
+    ) -> (MessageStatus, DateTime, LastError) {
+        let delay = if report.retryable {
+            self.retry_delay(current.attempts, report.retry_after_seconds)
+        } else {
+            None
+        };
+        let (status, next_attempt_at) = match delay {
+            Some(delay) => (MessageStatus::Pending, after(stamp, delay)),
+            None => (MessageStatus::Failed, stamp),
+        };
+        let mut detail = truncate(report.detail, MAX_ERROR_DETAIL);
+        if report.retryable && delay.is_none() {
+            detail = format!("retries exhausted after {} attempts: {detail}", current.attempts);
+        }
+        let error = LastError {
+            kind: report.kind,
+            status: report.status,
+            detail,
+            at: stamp,
+        };
+        (status, next_attempt_at, error)
     }
 
     /// The delay before the next attempt after `attempts` attempts, or `None` when retries are
@@ -329,41 +362,203 @@ impl MessengerService {
             };
         }
         let stamp = now();
-        let delay = if report.retryable {
-            self.rules.retry_delay(current.attempts, report.retry_after_seconds)
-        } else {
-            None
-        };
-        let (status, next_attempt_at) = match delay {
-            Some(delay) => (MessageStatus::Pending, after(stamp, delay)),
-            None => (MessageStatus::Failed, stamp),
-        };
-        let mut detail = truncate(report.detail, MAX_ERROR_DETAIL);
-        if report.retryable && delay.is_none() {
-            detail = format!("retries exhausted after {} attempts: {detail}", current.attempts);
-        }
-        let error = LastError {
-            kind: report.kind,
-            status: report.status,
-            detail,
-            at: stamp,
-        };
+        let (status, next_attempt_at, error) = self.rules.after_failure(&current, report, stamp);
         match self
             .store
             .record_failure(oid, claim_token, status, next_attempt_at, &error, stamp)
             .await?
         {
             TransitionOutcome::Done(doc) => {
-                let label = if status == MessageStatus::Failed {
-                    "failed"
-                } else {
-                    "retry_scheduled"
-                };
-                self.metrics.failures.with_label_values(&[label]).inc();
+                self.count_failure(status);
                 Ok(doc)
             }
             TransitionOutcome::Conflict(_) => Err(ServiceError::ClaimLost),
             TransitionOutcome::NotFound => Err(ServiceError::NotFound),
+        }
+    }
+
+    fn count_failure(&self, status: MessageStatus) {
+        let label = if status == MessageStatus::Failed {
+            "failed"
+        } else {
+            "retry_scheduled"
+        };
+        self.metrics.failures.with_label_values(&[label]).inc();
+    }
+
+    /// Applies many outcomes at once: one read of the messages, one unordered bulk write whose
+    /// every update stays conditional on its claim, one Redis pipeline for the commits. Each
+    /// outcome gets its own result; a repeated report answers what the first one did.
+    pub async fn report_outcomes(&self, outcomes: Vec<Outcome>) -> Result<OutcomeResults, ServiceError> {
+        if outcomes.is_empty() || outcomes.len() > MAX_OUTCOMES {
+            return Err(ServiceError::invalid(
+                ErrorCode::InvalidOutcomes,
+                format!(
+                    "a report holds 1 to {MAX_OUTCOMES} outcomes; this one has {}",
+                    outcomes.len()
+                ),
+            ));
+        }
+        let ids: Vec<Option<ObjectId>> = outcomes.iter().map(|o| ObjectId::parse_str(o.id()).ok()).collect();
+        let mut unique: Vec<ObjectId> = ids.iter().flatten().copied().collect();
+        unique.sort();
+        unique.dedup();
+        if unique.len() != ids.iter().flatten().count() {
+            return Err(ServiceError::invalid(
+                ErrorCode::InvalidOutcomes,
+                "each message may appear once in a report",
+            ));
+        }
+        let current: HashMap<ObjectId, MessageDoc> = self
+            .store
+            .find_many(&unique)
+            .await?
+            .into_iter()
+            .map(|m| (m.id, m))
+            .collect();
+        let stamp = now();
+        let mut reports = Vec::with_capacity(outcomes.len());
+        let mut writes = Vec::new();
+        let mut planned: Vec<Planned> = Vec::new();
+        for (index, (outcome, id)) in outcomes.into_iter().zip(ids).enumerate() {
+            let report = |result, status| OutcomeReport {
+                id: outcome.id().to_owned(),
+                result,
+                status,
+            };
+            let Some(id) = id else {
+                reports.push(report(OutcomeResult::InvalidId, None));
+                continue;
+            };
+            let Some(doc) = current.get(&id) else {
+                reports.push(report(OutcomeResult::NotFound, None));
+                continue;
+            };
+            let token = match &outcome {
+                Outcome::Sent(o) => o.claim_token.clone(),
+                Outcome::Failed(o) => o.claim_token.clone(),
+                Outcome::Released(o) => o.claim_token.clone(),
+            };
+            let token = token.as_str();
+            if doc.claim_token.as_deref() != Some(token) {
+                reports.push(report(OutcomeResult::ClaimLost, Some(doc.status)));
+                continue;
+            }
+            if doc.status != MessageStatus::Processing {
+                reports.push(report(replayed(&outcome, doc.status), Some(doc.status)));
+                continue;
+            }
+            reports.push(report(OutcomeResult::ClaimLost, Some(doc.status)));
+            match outcome {
+                Outcome::Sent(o) => {
+                    let sent_at = o.sent_at.map(DateTime::from_chrono).unwrap_or(stamp);
+                    let mid = o.webhook_message_id.as_deref().map(str::trim).filter(|m| !m.is_empty());
+                    let entry = SentEntry {
+                        message_id: mid.map(str::to_owned),
+                        sent_at: sent_at.to_chrono().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+                    };
+                    writes.push(ClaimWrite::sent(id, token, mid, sent_at, stamp));
+                    planned.push(Planned {
+                        index,
+                        id,
+                        status: MessageStatus::Sent,
+                        result: OutcomeResult::Committed,
+                        commit: Some(entry),
+                    });
+                }
+                Outcome::Failed(o) => {
+                    let failure = FailureReport {
+                        kind: o.error.kind,
+                        status: o.error.status.map(i32::from),
+                        detail: o.error.detail,
+                        retryable: o.retryable,
+                        retry_after_seconds: o.retry_after_seconds,
+                    };
+                    let (status, next, error) = self.rules.after_failure(doc, failure, stamp);
+                    writes.push(ClaimWrite::failure(id, token, status, next, &error, stamp)?);
+                    let result = if status == MessageStatus::Failed {
+                        OutcomeResult::Failed
+                    } else {
+                        OutcomeResult::RetryScheduled
+                    };
+                    planned.push(Planned {
+                        index,
+                        id,
+                        status,
+                        result,
+                        commit: None,
+                    });
+                }
+                Outcome::Released(_) => {
+                    writes.push(ClaimWrite::release(id, token, stamp));
+                    planned.push(Planned {
+                        index,
+                        id,
+                        status: MessageStatus::Pending,
+                        result: OutcomeResult::Released,
+                        commit: None,
+                    });
+                }
+            }
+        }
+        let expected = writes.len() as u64;
+        let matched = self.store.apply_claim_writes(writes).await?;
+        // Rarely a lease lapses between the read and the write: read back what really happened.
+        let after_race: Option<HashMap<ObjectId, MessageDoc>> = if matched < expected {
+            let planned_ids: Vec<ObjectId> = planned.iter().map(|p| p.id).collect();
+            let docs = self.store.find_many(&planned_ids).await?;
+            Some(docs.into_iter().map(|m| (m.id, m)).collect())
+        } else {
+            None
+        };
+        let mut commits = Vec::new();
+        for plan in planned {
+            let applied = after_race.as_ref().is_none_or(|docs| {
+                docs.get(&plan.id).is_some_and(|d| {
+                    d.status == plan.status
+                        && d.updated_at == stamp
+                        && d.claim_token == current.get(&plan.id).and_then(|c| c.claim_token.clone())
+                })
+            });
+            if !applied {
+                self.metrics.commits.with_label_values(&["claim_lost"]).inc();
+                continue;
+            }
+            let report = &mut reports[plan.index];
+            report.status = Some(plan.status);
+            report.result = plan.result;
+            match plan.result {
+                OutcomeResult::Committed => self.metrics.commits.with_label_values(&["committed"]).inc(),
+                OutcomeResult::Failed | OutcomeResult::RetryScheduled => self.count_failure(plan.status),
+                _ => {}
+            }
+            if let Some(entry) = plan.commit {
+                commits.push((report.id.clone(), entry));
+            }
+        }
+        Ok(OutcomeResults {
+            cached: self.cache_commits(&commits, stamp).await,
+            items: reports,
+        })
+    }
+
+    /// Caches first commits in one pipeline; false when Redis could not take them.
+    async fn cache_commits(&self, commits: &[(String, SentEntry)], stamp: DateTime) -> bool {
+        if commits.is_empty() {
+            return true;
+        }
+        let minute = stamp.timestamp_millis().div_euclid(60_000);
+        match self.cache.put_sent_many(commits, minute).await {
+            Ok(()) => true,
+            Err(error) => {
+                self.metrics.cache_write_failures.inc_by(commits.len() as u64);
+                tracing::warn!(
+                    messages = commits.len(),
+                    error = %telemetry::Chain(&error),
+                    "messages committed but their Redis cache entries were not written"
+                );
+                false
+            }
         }
     }
 
@@ -380,6 +575,26 @@ impl MessengerService {
             TransitionOutcome::Conflict(_) => Err(ServiceError::ClaimLost),
             TransitionOutcome::NotFound => Err(ServiceError::NotFound),
         }
+    }
+}
+
+/// An outcome write planned for the bulk update.
+struct Planned {
+    index: usize,
+    id: ObjectId,
+    status: MessageStatus,
+    result: OutcomeResult,
+    commit: Option<SentEntry>,
+}
+
+/// What a repeated report of an outcome answers, given where the message already is.
+fn replayed(outcome: &Outcome, status: MessageStatus) -> OutcomeResult {
+    match (outcome, status) {
+        (Outcome::Sent(_), MessageStatus::Sent) => OutcomeResult::AlreadyCommitted,
+        (Outcome::Failed(_), MessageStatus::Pending) => OutcomeResult::RetryScheduled,
+        (Outcome::Failed(_), MessageStatus::Failed) => OutcomeResult::Failed,
+        (Outcome::Released(_), MessageStatus::Pending) => OutcomeResult::Released,
+        _ => OutcomeResult::ClaimLost,
     }
 }
 

@@ -257,3 +257,108 @@ async fn the_toggle_forwards_to_the_job_scheduler_and_maps_its_answers() {
     assert_error(response, 502, 502001).await;
     unreachable.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_batch_of_outcomes_is_applied_with_a_result_for_each_and_a_replay_answers_the_same() {
+    let app = spawn_app().await;
+    app.seed(5).await;
+    let claimed = app.claim("w", 5).await;
+    let id = |i: usize| {
+        (
+            claimed[i]["id"].as_str().unwrap(),
+            claimed[i]["claimToken"].as_str().unwrap(),
+        )
+    };
+    let error = |status: u16| json!({"kind": "http_status", "status": status, "detail": "no"});
+    let batch = json!({"items": [
+        {"outcome": "sent", "id": id(0).0, "claimToken": id(0).1, "webhookMessageId": "prov-0"},
+        {"outcome": "failed", "id": id(1).0, "claimToken": id(1).1, "error": error(503), "retryable": true, "retryAfterSeconds": 60},
+        {"outcome": "failed", "id": id(2).0, "claimToken": id(2).1, "error": error(400), "retryable": false},
+        {"outcome": "released", "id": id(3).0, "claimToken": id(3).1},
+        {"outcome": "sent", "id": id(4).0, "claimToken": "not-the-token"},
+        {"outcome": "sent", "id": "0123456789abcdef01234567", "claimToken": "t"},
+        {"outcome": "sent", "id": "bad", "claimToken": "t"},
+    ]});
+    let results: Value = app.http.post_json(&app.url("/api/messenger/outcomes"), &batch).await;
+    let got: Vec<(&str, &str)> = results["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["result"].as_str().unwrap(), r["status"].as_str().unwrap_or("-")))
+        .collect();
+    let expected = vec![
+        ("committed", "sent"),
+        ("retry_scheduled", "pending"),
+        ("failed", "failed"),
+        ("released", "pending"),
+        ("claim_lost", "processing"),
+        ("not_found", "-"),
+        ("invalid_id", "-"),
+    ];
+    assert_eq!(got, expected, "{results}");
+    assert_eq!(results["cached"], true);
+
+    // What the store now holds, message by message.
+    let sent = app.message(id(0).0).await;
+    assert_eq!(
+        (sent["status"].as_str(), sent["webhookMessageId"].as_str()),
+        (Some("sent"), Some("prov-0"))
+    );
+    let cached: Value =
+        serde_json::from_str(&app.env.redis_get(&format!("sent:{}", id(0).0)).await.unwrap().unwrap()).unwrap();
+    assert_eq!(cached["messageId"], "prov-0");
+    let retried = app.message(id(1).0).await;
+    assert_eq!(retried["lastError"]["status"], 503);
+    let due = chrono::DateTime::parse_from_rfc3339(retried["nextAttemptAt"].as_str().unwrap()).unwrap();
+    assert!(
+        due > chrono::Utc::now() + chrono::Duration::seconds(55),
+        "Retry-After is a floor: {due}"
+    );
+    assert_eq!(app.message(id(2).0).await["lastError"]["kind"], "http_status");
+    let released = app.message(id(3).0).await;
+    assert_eq!(
+        (released["status"].as_str(), released["attempts"].as_i64()),
+        (Some("pending"), Some(0))
+    );
+    assert_eq!(app.message(id(4).0).await["status"], "processing");
+
+    // The same report again changes nothing and answers what the first one did.
+    let replay: Value = app.http.post_json(&app.url("/api/messenger/outcomes"), &batch).await;
+    let again: Vec<&str> = replay["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["result"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        again,
+        vec![
+            "already_committed",
+            "retry_scheduled",
+            "failed",
+            "released",
+            "claim_lost",
+            "not_found",
+            "invalid_id"
+        ]
+    );
+    let stats = app.get_json("/api/messenger/stats").await;
+    assert_eq!(stats["sentLastHour"], 1, "a replayed commit is counted once: {stats}");
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn an_outcome_report_must_be_one_to_a_thousand_distinct_messages() {
+    let app = spawn_app().await;
+    let outcomes = |items: Value| {
+        app.post("/api/messenger/outcomes")
+            .json(&json!({"items": items}))
+            .send()
+    };
+    assert_error(outcomes(json!([])).await.unwrap(), 400, 400014).await;
+    let twice = json!({"outcome": "released", "id": "0123456789abcdef01234567", "claimToken": "t"});
+    assert_error(outcomes(json!([twice, twice])).await.unwrap(), 400, 400014).await;
+    let unknown = json!([{"outcome": "teleported", "id": "0123456789abcdef01234567", "claimToken": "t"}]);
+    assert_error(outcomes(unknown).await.unwrap(), 400, 400001).await;
+    app.cleanup().await;
+}

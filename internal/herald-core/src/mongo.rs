@@ -17,7 +17,7 @@ use crate::pagination::{Fetched, PageRequest};
 use crate::settings::MongoSettings;
 
 /// What a repository can fail with.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     /// The database could not be reached.
     #[error("MongoDB is unavailable")]

@@ -5,7 +5,9 @@
 //! - [`service`]: the rules — validation, the state machine, retry policy, the commit-then-cache
 //!   order, the toggle call to the Job Scheduler.
 //! - [`store`]: the repository over `Collection<MessageDoc>`; BSON stays here. Claims are atomic
-//!   per document and cost a fixed number of round trips.
+//!   per document.
+//! - [`claimer`]: one claimer per process — concurrent claims served together, each reading a
+//!   bounded window of the due index.
 //! - [`cache`]: the Redis sent-message cache (a cache, never the source of truth) and the
 //!   per-minute sent counters.
 //! - [`events`]: the live event feed from the database's change stream.
@@ -17,6 +19,7 @@
 #![forbid(unsafe_code)]
 
 pub mod cache;
+pub mod claimer;
 pub mod domain;
 pub mod error;
 pub mod events;

@@ -4,16 +4,9 @@
 //! Claiming is the delicate part. A due message is `pending` with `next_attempt_at <= now`, or
 //! `processing` whose lease has passed — and while a message is processing its
 //! `next_attempt_at` *is* its lease end, so one condition and one index
-//! (`{status, next_attempt_at, _id}`) serve both. A claim:
-//! 1. reads the ids of the oldest due messages,
-//! 2. updates them with `update_many` whose filter repeats the due condition — each document's
-//!    update is atomic, so a message another caller took in between is skipped, never shared,
-//! 3. repeats for what it lost to other callers, at most [`CLAIM_ROUNDS`] times,
-//! 4. reads back what carries its fresh claim token.
-//!
-//! So a claim of N messages costs at most `2 × CLAIM_ROUNDS + 1` round trips, whatever N is.
-
-use std::time::Duration;
+//! (`{status, next_attempt_at, _id}`) serve both. The store offers the steps
+//! ([`MessageStore::due_ids`], [`MessageStore::claim_ids`], [`MessageStore::held_by`]);
+//! [`crate::claimer`] decides which ids go to which caller.
 
 use bson::oid::ObjectId;
 use bson::{doc, DateTime, Document};
@@ -23,14 +16,11 @@ use mongodb::{Collection, Database, IndexModel};
 
 use crate::domain::{LastError, MessageDoc, MessageStatus, Transition};
 use crate::error::StoreError;
-use herald_core::mongo::{after, find_page};
+use herald_core::mongo::find_page;
 use herald_core::pagination::{Fetched, PageRequest, PageStart};
 
 /// Name of the collection.
 pub const COLLECTION: &str = "messages";
-
-/// Most claim rounds per `get-two` call (each costs two round trips).
-pub const CLAIM_ROUNDS: usize = 4;
 
 /// The outcome of a conditional commit.
 #[derive(Debug)]
@@ -273,66 +263,79 @@ impl MessageStore {
         find_page(&self.messages, filter, sort, skip, page, total, |m| m.id.to_hex()).await
     }
 
-    /// Claims up to `limit` due messages for `worker` until `now + lease`; see the module docs.
-    pub async fn claim_due(
+    /// Ids and due times of up to `limit` due messages, oldest due first. With `from`, only
+    /// those due at or after it (and not after `now`): the range read then follows the window,
+    /// not the backlog, on servers that read a whole sorted range before limiting it.
+    pub async fn due_ids(
         &self,
-        worker: &str,
+        from: Option<DateTime>,
+        until: DateTime,
         limit: usize,
-        lease: Duration,
-        now: DateTime,
-    ) -> Result<Vec<MessageDoc>, StoreError> {
-        let token = uuid::Uuid::new_v4().to_string();
-        let lease_until = after(now, lease);
-        let mut claimed = 0usize;
-        for _ in 0..CLAIM_ROUNDS {
-            let want = limit - claimed;
-            if want == 0 {
-                break;
-            }
-            let candidates: Vec<Document> = self
-                .raw
-                .find(due_filter(now))
-                .sort(doc! {"next_attempt_at": 1, "_id": 1})
-                .limit(want as i64)
-                .projection(doc! {"_id": 1})
-                .await?
-                .try_collect()
-                .await?;
-            let ids: Vec<ObjectId> = candidates.iter().filter_map(|d| d.get_object_id("_id").ok()).collect();
-            if ids.is_empty() {
-                break;
-            }
-            let mut filter = due_filter(now);
-            filter.insert("_id", doc! {"$in": &ids});
-            let result = self
-                .messages
-                .update_many(
-                    filter,
-                    doc! {
-                        "$set": {
-                            "status": MessageStatus::Processing.as_str(),
-                            "claim_token": &token,
-                            "claimed_by": worker,
-                            "lease_until": lease_until,
-                            "next_attempt_at": lease_until,
-                            "updated_at": now,
-                            "last_transition": Transition::Claimed.as_str(),
-                        },
-                        "$inc": {"attempts": 1},
-                    },
-                )
-                .await?;
-            claimed += result.modified_count as usize;
-            if result.modified_count as usize == ids.len() && ids.len() < want {
-                break; // took every due message there was
-            }
+    ) -> Result<Vec<(ObjectId, DateTime)>, StoreError> {
+        let mut filter = due_filter(until);
+        if let Some(from) = from {
+            filter.insert("next_attempt_at", doc! {"$gte": from, "$lte": until});
         }
-        if claimed == 0 {
+        let found: Vec<Document> = self
+            .raw
+            .find(filter)
+            .sort(doc! {"next_attempt_at": 1, "_id": 1})
+            .limit(limit as i64)
+            .projection(doc! {"_id": 1, "next_attempt_at": 1})
+            .await?
+            .try_collect()
+            .await?;
+        Ok(found
+            .iter()
+            .filter_map(|d| Some((d.get_object_id("_id").ok()?, *d.get_datetime("next_attempt_at").ok()?)))
+            .collect())
+    }
+
+    /// Claims those of `ids` that are still due at `now` for `worker` under `token` until
+    /// `lease_until`. Each document's update is atomic, so a message another caller took in
+    /// between is skipped, never shared. Returns how many it claimed.
+    pub async fn claim_ids(
+        &self,
+        ids: &[ObjectId],
+        worker: &str,
+        token: &str,
+        lease_until: DateTime,
+        now: DateTime,
+    ) -> Result<u64, StoreError> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let mut filter = due_filter(now);
+        filter.insert("_id", doc! {"$in": ids});
+        let result = self
+            .messages
+            .update_many(
+                filter,
+                doc! {
+                    "$set": {
+                        "status": MessageStatus::Processing.as_str(),
+                        "claim_token": token,
+                        "claimed_by": worker,
+                        "lease_until": lease_until,
+                        "next_attempt_at": lease_until,
+                        "updated_at": now,
+                        "last_transition": Transition::Claimed.as_str(),
+                    },
+                    "$inc": {"attempts": 1},
+                },
+            )
+            .await?;
+        Ok(result.modified_count)
+    }
+
+    /// The messages held under any of `tokens`, by id.
+    pub async fn held_by(&self, tokens: &[String]) -> Result<Vec<MessageDoc>, StoreError> {
+        if tokens.is_empty() {
             return Ok(Vec::new());
         }
         Ok(self
             .messages
-            .find(doc! {"claim_token": &token, "status": MessageStatus::Processing.as_str()})
+            .find(doc! {"claim_token": {"$in": tokens}, "status": MessageStatus::Processing.as_str()})
             .sort(doc! {"_id": 1})
             .await?
             .try_collect()

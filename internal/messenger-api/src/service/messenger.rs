@@ -14,6 +14,7 @@ use herald_core::ErrorCode;
 use rand::Rng;
 
 use crate::cache::{SentCache, SentEntry};
+use crate::claimer::Claimer;
 use crate::domain::{self, FailureKind, LastError, MessageDoc, MessageStatus};
 use crate::error::ServiceError;
 use crate::metrics::MessengerMetrics;
@@ -130,6 +131,7 @@ pub struct Committed {
 /// Messages and their life: create, list, claim, commit, fail, release, re-queue.
 pub struct MessengerService {
     store: MessageStore,
+    claimer: Claimer,
     cache: SentCache,
     rules: Rules,
     metrics: MessengerMetrics,
@@ -154,6 +156,7 @@ impl MessengerService {
     /// The service over `store`, caching commits in `cache`.
     pub fn new(store: MessageStore, cache: SentCache, rules: Rules, metrics: MessengerMetrics) -> Self {
         Self {
+            claimer: Claimer::new(store.clone()),
             store,
             cache,
             rules,
@@ -291,7 +294,7 @@ impl MessengerService {
             Some(s) if (1..=3600).contains(&s) => Duration::from_secs(s),
             Some(_) => return Err(bad("leaseSeconds must be 1..=3600")),
         };
-        let claimed = self.store.claim_due(worker, limit as usize, lease, now()).await?;
+        let claimed = self.claimer.claim(worker, limit as usize, lease).await?;
         self.metrics.claimed.inc_by(claimed.len() as u64);
         Ok(claimed)
     }

@@ -126,3 +126,85 @@ async fn a_sent_message_is_never_claimed_again() {
     assert_eq!(message["status"], "sent");
     app.cleanup().await;
 }
+
+#[tokio::test]
+async fn successive_claims_walk_a_backlog_oldest_first() {
+    let app = spawn_app().await;
+    let ids = app.seed(60).await;
+    let mut claimed = Vec::new();
+    for _ in 0..6 {
+        let batch = app.claim("w", 10).await;
+        assert_eq!(batch.len(), 10);
+        claimed.extend(batch.into_iter().map(|m| m["id"].as_str().unwrap().to_owned()));
+    }
+    assert_eq!(claimed, ids, "in the order they fell due");
+    assert!(app.claim("w", 10).await.is_empty());
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_message_due_behind_the_claim_window_is_still_claimed() {
+    let app = spawn_app().await;
+    app.seed(10).await;
+    assert_eq!(
+        app.claim("w", 5).await.len(),
+        5,
+        "the claimer now reads from the oldest due"
+    );
+    // A message due an hour before anything the claimer has seen (a skewed clock, an edit).
+    let late = app.create("+905551234567", "behind the window").await;
+    let late_id = bson::oid::ObjectId::parse_str(late["id"].as_str().unwrap()).unwrap();
+    let hour_ago = bson::DateTime::from_millis(bson::DateTime::now().timestamp_millis() - 3_600_000);
+    app.env
+        .db()
+        .collection::<bson::Document>("messages")
+        .update_one(
+            bson::doc! {"_id": late_id},
+            bson::doc! {"$set": {"next_attempt_at": hour_ago}},
+        )
+        .await
+        .unwrap();
+    let batch = app.claim("w", 10).await;
+    assert_eq!(batch.len(), 6);
+    assert!(
+        batch.iter().any(|m| m["id"] == late["id"]),
+        "the late message was found"
+    );
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn claimers_on_two_api_replicas_never_share_a_message() {
+    let mut app = spawn_app().await;
+    let total = 1000;
+    app.seed(total).await;
+    let replica = Arc::new(app.replica().await);
+    let app = Arc::new(app);
+    let workers = (0..8).map(|w| {
+        let api = if w % 2 == 0 { app.clone() } else { replica.clone() };
+        tokio::spawn(async move {
+            let mut mine = Vec::new();
+            loop {
+                let batch = api.claim(&format!("worker-{w}"), 40).await;
+                if batch.is_empty() {
+                    break;
+                }
+                mine.extend(batch.into_iter().map(|m| m["id"].as_str().unwrap().to_owned()));
+            }
+            mine
+        })
+    });
+    let mut all = Vec::new();
+    for worker in futures::future::join_all(workers).await {
+        all.extend(worker.unwrap());
+    }
+    let unique: HashSet<&String> = all.iter().collect();
+    assert_eq!(
+        (unique.len(), all.len()),
+        (total, total),
+        "each message claimed exactly once"
+    );
+    drop(replica);
+    let app = Arc::into_inner(app).unwrap();
+    app.cleanup().await;
+}

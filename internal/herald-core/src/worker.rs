@@ -190,6 +190,15 @@ impl Outcome {
             Self::Released(o) => &o.id,
         }
     }
+
+    /// The claim it reports under.
+    pub fn claim_token(&self) -> &str {
+        match self {
+            Self::Sent(o) => &o.claim_token,
+            Self::Failed(o) => &o.claim_token,
+            Self::Released(o) => &o.claim_token,
+        }
+    }
 }
 
 /// Outcomes of many claimed messages, applied together.

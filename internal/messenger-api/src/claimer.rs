@@ -17,8 +17,9 @@
 //! doubles after one that did not, so a window holds about one request's worth. Herald's own
 //! writes never make a message due *before* `from` (they set `next_attempt_at` to now or
 //! later), so nothing is skipped; for what could be (clock skew between replicas, edits by
-//! hand) a full read runs every [`RESCAN`] and whenever fewer than wanted are due up to now
-//! (then the whole due range is small and the full read cheap).
+//! hand) a full read runs every [`RESCAN`], and whenever fewer than wanted are due up to now —
+//! then the whole due range is small and a full read cheap, and the next claim reads whole too
+//! until one fills its request.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -60,6 +61,8 @@ struct Window {
     from: Option<DateTime>,
     width_ms: i64,
     last_full: Option<tokio::time::Instant>,
+    /// The last read found fewer than wanted: the due range is small, read it whole.
+    short: bool,
 }
 
 /// The process's claimer.
@@ -85,6 +88,7 @@ impl Claimer {
                     from: None,
                     width_ms: 1000,
                     last_full: None,
+                    short: true,
                 }),
             }),
         }
@@ -210,7 +214,11 @@ impl Inner {
         let (from, width_ms, full) = {
             let window = lock(&self.window);
             let stale = window.last_full.is_none_or(|at| at.elapsed() >= RESCAN);
-            (window.from, window.width_ms, stale || window.from.is_none())
+            (
+                window.from,
+                window.width_ms,
+                stale || window.short || window.from.is_none(),
+            )
         };
         if full {
             return self.full_read(now, want).await;
@@ -255,6 +263,7 @@ impl Inner {
         let found = self.store.due_ids(None, now, want).await?;
         let mut window = lock(&self.window);
         window.last_full = Some(tokio::time::Instant::now());
+        window.short = found.len() < want;
         window.from = Some(found.first().map(|(_, at)| *at).unwrap_or(now));
         Ok(found.into_iter().map(|(id, _)| id).collect())
     }

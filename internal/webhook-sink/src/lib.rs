@@ -184,6 +184,13 @@ fn received(state: Data<&State>) -> Json<Vec<Received>> {
     Json(state.log.lock().map(|l| l.clone()).unwrap_or_default())
 }
 
+/// How many requests were received (cheap to poll while thousands arrive).
+#[handler]
+fn received_count(state: Data<&State>) -> Json<serde_json::Value> {
+    let count = state.log.lock().map(|l| l.len()).unwrap_or_default();
+    Json(serde_json::json!({ "count": count }))
+}
+
 #[handler]
 fn change_behaviour(state: Data<&State>, body: Json<Behaviour>) -> Response {
     let wanted = body.0;
@@ -232,6 +239,7 @@ impl WebhookSink {
         let app = Route::new()
             .at("/webhook", post(receive))
             .at("/webhook-sink/received", get(received))
+            .at("/webhook-sink/received/count", get(received_count))
             .at("/webhook-sink/behaviour", poem::put(change_behaviour))
             .at("/webhook-sink/health", get(health))
             .data(state)

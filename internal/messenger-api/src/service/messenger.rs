@@ -389,9 +389,11 @@ impl MessengerService {
         self.metrics.failures.with_label_values(&[label]).inc();
     }
 
-    /// Applies many outcomes at once: one read of the messages, one unordered bulk write whose
-    /// every update stays conditional on its claim, one Redis pipeline for the commits. Each
-    /// outcome gets its own result; a repeated report answers what the first one did.
+    /// Applies many outcomes at once: one unordered bulk write whose every update stays
+    /// conditional on its claim, and one Redis pipeline for the commits. Only failures need the
+    /// message first (its attempts decide retry or fail); anything a write did not match is
+    /// read back once and answered as it stands. Each outcome gets its own result; a repeated
+    /// report answers what the first one did.
     pub async fn report_outcomes(&self, outcomes: Vec<Outcome>) -> Result<OutcomeResults, ServiceError> {
         if outcomes.is_empty() || outcomes.len() > MAX_OUTCOMES {
             return Err(ServiceError::invalid(
@@ -412,9 +414,15 @@ impl MessengerService {
                 "each message may appear once in a report",
             ));
         }
-        let current: HashMap<ObjectId, MessageDoc> = self
+        let failing: Vec<ObjectId> = outcomes
+            .iter()
+            .zip(&ids)
+            .filter(|(o, _)| matches!(o, Outcome::Failed(_)))
+            .filter_map(|(_, id)| *id)
+            .collect();
+        let before: HashMap<ObjectId, MessageDoc> = self
             .store
-            .find_many(&unique)
+            .find_many(&failing)
             .await?
             .into_iter()
             .map(|m| (m.id, m))
@@ -424,35 +432,20 @@ impl MessengerService {
         let mut writes = Vec::new();
         let mut planned: Vec<Planned> = Vec::new();
         for (index, (outcome, id)) in outcomes.into_iter().zip(ids).enumerate() {
-            let report = |result, status| OutcomeReport {
-                id: outcome.id().to_owned(),
-                result,
-                status,
-            };
             let Some(id) = id else {
-                reports.push(report(OutcomeResult::InvalidId, None));
+                reports.push(OutcomeReport {
+                    id: outcome.id().to_owned(),
+                    result: OutcomeResult::InvalidId,
+                    status: None,
+                });
                 continue;
             };
-            let Some(doc) = current.get(&id) else {
-                reports.push(report(OutcomeResult::NotFound, None));
-                continue;
-            };
-            let token = match &outcome {
-                Outcome::Sent(o) => o.claim_token.clone(),
-                Outcome::Failed(o) => o.claim_token.clone(),
-                Outcome::Released(o) => o.claim_token.clone(),
-            };
-            let token = token.as_str();
-            if doc.claim_token.as_deref() != Some(token) {
-                reports.push(report(OutcomeResult::ClaimLost, Some(doc.status)));
-                continue;
-            }
-            if doc.status != MessageStatus::Processing {
-                reports.push(report(replayed(&outcome, doc.status), Some(doc.status)));
-                continue;
-            }
-            reports.push(report(OutcomeResult::ClaimLost, Some(doc.status)));
-            match outcome {
+            reports.push(OutcomeReport {
+                id: outcome.id().to_owned(),
+                result: OutcomeResult::NotFound,
+                status: None,
+            });
+            let (write, status, result, commit) = match &outcome {
                 Outcome::Sent(o) => {
                     let sent_at = o.sent_at.map(DateTime::from_chrono).unwrap_or(stamp);
                     let mid = o.webhook_message_id.as_deref().map(str::trim).filter(|m| !m.is_empty());
@@ -460,83 +453,106 @@ impl MessengerService {
                         message_id: mid.map(str::to_owned),
                         sent_at: sent_at.to_chrono().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
                     };
-                    writes.push(ClaimWrite::sent(id, token, mid, sent_at, stamp));
-                    planned.push(Planned {
-                        index,
-                        id,
-                        status: MessageStatus::Sent,
-                        result: OutcomeResult::Committed,
-                        commit: Some(entry),
-                    });
+                    let write = ClaimWrite::sent(id, &o.claim_token, mid, sent_at, stamp);
+                    (write, MessageStatus::Sent, OutcomeResult::Committed, Some(entry))
                 }
+                Outcome::Released(o) => (
+                    ClaimWrite::release(id, &o.claim_token, stamp),
+                    MessageStatus::Pending,
+                    OutcomeResult::Released,
+                    None,
+                ),
                 Outcome::Failed(o) => {
+                    let held = before.get(&id).filter(|d| {
+                        d.status == MessageStatus::Processing && d.claim_token.as_deref() == Some(&o.claim_token)
+                    });
+                    let Some(doc) = held else {
+                        // Not held under this claim: answered from what is read back below.
+                        planned.push(Planned {
+                            index,
+                            id,
+                            outcome,
+                            write: None,
+                        });
+                        continue;
+                    };
                     let failure = FailureReport {
                         kind: o.error.kind,
                         status: o.error.status.map(i32::from),
-                        detail: o.error.detail,
+                        detail: o.error.detail.clone(),
                         retryable: o.retryable,
                         retry_after_seconds: o.retry_after_seconds,
                     };
                     let (status, next, error) = self.rules.after_failure(doc, failure, stamp);
-                    writes.push(ClaimWrite::failure(id, token, status, next, &error, stamp)?);
                     let result = if status == MessageStatus::Failed {
                         OutcomeResult::Failed
                     } else {
                         OutcomeResult::RetryScheduled
                     };
-                    planned.push(Planned {
-                        index,
-                        id,
+                    (
+                        ClaimWrite::failure(id, &o.claim_token, status, next, &error, stamp)?,
                         status,
                         result,
-                        commit: None,
-                    });
+                        None,
+                    )
                 }
-                Outcome::Released(_) => {
-                    writes.push(ClaimWrite::release(id, token, stamp));
-                    planned.push(Planned {
-                        index,
-                        id,
-                        status: MessageStatus::Pending,
-                        result: OutcomeResult::Released,
-                        commit: None,
-                    });
-                }
-            }
+            };
+            writes.push(write);
+            planned.push(Planned {
+                index,
+                id,
+                outcome,
+                write: Some((status, result, commit)),
+            });
         }
         let expected = writes.len() as u64;
         let matched = self.store.apply_claim_writes(writes).await?;
-        // Rarely a lease lapses between the read and the write: read back what really happened.
-        let after_race: Option<HashMap<ObjectId, MessageDoc>> = if matched < expected {
+        // Some write did not match (a repeated report, a lost claim, an unknown id), or some
+        // failure was not held: read those messages back once and answer as they stand.
+        let unsettled = matched < expected || planned.iter().any(|p| p.write.is_none());
+        let now_held: HashMap<ObjectId, MessageDoc> = if unsettled {
             let planned_ids: Vec<ObjectId> = planned.iter().map(|p| p.id).collect();
             let docs = self.store.find_many(&planned_ids).await?;
-            Some(docs.into_iter().map(|m| (m.id, m)).collect())
+            docs.into_iter().map(|m| (m.id, m)).collect()
         } else {
-            None
+            HashMap::new()
         };
         let mut commits = Vec::new();
         for plan in planned {
-            let applied = after_race.as_ref().is_none_or(|docs| {
-                docs.get(&plan.id).is_some_and(|d| {
-                    d.status == plan.status
-                        && d.updated_at == stamp
-                        && d.claim_token == current.get(&plan.id).and_then(|c| c.claim_token.clone())
-                })
-            });
-            if !applied {
-                self.metrics.commits.with_label_values(&["claim_lost"]).inc();
-                continue;
-            }
             let report = &mut reports[plan.index];
-            report.status = Some(plan.status);
-            report.result = plan.result;
-            match plan.result {
-                OutcomeResult::Committed => self.metrics.commits.with_label_values(&["committed"]).inc(),
-                OutcomeResult::Failed | OutcomeResult::RetryScheduled => self.count_failure(plan.status),
-                _ => {}
-            }
-            if let Some(entry) = plan.commit {
-                commits.push((report.id.clone(), entry));
+            let current = now_held.get(&plan.id);
+            let token = plan.outcome.claim_token();
+            let applied = plan.write.as_ref().is_some_and(|(status, ..)| {
+                !unsettled
+                    || current.is_some_and(|d| {
+                        d.status == *status && d.updated_at == stamp && d.claim_token.as_deref() == Some(token)
+                    })
+            });
+            match (applied, plan.write, current) {
+                (true, Some((status, result, commit)), _) => {
+                    report.status = Some(status);
+                    report.result = result;
+                    match result {
+                        OutcomeResult::Committed => self.metrics.commits.with_label_values(&["committed"]).inc(),
+                        _ if commit.is_none() && result != OutcomeResult::Released => self.count_failure(status),
+                        _ => {}
+                    }
+                    if let Some(entry) = commit {
+                        commits.push((report.id.clone(), entry));
+                    }
+                }
+                (_, _, None) => {} // not found
+                (_, _, Some(doc)) => {
+                    report.status = Some(doc.status);
+                    report.result = if doc.claim_token.as_deref() == Some(token) {
+                        replayed(&plan.outcome, doc.status)
+                    } else {
+                        OutcomeResult::ClaimLost
+                    };
+                    if report.result == OutcomeResult::ClaimLost {
+                        self.metrics.commits.with_label_values(&["claim_lost"]).inc();
+                    }
+                }
             }
         }
         Ok(OutcomeResults {
@@ -581,13 +597,13 @@ impl MessengerService {
     }
 }
 
-/// An outcome write planned for the bulk update.
+/// An outcome on its way through the bulk update: the write it made, if any, as the status
+/// and result it gives and the cache entry of a commit.
 struct Planned {
     index: usize,
     id: ObjectId,
-    status: MessageStatus,
-    result: OutcomeResult,
-    commit: Option<SentEntry>,
+    outcome: Outcome,
+    write: Option<(MessageStatus, OutcomeResult, Option<SentEntry>)>,
 }
 
 /// What a repeated report of an outcome answers, given where the message already is.

@@ -193,7 +193,14 @@ async fn filters_narrow_the_stream_to_a_status_or_one_message() {
     assert_eq!(events.len(), 2);
     let events = one.until(&ids[1], "message.sent").await;
     assert!(events.iter().all(|e| e.data["message"]["id"] == ids[1].as_str()));
-    assert_eq!(kinds_of(&events, &ids[1]), ["message.claimed", "message.sent"]);
+    // The stream may still be delivering the insert when this subscriber joins.
+    let kinds = kinds_of(&events, &ids[1]);
+    let kinds: Vec<&str> = kinds
+        .iter()
+        .map(|k| k.as_ref())
+        .filter(|k| *k != "message.created")
+        .collect();
+    assert_eq!(kinds, ["message.claimed", "message.sent"]);
 
     let bad = app.get("/api/messenger/events?status=bogus").send().await.unwrap();
     assert_error(bad, 400, 400012).await;

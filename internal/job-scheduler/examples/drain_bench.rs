@@ -1,0 +1,494 @@
+//! Throughput benchmark with real processes: the raw driver's ceiling for the database work of
+//! a drain, Herald draining a stored backlog with 1, 2 and 4 scheduler replicas, one-message
+//! POSTs from 64 clients → delivered (rate and accept → sent latency), and 16 contended
+//! claimers. CPU ms per delivered message and peak RSS are read from /proc for every process
+//! (the API, each replica, the provider stand-in and the database server). Every step checks
+//! itself: each message reaches the provider exactly once, or each claim is unique.
+//!
+//!     cargo build --release --bin herald
+//!     cargo run --release -p herald-job-scheduler --example drain_bench -- [BACKLOG] [POSTS]
+//!
+//! Needs the local MongoDB-compatible server and Redis (`build/local-services.sh up`).
+
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bson::oid::ObjectId;
+use bson::{doc, DateTime, Document};
+use futures::TryStreamExt;
+use herald_core::testing::{seed_messages, TEST_KEY};
+use serde_json::{json, Value};
+use test_support::{Http, TestEnv};
+
+const BATCH: i64 = 500;
+
+fn herald_binary() -> PathBuf {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    root.join("target/release/herald")
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// CPU time (user + system) of a process, in milliseconds.
+fn cpu_ms(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after_name = stat.rsplit(')').next().unwrap_or("");
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    let ticks: f64 = fields.get(11).and_then(|u| u.parse().ok()).unwrap_or(0.0)
+        + fields.get(12).and_then(|s| s.parse::<f64>().ok()).unwrap_or(0.0);
+    ticks * 10.0 // 100 ticks per second
+}
+
+/// Peak resident memory of a process, in MiB.
+fn peak_rss_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).map(str::to_owned))
+        .and_then(|l| l.split_whitespace().nth(1).and_then(|kb| kb.parse::<f64>().ok()))
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(f64::NAN)
+}
+
+fn database_pid() -> Option<u32> {
+    let out = Command::new("pgrep").args(["-f", "secantusd|mongod"]).output().ok()?;
+    String::from_utf8_lossy(&out.stdout).lines().next()?.trim().parse().ok()
+}
+
+/// A `herald` process, killed when dropped.
+struct Proc {
+    name: String,
+    child: Child,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One scenario's processes and environment.
+struct Stack {
+    env: TestEnv,
+    vars: Vec<(String, String)>,
+    api: String,
+    sink: String,
+    procs: Vec<Proc>,
+}
+
+impl Stack {
+    async fn start(extra: &[(&str, &str)]) -> Self {
+        let env = TestEnv::new().await.expect("run build/local-services.sh up first");
+        let (api_port, sched_port, sink_port) = (free_port(), free_port(), free_port());
+        let api = format!("http://127.0.0.1:{api_port}");
+        let sink = format!("http://127.0.0.1:{sink_port}");
+        let mut vars: Vec<(String, String)> = [
+            ("HERALD_ENV", "test".to_owned()),
+            ("RUST_LOG", "warn".to_owned()),
+            ("HERALD__MONGO__URI", test_support::mongo_uri()),
+            ("HERALD__MONGO__DATABASE", env.database.clone()),
+            ("HERALD__REDIS__URL", test_support::redis_url()),
+            ("HERALD__REDIS__KEY_PREFIX", env.key_prefix.clone()),
+            ("HERALD__MESSENGER_API__PORT", api_port.to_string()),
+            ("HERALD__MESSENGER_API__URL", api.clone()),
+            ("HERALD__JOB_SCHEDULER__PORT", sched_port.to_string()),
+            ("HERALD__JOB_SCHEDULER__URL", format!("http://127.0.0.1:{sched_port}")),
+            ("HERALD__WEBHOOK_SINK__PORT", sink_port.to_string()),
+            ("HERALD__WEBHOOK__URL", format!("{sink}/webhook")),
+            ("HERALD__JOB_SCHEDULER__SCHEDULE", "*/1 * * * * *".to_owned()),
+            ("HERALD__JOB_SCHEDULER__BATCH_SIZE", BATCH.to_string()),
+            ("HERALD__JOB_SCHEDULER__CONCURRENCY", "64".to_owned()),
+            ("HERALD__JOB_SCHEDULER__DRAIN", "true".to_owned()),
+            ("HERALD__JOB_SCHEDULER__IDLE_POLL_MS", "100".to_owned()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        vars.extend(extra.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
+        let mut stack = Self {
+            env,
+            vars,
+            api,
+            sink,
+            procs: Vec::new(),
+        };
+        stack.spawn("api", "messenger-api", &[]);
+        stack.spawn("sink", "webhook-sink", &[]);
+        stack.wait(&format!("{}/messenger/health", stack.api)).await;
+        stack.wait(&format!("{}/webhook-sink/health", stack.sink)).await;
+        stack
+    }
+
+    fn spawn(&mut self, name: &str, role: &str, extra: &[(String, String)]) {
+        let child = Command::new(herald_binary())
+            .arg(role)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .envs(self.vars.iter().cloned())
+            .envs(extra.iter().cloned())
+            .current_dir(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.."))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("cargo build --release --bin herald first");
+        self.procs.push(Proc {
+            name: name.to_owned(),
+            child,
+        });
+    }
+
+    fn replicas(&mut self, n: usize) {
+        for i in 0..n {
+            let port = [("HERALD__JOB_SCHEDULER__PORT".to_owned(), free_port().to_string())];
+            self.spawn(&format!("scheduler-{}", i + 1), "job-scheduler", &port);
+        }
+    }
+
+    async fn wait(&self, url: &str) {
+        let client = reqwest::Client::new();
+        for _ in 0..200 {
+            if client.get(url).send().await.is_ok_and(|r| r.status().is_success()) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("{url} never answered");
+    }
+
+    /// Requests the provider received so far (polled without loading the database).
+    async fn delivered(&self, http: &Http) -> u64 {
+        let count = http
+            .open_json(&format!("{}/webhook-sink/received/count", self.sink))
+            .await;
+        count["count"].as_u64().unwrap_or(0)
+    }
+
+    async fn sent_count(&self, http: &Http) -> u64 {
+        let page = http
+            .get_json(&format!("{}/api/messenger/messages/sent?limit=1", self.api))
+            .await;
+        page["total"].as_u64().unwrap_or(0)
+    }
+
+    /// Every idempotency key the provider received, with how often.
+    async fn received(&self) -> HashMap<String, usize> {
+        let list = Http::new(TEST_KEY)
+            .open_json(&format!("{}/webhook-sink/received", self.sink))
+            .await;
+        let mut counts = HashMap::new();
+        for r in list.as_array().unwrap() {
+            *counts
+                .entry(r["idempotencyKey"].as_str().unwrap_or("").to_owned())
+                .or_insert(0) += 1;
+        }
+        counts
+    }
+
+    fn pids(&self) -> Vec<(String, u32)> {
+        let mut pids: Vec<(String, u32)> = self.procs.iter().map(|p| (p.name.clone(), p.child.id())).collect();
+        if let Some(db) = database_pid() {
+            pids.push(("database".to_owned(), db));
+        }
+        pids
+    }
+
+    async fn cleanup(mut self) {
+        self.procs.clear();
+        self.env.cleanup().await.unwrap();
+    }
+}
+
+/// CPU before/after and peak RSS per process for one measured interval.
+struct Usage {
+    before: HashMap<u32, f64>,
+}
+
+impl Usage {
+    fn start(stack: &Stack) -> Self {
+        Self {
+            before: stack.pids().into_iter().map(|(_, p)| (p, cpu_ms(p))).collect(),
+        }
+    }
+
+    /// (Herald's CPU ms per message, the database's, a per-process summary), over every process
+    /// of `stack`, those started during the interval included.
+    fn finish(self, stack: &Stack, messages: usize) -> (f64, f64, String) {
+        let mut herald = 0.0;
+        let mut database = 0.0;
+        let mut parts = Vec::new();
+        for (name, pid) in stack.pids() {
+            let used = cpu_ms(pid) - self.before.get(&pid).copied().unwrap_or(0.0);
+            if name == "database" {
+                database += used;
+            } else if name != "sink" {
+                herald += used;
+            }
+            parts.push(format!(
+                "{name} {:.2} ms/msg, {:.0} MiB",
+                used / messages as f64,
+                peak_rss_mib(pid)
+            ));
+        }
+        (herald / messages as f64, database / messages as f64, parts.join("; "))
+    }
+}
+
+/// The raw driver doing a drain's database work: insert, then claim 500 (find due ids sorted,
+/// update them, read them back) and commit 500 (one unordered update command) until empty.
+async fn raw_ceiling(n: usize) -> (f64, f64) {
+    let env = TestEnv::new().await.unwrap();
+    let db = env.db();
+    let messages = db.collection::<Document>("messages");
+    messages
+        .create_index(
+            mongodb::IndexModel::builder()
+                .keys(doc! {"status": 1, "next_attempt_at": 1, "_id": 1})
+                .build(),
+        )
+        .await
+        .unwrap();
+    messages
+        .create_index(mongodb::IndexModel::builder().keys(doc! {"claim_token": 1}).build())
+        .await
+        .unwrap();
+    let t = Instant::now();
+    for chunk in 0..n.div_ceil(1000) {
+        let now = DateTime::now();
+        let docs: Vec<Document> = (0..1000.min(n - chunk * 1000))
+            .map(|i| {
+                doc! {"to": format!("+90555{i:07}"), "content": "raw", "status": "pending",
+                "attempts": 0, "next_attempt_at": now, "created_at": now, "updated_at": now}
+            })
+            .collect();
+        messages.insert_many(docs).await.unwrap();
+    }
+    let insert_rate = n as f64 / t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let mut done = 0;
+    loop {
+        let now = DateTime::now();
+        let due = doc! {"status": {"$in": ["pending", "processing"]}, "next_attempt_at": {"$lte": now}};
+        let ids: Vec<ObjectId> = messages
+            .find(due.clone())
+            .sort(doc! {"next_attempt_at": 1, "_id": 1})
+            .limit(BATCH)
+            .projection(doc! {"_id": 1})
+            .await
+            .unwrap()
+            .try_collect::<Vec<Document>>()
+            .await
+            .unwrap()
+            .iter()
+            .map(|d| d.get_object_id("_id").unwrap())
+            .collect();
+        if ids.is_empty() {
+            break;
+        }
+        let token = uuid::Uuid::new_v4().to_string();
+        let mut filter = due;
+        filter.insert("_id", doc! {"$in": &ids});
+        messages
+            .update_many(
+                filter,
+                doc! {"$set": {"status": "processing", "claim_token": &token}, "$inc": {"attempts": 1}},
+            )
+            .await
+            .unwrap();
+        let held: Vec<Document> = messages
+            .find(doc! {"claim_token": &token})
+            .await
+            .unwrap()
+            .try_collect()
+            .await
+            .unwrap();
+        let updates: Vec<Document> = held
+            .iter()
+            .map(|m| {
+                doc! {"q": {"_id": m.get_object_id("_id").unwrap(), "status": "processing", "claim_token": &token},
+                "u": {"$set": {"status": "sent", "sent_at": DateTime::now()}}}
+            })
+            .collect();
+        db.run_command(doc! {"update": "messages", "updates": updates, "ordered": false})
+            .await
+            .unwrap();
+        done += held.len();
+    }
+    assert_eq!(done, n, "the raw drain took every message once");
+    let drain_rate = n as f64 / t.elapsed().as_secs_f64();
+    env.cleanup().await.unwrap();
+    (insert_rate, drain_rate)
+}
+
+/// Herald draining a stored backlog of `n` with `replicas` scheduler processes.
+async fn herald_drain(n: usize, replicas: usize) -> (f64, f64, f64, String) {
+    let http = Http::new(TEST_KEY);
+    let mut stack = Stack::start(&[]).await;
+    seed_messages(&http, &stack.api, n).await;
+    let usage = Usage::start(&stack);
+    let t = Instant::now();
+    stack.replicas(replicas);
+    while stack.delivered(&http).await < n as u64 {
+        assert!(t.elapsed() < Duration::from_secs(600), "the drain stalled");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let secs = t.elapsed().as_secs_f64();
+    // Delivered is not yet committed: wait for the last reports before checking the store.
+    while stack.sent_count(&http).await < n as u64 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (herald_cpu, db_cpu, detail) = usage.finish(&stack, n);
+    let received = stack.received().await;
+    assert_eq!(received.len(), n, "every message reached the provider");
+    assert!(received.values().all(|c| *c == 1), "a message was sent twice");
+    stack.cleanup().await;
+    (n as f64 / secs, herald_cpu, db_cpu, detail)
+}
+
+/// 64 clients POSTing one message at a time while 4 draining replicas deliver.
+async fn herald_posts(n: usize) -> (f64, f64, f64, f64, String) {
+    let http = Http::new(TEST_KEY);
+    let mut stack = Stack::start(&[]).await;
+    stack.replicas(4);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let usage = Usage::start(&stack);
+    let t = Instant::now();
+    let api = Arc::new(stack.api.clone());
+    let clients: Vec<_> = (0..64)
+        .map(|c| {
+            let (http, api) = (http.clone(), api.clone());
+            tokio::spawn(async move {
+                let mut accepted = Vec::new();
+                for i in (c..n).step_by(64) {
+                    let body = json!({"to": format!("+90555{i:07}"), "content": "post"});
+                    let m: Value = http.post_json(&format!("{api}/api/messenger/messages"), &body).await;
+                    accepted.push((m["id"].as_str().unwrap().to_owned(), chrono::Utc::now()));
+                }
+                accepted
+            })
+        })
+        .collect();
+    let mut accepted_at = HashMap::new();
+    for client in clients {
+        accepted_at.extend(client.await.unwrap());
+    }
+    while stack.delivered(&http).await < n as u64 {
+        assert!(t.elapsed() < Duration::from_secs(600), "delivery stalled");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let secs = t.elapsed().as_secs_f64();
+    while stack.sent_count(&http).await < n as u64 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (herald_cpu, _, detail) = usage.finish(&stack, n);
+    let mut latencies = Vec::new();
+    let mut url = format!("{}/api/messenger/messages/sent?limit=100", stack.api);
+    loop {
+        let page = http.get_json(&url).await;
+        for m in page["items"].as_array().unwrap() {
+            let sent: chrono::DateTime<chrono::Utc> = m["sentAt"].as_str().unwrap().parse().unwrap();
+            if let Some(at) = accepted_at.get(m["id"].as_str().unwrap()) {
+                latencies.push((sent - *at).num_milliseconds().max(0) as f64);
+            }
+        }
+        match page["nextCursor"].as_str() {
+            Some(c) => url = format!("{}/api/messenger/messages/sent?limit=100&after={c}", stack.api),
+            None => break,
+        }
+    }
+    latencies.sort_by(f64::total_cmp);
+    assert_eq!(latencies.len(), n, "every posted message was sent");
+    let received = stack.received().await;
+    assert!(
+        received.len() == n && received.values().all(|c| *c == 1),
+        "exactly once"
+    );
+    let p = |q: f64| latencies[((latencies.len() - 1) as f64 * q).round() as usize];
+    stack.cleanup().await;
+    (n as f64 / secs, p(0.5), p(0.99), herald_cpu, detail)
+}
+
+/// 16 claimers racing through a backlog of `n` on one API process.
+async fn contended_claims(n: usize) -> f64 {
+    let http = Http::new(TEST_KEY);
+    let stack = Stack::start(&[]).await;
+    seed_messages(&http, &stack.api, n).await;
+    let t = Instant::now();
+    let api = Arc::new(stack.api.clone());
+    let claimers: Vec<_> = (0..16)
+        .map(|w| {
+            let (http, api) = (http.clone(), api.clone());
+            tokio::spawn(async move {
+                let mut ids = Vec::new();
+                loop {
+                    let body = json!({"worker": format!("bench-{w}"), "limit": 100, "leaseSeconds": 600});
+                    let batch: Vec<Value> = http.post_json(&format!("{api}/api/messenger/get-two"), &body).await;
+                    if batch.is_empty() {
+                        break ids;
+                    }
+                    ids.extend(batch.into_iter().map(|m| m["id"].as_str().unwrap().to_owned()));
+                }
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for c in claimers {
+        all.extend(c.await.unwrap());
+    }
+    let secs = t.elapsed().as_secs_f64();
+    let unique: HashSet<&String> = all.iter().collect();
+    assert_eq!((all.len(), unique.len()), (n, n), "claims overlapped or missed");
+    stack.cleanup().await;
+    n as f64 / secs
+}
+
+#[tokio::main]
+async fn main() {
+    let args: Vec<usize> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
+    let backlog = args.first().copied().unwrap_or(50_000);
+    let posts = args.get(1).copied().unwrap_or(20_000);
+    assert!(herald_binary().exists(), "cargo build --release --bin herald first");
+
+    let (insert_rate, ceiling) = raw_ceiling(backlog).await;
+    let (small_insert, small_ceiling) = raw_ceiling(1000).await;
+    println!("| figure | Herald | raw-driver ceiling | Herald / ceiling |");
+    println!("|---|---:|---:|---:|");
+    println!("| raw insert, msgs/s ({backlog}) | | {insert_rate:.0} | |");
+    println!("| raw insert, msgs/s (1000) | | {small_insert:.0} | |");
+    let mut details = Vec::new();
+    for (n, ceiling) in [(1000, small_ceiling), (backlog, ceiling)] {
+        for replicas in [1, 2, 4] {
+            let (rate, cpu, db_cpu, detail) = herald_drain(n, replicas).await;
+            println!(
+                "| drain of a stored {n} backlog, R={replicas}, msgs/s | {rate:.0} | {ceiling:.0} | {:.0} % |",
+                100.0 * rate / ceiling
+            );
+            details.push(format!(
+                "drain {n} R={replicas}: Herald {cpu:.3} CPU ms/msg, database {db_cpu:.3}; {detail}"
+            ));
+        }
+    }
+    let (rate, p50, p99, cpu, detail) = herald_posts(posts).await;
+    println!(
+        "| one-message POSTs from 64 clients → delivered, R=4, msgs/s ({posts}) | {rate:.0} | {ceiling:.0} | {:.0} % |",
+        100.0 * rate / ceiling
+    );
+    println!("| accept → delivered p50 / p99, ms | {p50:.0} / {p99:.0} | | |");
+    details.push(format!("posts: Herald {cpu:.3} CPU ms/msg; {detail}"));
+    let claims = contended_claims(20_000).await;
+    println!("| 16 contended claimers × 100, claims/s (20000) | {claims:.0} | | |");
+    println!();
+    for d in details {
+        println!("- {d}");
+    }
+}

@@ -43,6 +43,8 @@ compose-check:
 
 bench: services
 	cargo run --release -p herald-job-scheduler --example bench -- 20000
+	cargo build --release --bin herald
+	cargo run --release -p herald-job-scheduler --example drain_bench -- 50000 20000
 
 bench-feed: services
 	cargo build --release --bin herald

@@ -46,6 +46,18 @@ async fn claim_requests_are_validated() {
     app.cleanup().await;
 }
 
+/// Claims `limit` at a time as `worker-<w>` until nothing is due; the ids it got.
+async fn claim_until_empty(app: &crate::helpers::TestApp, w: usize, limit: u32) -> Vec<String> {
+    let mut mine = Vec::new();
+    loop {
+        let batch = app.claim(&format!("worker-{w}"), limit).await;
+        if batch.is_empty() {
+            return mine;
+        }
+        mine.extend(batch.into_iter().map(|m| m["id"].as_str().unwrap().to_owned()));
+    }
+}
+
 #[tokio::test]
 async fn many_concurrent_claimers_never_share_a_message_and_together_take_all() {
     let app = Arc::new(spawn_app().await);
@@ -53,17 +65,7 @@ async fn many_concurrent_claimers_never_share_a_message_and_together_take_all() 
     app.seed(total).await;
     let workers = (0..16).map(|w| {
         let app = app.clone();
-        tokio::spawn(async move {
-            let mut mine = Vec::new();
-            loop {
-                let batch = app.claim(&format!("worker-{w}"), 50).await;
-                if batch.is_empty() {
-                    break;
-                }
-                mine.extend(batch.into_iter().map(|m| m["id"].as_str().unwrap().to_owned()));
-            }
-            mine
-        })
+        tokio::spawn(async move { claim_until_empty(&app, w, 50).await })
     });
     let mut all = Vec::new();
     for worker in futures::future::join_all(workers).await {
@@ -182,17 +184,7 @@ async fn claimers_on_two_api_replicas_never_share_a_message() {
     let app = Arc::new(app);
     let workers = (0..8).map(|w| {
         let api = if w % 2 == 0 { app.clone() } else { replica.clone() };
-        tokio::spawn(async move {
-            let mut mine = Vec::new();
-            loop {
-                let batch = api.claim(&format!("worker-{w}"), 40).await;
-                if batch.is_empty() {
-                    break;
-                }
-                mine.extend(batch.into_iter().map(|m| m["id"].as_str().unwrap().to_owned()));
-            }
-            mine
-        })
+        tokio::spawn(async move { claim_until_empty(&api, w, 40).await })
     });
     let mut all = Vec::new();
     for worker in futures::future::join_all(workers).await {

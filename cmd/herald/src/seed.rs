@@ -5,6 +5,7 @@ use std::time::Duration;
 use anyhow::Context;
 use herald_core::Settings;
 use herald_messenger_api::domain::{self, MessageDoc};
+use herald_messenger_api::service::Rules;
 use herald_messenger_api::store::MessageStore;
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::Rng;
@@ -43,6 +44,7 @@ pub async fn run(settings: &Settings, count: u64) -> anyhow::Result<()> {
             .progress_chars("=> "),
     );
     bar.enable_steady_tick(Duration::from_millis(120));
+    let limits = Rules::from_settings(settings).limits();
     let mut done = 0;
     while done < count {
         let size = (count - done).min(BATCH);
@@ -50,7 +52,13 @@ pub async fn run(settings: &Settings, count: u64) -> anyhow::Result<()> {
         let docs = (done..done + size)
             .map(|n| {
                 let (to, content) = mock(n);
-                let valid = domain::validate(&to, &content, settings.message.max_chars)
+                let draft = domain::Draft {
+                    to: &to,
+                    content: &content,
+                    send_at: None,
+                    expires_at: None,
+                };
+                let valid = domain::validate(draft, limits, now.to_chrono())
                     .map_err(|e| anyhow::anyhow!("mock message {n} is invalid: {e}"))?;
                 Ok(MessageDoc::new_pending(valid, None, now))
             })

@@ -26,6 +26,7 @@ pub mod mongo;
 pub mod pagination;
 pub mod peer;
 pub mod probes;
+pub mod redis_conn;
 pub mod settings;
 #[cfg(feature = "testing")]
 pub mod testing;

@@ -21,11 +21,13 @@ pub enum MessageStatus {
     Sent,
     /// Permanently failed or out of retries; only an operator can re-queue it.
     Failed,
+    /// Came due after its `expiresAt`, so it was never sent (again). Final.
+    Expired,
 }
 
 impl MessageStatus {
     /// Every status, in the order of a message's life.
-    pub const ALL: [MessageStatus; 4] = [Self::Pending, Self::Processing, Self::Sent, Self::Failed];
+    pub const ALL: [MessageStatus; 5] = [Self::Pending, Self::Processing, Self::Sent, Self::Failed, Self::Expired];
 
     /// The stored name.
     pub fn as_str(self) -> &'static str {
@@ -34,7 +36,13 @@ impl MessageStatus {
             Self::Processing => "processing",
             Self::Sent => "sent",
             Self::Failed => "failed",
+            Self::Expired => "expired",
         }
+    }
+
+    /// Whether a message in this status is done for good (no worker will touch it again).
+    pub fn is_final(self) -> bool {
+        matches!(self, Self::Sent | Self::Failed | Self::Expired)
     }
 
     /// Reads a stored name or a status filter.
@@ -67,7 +75,7 @@ pub struct MessageView {
     pub to: String,
     /// Text.
     pub content: String,
-    /// `pending`, `processing`, `sent` or `failed`.
+    /// `pending`, `processing`, `sent`, `failed` or `expired`.
     pub status: MessageStatus,
     /// Delivery attempts made.
     pub attempts: i32,
@@ -83,6 +91,10 @@ pub struct MessageView {
     pub sent_at: Option<DateTime<Utc>>,
     /// The last failed attempt.
     pub last_error: Option<LastErrorView>,
+    /// Not sent before this time (absent: due when created).
+    pub send_at: Option<DateTime<Utc>>,
+    /// Never sent after this time: a message due past it becomes `expired`.
+    pub expires_at: Option<DateTime<Utc>>,
     /// The client's idempotency key, if given.
     pub idempotency_key: Option<String>,
     /// Creation time.

@@ -140,8 +140,19 @@ pub struct WebhookSettings {
     pub timeout_ms: u64,
     /// Connect timeout, in milliseconds.
     pub connect_timeout_ms: u64,
-    /// Longest honoured `Retry-After`, in seconds.
+    /// Longest honoured `Retry-After`, in seconds; also the longest provider pause.
     pub max_retry_after_seconds: u64,
+    /// Sends per second shared by every replica (0 = no limit).
+    pub rate_limit_per_second: f64,
+    /// Sends allowed at once on top of the steady rate (at least 1).
+    pub rate_limit_burst: u32,
+    /// With Redis unreachable, each replica sends `1/n` of the limit, `n` being the replicas it
+    /// last saw using the limiter, or this many when it never saw any.
+    pub rate_limit_fallback_replicas: u32,
+    /// Consecutive retryable failures (across replicas) that pause sending (0 = never).
+    pub pause_after_failures: u32,
+    /// First pause after a failure streak, in seconds; each further one in a row doubles.
+    pub pause_seconds: u64,
 }
 
 /// `[delivery]`
@@ -161,6 +172,8 @@ pub struct DeliverySettings {
 pub struct MessageSettings {
     /// Content limit in Unicode characters.
     pub max_chars: usize,
+    /// How far ahead `sendAt` may be, in days.
+    pub max_schedule_days: u64,
 }
 
 /// `[auth]`
@@ -295,6 +308,25 @@ impl Settings {
         }
         if self.message.max_chars == 0 {
             return fail("message.max_chars must be at least 1".into());
+        }
+        if !(1..=3650).contains(&self.message.max_schedule_days) {
+            return fail("message.max_schedule_days must be 1..=3650".into());
+        }
+        let wh = &self.webhook;
+        if !(0.0..=1_000_000.0).contains(&wh.rate_limit_per_second) {
+            return fail(format!(
+                "webhook.rate_limit_per_second ({}) must be 0 (off) up to 1000000",
+                wh.rate_limit_per_second
+            ));
+        }
+        if !(1..=100_000).contains(&wh.rate_limit_burst) {
+            return fail("webhook.rate_limit_burst must be 1..=100000".into());
+        }
+        if !(1..=1000).contains(&wh.rate_limit_fallback_replicas) {
+            return fail("webhook.rate_limit_fallback_replicas must be 1..=1000".into());
+        }
+        if wh.pause_seconds == 0 || wh.max_retry_after_seconds == 0 {
+            return fail("webhook.pause_seconds and webhook.max_retry_after_seconds must be positive".into());
         }
         if self.auth.api_keys.is_empty() || self.auth.api_keys.iter().any(|k| k.expose_secret().trim().is_empty()) {
             return fail("auth.api_keys must hold at least one non-empty key".into());

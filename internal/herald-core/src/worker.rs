@@ -55,6 +55,15 @@ pub struct ClaimedMessage {
     pub attempt: i32,
     /// When the claim lapses and another worker may take the message.
     pub lease_until: DateTime<Utc>,
+    /// Never send it after this time: report it `expired` instead.
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+impl ClaimedMessage {
+    /// Whether it must no longer be sent at `now`.
+    pub fn expired_at(&self, now: DateTime<Utc>) -> bool {
+        self.expires_at.is_some_and(|at| at <= now)
+    }
 }
 
 /// Commit of an accepted send.
@@ -165,6 +174,17 @@ pub struct ReleasedOutcome {
     pub claim_token: String,
 }
 
+/// A claimed message whose `expiresAt` passed before it could be sent.
+#[derive(Debug, Clone, Object, Serialize, Deserialize)]
+#[oai(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
+pub struct ExpiredOutcome {
+    /// The message id.
+    pub id: String,
+    /// The token from get-two.
+    pub claim_token: String,
+}
+
 /// What became of one claimed message, told by its `outcome`.
 #[derive(Debug, Clone, Union, Serialize, Deserialize)]
 #[oai(discriminator_name = "outcome", one_of)]
@@ -179,6 +199,9 @@ pub enum Outcome {
     /// Never sent: give it back, the attempt not counted.
     #[oai(mapping = "released")]
     Released(ReleasedOutcome),
+    /// Never sent because its `expiresAt` passed: mark it expired (final).
+    #[oai(mapping = "expired")]
+    Expired(ExpiredOutcome),
 }
 
 impl Outcome {
@@ -188,6 +211,7 @@ impl Outcome {
             Self::Sent(o) => &o.id,
             Self::Failed(o) => &o.id,
             Self::Released(o) => &o.id,
+            Self::Expired(o) => &o.id,
         }
     }
 
@@ -197,6 +221,7 @@ impl Outcome {
             Self::Sent(o) => &o.claim_token,
             Self::Failed(o) => &o.claim_token,
             Self::Released(o) => &o.claim_token,
+            Self::Expired(o) => &o.claim_token,
         }
     }
 }
@@ -223,6 +248,8 @@ pub enum OutcomeResult {
     Failed,
     /// Pending again, due now.
     Released,
+    /// Expired, never sent (reported so, or a retry would have come after `expiresAt`).
+    Expired,
     /// The claim is no longer held: the lease expired and the message moved on.
     ClaimLost,
     /// No message has this id.

@@ -16,6 +16,7 @@ use crate::cron::Cron;
 use crate::job::SendingJob;
 use crate::messenger_client::MessengerClient;
 use crate::metrics::SchedulerMetrics;
+use crate::provider::ProviderGate;
 use crate::store::{JobStore, StoreError};
 
 /// Why a control call failed.
@@ -87,6 +88,8 @@ pub struct ControlParts {
     pub cron: Cron,
     /// The Messenger API, for readiness.
     pub messenger: MessengerClient,
+    /// The provider pause, for the status.
+    pub gate: Arc<ProviderGate>,
     /// Run once at once when started.
     pub run_on_start: bool,
     /// Longest a Stop waits for in-flight runs of other replicas.
@@ -165,6 +168,7 @@ impl JobControl {
         let store = &self.parts.store;
         let state = store.state_or_default().await?;
         let last = store.last_run_at().await?;
+        let provider = self.parts.gate.status().await?;
         let next = if state.working {
             self.parts.cron.next_tick().await
         } else {
@@ -177,6 +181,7 @@ impl JobControl {
             changed_by: Some(state.changed_by),
             last_run_at: last.map(|d| d.to_chrono()),
             next_run_at: next,
+            provider,
         })
     }
 

@@ -6,7 +6,7 @@ use bson::DateTime;
 use futures::StreamExt;
 use herald_core::mongo::after;
 use herald_core::worker::{
-    ClaimedMessage, DeliveryError, FailedOutcome, Outcome, OutcomeResult, ReleasedOutcome, SentOutcome,
+    ClaimedMessage, DeliveryError, ExpiredOutcome, FailedOutcome, Outcome, OutcomeResult, ReleasedOutcome, SentOutcome,
 };
 use telemetry::Chain;
 use tokio::sync::{mpsc, Mutex};
@@ -14,8 +14,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use webhook_client::{DeliveryFailure, DeliveryOutcome, WebhookClient, WebhookRequest};
 
+use crate::limiter::RateLimiter;
 use crate::messenger_client::{MessengerClient, MessengerError};
 use crate::metrics::SchedulerMetrics;
+use crate::provider::{Admission, Answer, ProviderGate};
 use crate::store::{JobRunDoc, JobStore};
 
 /// What one run did.
@@ -71,6 +73,17 @@ const OUTCOMES_PER_REPORT: usize = 250;
 const OUTCOME_LINGER: Duration = Duration::from_millis(5);
 /// How often a long (drain) run refreshes its record.
 const HEARTBEAT: Duration = Duration::from_secs(5);
+/// A send must start this long before its claim's lease ends, besides the webhook timeout.
+const SEND_MARGIN: Duration = Duration::from_secs(2);
+/// Longest single sleep while waiting out a provider pause (shutdown and expiry are checked
+/// between sleeps).
+const PAUSE_STEP: Duration = Duration::from_millis(250);
+
+/// A claimed batch and how many were asked for (fewer means the due backlog is drained).
+struct Claimed {
+    messages: Vec<ClaimedMessage>,
+    asked: u32,
+}
 
 /// Why a run was started.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,6 +101,21 @@ struct Tally {
     retried: i32,
     failed: i32,
     released: i32,
+    expired: i32,
+}
+
+/// What the sending job talks to.
+pub struct JobParts {
+    /// Run records and the job state.
+    pub store: JobStore,
+    /// The Messenger API.
+    pub messenger: MessengerClient,
+    /// The provider.
+    pub webhook: WebhookClient,
+    /// The shared provider pause.
+    pub gate: std::sync::Arc<ProviderGate>,
+    /// The shared send rate.
+    pub limiter: RateLimiter,
 }
 
 /// The sending job of one replica.
@@ -95,6 +123,10 @@ pub struct SendingJob {
     store: JobStore,
     messenger: MessengerClient,
     webhook: WebhookClient,
+    /// The provider pause shared by every replica.
+    gate: std::sync::Arc<ProviderGate>,
+    /// The send rate shared by every replica.
+    limiter: RateLimiter,
     config: JobConfig,
     metrics: SchedulerMetrics,
     /// Held for the whole of a run: a run never overlaps the previous one on this replica.
@@ -104,18 +136,20 @@ pub struct SendingJob {
 
 impl SendingJob {
     /// Wires the parts.
-    pub fn new(
-        store: JobStore,
-        messenger: MessengerClient,
-        webhook: WebhookClient,
-        config: JobConfig,
-        metrics: SchedulerMetrics,
-        shutdown: CancellationToken,
-    ) -> Self {
+    pub fn new(parts: JobParts, config: JobConfig, metrics: SchedulerMetrics, shutdown: CancellationToken) -> Self {
+        let JobParts {
+            store,
+            messenger,
+            webhook,
+            gate,
+            limiter,
+        } = parts;
         Self {
             store,
             messenger,
             webhook,
+            gate,
+            limiter,
             config,
             metrics,
             run_lock: Mutex::new(()),
@@ -162,6 +196,10 @@ impl SendingJob {
         if mode == Mode::Poll && !self.still_working().await {
             return self.skipped(started_at, "job is stopped", mode).await;
         }
+        if let Some(until) = self.gate.paused_until().await {
+            let reason = format!("provider paused until {}", until.to_rfc3339());
+            return self.skipped(started_at, &reason, mode).await;
+        }
         let span = tracing::info_span!("run", worker = %self.config.worker_id, run_id = tracing::field::Empty);
         self.run_locked(started_at, mode, span.clone()).instrument(span).await
     }
@@ -196,13 +234,13 @@ impl SendingJob {
             }
         }
         let batch = match self.claim(&run_id).await {
-            Ok(batch) => batch,
+            Ok(claimed) => claimed,
             Err(error) => {
                 report.error = Some(format!("claim failed: {}", Chain(&error)));
                 return self.finish(report, RunResult::Error).await;
             }
         };
-        if batch.is_empty() && mode == Mode::Poll {
+        if batch.messages.is_empty() && mode == Mode::Poll {
             if let Err(error) = self.store.discard_run(report.id).await {
                 tracing::warn!(error = %Chain(&error), "could not discard an empty poll run");
             }
@@ -216,6 +254,7 @@ impl SendingJob {
         report.retried += tally.retried;
         report.failed += tally.failed;
         report.released += tally.released;
+        report.expired += tally.expired;
         if report.claimed > 0 {
             tracing::info!(
                 claimed = report.claimed,
@@ -233,20 +272,33 @@ impl SendingJob {
         self.finish(report, result).await
     }
 
-    async fn claim(&self, run_id: &str) -> Result<Vec<ClaimedMessage>, MessengerError> {
+    /// How long after its claim a message may still start its send.
+    fn send_budget(&self) -> Duration {
+        self.config
+            .lease
+            .saturating_sub(self.config.webhook_timeout + SEND_MARGIN)
+    }
+
+    /// How many to claim: a batch, or under a rate limit what this replica's share sends in
+    /// time (so waiting for the limit never outlasts a claim).
+    fn claim_size(&self) -> u32 {
+        let cap = self.limiter.claim_cap(self.send_budget());
+        cap.map_or(self.config.batch_size, |cap| cap.min(self.config.batch_size))
+    }
+
+    async fn claim(&self, run_id: &str) -> Result<Claimed, MessengerError> {
+        let asked = self.claim_size();
         let claimed = self
             .messenger
-            .claim(
-                &self.config.worker_id,
-                self.config.batch_size,
-                self.config.lease,
-                run_id,
-            )
+            .claim(&self.config.worker_id, asked, self.config.lease, run_id)
             .await;
         if claimed.is_err() {
             self.metrics.messenger_errors.with_label_values(&["claim"]).inc();
         }
-        claimed
+        Ok(Claimed {
+            messages: claimed?,
+            asked,
+        })
     }
 
     /// Sends `first`, and in drain mode the batches after it: the next batch is claimed while
@@ -254,19 +306,19 @@ impl SendingJob {
     /// the provider connection never idles between batches.
     async fn send_batches(
         &self,
-        first: Vec<ClaimedMessage>,
+        first: Claimed,
         outcomes: mpsc::Sender<Reported>,
         report: &mut RunReport,
         run_id: &str,
     ) {
-        let full = self.config.batch_size as usize;
         let mut current = first;
         let mut heartbeat = tokio::time::Instant::now() + HEARTBEAT;
         loop {
-            report.claimed += current.len() as i32;
-            let go_on = self.config.drain && current.len() == full && !self.shutdown.is_cancelled();
+            report.claimed += current.messages.len() as i32;
+            let full = current.messages.len() == current.asked as usize;
+            let go_on = self.config.drain && full && !self.shutdown.is_cancelled() && !self.gate.is_paused();
             let go_on = go_on && self.still_working().await;
-            let send = self.send_batch(current, &outcomes, run_id);
+            let send = self.send_batch(current.messages, &outcomes, run_id);
             let next = async {
                 if go_on {
                     Some(self.claim(run_id).await)
@@ -277,7 +329,7 @@ impl SendingJob {
             let ((), next) = tokio::join!(send, next);
             match next {
                 None => break,
-                Some(Ok(batch)) if batch.is_empty() => break,
+                Some(Ok(batch)) if batch.messages.is_empty() => break,
                 Some(Ok(batch)) => current = batch,
                 Some(Err(error)) => {
                     report.error = Some(format!("claim failed: {}", Chain(&error)));
@@ -295,6 +347,16 @@ impl SendingJob {
         }
     }
 
+    /// The last moment a send of `message` may start: its lease end less a send's timeout and
+    /// a margin, so its outcome is reported while the claim holds.
+    fn send_deadline(&self, message: &ClaimedMessage) -> tokio::time::Instant {
+        let left = (message.lease_until - chrono::Utc::now())
+            .to_std()
+            .unwrap_or_default()
+            .saturating_sub(self.config.webhook_timeout + SEND_MARGIN);
+        tokio::time::Instant::now() + left
+    }
+
     async fn still_working(&self) -> bool {
         matches!(self.store.state_or_default().await, Ok(state) if state.working)
     }
@@ -309,13 +371,60 @@ impl SendingJob {
             .await;
     }
 
+    /// Waits until the provider may be sent to and the rate allows it, then sends. A message
+    /// whose claim would lapse first, or that is caught by shutdown, is given back unsent; one
+    /// whose `expiresAt` passes first is reported expired.
     async fn deliver(&self, message: &ClaimedMessage, run_id: &str) -> Reported {
-        if self.shutdown.is_cancelled() {
-            // Not started: give it back rather than hold it until the lease runs out.
-            return Outcome::Released(ReleasedOutcome {
+        let released = || {
+            self.metrics.deliveries.with_label_values(&["released"]).inc();
+            Outcome::Released(ReleasedOutcome {
                 id: message.id.clone(),
                 claim_token: message.claim_token.clone(),
-            });
+            })
+        };
+        let expired = || {
+            self.metrics.deliveries.with_label_values(&["expired"]).inc();
+            Outcome::Expired(ExpiredOutcome {
+                id: message.id.clone(),
+                claim_token: message.claim_token.clone(),
+            })
+        };
+        let deadline = self.send_deadline(message);
+        let probe = loop {
+            if self.shutdown.is_cancelled() {
+                // Not started: give it back rather than hold it until the lease runs out.
+                return released();
+            }
+            if message.expired_at(chrono::Utc::now()) {
+                return expired();
+            }
+            match self.gate.admit().await {
+                Admission::Send => break false,
+                Admission::Probe => break true,
+                Admission::Wait(wait) => {
+                    if tokio::time::Instant::now() + wait > deadline {
+                        // The pause outlasts the claim: give it back, the attempt not counted.
+                        return released();
+                    }
+                    tokio::select! {
+                        () = tokio::time::sleep(wait.min(PAUSE_STEP)) => {}
+                        () = self.shutdown.cancelled() => {}
+                    }
+                }
+            }
+        };
+        let paced = tokio::select! {
+            paced = self.limiter.acquire(deadline) => paced.is_ok(),
+            () = self.shutdown.cancelled() => false,
+        };
+        if !paced {
+            if probe {
+                self.gate.abandon_probe().await;
+            }
+            return released();
+        }
+        if message.expired_at(chrono::Utc::now()) {
+            return expired();
         }
         let started = Instant::now();
         let outcome = self
@@ -333,6 +442,11 @@ impl SendingJob {
             .with_label_values(&[outcome.label()])
             .observe(started.elapsed().as_secs_f64());
         self.metrics.deliveries.with_label_values(&[outcome.label()]).inc();
+        let answer = match &outcome {
+            DeliveryOutcome::Retryable { retry_after, .. } => Answer::Retryable(*retry_after),
+            _ => Answer::Answered,
+        };
+        self.gate.observe(answer, probe).await;
         tracing::debug!(
             message_id = %message.id,
             to = %telemetry::mask_phone(&message.to),
@@ -411,10 +525,8 @@ impl SendingJob {
                         OutcomeResult::Committed | OutcomeResult::AlreadyCommitted => tally.sent += 1,
                         OutcomeResult::RetryScheduled => tally.retried += 1,
                         OutcomeResult::Failed => tally.failed += 1,
-                        OutcomeResult::Released => {
-                            self.metrics.deliveries.with_label_values(&["released"]).inc();
-                            tally.released += 1;
-                        }
+                        OutcomeResult::Released => tally.released += 1,
+                        OutcomeResult::Expired => tally.expired += 1,
                         OutcomeResult::ClaimLost | OutcomeResult::NotFound | OutcomeResult::InvalidId => {
                             tracing::warn!(message_id = %item.id, result = ?item.result, "outcome not applied: another worker took over");
                         }

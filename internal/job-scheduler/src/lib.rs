@@ -9,6 +9,10 @@
 //! - [`control`]: the service the routes call — start, stop (waiting for runs in flight on every
 //!   replica), status, run history, readiness — and the tracked trigger that starts runs, so
 //!   shutdown drains them (a task tracker and a cancellation token).
+//! - [`provider`]: the provider pause every replica shares (Retry-After, failure streaks, one
+//!   probe to resume), kept in MongoDB.
+//! - [`limiter`]: the send rate every replica shares, a GCRA in one Redis script, with an
+//!   in-process share of it while Redis is away.
 //! - [`messenger_client`]: the Messenger API's worker contract over HTTP.
 //! - [`store`]: `job_state` (one document per job) and `job_runs` (TTL-indexed history).
 //! - [`routes`]: start, stop, is-working, run history, probes.
@@ -19,8 +23,10 @@
 pub mod control;
 pub mod cron;
 pub mod job;
+pub mod limiter;
 pub mod messenger_client;
 pub mod metrics;
+pub mod provider;
 pub mod routes;
 pub mod startup;
 pub mod store;

@@ -9,7 +9,7 @@ pub struct SchedulerMetrics {
     pub registry: Registry,
     /// HTTP requests by route and status.
     pub http: herald_core::http::HttpMetrics,
-    /// Deliveries by outcome: accepted, retryable, permanent, released.
+    /// Deliveries by outcome: accepted, retryable, permanent, released, expired.
     pub deliveries: IntCounterVec,
     /// Provider answers that accepted without a parsable `messageId`.
     pub accepted_without_id: IntCounter,
@@ -23,6 +23,10 @@ pub struct SchedulerMetrics {
     pub working: IntGauge,
     /// Messenger API calls that failed, by operation.
     pub messenger_errors: IntCounterVec,
+    /// The provider pause.
+    pub pause: crate::provider::PauseMetrics,
+    /// The shared rate limit.
+    pub limiter: crate::limiter::LimiterMetrics,
 }
 
 impl SchedulerMetrics {
@@ -53,6 +57,43 @@ impl SchedulerMetrics {
             ),
             &["operation"],
         )?;
+        let pause = crate::provider::PauseMetrics {
+            paused: IntGauge::new("provider_paused", "1 while this replica sees the provider paused.")?,
+            pauses: IntCounterVec::new(
+                Opts::new(
+                    "provider_pauses_total",
+                    "Provider pauses this replica set, by reason: retry_after, failures, probe_failed.",
+                ),
+                &["reason"],
+            )?,
+            probes: IntCounterVec::new(
+                Opts::new(
+                    "provider_probes_total",
+                    "Probe sends after a pause, by result: open (sending resumed), paused (paused again).",
+                ),
+                &["result"],
+            )?,
+        };
+        let limiter = crate::limiter::LimiterMetrics {
+            waited: prometheus::Counter::new(
+                "rate_limit_wait_seconds_total",
+                "Seconds sends waited for the shared rate limit.",
+            )?,
+            fallback: IntGauge::new(
+                "rate_limit_fallback",
+                "1 while Redis is unreachable and this replica limits itself to its share.",
+            )?,
+            too_late: IntCounter::new(
+                "rate_limit_released_total",
+                "Messages given back unsent because the rate limit left no slot before their claim's deadline.",
+            )?,
+        };
+        registry.register(Box::new(pause.paused.clone()))?;
+        registry.register(Box::new(pause.pauses.clone()))?;
+        registry.register(Box::new(pause.probes.clone()))?;
+        registry.register(Box::new(limiter.waited.clone()))?;
+        registry.register(Box::new(limiter.fallback.clone()))?;
+        registry.register(Box::new(limiter.too_late.clone()))?;
         registry.register(Box::new(deliveries.clone()))?;
         registry.register(Box::new(accepted_without_id.clone()))?;
         registry.register(Box::new(webhook_latency.clone()))?;
@@ -70,6 +111,8 @@ impl SchedulerMetrics {
             last_run,
             working,
             messenger_errors,
+            pause,
+            limiter,
         })
     }
 }

@@ -88,7 +88,9 @@ impl JobApi {
 
     /// Is the job working?
     ///
-    /// `working`, when it last changed, the last run and this replica's next scheduled run.
+    /// `working`, when it last changed, the last run, this replica's next scheduled run, and
+    /// the provider: `open`, `paused` until `pausedUntil` (a Retry-After or a failure streak),
+    /// or `probing` (one send decides whether sending resumes).
     #[oai(
         path = "/job-scheduler/messenger/is-working",
         method = "get",

@@ -21,9 +21,11 @@ use webhook_client::{WebhookClient, WebhookConfig};
 
 use crate::control::{ControlParts, JobControl, Trigger};
 use crate::cron::Cron;
-use crate::job::{JobConfig, SendingJob};
+use crate::job::{JobConfig, JobParts, SendingJob};
+use crate::limiter::{RateLimit, RateLimiter};
 use crate::messenger_client::MessengerClient;
 use crate::metrics::SchedulerMetrics;
+use crate::provider::{PauseRules, ProviderGate, ProviderStore};
 use crate::routes::{JobApi, ProbesApi};
 use crate::store::JobStore;
 
@@ -91,10 +93,39 @@ async fn parts(settings: &Settings) -> anyhow::Result<Parts> {
     let store = JobStore::new(&db);
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
+    let gate = Arc::new(ProviderGate::new(
+        ProviderStore::new(&db),
+        &config.worker_id,
+        PauseRules {
+            after_failures: settings.webhook.pause_after_failures,
+            pause: Duration::from_secs(settings.webhook.pause_seconds),
+            max: Duration::from_secs(settings.webhook.max_retry_after_seconds),
+            probe_hold: config.webhook_timeout + Duration::from_secs(5),
+        },
+        metrics.pause.clone(),
+    ));
+    // The limiter answers fast or steps aside: a slow Redis must not stall the sends.
+    let limiter_timeout = Duration::from_millis(settings.redis.timeout_ms.min(250));
+    let limiter = RateLimiter::new(
+        RateLimit {
+            per_second: settings.webhook.rate_limit_per_second,
+            burst: settings.webhook.rate_limit_burst,
+            fallback_replicas: settings.webhook.rate_limit_fallback_replicas,
+        },
+        herald_core::redis_conn::lazy_connection(&settings.redis, limiter_timeout)?,
+        &settings.redis.key_prefix,
+        &config.worker_id,
+        limiter_timeout,
+        metrics.limiter.clone(),
+    );
     let job = Arc::new(SendingJob::new(
-        store.clone(),
-        messenger.clone(),
-        webhook,
+        JobParts {
+            store: store.clone(),
+            messenger: messenger.clone(),
+            webhook,
+            gate: gate.clone(),
+            limiter,
+        },
         config,
         metrics.clone(),
         shutdown.clone(),
@@ -109,6 +140,7 @@ async fn parts(settings: &Settings) -> anyhow::Result<Parts> {
         trigger,
         cron,
         messenger,
+        gate,
         run_on_start: js.run_on_start,
         stop_wait,
     }));

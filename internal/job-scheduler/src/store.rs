@@ -38,9 +38,12 @@ pub struct JobRunDoc {
     pub retried: i32,
     /// Marked failed.
     pub failed: i32,
-    /// Given back unsent (shutdown).
+    /// Given back unsent (shutdown, or a provider pause longer than the claim).
     #[serde(default)]
     pub released: i32,
+    /// Not sent because their `expires_at` passed first.
+    #[serde(default)]
+    pub expired: i32,
     /// Why the run did nothing.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub skipped_reason: Option<String>,
@@ -63,6 +66,7 @@ impl JobRunDoc {
             retried: 0,
             failed: 0,
             released: 0,
+            expired: 0,
             skipped_reason: None,
             error: None,
         }
@@ -81,6 +85,7 @@ impl From<JobRunDoc> for RunView {
             retried: r.retried,
             failed: r.failed,
             released: r.released,
+            expired: r.expired,
             skipped_reason: r.skipped_reason,
             error: r.error,
         }

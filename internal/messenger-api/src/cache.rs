@@ -9,8 +9,7 @@
 use std::time::Duration;
 
 use herald_core::settings::RedisSettings;
-use layered_config::ExposeSecret;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};
 
 /// How long a per-minute sent counter is kept, in seconds (the stats show the last hour).
@@ -52,16 +51,8 @@ pub struct SentCache {
 impl SentCache {
     /// Builds the client without connecting.
     pub fn new(settings: &RedisSettings) -> anyhow::Result<Self> {
-        use anyhow::Context;
         let timeout = Duration::from_millis(settings.timeout_ms);
-        let client = redis::Client::open(settings.url.expose_secret()).context("Failed to parse redis.url")?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(timeout))
-            .set_response_timeout(Some(timeout))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_millis(200));
-        let connection =
-            ConnectionManager::new_lazy_with_config(client, config).context("Failed to set up the Redis client")?;
+        let connection = herald_core::redis_conn::lazy_connection(settings, timeout)?;
         Ok(Self {
             connection,
             prefix: settings.key_prefix.clone(),

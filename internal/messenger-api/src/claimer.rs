@@ -73,16 +73,19 @@ pub struct Claimer {
 
 struct Inner {
     store: MessageStore,
+    /// Counts messages found expired at claim time.
+    expired: prometheus::IntCounter,
     queue: Mutex<Queue>,
     window: Mutex<Window>,
 }
 
 impl Claimer {
-    /// A claimer over `store`.
-    pub fn new(store: MessageStore) -> Self {
+    /// A claimer over `store`; `expired` counts the messages it finds past their expiry.
+    pub fn new(store: MessageStore, expired: prometheus::IntCounter) -> Self {
         Self {
             inner: Arc::new(Inner {
                 store,
+                expired,
                 queue: Mutex::new(Queue::default()),
                 window: Mutex::new(Window {
                     from: None,
@@ -185,9 +188,18 @@ impl Inner {
             }
             let claimed = futures::future::try_join_all(claims).await?;
             let mut lost = false;
+            let mut taken = 0;
             for (index, n) in claimed.into_iter().enumerate() {
                 got[index] += n as usize;
+                taken += n as usize;
                 lost |= (n as usize) < wanted[index].min(ids.len());
+            }
+            if taken < ids.len() {
+                // Some were not claimable: taken by another process, or past their expiry.
+                let expired = self.store.expire_due(&ids, now).await?;
+                if expired > 0 {
+                    self.expired.inc_by(expired);
+                }
             }
             if ids.len() < want && !lost {
                 break; // took every due message there was

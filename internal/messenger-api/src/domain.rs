@@ -27,6 +27,8 @@ pub enum Transition {
     Released,
     /// Sent back to pending by an operator.
     Requeued,
+    /// Came due (or would have been retried) after its `expires_at`: never sent again.
+    Expired,
 }
 
 impl Transition {
@@ -40,6 +42,7 @@ impl Transition {
             Self::Failed => "failed",
             Self::Released => "released",
             Self::Requeued => "requeued",
+            Self::Expired => "expired",
         }
     }
 }
@@ -95,6 +98,12 @@ pub struct MessageDoc {
     /// The state change of the last write (absent on documents written by older versions).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_transition: Option<Transition>,
+    /// Not sent before this time (absent: due when created).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub send_at: Option<DateTime>,
+    /// Never sent after this time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<DateTime>,
     /// Client idempotency key (unique, sparse: absent when not given).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idempotency_key: Option<String>,
@@ -111,18 +120,52 @@ pub struct ValidMessage {
     pub to: String,
     /// Trimmed content.
     pub content: String,
+    /// When it may be sent and until when.
+    pub schedule: Schedule,
+}
+
+/// When a message may be sent: not before `send_at`, never after `expires_at`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Schedule {
+    /// Not before (absent: at once).
+    pub send_at: Option<DateTime>,
+    /// Never after.
+    pub expires_at: Option<DateTime>,
+}
+
+/// A message to validate, as a client sent it.
+#[derive(Debug, Clone, Copy)]
+pub struct Draft<'a> {
+    /// Recipient.
+    pub to: &'a str,
+    /// Text.
+    pub content: &'a str,
+    /// Not before.
+    pub send_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// Never after.
+    pub expires_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+/// The limits a draft is checked against.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Content limit in characters.
+    pub max_chars: usize,
+    /// Furthest `send_at`, from now.
+    pub max_schedule: std::time::Duration,
 }
 
 impl MessageDoc {
-    /// A fresh pending message, due now.
+    /// A fresh pending message, due at its `send_at` or now.
     pub fn new_pending(message: ValidMessage, idempotency_key: Option<String>, now: DateTime) -> Self {
+        let due = message.schedule.send_at.filter(|at| *at > now).unwrap_or(now);
         Self {
             id: ObjectId::new(),
             to: message.to,
             content: message.content,
             status: MessageStatus::Pending,
             attempts: 0,
-            next_attempt_at: now,
+            next_attempt_at: due,
             claim_token: None,
             claimed_by: None,
             lease_until: None,
@@ -130,6 +173,8 @@ impl MessageDoc {
             sent_at: None,
             last_error: None,
             last_transition: Some(Transition::Created),
+            send_at: message.schedule.send_at,
+            expires_at: message.schedule.expires_at,
             idempotency_key,
             created_at: now,
             updated_at: now,
@@ -170,11 +215,52 @@ pub fn validate_content(content: &str, max_chars: usize) -> Result<String, Servi
     Ok(content.to_owned())
 }
 
-/// Validates both fields.
-pub fn validate(to: &str, content: &str, max_chars: usize) -> Result<ValidMessage, ServiceError> {
+/// Checks `send_at` is within `max_schedule` of `now` (a past one means "now") and
+/// `expires_at` lies after both `now` and `send_at`.
+pub fn validate_schedule(
+    send_at: Option<chrono::DateTime<chrono::Utc>>,
+    expires_at: Option<chrono::DateTime<chrono::Utc>>,
+    now: chrono::DateTime<chrono::Utc>,
+    max_schedule: std::time::Duration,
+) -> Result<Schedule, ServiceError> {
+    if let Some(at) = send_at {
+        let furthest = now + chrono::Duration::from_std(max_schedule).unwrap_or(chrono::Duration::MAX);
+        if at > furthest {
+            return Err(ServiceError::invalid(
+                ErrorCode::InvalidSendAt,
+                format!(
+                    "sendAt {} is more than {} days ahead",
+                    at.to_rfc3339(),
+                    max_schedule.as_secs() / 86_400
+                ),
+            ));
+        }
+    }
+    if let Some(at) = expires_at {
+        let earliest = send_at.map_or(now, |s| s.max(now));
+        if at <= earliest {
+            return Err(ServiceError::invalid(
+                ErrorCode::InvalidExpiresAt,
+                format!("expiresAt {} must be after now and after sendAt", at.to_rfc3339()),
+            ));
+        }
+    }
+    Ok(Schedule {
+        send_at: send_at.map(DateTime::from_chrono),
+        expires_at: expires_at.map(DateTime::from_chrono),
+    })
+}
+
+/// Validates every field of a draft at `now`.
+pub fn validate(
+    draft: Draft<'_>,
+    limits: Limits,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<ValidMessage, ServiceError> {
     Ok(ValidMessage {
-        to: validate_phone(to)?,
-        content: validate_content(content, max_chars)?,
+        to: validate_phone(draft.to)?,
+        content: validate_content(draft.content, limits.max_chars)?,
+        schedule: validate_schedule(draft.send_at, draft.expires_at, now, limits.max_schedule)?,
     })
 }
 
@@ -231,6 +317,65 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn schedules_stay_within_the_horizon_and_expire_after_they_start() {
+        let now = chrono::Utc::now();
+        let day = std::time::Duration::from_secs(86_400);
+        let horizon = day * 30;
+        let hours = chrono::Duration::hours;
+        let ok = validate_schedule(Some(now + hours(1)), Some(now + hours(2)), now, horizon).unwrap();
+        assert_eq!(ok.send_at, Some(DateTime::from_chrono(now + hours(1))));
+        assert!(
+            validate_schedule(Some(now - hours(1)), None, now, horizon).is_ok(),
+            "past = now"
+        );
+        assert!(validate_schedule(None, None, now, horizon).unwrap() == Schedule::default());
+        let code = |r: Result<Schedule, ServiceError>| match r {
+            Err(ServiceError::Invalid { code, .. }) => code,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            code(validate_schedule(Some(now + hours(24 * 31)), None, now, horizon)),
+            ErrorCode::InvalidSendAt
+        );
+        assert_eq!(
+            code(validate_schedule(None, Some(now - hours(1)), now, horizon)),
+            ErrorCode::InvalidExpiresAt
+        );
+        assert_eq!(
+            code(validate_schedule(
+                Some(now + hours(3)),
+                Some(now + hours(2)),
+                now,
+                horizon
+            )),
+            ErrorCode::InvalidExpiresAt
+        );
+    }
+
+    #[test]
+    fn a_future_send_at_is_when_the_message_comes_due() {
+        let now = DateTime::now();
+        let later = DateTime::from_millis(now.timestamp_millis() + 60_000);
+        let message = |send_at| ValidMessage {
+            to: "+905551234567".into(),
+            content: "hi".into(),
+            schedule: Schedule {
+                send_at,
+                expires_at: None,
+            },
+        };
+        assert_eq!(
+            MessageDoc::new_pending(message(Some(later)), None, now).next_attempt_at,
+            later
+        );
+        let past = DateTime::from_millis(now.timestamp_millis() - 60_000);
+        assert_eq!(
+            MessageDoc::new_pending(message(Some(past)), None, now).next_attempt_at,
+            now
+        );
     }
 
     #[test]

@@ -1,9 +1,13 @@
-//! The sending job as the Messenger API reads it: `job_state` and the start of the last run,
+//! The sending job as the Messenger API reads it: `job_state`, the start of the last run and
+//! the provider's pause state,
 //! read straight from MongoDB (the Job Scheduler owns and writes both), so the stats and the
 //! console show the job even while no scheduler replica is up.
 
 use bson::{doc, Document};
-use herald_core::jobs::{JobStateDoc, JobStatus, JOB_ID, JOB_RUNS_COLLECTION, JOB_STATE_COLLECTION};
+use herald_core::jobs::{
+    JobStateDoc, JobStatus, ProviderStateDoc, ProviderStatus, JOB_ID, JOB_RUNS_COLLECTION, JOB_STATE_COLLECTION,
+    PROVIDER_ID, PROVIDER_STATE_COLLECTION,
+};
 use mongodb::{Collection, Database};
 
 use crate::error::StoreError;
@@ -13,6 +17,7 @@ use crate::error::StoreError;
 pub struct JobView {
     state: Collection<JobStateDoc>,
     runs: Collection<Document>,
+    provider: Collection<ProviderStateDoc>,
 }
 
 impl JobView {
@@ -21,6 +26,7 @@ impl JobView {
         Self {
             state: db.collection(JOB_STATE_COLLECTION),
             runs: db.collection(JOB_RUNS_COLLECTION),
+            provider: db.collection(PROVIDER_STATE_COLLECTION),
         }
     }
 
@@ -35,6 +41,11 @@ impl JobView {
             .sort(doc! {"_id": -1})
             .projection(doc! {"started_at": 1})
             .await?;
+        let provider = self
+            .provider
+            .find_one(doc! {"_id": PROVIDER_ID})
+            .await?
+            .map_or_else(ProviderStatus::open, |p| p.status(chrono::Utc::now()));
         Ok(Some(JobStatus {
             working: state.working,
             changed_at: Some(state.changed_at.to_chrono()),
@@ -43,6 +54,7 @@ impl JobView {
                 .and_then(|run| run.get_datetime("started_at").ok().copied())
                 .map(|at| at.to_chrono()),
             next_run_at: None,
+            provider,
         }))
     }
 }

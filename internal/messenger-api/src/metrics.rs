@@ -24,6 +24,10 @@ pub struct MessengerMetrics {
     pub failures: IntCounterVec,
     /// Sent-cache writes that did not reach Redis.
     pub cache_write_failures: IntCounter,
+    /// Messages that expired unsent, by where it was found: claim, worker, retry.
+    pub expired: IntCounterVec,
+    /// Messages re-queued by operators, one at a time or in bulk.
+    pub requeued: IntCounterVec,
     /// The live event feed: subscribers, cut-offs, events read.
     pub feed: FeedMetrics,
 }
@@ -48,6 +52,22 @@ impl MessengerMetrics {
             "redis_cache_write_failures_total",
             "Sent-message cache entries that could not be written to Redis.",
         )?;
+        let expired = IntCounterVec::new(
+            Opts::new(
+                "messages_expired_total",
+                "Messages that expired unsent, by where: claim (due past expiresAt), worker (past it before the send), retry (the retry would come after it).",
+            ),
+            &["via"],
+        )?;
+        let requeued = IntCounterVec::new(
+            Opts::new(
+                "messages_requeued_total",
+                "Failed messages re-queued by an operator, by way: one, bulk.",
+            ),
+            &["way"],
+        )?;
+        registry.register(Box::new(expired.clone()))?;
+        registry.register(Box::new(requeued.clone()))?;
         registry.register(Box::new(messages.clone()))?;
         registry.register(Box::new(oldest_pending_age.clone()))?;
         registry.register(Box::new(claimed.clone()))?;
@@ -83,6 +103,8 @@ impl MessengerMetrics {
             commits,
             failures,
             cache_write_failures,
+            expired,
+            requeued,
             feed,
         })
     }

@@ -89,10 +89,10 @@ impl ClaimWrite {
         error: &LastError,
         now: DateTime,
     ) -> Result<Self, StoreError> {
-        let transition = if status == MessageStatus::Failed {
-            Transition::Failed
-        } else {
-            Transition::RetryScheduled
+        let transition = match status {
+            MessageStatus::Failed => Transition::Failed,
+            MessageStatus::Expired => Transition::Expired,
+            _ => Transition::RetryScheduled,
         };
         Ok(Self {
             id,
@@ -108,6 +108,24 @@ impl ClaimWrite {
                 "$unset": {"lease_until": ""},
             },
         })
+    }
+
+    /// Expired before it could be sent: final, and the attempt not counted (it never went out).
+    pub fn expire(id: ObjectId, token: &str, now: DateTime) -> Self {
+        Self {
+            id,
+            filter: Self::claimed(id, token),
+            update: doc! {
+                "$set": {
+                    "status": MessageStatus::Expired.as_str(),
+                    "next_attempt_at": now,
+                    "updated_at": now,
+                    "last_transition": Transition::Expired.as_str(),
+                },
+                "$unset": {"lease_until": ""},
+                "$inc": {"attempts": -1},
+            },
+        }
     }
 
     /// Given back unsent: pending, due now, the attempt not counted.
@@ -307,6 +325,14 @@ impl MessageStore {
         }
         let mut filter = due_filter(now);
         filter.insert("_id", doc! {"$in": ids});
+        // Never hand out a message past its expiry ([`MessageStore::expire_due`] ends those).
+        filter.insert(
+            "$or",
+            vec![
+                doc! {"expires_at": {"$exists": false}},
+                doc! {"expires_at": {"$gt": now}},
+            ],
+        );
         let result = self
             .messages
             .update_many(
@@ -322,6 +348,33 @@ impl MessageStore {
                         "last_transition": Transition::Claimed.as_str(),
                     },
                     "$inc": {"attempts": 1},
+                },
+            )
+            .await?;
+        Ok(result.modified_count)
+    }
+
+    /// Ends those of `ids` that are due at `now` but past their `expires_at`: `expired`, final,
+    /// never sent (again). Returns how many.
+    pub async fn expire_due(&self, ids: &[ObjectId], now: DateTime) -> Result<u64, StoreError> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let mut filter = due_filter(now);
+        filter.insert("_id", doc! {"$in": ids});
+        filter.insert("expires_at", doc! {"$lte": now});
+        let result = self
+            .messages
+            .update_many(
+                filter,
+                doc! {
+                    "$set": {
+                        "status": MessageStatus::Expired.as_str(),
+                        "next_attempt_at": now,
+                        "updated_at": now,
+                        "last_transition": Transition::Expired.as_str(),
+                    },
+                    "$unset": {"lease_until": ""},
                 },
             )
             .await?;
@@ -394,20 +447,65 @@ impl MessageStore {
         self.transition(write.filter, write.update, id).await
     }
 
+    /// What an operator re-queue writes: pending, due now, a fresh retry budget.
+    fn requeue(now: DateTime) -> Document {
+        doc! {"$set": {
+            "status": MessageStatus::Pending.as_str(),
+            "next_attempt_at": now,
+            "attempts": 0,
+            "updated_at": now,
+            "last_transition": Transition::Requeued.as_str(),
+        }}
+    }
+
     /// Operator re-queue: a failed message becomes pending, due now, with a fresh retry budget.
     pub async fn requeue_failed(&self, id: ObjectId, now: DateTime) -> Result<TransitionOutcome, StoreError> {
         self.transition(
             doc! {"_id": id, "status": MessageStatus::Failed.as_str()},
-            doc! {"$set": {
-                "status": MessageStatus::Pending.as_str(),
-                "next_attempt_at": now,
-                "attempts": 0,
-                "updated_at": now,
-                "last_transition": Transition::Requeued.as_str(),
-            }},
+            Self::requeue(now),
             id,
         )
         .await
+    }
+
+    /// How many failed messages match `filter` (a document over `created_at` and `to`).
+    pub async fn count_failed(&self, mut filter: Document) -> Result<u64, StoreError> {
+        filter.insert("status", MessageStatus::Failed.as_str());
+        Ok(self.messages.count_documents(filter).await?)
+    }
+
+    /// Re-queues up to `limit` failed messages matching `filter`, oldest first; answers how
+    /// many it re-queued (each one stays conditional on still being failed).
+    pub async fn requeue_failed_matching(
+        &self,
+        mut filter: Document,
+        limit: usize,
+        now: DateTime,
+    ) -> Result<u64, StoreError> {
+        filter.insert("status", MessageStatus::Failed.as_str());
+        let ids: Vec<ObjectId> = self
+            .raw
+            .find(filter)
+            .sort(doc! {"_id": 1})
+            .limit(limit as i64)
+            .projection(doc! {"_id": 1})
+            .await?
+            .try_collect::<Vec<Document>>()
+            .await?
+            .iter()
+            .filter_map(|d| d.get_object_id("_id").ok())
+            .collect();
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let result = self
+            .messages
+            .update_many(
+                doc! {"_id": {"$in": ids}, "status": MessageStatus::Failed.as_str()},
+                Self::requeue(now),
+            )
+            .await?;
+        Ok(result.modified_count)
     }
 
     async fn transition(

@@ -4,7 +4,8 @@
 //! `202 {"message":"Accepted","messageId":"<uuid v4>"}` — or, for a `fail_rate` share of
 //! requests, `status` with an error body. `GET /webhook-sink/received` lists what arrived (with
 //! each `Idempotency-Key`), so tests and people can count deliveries;
-//! `PUT /webhook-sink/behaviour {"failRate", "status"}` changes how it answers while it runs.
+//! `PUT /webhook-sink/behaviour {"failRate", "status", "retryAfterSeconds"?, "failNext"?}`
+//! changes how it answers while it runs (`failNext`: fail exactly the next n requests).
 
 #![forbid(unsafe_code)]
 
@@ -97,6 +98,35 @@ pub struct Behaviour {
     pub fail_rate: f64,
     /// Status of an injected failure.
     pub status: u16,
+    /// `Retry-After` (seconds) sent with each injected failure.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after_seconds: Option<u64>,
+    /// Fail exactly the next this many requests with `status` (then go back to `failRate`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fail_next: Option<u32>,
+}
+
+impl Behaviour {
+    /// As configured at start.
+    fn from_config(config: &SinkConfig) -> Self {
+        Self {
+            fail_rate: config.fail_rate,
+            status: config.fail_status,
+            retry_after_seconds: None,
+            fail_next: None,
+        }
+    }
+
+    /// Whether the next request fails; counts down `fail_next`.
+    fn next_fails(&mut self) -> bool {
+        match self.fail_next {
+            Some(n) if n > 0 => {
+                self.fail_next = Some(n - 1);
+                true
+            }
+            _ => self.fail_rate > 0.0 && rand::rng().random_bool(self.fail_rate.clamp(0.0, 1.0)),
+        }
+    }
 }
 
 /// The record of everything received, shared with tests.
@@ -140,11 +170,10 @@ async fn receive(req: &Request, body: poem::Body, state: Data<&State>) -> Respon
     let Ok(incoming) = serde_json::from_slice::<Incoming>(&bytes) else {
         return message(StatusCode::BAD_REQUEST, "Body must be {\"to\", \"content\"}");
     };
-    let behaviour = state.behaviour.lock().map(|b| *b).unwrap_or(Behaviour {
-        fail_rate: config.fail_rate,
-        status: config.fail_status,
-    });
-    let fail = behaviour.fail_rate > 0.0 && rand::rng().random_bool(behaviour.fail_rate.clamp(0.0, 1.0));
+    let (fail, behaviour) = match state.behaviour.lock() {
+        Ok(mut behaviour) => (behaviour.next_fails(), *behaviour),
+        Err(_) => (false, Behaviour::from_config(config)),
+    };
     let status = if fail { behaviour.status } else { 202 };
     let message_id = (!fail).then(|| uuid::Uuid::new_v4().to_string());
     let idempotency_key = req
@@ -175,7 +204,15 @@ async fn receive(req: &Request, body: poem::Body, state: Data<&State>) -> Respon
         Some(id) => Json(serde_json::json!({"message": "Accepted", "messageId": id}))
             .with_status(StatusCode::ACCEPTED)
             .into_response(),
-        None => message(status, "Injected failure"),
+        None => {
+            let mut response = message(status, "Injected failure");
+            if let Some(seconds) = behaviour.retry_after_seconds {
+                response
+                    .headers_mut()
+                    .insert(poem::http::header::RETRY_AFTER, poem::http::HeaderValue::from(seconds));
+            }
+            response
+        }
     }
 }
 
@@ -206,6 +243,8 @@ fn change_behaviour(state: Data<&State>, body: Json<Behaviour>) -> Response {
     tracing::info!(
         fail_rate = wanted.fail_rate,
         status = wanted.status,
+        retry_after_seconds = wanted.retry_after_seconds,
+        fail_next = wanted.fail_next,
         "sink behaviour changed"
     );
     Json(wanted).into_response()
@@ -229,10 +268,7 @@ impl WebhookSink {
         );
         let log = ReceivedLog::default();
         let state = State {
-            behaviour: Arc::new(Mutex::new(Behaviour {
-                fail_rate: config.fail_rate,
-                status: config.fail_status,
-            })),
+            behaviour: Arc::new(Mutex::new(Behaviour::from_config(&config))),
             config: Arc::new(config),
             log: log.0.clone(),
         };
@@ -383,5 +419,30 @@ mod tests {
         assert_eq!(send().await.unwrap().status(), 400);
         assert_eq!(change(2.0).await.unwrap().status(), 400);
         assert_eq!(send().await.unwrap().status(), 400, "a refused change changes nothing");
+    }
+
+    #[tokio::test]
+    async fn it_fails_exactly_the_next_n_requests_with_a_retry_after() {
+        let (url, _) = sink(0.0, 0).await;
+        let client = reqwest::Client::new();
+        let send = || {
+            client
+                .post(&url)
+                .header("x-ins-auth-key", "k")
+                .json(&serde_json::json!({"to": "+905551111111", "content": "hi"}))
+                .send()
+        };
+        client
+            .put(url.replace("/webhook", "/webhook-sink/behaviour"))
+            .json(&serde_json::json!({"failRate": 0.0, "status": 429, "retryAfterSeconds": 5, "failNext": 2}))
+            .send()
+            .await
+            .unwrap();
+        for _ in 0..2 {
+            let refused = send().await.unwrap();
+            assert_eq!(refused.status(), 429);
+            assert_eq!(refused.headers()["retry-after"], "5");
+        }
+        assert_eq!(send().await.unwrap().status(), 202, "then back to the fail rate");
     }
 }

@@ -9,7 +9,7 @@
 //! | 2xx with a JSON `messageId` | [`DeliveryOutcome::Accepted`] with the id |
 //! | 2xx without one | [`DeliveryOutcome::Accepted`] without an id (it *was* accepted) |
 //! | timeout, connection error, 5xx, 408 | [`DeliveryOutcome::Retryable`] |
-//! | 429 | [`DeliveryOutcome::Retryable`] with the parsed `Retry-After` |
+//! | 429, 503 | [`DeliveryOutcome::Retryable`] with the parsed `Retry-After`, when given |
 //! | other 4xx (and 1xx/3xx) | [`DeliveryOutcome::Permanent`] with the status and a body excerpt |
 
 #![forbid(unsafe_code)]
@@ -260,7 +260,7 @@ pub fn classify(status: StatusCode, body: &[u8], retry_after: Option<Duration>) 
         status: Some(status.as_u16()),
         detail: excerpt(body),
     };
-    if status == StatusCode::TOO_MANY_REQUESTS {
+    if status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::SERVICE_UNAVAILABLE {
         DeliveryOutcome::Retryable { failure, retry_after }
     } else if status.is_server_error() || status == StatusCode::REQUEST_TIMEOUT {
         DeliveryOutcome::Retryable {
@@ -399,6 +399,10 @@ mod tests {
         assert!(matches!(ok(404, ""), DeliveryOutcome::Permanent { .. }));
         let limited = classify(StatusCode::TOO_MANY_REQUESTS, b"", Some(Duration::from_secs(7)));
         assert!(matches!(limited, DeliveryOutcome::Retryable { retry_after: Some(d), .. } if d.as_secs() == 7));
+        let unavailable = classify(StatusCode::SERVICE_UNAVAILABLE, b"", Some(Duration::from_secs(3)));
+        assert!(matches!(unavailable, DeliveryOutcome::Retryable { retry_after: Some(d), .. } if d.as_secs() == 3));
+        let broken = classify(StatusCode::INTERNAL_SERVER_ERROR, b"", Some(Duration::from_secs(3)));
+        assert!(matches!(broken, DeliveryOutcome::Retryable { retry_after: None, .. }));
     }
 
     #[test]

@@ -119,3 +119,79 @@ pub async fn sink(latency_ms: u64, fail_rate: f64) -> (String, ReceivedLog) {
         .await
         .unwrap()
 }
+
+/// Changes how a sink at `webhook_url` answers (`PUT /webhook-sink/behaviour`).
+pub async fn set_behaviour(webhook_url: &str, behaviour: Value) {
+    let response = reqwest::Client::new()
+        .put(webhook_url.replace("/webhook", "/webhook-sink/behaviour"))
+        .json(&behaviour)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+}
+
+/// A Redis server of the test's own (a real `redis-server` process), so a test can stop it
+/// without touching the shared one.
+pub struct PrivateRedis {
+    pub url: String,
+    child: std::process::Child,
+}
+
+impl PrivateRedis {
+    pub async fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = std::process::Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server (Debian's redis-server package)");
+        let url = format!("redis://127.0.0.1:{port}");
+        let client = redis::Client::open(url.as_str()).unwrap();
+        eventually(std::time::Duration::from_secs(10), "private redis answers", || async {
+            client.get_multiplexed_async_connection().await.is_ok()
+        })
+        .await;
+        Self { url, child }
+    }
+
+    /// Kills the server (SIGKILL) and waits until it is gone.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The most requests that arrived within any one second, from their receive times.
+pub fn busiest_second(times: &[chrono::DateTime<chrono::Utc>]) -> usize {
+    let mut sorted = times.to_vec();
+    sorted.sort();
+    let mut most = 0;
+    let mut start = 0;
+    for end in 0..sorted.len() {
+        while sorted[end] - sorted[start] >= chrono::Duration::seconds(1) {
+            start += 1;
+        }
+        most = most.max(end - start + 1);
+    }
+    most
+}

@@ -6,4 +6,5 @@
 mod control;
 mod delivery;
 mod helpers;
+mod protection;
 mod replicas;

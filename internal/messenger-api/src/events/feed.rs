@@ -32,6 +32,7 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use super::model::{self, EventFilter, EventType, FeedEvent};
 use herald_core::jobs::JOB_STATE_COLLECTION as JOB_STATE;
+use herald_core::jobs::PROVIDER_STATE_COLLECTION as PROVIDER_STATE;
 
 /// Longest pause between attempts to reopen a broken change stream.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
@@ -233,7 +234,7 @@ impl Backoff {
 
 async fn open(db: &Database, after: Option<ResumeToken>) -> mongodb::error::Result<Changes> {
     db.watch()
-        .pipeline([doc! {"$match": {"ns.coll": {"$in": [crate::store::COLLECTION, JOB_STATE]}}}])
+        .pipeline([doc! {"$match": {"ns.coll": {"$in": [crate::store::COLLECTION, JOB_STATE, PROVIDER_STATE]}}}])
         .full_document(FullDocumentType::UpdateLookup)
         .resume_after(after)
         .await

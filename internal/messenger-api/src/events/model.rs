@@ -9,6 +9,7 @@ use crate::domain::{MessageStatus, Transition};
 use crate::routes::views::LastErrorView;
 
 use herald_core::jobs::JOB_STATE_COLLECTION as JOB_STATE;
+use herald_core::jobs::PROVIDER_STATE_COLLECTION as PROVIDER_STATE;
 
 /// The kinds of event (SPEC §11), plus the feed's own `reset` and `dropped`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Enum)]
@@ -87,6 +88,7 @@ impl EventType {
             Transition::Failed => Self::MessageFailed,
             Transition::Released => Self::MessageReleased,
             Transition::Requeued => Self::MessageRequeued,
+            Transition::Expired => Self::MessageExpired,
         }
     }
 }
@@ -125,6 +127,16 @@ pub struct JobEvent {
     pub changed_by: Option<String>,
 }
 
+/// The provider's pause as an event carries it.
+#[derive(Debug, Clone, PartialEq, Object)]
+#[oai(rename_all = "camelCase")]
+pub struct ProviderEvent {
+    /// No sends before this time (absent when resumed).
+    pub paused_until: Option<DateTime<Utc>>,
+    /// Why it paused.
+    pub reason: Option<String>,
+}
+
 /// One event of the live feed.
 #[derive(Debug, Clone, PartialEq, Object)]
 pub struct FeedEvent {
@@ -140,6 +152,8 @@ pub struct FeedEvent {
     pub message: Option<MessageEvent>,
     /// The job, for `job.*` events.
     pub job: Option<JobEvent>,
+    /// The provider, for `provider.*` events.
+    pub provider: Option<ProviderEvent>,
 }
 
 impl FeedEvent {
@@ -151,6 +165,7 @@ impl FeedEvent {
             at: Utc::now(),
             message: None,
             job: None,
+            provider: None,
         }
     }
 }
@@ -225,6 +240,7 @@ pub fn from_change(change: &ChangeStreamEvent<Document>) -> Option<FeedEvent> {
                 at,
                 message: Some(message_event(&state)?),
                 job: None,
+                provider: None,
             })
         }
         JOB_STATE => {
@@ -245,6 +261,35 @@ pub fn from_change(change: &ChangeStreamEvent<Document>) -> Option<FeedEvent> {
                     working,
                     changed_at: state.get_datetime("changed_at").ok().map(|d| d.to_chrono()),
                     changed_by: state.get_str("changed_by").ok().map(str::to_owned),
+                }),
+                provider: None,
+            })
+        }
+        PROVIDER_STATE => {
+            if change.operation_type == OperationType::Update && !changed(change, "paused_until") {
+                return None;
+            }
+            let paused_until = state.get_datetime("paused_until").ok().map(|d| d.to_chrono());
+            if change.operation_type != OperationType::Update && paused_until.is_none() {
+                return None; // created by a failure count, not a pause
+            }
+            Some(FeedEvent {
+                id,
+                kind: if paused_until.is_some() {
+                    EventType::ProviderPaused
+                } else {
+                    EventType::ProviderResumed
+                },
+                at,
+                message: None,
+                job: None,
+                provider: Some(ProviderEvent {
+                    paused_until,
+                    reason: state
+                        .get_str("reason")
+                        .ok()
+                        .map(str::to_owned)
+                        .filter(|_| paused_until.is_some()),
                 }),
             })
         }
@@ -309,6 +354,7 @@ fn message_event_type(change: &ChangeStreamEvent<Document>, state: &Document) ->
         MessageStatus::Processing => EventType::MessageClaimed,
         MessageStatus::Sent => EventType::MessageSent,
         MessageStatus::Failed => EventType::MessageFailed,
+        MessageStatus::Expired => EventType::MessageExpired,
     })
 }
 
@@ -371,6 +417,7 @@ mod tests {
                 last_error: None,
             }),
             job: None,
+            provider: None,
         };
         let job = FeedEvent {
             kind: EventType::JobStopped,

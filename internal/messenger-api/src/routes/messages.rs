@@ -9,7 +9,7 @@ use poem_openapi::param::{Header, Path, Query};
 use poem_openapi::payload::Json;
 use poem_openapi::{ApiResponse, OpenApi};
 
-use super::views::{BatchCreated, MessageView, NewBatch, NewMessage};
+use super::views::{BatchCreated, MessageView, NewBatch, NewMessage, RequeueRequest, RequeueResult};
 use super::ApiTags;
 use crate::service::MessengerService;
 use herald_core::pagination::{Page, PageRequest};
@@ -19,6 +19,7 @@ api_errors!(BatchErrors: 400, 401, 413, 500, 503);
 api_errors!(ListErrors: 400, 401, 500, 503);
 api_errors!(GetErrors: 400, 401, 404, 500, 503);
 api_errors!(RetryErrors: 400, 401, 404, 409, 500, 503);
+api_errors!(BulkRetryErrors: 400, 401, 500, 503);
 
 /// A created message.
 #[derive(ApiResponse)]
@@ -65,6 +66,14 @@ pub enum Requeued {
     Accepted(Json<MessageView>),
 }
 
+/// A bulk re-queue's result.
+#[derive(ApiResponse)]
+pub enum BulkRequeued {
+    /// Counted, and (unless a dry run) re-queued.
+    #[oai(status = 200)]
+    Ok(Json<RequeueResult>),
+}
+
 /// Message operations.
 pub struct MessagesApi {
     /// Messages and their life.
@@ -75,7 +84,8 @@ pub struct MessagesApi {
 impl MessagesApi {
     /// Create a message
     ///
-    /// Stores one pending message, due now. With an `Idempotency-Key`, repeating the request
+    /// Stores one pending message, due now or at its `sendAt`, never sent after its
+    /// `expiresAt`. With an `Idempotency-Key`, repeating the request
     /// with the same body returns the original message; another body gets 409.
     #[oai(path = "/api/messenger/messages", method = "post", operation_id = "createMessage")]
     async fn create(
@@ -88,7 +98,7 @@ impl MessagesApi {
     ) -> Result<Created, CreateErrors> {
         let (message, created) = self
             .service
-            .create(&body.to, &body.content, idempotency_key.0)
+            .create(body.draft(), idempotency_key.0)
             .await
             .map_err(ApiError::from)?;
         Ok(Created::Created(Json(message.into()), (!created).then_some(true)))
@@ -103,8 +113,8 @@ impl MessagesApi {
         operation_id = "createMessageBatch"
     )]
     async fn create_batch(&self, _auth: BearerAuth, body: Json<NewBatch>) -> Result<BatchResponse, BatchErrors> {
-        let items: Vec<(String, String)> = body.0.messages.into_iter().map(|m| (m.to, m.content)).collect();
-        let created = self.service.create_batch(&items).await.map_err(ApiError::from)?;
+        let drafts: Vec<_> = body.messages.iter().map(NewMessage::draft).collect();
+        let created = self.service.create_batch(&drafts).await.map_err(ApiError::from)?;
         Ok(BatchResponse::Created(Json(BatchCreated {
             items: created.into_iter().map(Into::into).collect(),
         })))
@@ -118,7 +128,7 @@ impl MessagesApi {
     async fn list(
         &self,
         _auth: BearerAuth,
-        /// Only messages in this status: pending, processing, sent or failed.
+        /// Only messages in this status: pending, processing, sent, failed or expired.
         status: Query<Option<String>>,
         /// Only messages to this phone number (E.164).
         to: Query<Option<String>>,
@@ -174,6 +184,33 @@ impl MessagesApi {
     ) -> Result<MessageResponse, GetErrors> {
         let message = self.service.get(&id.0).await.map_err(ApiError::from)?;
         Ok(MessageResponse::Ok(Json(message.into())))
+    }
+
+    /// Re-queue failed messages in bulk
+    ///
+    /// Operator action: failed messages matching the filter (created between `createdFrom`
+    /// and `createdTo`, to one number) become `pending`, due now, with a fresh retry budget.
+    /// `matched` counts them; one call re-queues at most 1,000, oldest first, and `remaining`
+    /// says how many still match (call again). `dryRun` only counts. Idempotent: a re-queued
+    /// message is no longer failed. Every call is logged for audit.
+    #[oai(
+        path = "/api/messenger/messages/retry",
+        method = "post",
+        operation_id = "retryMessages"
+    )]
+    async fn retry_many(&self, _auth: BearerAuth, body: Json<RequeueRequest>) -> Result<BulkRequeued, BulkRetryErrors> {
+        let RequeueRequest { filter, dry_run } = body.0;
+        let done = self
+            .service
+            .requeue_many(&filter.into(), dry_run)
+            .await
+            .map_err(ApiError::from)?;
+        Ok(BulkRequeued::Ok(Json(RequeueResult {
+            matched: done.matched,
+            requeued: done.requeued,
+            remaining: done.remaining,
+            dry_run,
+        })))
     }
 
     /// Retry a failed message

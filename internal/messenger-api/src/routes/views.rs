@@ -6,7 +6,7 @@ pub use herald_core::message::{LastErrorView, MessageView};
 pub use herald_core::worker::{ClaimedMessage, CommitView};
 use poem_openapi::Object;
 
-use crate::domain::{LastError, MessageDoc, MessageStatus};
+use crate::domain::{Draft, LastError, MessageDoc, MessageStatus};
 
 fn utc(at: bson::DateTime) -> DateTime<Utc> {
     at.to_chrono()
@@ -14,11 +14,30 @@ fn utc(at: bson::DateTime) -> DateTime<Utc> {
 
 /// A message to create.
 #[derive(Debug, Clone, Object)]
+#[oai(rename_all = "camelCase")]
 pub struct NewMessage {
     /// Recipient, E.164: `+` then 8 to 15 digits (e.g. `+905551111111`).
     pub to: String,
     /// Text, 1..=`message.max_chars` Unicode characters after trimming.
     pub content: String,
+    /// Not sent before this time (RFC 3339; at most `message.max_schedule_days` ahead; a past
+    /// time means now).
+    pub send_at: Option<DateTime<Utc>>,
+    /// Never sent after this time (RFC 3339, after now and after `sendAt`): a message still
+    /// unsent when it comes due past it becomes `expired`.
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+impl NewMessage {
+    /// The draft the service validates.
+    pub fn draft(&self) -> Draft<'_> {
+        Draft {
+            to: &self.to,
+            content: &self.content,
+            send_at: self.send_at,
+            expires_at: self.expires_at,
+        }
+    }
 }
 
 /// Several messages to create, all or none.
@@ -53,6 +72,8 @@ impl From<MessageDoc> for MessageView {
             webhook_message_id: m.webhook_message_id,
             sent_at: m.sent_at.map(utc),
             last_error: m.last_error.map(Into::into),
+            send_at: m.send_at.map(utc),
+            expires_at: m.expires_at.map(utc),
             idempotency_key: m.idempotency_key,
             created_at: utc(m.created_at),
             updated_at: utc(m.updated_at),
@@ -76,6 +97,7 @@ impl From<MessageDoc> for ClaimedMessage {
             claim_token: m.claim_token.unwrap_or_default(),
             attempt: m.attempts,
             lease_until: utc(m.lease_until.unwrap_or(m.next_attempt_at)),
+            expires_at: m.expires_at.map(utc),
         }
     }
 }
@@ -91,6 +113,8 @@ pub struct StatusCounts {
     pub sent: u64,
     /// Failed for good (until an operator re-queues them).
     pub failed: u64,
+    /// Came due after their `expiresAt`; never sent.
+    pub expired: u64,
     /// All of them.
     pub total: u64,
 }
@@ -131,6 +155,7 @@ impl From<crate::service::Stats> for StatsView {
                 MessageStatus::Processing => counts.processing = n,
                 MessageStatus::Sent => counts.sent = n,
                 MessageStatus::Failed => counts.failed = n,
+                MessageStatus::Expired => counts.expired = n,
             }
             counts.total += n;
         }
@@ -151,6 +176,56 @@ impl From<crate::service::Stats> for StatsView {
             sent_per_minute,
             job: stats.job,
             generated_at: Utc::now(),
+        }
+    }
+}
+
+/// Which failed messages to re-queue.
+#[derive(Debug, Clone, Object)]
+#[oai(rename_all = "camelCase")]
+pub struct RequeueFilterBody {
+    /// Only `failed` messages can be re-queued.
+    pub status: MessageStatus,
+    /// Created at or after this time (RFC 3339).
+    pub created_from: Option<DateTime<Utc>>,
+    /// Created at or before this time (RFC 3339).
+    pub created_to: Option<DateTime<Utc>>,
+    /// Only messages to this number (E.164).
+    pub to: Option<String>,
+}
+
+/// A bulk re-queue.
+#[derive(Debug, Clone, Object)]
+#[oai(rename_all = "camelCase")]
+pub struct RequeueRequest {
+    /// Which messages.
+    pub filter: RequeueFilterBody,
+    /// Count only; change nothing (default false).
+    #[oai(default)]
+    pub dry_run: bool,
+}
+
+/// What a bulk re-queue did.
+#[derive(Debug, Clone, Object)]
+#[oai(rename_all = "camelCase")]
+pub struct RequeueResult {
+    /// Failed messages matching the filter when the call began.
+    pub matched: u64,
+    /// Re-queued by this call (0 on a dry run; at most 1,000 per call).
+    pub requeued: u64,
+    /// Still matching after this call: call again to re-queue them.
+    pub remaining: u64,
+    /// Whether this was a dry run.
+    pub dry_run: bool,
+}
+
+impl From<RequeueFilterBody> for crate::service::RequeueFilter {
+    fn from(f: RequeueFilterBody) -> Self {
+        Self {
+            status: f.status,
+            created_from: f.created_from,
+            created_to: f.created_to,
+            to: f.to,
         }
     }
 }

@@ -23,6 +23,8 @@ use herald_core::worker::{Outcome, OutcomeReport, OutcomeResult, OutcomeResults,
 
 /// Most messages in one batch create.
 pub const MAX_BATCH: usize = 1000;
+/// Most messages one bulk re-queue call changes (call again for the rest).
+pub const MAX_REQUEUE: usize = 1000;
 /// Most messages in one claim.
 pub const MAX_CLAIM: u32 = 500;
 /// Longest kept error detail, in bytes.
@@ -41,6 +43,8 @@ pub struct Rules {
     pub jitter_percent: u32,
     /// Cap on a provider's Retry-After, in seconds.
     pub max_retry_after: u64,
+    /// Furthest `sendAt`, from now.
+    pub max_schedule: Duration,
 }
 
 impl Rules {
@@ -52,6 +56,15 @@ impl Rules {
             retry_schedule: settings.delivery.retry_schedule_seconds.clone(),
             jitter_percent: settings.delivery.jitter_percent,
             max_retry_after: settings.webhook.max_retry_after_seconds,
+            max_schedule: Duration::from_secs(settings.message.max_schedule_days * 86_400),
+        }
+    }
+
+    /// The limits a new message is checked against.
+    pub fn limits(&self) -> domain::Limits {
+        domain::Limits {
+            max_chars: self.max_chars,
+            max_schedule: self.max_schedule,
         }
     }
 
@@ -68,13 +81,18 @@ impl Rules {
         } else {
             None
         };
-        let (status, next_attempt_at) = match delay {
+        let (mut status, mut next_attempt_at) = match delay {
             Some(delay) => (MessageStatus::Pending, after(stamp, delay)),
             None => (MessageStatus::Failed, stamp),
         };
         let mut detail = truncate(report.detail, MAX_ERROR_DETAIL);
         if report.retryable && delay.is_none() {
             detail = format!("retries exhausted after {} attempts: {detail}", current.attempts);
+        }
+        if status == MessageStatus::Pending && current.expires_at.is_some_and(|end| next_attempt_at >= end) {
+            // The retry would come too late: the message expires now instead.
+            status = MessageStatus::Expired;
+            next_attempt_at = stamp;
         }
         let error = LastError {
             kind: report.kind,
@@ -119,6 +137,30 @@ pub struct FailureReport {
     pub retry_after_seconds: Option<u64>,
 }
 
+/// Which failed messages a bulk re-queue takes.
+#[derive(Debug, Clone)]
+pub struct RequeueFilter {
+    /// Must be `failed`.
+    pub status: MessageStatus,
+    /// Created at or after.
+    pub created_from: Option<chrono::DateTime<Utc>>,
+    /// Created at or before.
+    pub created_to: Option<chrono::DateTime<Utc>>,
+    /// To this number.
+    pub to: Option<String>,
+}
+
+/// What a bulk re-queue did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BulkRequeue {
+    /// Failed messages matching the filter when the call began.
+    pub matched: u64,
+    /// Re-queued by this call.
+    pub requeued: u64,
+    /// Still matching after it: call again.
+    pub remaining: u64,
+}
+
 /// The outcome of a commit.
 #[derive(Debug)]
 pub struct Committed {
@@ -156,7 +198,7 @@ impl MessengerService {
     /// The service over `store`, caching commits in `cache`.
     pub fn new(store: MessageStore, cache: SentCache, rules: Rules, metrics: MessengerMetrics) -> Self {
         Self {
-            claimer: Claimer::new(store.clone()),
+            claimer: Claimer::new(store.clone(), metrics.expired.with_label_values(&["claim"])),
             store,
             cache,
             rules,
@@ -168,11 +210,10 @@ impl MessengerService {
     /// first message (`false`), another body is a conflict.
     pub async fn create(
         &self,
-        to: &str,
-        content: &str,
+        draft: domain::Draft<'_>,
         idempotency_key: Option<String>,
     ) -> Result<(MessageDoc, bool), ServiceError> {
-        let valid = domain::validate(to, content, self.rules.max_chars)?;
+        let valid = domain::validate(draft, self.rules.limits(), Utc::now())?;
         if let Some(key) = &idempotency_key {
             if key.is_empty() || key.len() > 255 || !key.bytes().all(|b| b.is_ascii_graphic()) {
                 return Err(ServiceError::invalid(
@@ -202,7 +243,7 @@ impl MessengerService {
     }
 
     /// Creates all of `items` or none; a bad item is named by index.
-    pub async fn create_batch(&self, items: &[(String, String)]) -> Result<Vec<MessageDoc>, ServiceError> {
+    pub async fn create_batch(&self, items: &[domain::Draft<'_>]) -> Result<Vec<MessageDoc>, ServiceError> {
         if items.is_empty() || items.len() > MAX_BATCH {
             return Err(ServiceError::invalid(
                 ErrorCode::BatchSize,
@@ -210,10 +251,11 @@ impl MessengerService {
             ));
         }
         let stamp = now();
+        let limits = self.rules.limits();
         let mut problems = Vec::new();
         let mut docs = Vec::with_capacity(items.len());
-        for (index, (to, content)) in items.iter().enumerate() {
-            match domain::validate(to, content, self.rules.max_chars) {
+        for (index, draft) in items.iter().enumerate() {
+            match domain::validate(*draft, limits, stamp.to_chrono()) {
                 Ok(valid) => docs.push(MessageDoc::new_pending(valid, None, stamp)),
                 Err(error) => problems.push(format!("messages[{index}]: {error}")),
             }
@@ -245,7 +287,7 @@ impl MessengerService {
             Some(text) => Some(MessageStatus::parse(text).ok_or_else(|| {
                 ServiceError::invalid(
                     ErrorCode::InvalidStatusFilter,
-                    "status must be pending, processing, sent or failed",
+                    "status must be pending, processing, sent, failed or expired",
                 )
             })?),
         };
@@ -267,10 +309,70 @@ impl MessengerService {
     pub async fn retry(&self, id: &str) -> Result<MessageDoc, ServiceError> {
         let id = domain::parse_id(id)?;
         match self.store.requeue_failed(id, now()).await? {
-            TransitionOutcome::Done(doc) => Ok(doc),
+            TransitionOutcome::Done(doc) => {
+                self.metrics.requeued.with_label_values(&["one"]).inc();
+                tracing::info!(target: "herald::audit", action = "requeue", message_id = %id, "operator re-queue");
+                Ok(doc)
+            }
             TransitionOutcome::Conflict(doc) => Err(ServiceError::NotFailed(doc.status.as_str())),
             TransitionOutcome::NotFound => Err(ServiceError::NotFound),
         }
+    }
+
+    /// Operator bulk re-queue of failed messages matching `filter`: counts them, and unless
+    /// `dry_run` re-queues up to [`MAX_REQUEUE`] of them (oldest first). Idempotent: a message
+    /// re-queued is no longer failed, so a second call does not touch it again.
+    pub async fn requeue_many(&self, filter: &RequeueFilter, dry_run: bool) -> Result<BulkRequeue, ServiceError> {
+        let bad = |msg: String| ServiceError::invalid(ErrorCode::InvalidRequeueFilter, msg);
+        if filter.status != MessageStatus::Failed {
+            return Err(bad(format!(
+                "only failed messages can be re-queued; the filter asks for {}",
+                filter.status.as_str()
+            )));
+        }
+        if let (Some(from), Some(to)) = (filter.created_from, filter.created_to) {
+            if from > to {
+                return Err(bad("createdFrom must not be after createdTo".into()));
+            }
+        }
+        let mut query = bson::Document::new();
+        let mut created = bson::Document::new();
+        if let Some(from) = filter.created_from {
+            created.insert("$gte", DateTime::from_chrono(from));
+        }
+        if let Some(to) = filter.created_to {
+            created.insert("$lte", DateTime::from_chrono(to));
+        }
+        if !created.is_empty() {
+            query.insert("created_at", created);
+        }
+        if let Some(to) = &filter.to {
+            let to = domain::validate_phone(to).map_err(|e| bad(e.to_string()))?;
+            query.insert("to", to);
+        }
+        let matched = self.store.count_failed(query.clone()).await?;
+        let requeued = if dry_run || matched == 0 {
+            0
+        } else {
+            self.store.requeue_failed_matching(query, MAX_REQUEUE, now()).await?
+        };
+        self.metrics.requeued.with_label_values(&["bulk"]).inc_by(requeued);
+        tracing::info!(
+            target: "herald::audit",
+            action = "bulk_requeue",
+            dry_run,
+            created_from = ?filter.created_from,
+            created_to = ?filter.created_to,
+            to = filter.to.as_deref().map(telemetry::mask_phone).unwrap_or_default(),
+            matched,
+            requeued,
+            "operator bulk re-queue"
+        );
+        Ok(BulkRequeue {
+            matched,
+            requeued,
+            remaining: matched.saturating_sub(requeued),
+        })
     }
 
     /// Claims up to `limit` due messages for `worker`.
@@ -360,7 +462,7 @@ impl MessengerService {
         if current.status != MessageStatus::Processing {
             // The same claim reported twice: answer with what the first report did.
             return match current.status {
-                MessageStatus::Pending | MessageStatus::Failed => Ok(current),
+                MessageStatus::Pending | MessageStatus::Failed | MessageStatus::Expired => Ok(current),
                 _ => Err(ServiceError::ClaimLost),
             };
         }
@@ -381,10 +483,13 @@ impl MessengerService {
     }
 
     fn count_failure(&self, status: MessageStatus) {
-        let label = if status == MessageStatus::Failed {
-            "failed"
-        } else {
-            "retry_scheduled"
+        let label = match status {
+            MessageStatus::Failed => "failed",
+            MessageStatus::Expired => {
+                self.metrics.expired.with_label_values(&["retry"]).inc();
+                "expired"
+            }
+            _ => "retry_scheduled",
         };
         self.metrics.failures.with_label_values(&[label]).inc();
     }
@@ -462,6 +567,12 @@ impl MessengerService {
                     OutcomeResult::Released,
                     None,
                 ),
+                Outcome::Expired(o) => (
+                    ClaimWrite::expire(id, &o.claim_token, stamp),
+                    MessageStatus::Expired,
+                    OutcomeResult::Expired,
+                    None,
+                ),
                 Outcome::Failed(o) => {
                     let held = before.get(&id).filter(|d| {
                         d.status == MessageStatus::Processing && d.claim_token.as_deref() == Some(&o.claim_token)
@@ -484,10 +595,10 @@ impl MessengerService {
                         retry_after_seconds: o.retry_after_seconds,
                     };
                     let (status, next, error) = self.rules.after_failure(doc, failure, stamp);
-                    let result = if status == MessageStatus::Failed {
-                        OutcomeResult::Failed
-                    } else {
-                        OutcomeResult::RetryScheduled
+                    let result = match status {
+                        MessageStatus::Failed => OutcomeResult::Failed,
+                        MessageStatus::Expired => OutcomeResult::Expired,
+                        _ => OutcomeResult::RetryScheduled,
                     };
                     (
                         ClaimWrite::failure(id, &o.claim_token, status, next, &error, stamp)?,
@@ -532,9 +643,10 @@ impl MessengerService {
                 (true, Some((status, result, commit)), _) => {
                     report.status = Some(status);
                     report.result = result;
-                    match result {
-                        OutcomeResult::Committed => self.metrics.commits.with_label_values(&["committed"]).inc(),
-                        _ if commit.is_none() && result != OutcomeResult::Released => self.count_failure(status),
+                    match (&plan.outcome, result) {
+                        (_, OutcomeResult::Committed) => self.metrics.commits.with_label_values(&["committed"]).inc(),
+                        (Outcome::Failed(_), _) => self.count_failure(status),
+                        (Outcome::Expired(_), _) => self.metrics.expired.with_label_values(&["worker"]).inc(),
                         _ => {}
                     }
                     if let Some(entry) = commit {
@@ -612,13 +724,19 @@ fn replayed(outcome: &Outcome, status: MessageStatus) -> OutcomeResult {
         (Outcome::Sent(_), MessageStatus::Sent) => OutcomeResult::AlreadyCommitted,
         (Outcome::Failed(_), MessageStatus::Pending) => OutcomeResult::RetryScheduled,
         (Outcome::Failed(_), MessageStatus::Failed) => OutcomeResult::Failed,
+        (Outcome::Failed(_), MessageStatus::Expired) => OutcomeResult::Expired,
         (Outcome::Released(_), MessageStatus::Pending) => OutcomeResult::Released,
+        (Outcome::Expired(_), MessageStatus::Expired) => OutcomeResult::Expired,
         _ => OutcomeResult::ClaimLost,
     }
 }
 
 fn same_body(existing: MessageDoc, valid: &domain::ValidMessage) -> Result<MessageDoc, ServiceError> {
-    if existing.to == valid.to && existing.content == valid.content {
+    let schedule = domain::Schedule {
+        send_at: existing.send_at,
+        expires_at: existing.expires_at,
+    };
+    if existing.to == valid.to && existing.content == valid.content && schedule == valid.schedule {
         Ok(existing)
     } else {
         Err(ServiceError::IdempotencyConflict)
@@ -636,6 +754,7 @@ mod tests {
             retry_schedule: vec![5, 300, 1800],
             jitter_percent: jitter,
             max_retry_after: 3600,
+            max_schedule: Duration::from_secs(30 * 86_400),
         }
     }
 

@@ -9,5 +9,8 @@ mod messenger;
 mod monitor;
 
 pub use job::JobRemote;
-pub use messenger::{Committed, FailureReport, MessengerService, Rules, MAX_BATCH, MAX_CLAIM, MAX_ERROR_DETAIL};
+pub use messenger::{
+    BulkRequeue, Committed, FailureReport, MessengerService, RequeueFilter, Rules, MAX_BATCH, MAX_CLAIM,
+    MAX_ERROR_DETAIL, MAX_REQUEUE,
+};
 pub use monitor::{Monitor, Stats};

@@ -8,4 +8,5 @@ mod helpers;
 mod live;
 mod messages;
 mod resilience;
+mod schedule;
 mod worker;

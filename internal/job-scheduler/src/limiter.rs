@@ -1,0 +1,340 @@
+//! The send rate shared by every replica: a GCRA (generic cell rate algorithm) kept in Redis.
+//!
+//! Redis holds one number, the theoretical arrival time (TAT) of the next send. One atomic
+//! script reads Redis's own clock, reserves the next slot when it is at most a short wait away
+//! (advancing the TAT by one emission interval) and answers how long to wait for it, so every
+//! replica paces itself against the same schedule with one round trip per send. A burst of
+//! `burst` sends may go at once; after that one every `1 / rate` seconds. In any window of one
+//! second at most `rate + burst` sends start.
+//!
+//! The same script records which replicas use the limiter (a sorted set of worker ids, the last
+//! ten seconds). **With Redis unreachable the limiter errs on the side of sending less:** each
+//! replica falls back to an in-process GCRA of `rate / n` with `burst / n` (at least one),
+//! where `n` is the number of replicas it last saw, or `webhook.rate_limit_fallback_replicas`
+//! when it never saw any; the in-process limiter starts with no burst in hand. It tries Redis
+//! again a second later.
+//!
+//! Waiting is not an attempt: a send that would have to wait past `deadline` (its claim could
+//! lapse) is refused, and the caller gives the message back unsent.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use redis::aio::ConnectionManager;
+use tokio::time::Instant;
+
+/// Longest wait a reservation may carry: further slots are left to later calls, so a
+/// replica never books the schedule far ahead of what it will send.
+const MAX_RESERVE: Duration = Duration::from_secs(1);
+/// How long the limiter stays on its in-process fallback before it tries Redis again.
+const FALLBACK_RETRY: Duration = Duration::from_secs(1);
+/// How long a replica counts as using the limiter after its last call.
+const REPLICA_WINDOW_MICROS: i64 = 10_000_000;
+
+/// GCRA reservation. KEYS: TAT, replicas. ARGV: interval µs, tolerance µs, longest wait to
+/// reserve µs, worker id, replica window µs. Answers {reserved 0/1, wait µs, replicas}.
+const SCRIPT: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local interval = tonumber(ARGV[1])
+local tolerance = tonumber(ARGV[2])
+local max_wait = tonumber(ARGV[3])
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tat < now then tat = now end
+local wait = tat - tolerance - now
+if wait < 0 then wait = 0 end
+redis.call('ZADD', KEYS[2], now, ARGV[4])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - tonumber(ARGV[5]))
+redis.call('PEXPIRE', KEYS[2], 60000)
+local replicas = redis.call('ZCARD', KEYS[2])
+if wait > max_wait then
+  return {0, math.floor(wait), replicas}
+end
+local next_tat = tat + interval
+redis.call('SET', KEYS[1], string.format('%.0f', next_tat), 'PX', math.floor((next_tat - now) / 1000) + 1000)
+return {1, math.floor(wait), replicas}
+";
+
+/// The limit, as configured.
+#[derive(Debug, Clone, Copy)]
+pub struct RateLimit {
+    /// Sends per second across all replicas (0 = off).
+    pub per_second: f64,
+    /// Sends allowed at once.
+    pub burst: u32,
+    /// Replicas assumed, without Redis, when none were ever seen.
+    pub fallback_replicas: u32,
+}
+
+/// A send would have to wait past its deadline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the rate limit leaves no slot before the deadline")]
+pub struct TooLate;
+
+/// The shared limiter of one replica (a no-op when the limit is off).
+pub struct RateLimiter {
+    inner: Option<Inner>,
+}
+
+struct Inner {
+    redis: ConnectionManager,
+    script: redis::Script,
+    tat_key: String,
+    replicas_key: String,
+    worker: String,
+    limit: RateLimit,
+    timeout: Duration,
+    /// Replicas seen using the limiter at the last call that reached Redis (0: never).
+    replicas_seen: AtomicU32,
+    fallback: Mutex<Fallback>,
+    metrics: LimiterMetrics,
+}
+
+/// The limiter's metrics.
+#[derive(Clone)]
+pub struct LimiterMetrics {
+    /// Seconds sends waited for the limit.
+    pub waited: prometheus::Counter,
+    /// 1 while the limiter runs on its in-process fallback.
+    pub fallback: prometheus::IntGauge,
+    /// Sends refused because their slot lay past the claim's deadline.
+    pub too_late: prometheus::IntCounter,
+}
+
+#[derive(Default)]
+struct Fallback {
+    /// On the in-process limiter until then.
+    until: Option<Instant>,
+    /// The in-process TAT.
+    tat: Option<Instant>,
+    /// The latest slot this replica reserved in Redis: its fallback starts after it.
+    reserved_until: Option<Instant>,
+}
+
+/// A GCRA step on an in-process clock: the wait for the next slot, and the TAT after taking it.
+fn gcra(tat: Instant, now: Instant, interval: Duration, tolerance: Duration) -> (Duration, Instant) {
+    let tat = tat.max(now);
+    let wait = (tat.checked_sub(tolerance).unwrap_or(now)).saturating_duration_since(now);
+    (wait, tat + interval)
+}
+
+impl RateLimiter {
+    /// A limiter for `worker`, keyed under `prefix`; off when the rate is 0.
+    pub fn new(
+        limit: RateLimit,
+        redis: ConnectionManager,
+        prefix: &str,
+        worker: &str,
+        timeout: Duration,
+        metrics: LimiterMetrics,
+    ) -> Self {
+        if limit.per_second <= 0.0 {
+            return Self { inner: None };
+        }
+        Self {
+            inner: Some(Inner {
+                redis,
+                script: redis::Script::new(SCRIPT),
+                tat_key: format!("{prefix}ratelimit:webhook:tat"),
+                replicas_key: format!("{prefix}ratelimit:webhook:replicas"),
+                worker: worker.to_owned(),
+                limit,
+                timeout,
+                replicas_seen: AtomicU32::new(0),
+                fallback: Mutex::new(Fallback::default()),
+                metrics,
+            }),
+        }
+    }
+
+    /// Whether a limit is configured.
+    pub fn is_on(&self) -> bool {
+        self.inner.is_some()
+    }
+
+    /// How many messages one claim should take so that, at this replica's share of the rate,
+    /// two claims' worth are sent within `budget` (a claim is made while the previous one is
+    /// still being sent). `None` when there is no limit.
+    pub fn claim_cap(&self, budget: Duration) -> Option<u32> {
+        let inner = self.inner.as_ref()?;
+        let share = inner.limit.per_second / f64::from(inner.replicas());
+        Some(((share * budget.as_secs_f64() / 2.0).floor() as u32).max(1))
+    }
+
+    /// Waits for a slot for one send, or answers [`TooLate`] when none comes before `deadline`.
+    pub async fn acquire(&self, deadline: Instant) -> Result<(), TooLate> {
+        let Some(inner) = &self.inner else {
+            return Ok(());
+        };
+        let started = Instant::now();
+        let result = inner.acquire(deadline).await;
+        inner.metrics.waited.inc_by(started.elapsed().as_secs_f64());
+        if result.is_err() {
+            inner.metrics.too_late.inc();
+        }
+        result
+    }
+}
+
+impl Inner {
+    fn interval(&self) -> Duration {
+        Duration::from_secs_f64(1.0 / self.limit.per_second)
+    }
+
+    fn replicas(&self) -> u32 {
+        match self.replicas_seen.load(Ordering::Relaxed) {
+            0 => self.limit.fallback_replicas.max(1),
+            n => n,
+        }
+    }
+
+    fn on_fallback(&self, now: Instant) -> bool {
+        let fallback = self.fallback.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        fallback.until.is_some_and(|until| now < until)
+    }
+
+    async fn acquire(&self, deadline: Instant) -> Result<(), TooLate> {
+        loop {
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(TooLate);
+            }
+            if self.on_fallback(now) {
+                return self.acquire_locally(deadline).await;
+            }
+            let max_wait = (deadline - now).min(MAX_RESERVE);
+            match self.reserve(max_wait).await {
+                Ok((true, wait)) => {
+                    {
+                        let mut fallback = self.fallback.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                        fallback.reserved_until = fallback.reserved_until.max(Some(now + wait));
+                    }
+                    tokio::time::sleep(wait).await;
+                    return Ok(());
+                }
+                Ok((false, wait)) => {
+                    if now + wait > deadline {
+                        return Err(TooLate);
+                    }
+                    // Past what may be booked now: come back when the slot is within reach.
+                    tokio::time::sleep(wait.saturating_sub(MAX_RESERVE).max(Duration::from_millis(5))).await;
+                }
+                Err(error) => {
+                    tracing::warn!(
+                        error = %telemetry::Chain(&error),
+                        replicas = self.replicas(),
+                        "rate limiter cannot reach Redis; each replica sends its share in-process"
+                    );
+                    self.enter_fallback(now);
+                }
+            }
+        }
+    }
+
+    fn enter_fallback(&self, now: Instant) {
+        let mut fallback = self.fallback.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if fallback.tat.is_none() {
+            // Start after the slots this replica still holds in Redis, with no burst in hand:
+            // the shared limiter may just have spent it.
+            let (interval, tolerance) = self.local_limits();
+            let base = fallback.reserved_until.map_or(now, |at| at.max(now));
+            fallback.tat = Some(base + interval + tolerance);
+        }
+        fallback.until = Some(now + FALLBACK_RETRY);
+        self.metrics.fallback.set(1);
+    }
+
+    /// This replica's share: `rate / n` with `burst / n` (at least one).
+    fn local_limits(&self) -> (Duration, Duration) {
+        let n = self.replicas();
+        let interval = self.interval() * n;
+        let burst = (self.limit.burst / n).max(1);
+        (interval, interval * (burst - 1))
+    }
+
+    async fn acquire_locally(&self, deadline: Instant) -> Result<(), TooLate> {
+        let now = Instant::now();
+        let wait = {
+            let mut fallback = self.fallback.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let (interval, tolerance) = self.local_limits();
+            let (wait, next) = gcra(fallback.tat.unwrap_or(now), now, interval, tolerance);
+            if now + wait > deadline {
+                return Err(TooLate);
+            }
+            fallback.tat = Some(next);
+            wait
+        };
+        tokio::time::sleep(wait).await;
+        Ok(())
+    }
+
+    /// One script call: (reserved, wait).
+    async fn reserve(&self, max_wait: Duration) -> Result<(bool, Duration), ReserveError> {
+        let interval = self.interval();
+        let tolerance = interval * (self.limit.burst.max(1) - 1);
+        let mut invocation = self.script.key(&self.tat_key);
+        invocation
+            .key(&self.replicas_key)
+            .arg(interval.as_micros() as u64)
+            .arg(tolerance.as_micros() as u64)
+            .arg(max_wait.as_micros() as u64)
+            .arg(&self.worker)
+            .arg(REPLICA_WINDOW_MICROS);
+        let mut connection = self.redis.clone();
+        let answer: (i64, i64, u32) = tokio::time::timeout(self.timeout, invocation.invoke_async(&mut connection))
+            .await
+            .map_err(|_| ReserveError::Timeout(self.timeout))??;
+        self.replicas_seen.store(answer.2.max(1), Ordering::Relaxed);
+        let was_fallback = {
+            let mut fallback = self.fallback.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let was = fallback.tat.take().is_some();
+            fallback.until = None;
+            was
+        };
+        if was_fallback {
+            self.metrics.fallback.set(0);
+            tracing::info!("rate limiter reaches Redis again");
+        }
+        Ok((answer.0 == 1, Duration::from_micros(answer.1.max(0) as u64)))
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ReserveError {
+    #[error("Redis call failed")]
+    Redis(#[from] redis::RedisError),
+    #[error("Redis did not answer within {0:?}")]
+    Timeout(Duration),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gcra_lets_a_burst_through_then_paces() {
+        let start = Instant::now();
+        let interval = Duration::from_millis(50);
+        let tolerance = interval * 4; // burst 5
+        let mut tat = start;
+        let mut waits = Vec::new();
+        for _ in 0..8 {
+            let (wait, next) = gcra(tat, start, interval, tolerance);
+            waits.push(wait.as_millis());
+            tat = next;
+        }
+        assert_eq!(waits, [0, 0, 0, 0, 0, 50, 100, 150]);
+    }
+
+    #[test]
+    fn after_a_quiet_spell_the_burst_is_back_but_no_more() {
+        let start = Instant::now();
+        let interval = Duration::from_millis(50);
+        let (_, tat) = gcra(start, start, interval, interval * 4);
+        let later = start + Duration::from_secs(10);
+        let (wait, next) = gcra(tat, later, interval, interval * 4);
+        assert_eq!(wait, Duration::ZERO);
+        assert_eq!(next, later + interval);
+    }
+}

@@ -1,0 +1,479 @@
+//! The provider pause, shared by every replica through MongoDB (`provider_state`).
+//!
+//! **When it pauses.** A 429 or 503 that carries `Retry-After` pauses all sending until then
+//! (capped by `webhook.max_retry_after_seconds`). Retryable failures without one (5xx,
+//! timeouts, refused connections) are counted across replicas; `webhook.pause_after_failures`
+//! of them in a row pause for `webhook.pause_seconds`, doubled for each pause in a row (same
+//! cap). Any answer that is not retryable (accepted, or a permanent 4xx) ends the streak.
+//!
+//! **How it resumes.** When the pause is over, one replica takes the probe (a conditional
+//! write, so only one does) and sends one message. Accepted (or any non-retryable answer): the
+//! provider is open again for everyone. Retryable: paused again, longer. The probe lease is a
+//! send's timeout and a little more, so a replica killed mid-probe does not keep it.
+//!
+//! **What a replica sees.** Each replica keeps the state in memory and reads it again at most
+//! every [`REFRESH`] while it sends, so a pause set by one replica stops the others within
+//! that time; its own pauses apply at once. Writes that fail (database away) are logged and the
+//! pause still holds on this replica.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use bson::{doc, DateTime};
+use chrono::Utc;
+use herald_core::jobs::{ProviderStateDoc, ProviderStatus, PROVIDER_ID, PROVIDER_STATE_COLLECTION};
+use herald_core::mongo::{after, StoreError};
+use mongodb::options::{FindOneAndUpdateOptions, ReturnDocument};
+use mongodb::{Collection, Database};
+use telemetry::Chain;
+use tokio::time::Instant;
+
+/// Longest a replica's view of the shared state may be old while it sends.
+pub const REFRESH: Duration = Duration::from_millis(100);
+/// How often a sender waiting for another replica's probe looks again.
+const PROBE_POLL: Duration = Duration::from_millis(100);
+
+/// The pause rules, from the settings.
+#[derive(Debug, Clone, Copy)]
+pub struct PauseRules {
+    /// Retryable failures in a row that pause (0 = never).
+    pub after_failures: u32,
+    /// First streak pause.
+    pub pause: Duration,
+    /// Longest pause (and longest honoured Retry-After).
+    pub max: Duration,
+    /// How long a probe is held: a send's timeout and a margin.
+    pub probe_hold: Duration,
+}
+
+impl PauseRules {
+    /// The pause after `in_a_row` earlier pauses: `pause × 2^in_a_row`, capped.
+    pub fn streak_pause(&self, in_a_row: i32) -> Duration {
+        let factor = 2u32.saturating_pow(in_a_row.clamp(0, 30) as u32);
+        self.pause.saturating_mul(factor).min(self.max)
+    }
+}
+
+/// The `provider_state` collection.
+#[derive(Clone)]
+pub struct ProviderStore {
+    state: Collection<ProviderStateDoc>,
+}
+
+impl ProviderStore {
+    /// The store over `db.provider_state`.
+    pub fn new(db: &Database) -> Self {
+        Self {
+            state: db.collection(PROVIDER_STATE_COLLECTION),
+        }
+    }
+
+    /// The state (default: open).
+    pub async fn read(&self) -> Result<ProviderStateDoc, StoreError> {
+        Ok(self
+            .state
+            .find_one(doc! {"_id": PROVIDER_ID})
+            .await?
+            .unwrap_or_else(|| ProviderStateDoc {
+                id: PROVIDER_ID.into(),
+                ..Default::default()
+            }))
+    }
+
+    fn upsert_after() -> FindOneAndUpdateOptions {
+        FindOneAndUpdateOptions::builder()
+            .upsert(true)
+            .return_document(ReturnDocument::After)
+            .build()
+    }
+
+    /// Pauses until `until`, or keeps a later pause already set. Returns the state after.
+    pub async fn pause(&self, until: DateTime, reason: &str, now: DateTime) -> Result<ProviderStateDoc, StoreError> {
+        let current = self.read().await?;
+        let until = match current.paused_until {
+            Some(set) if set > until => set,
+            _ => until,
+        };
+        let updated = self
+            .state
+            .find_one_and_update(
+                doc! {"_id": PROVIDER_ID},
+                doc! {
+                    "$set": {"paused_until": until, "paused_at": now, "reason": reason, "failure_streak": 0},
+                    "$unset": {"probe_by": "", "probe_until": ""},
+                    "$inc": {"pauses_in_a_row": 1},
+                },
+            )
+            .with_options(Self::upsert_after())
+            .await?;
+        Ok(updated.unwrap_or(current))
+    }
+
+    /// Takes the probe when the pause is over and nobody holds it. True when this call took it.
+    pub async fn take_probe(&self, worker: &str, now: DateTime, hold: Duration) -> Result<bool, StoreError> {
+        let taken = self
+            .state
+            .find_one_and_update(
+                doc! {
+                    "_id": PROVIDER_ID,
+                    "paused_until": {"$lte": now},
+                    "$or": [{"probe_until": {"$exists": false}}, {"probe_until": {"$lte": now}}],
+                },
+                doc! {"$set": {"probe_by": worker, "probe_until": after(now, hold)}},
+            )
+            .await?;
+        Ok(taken.is_some())
+    }
+
+    /// Opens the provider again (a probe went through).
+    pub async fn resume(&self) -> Result<(), StoreError> {
+        self.state
+            .update_one(
+                doc! {"_id": PROVIDER_ID},
+                doc! {
+                    "$set": {"paused_until": null, "reason": null, "pauses_in_a_row": 0, "failure_streak": 0},
+                    "$unset": {"probe_by": "", "probe_until": ""},
+                },
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Counts one more retryable failure in a row; answers the state after it (the streak,
+    /// and any pause another replica set meanwhile).
+    pub async fn count_failure(&self) -> Result<ProviderStateDoc, StoreError> {
+        let updated = self
+            .state
+            .find_one_and_update(doc! {"_id": PROVIDER_ID}, doc! {"$inc": {"failure_streak": 1}})
+            .with_options(Self::upsert_after())
+            .await?;
+        Ok(updated.unwrap_or_else(|| ProviderStateDoc {
+            id: PROVIDER_ID.into(),
+            failure_streak: 1,
+            ..Default::default()
+        }))
+    }
+
+    /// Gives a probe back unsent, so another sender may take it at once.
+    pub async fn drop_probe(&self, worker: &str) -> Result<(), StoreError> {
+        self.state
+            .update_one(
+                doc! {"_id": PROVIDER_ID, "probe_by": worker},
+                doc! {"$unset": {"probe_by": "", "probe_until": ""}},
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Ends a failure streak.
+    pub async fn end_streak(&self) -> Result<(), StoreError> {
+        self.state
+            .update_one(
+                doc! {"_id": PROVIDER_ID, "failure_streak": {"$gt": 0}},
+                doc! {"$set": {"failure_streak": 0}},
+            )
+            .await?;
+        Ok(())
+    }
+}
+
+/// What a sender may do now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// Send.
+    Send,
+    /// Send: this is the probe that decides whether the provider is open again.
+    Probe,
+    /// Wait (at most this long) and ask again.
+    Wait(Duration),
+}
+
+/// What the provider made of a send, as far as the pause is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Answer {
+    /// Accepted, or refused for good: the provider is there.
+    Answered,
+    /// Retryable, with the provider's `Retry-After` when it gave one.
+    Retryable(Option<Duration>),
+}
+
+/// Why the provider paused (the `reason` label of `herald_provider_pauses_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PauseCause {
+    RetryAfter,
+    Failures,
+    ProbeFailed,
+}
+
+impl PauseCause {
+    fn label(self) -> &'static str {
+        match self {
+            Self::RetryAfter => "retry_after",
+            Self::Failures => "failures",
+            Self::ProbeFailed => "probe_failed",
+        }
+    }
+}
+
+/// The pause's metrics.
+#[derive(Clone)]
+pub struct PauseMetrics {
+    /// 1 while this replica sees the provider paused.
+    pub paused: prometheus::IntGauge,
+    /// Pauses this replica set, by reason.
+    pub pauses: prometheus::IntCounterVec,
+    /// Probes this replica sent, by result: open, paused.
+    pub probes: prometheus::IntCounterVec,
+}
+
+#[derive(Debug, Default)]
+struct Known {
+    paused_until: Option<chrono::DateTime<Utc>>,
+    pauses_in_a_row: i32,
+    failure_streak: i32,
+    read_at: Option<Instant>,
+    /// This replica holds the probe.
+    probing: bool,
+}
+
+/// One replica's view of the shared pause, and the rules that change it.
+pub struct ProviderGate {
+    store: ProviderStore,
+    worker: String,
+    rules: PauseRules,
+    known: Mutex<Known>,
+    refreshing: tokio::sync::Mutex<()>,
+    metrics: PauseMetrics,
+}
+
+impl ProviderGate {
+    /// The gate of replica `worker`.
+    pub fn new(store: ProviderStore, worker: &str, rules: PauseRules, metrics: PauseMetrics) -> Self {
+        Self {
+            store,
+            worker: worker.to_owned(),
+            rules,
+            known: Mutex::new(Known::default()),
+            refreshing: tokio::sync::Mutex::new(()),
+            metrics,
+        }
+    }
+
+    fn known(&self) -> std::sync::MutexGuard<'_, Known> {
+        self.known.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Reads the shared state when this replica's view is older than `max_age`.
+    async fn refresh(&self, max_age: Duration) {
+        if self.known().read_at.is_some_and(|at| at.elapsed() < max_age) {
+            return;
+        }
+        let Ok(_one) = self.refreshing.try_lock() else {
+            return; // another sender of this replica is reading it
+        };
+        match self.store.read().await {
+            Ok(doc) => self.adopt(&doc),
+            Err(error) => {
+                tracing::warn!(error = %Chain(&error), "could not read the provider state; keeping the last one seen");
+                self.known().read_at = Some(Instant::now());
+            }
+        }
+    }
+
+    /// Takes the shared state as read.
+    fn adopt(&self, doc: &ProviderStateDoc) {
+        let mut known = self.known();
+        known.paused_until = doc.paused_until.map(|d| d.to_chrono());
+        known.pauses_in_a_row = doc.pauses_in_a_row;
+        known.failure_streak = doc.failure_streak;
+        known.read_at = Some(Instant::now());
+        if known.paused_until.is_none() {
+            known.probing = false;
+        }
+        self.metrics.paused.set(i64::from(known.paused_until.is_some()));
+    }
+
+    /// When sending is paused until, as this replica sees it (read fresh). `None` when it may
+    /// send or probe.
+    pub async fn paused_until(&self) -> Option<chrono::DateTime<Utc>> {
+        self.refresh(Duration::ZERO).await;
+        self.known().paused_until.filter(|until| *until > Utc::now())
+    }
+
+    /// Whether the provider is paused as last seen (no read).
+    pub fn is_paused(&self) -> bool {
+        self.known().paused_until.is_some_and(|until| until > Utc::now())
+    }
+
+    /// The shared state, read now.
+    pub async fn status(&self) -> Result<ProviderStatus, StoreError> {
+        Ok(self.store.read().await?.status(Utc::now()))
+    }
+
+    /// May this replica send now?
+    pub async fn admit(&self) -> Admission {
+        self.refresh(REFRESH).await;
+        let now = Utc::now();
+        {
+            let known = self.known();
+            match known.paused_until {
+                None => return Admission::Send,
+                Some(until) if until > now => {
+                    return Admission::Wait((until - now).to_std().unwrap_or(PROBE_POLL));
+                }
+                Some(_) if known.probing => return Admission::Wait(PROBE_POLL),
+                Some(_) => {}
+            }
+        }
+        match self
+            .store
+            .take_probe(&self.worker, DateTime::from_chrono(now), self.rules.probe_hold)
+            .await
+        {
+            Ok(true) => {
+                let mut known = self.known();
+                if known.probing {
+                    return Admission::Wait(PROBE_POLL);
+                }
+                known.probing = true;
+                tracing::info!(worker = %self.worker, "provider pause is over: sending one probe");
+                Admission::Probe
+            }
+            Ok(false) => {
+                self.known().read_at = None; // someone else probes, or it resumed: look again
+                Admission::Wait(PROBE_POLL)
+            }
+            Err(error) => {
+                tracing::warn!(error = %Chain(&error), "could not take the provider probe");
+                Admission::Wait(PROBE_POLL)
+            }
+        }
+    }
+
+    /// The probe this replica took was not sent after all (its message could not wait).
+    pub async fn abandon_probe(&self) {
+        self.known().probing = false;
+        if let Err(error) = self.store.drop_probe(&self.worker).await {
+            tracing::warn!(error = %Chain(&error), "could not give the provider probe back; it lapses by itself");
+        }
+    }
+
+    /// Learns from one send's answer: ends a streak, counts one, pauses, or (after a probe)
+    /// opens the provider again.
+    pub async fn observe(&self, answer: Answer, probe: bool) {
+        match answer {
+            Answer::Answered if probe => {
+                if let Err(error) = self.store.resume().await {
+                    tracing::warn!(error = %Chain(&error), "could not record that the provider is open again");
+                }
+                let mut known = self.known();
+                known.paused_until = None;
+                known.pauses_in_a_row = 0;
+                known.failure_streak = 0;
+                known.probing = false;
+                self.metrics.paused.set(0);
+                self.metrics.probes.with_label_values(&["open"]).inc();
+                tracing::info!("provider answered the probe: sending resumes");
+            }
+            Answer::Answered => {
+                let streak = std::mem::take(&mut self.known().failure_streak);
+                if streak > 0 {
+                    if let Err(error) = self.store.end_streak().await {
+                        tracing::warn!(error = %Chain(&error), "could not reset the provider failure streak");
+                    }
+                }
+            }
+            Answer::Retryable(Some(wait)) => {
+                let wait = wait.min(self.rules.max);
+                self.pause(
+                    wait,
+                    PauseCause::RetryAfter,
+                    format!("provider asked to wait {}s (Retry-After)", wait.as_secs()),
+                )
+                .await;
+                if probe {
+                    self.metrics.probes.with_label_values(&["paused"]).inc();
+                }
+            }
+            Answer::Retryable(None) if probe => {
+                let wait = self.rules.streak_pause(self.known().pauses_in_a_row);
+                self.pause(wait, PauseCause::ProbeFailed, "the probe send failed".into())
+                    .await;
+                self.metrics.probes.with_label_values(&["paused"]).inc();
+            }
+            Answer::Retryable(None) => {
+                if self.rules.after_failures == 0 {
+                    return;
+                }
+                let streak = match self.store.count_failure().await {
+                    Ok(doc) => {
+                        self.adopt(&doc);
+                        if self.is_paused() {
+                            return; // another replica paused meanwhile
+                        }
+                        doc.failure_streak
+                    }
+                    Err(error) => {
+                        tracing::warn!(error = %Chain(&error), "could not count a provider failure; counting it here");
+                        self.known().failure_streak + 1
+                    }
+                };
+                self.known().failure_streak = streak;
+                if streak >= self.rules.after_failures as i32 {
+                    let wait = self.rules.streak_pause(self.known().pauses_in_a_row);
+                    self.pause(
+                        wait,
+                        PauseCause::Failures,
+                        format!("{streak} retryable failures in a row"),
+                    )
+                    .await;
+                }
+            }
+        }
+    }
+
+    async fn pause(&self, wait: Duration, cause: PauseCause, reason: String) {
+        let now = Utc::now();
+        let until = now + chrono::Duration::from_std(wait).unwrap_or(chrono::Duration::MAX);
+        let stored = self
+            .store
+            .pause(DateTime::from_chrono(until), &reason, DateTime::from_chrono(now))
+            .await;
+        let mut known = self.known();
+        match stored {
+            Ok(doc) => {
+                known.paused_until = doc.paused_until.map(|d| d.to_chrono()).or(Some(until));
+                known.pauses_in_a_row = doc.pauses_in_a_row;
+            }
+            Err(error) => {
+                tracing::warn!(error = %Chain(&error), "could not share the provider pause; pausing this replica only");
+                known.paused_until = known.paused_until.max(Some(until));
+                known.pauses_in_a_row += 1;
+            }
+        }
+        known.failure_streak = 0;
+        known.probing = false;
+        known.read_at = Some(Instant::now());
+        self.metrics.paused.set(1);
+        self.metrics.pauses.with_label_values(&[cause.label()]).inc();
+        tracing::warn!(until = %until.to_rfc3339(), %reason, "provider paused: no replica sends until then");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn streak_pauses_double_up_to_the_cap() {
+        let rules = PauseRules {
+            after_failures: 10,
+            pause: Duration::from_secs(5),
+            max: Duration::from_secs(60),
+            probe_hold: Duration::from_secs(12),
+        };
+        let pauses: Vec<u64> = (0..6).map(|n| rules.streak_pause(n).as_secs()).collect();
+        assert_eq!(pauses, [5, 10, 20, 40, 60, 60]);
+        assert_eq!(rules.streak_pause(1000).as_secs(), 60);
+    }
+}

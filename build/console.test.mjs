@@ -123,6 +123,35 @@ test("a failed message is re-queued from the console and then sent", async () =>
   await page.selectOption("#status-filter", "");
 });
 
+test("a provider pause shows live, and failed messages are re-queued in bulk", async () => {
+  await sinkBehaviour(1, 400);
+  const failing = [];
+  try {
+    for (const n of [1, 2]) {
+      const message = await createMessage("+905550000003", `Bulk ${n}`);
+      failing.push(message);
+      await feedItem("message.failed", message.id).waitFor({ timeout: 10000 });
+    }
+  } finally {
+    await sinkBehaviour(0, 500);
+  }
+  // The provider asks to wait: every replica pauses, and the console shows it as it happens.
+  await call(`${SINK}/webhook-sink/behaviour`, "PUT", { failRate: 0, status: 429, retryAfterSeconds: 3, failNext: 1 });
+  await createMessage("+905550000004", "Meets a 429");
+  await page.locator("#provider-state", { hasText: "Paused" }).waitFor({ timeout: 10000 });
+  await page.locator('#feed li[data-type="provider.paused"]').first().waitFor();
+  await page.screenshot({ path: `${SHOTS}/console-paused.png` });
+  await page.locator('#feed li[data-type="provider.resumed"]').first().waitFor({ timeout: 15000 });
+  await page.locator("#provider-state", { hasText: "Open" }).waitFor({ timeout: 5000 });
+  // Bulk re-queue of the failed ones to that number: a dry run, a confirmation, the real call.
+  page.once("dialog", (dialog) => dialog.accept());
+  await page.fill("#search", "+905550000003");
+  await page.click("#requeue-failed");
+  await page.locator("#toast", { hasText: "Re-queued 2" }).waitFor({ timeout: 5000 });
+  for (const message of failing) await feedItem("message.sent", message.id).waitFor({ timeout: 10000 });
+  await page.fill("#search", "");
+});
+
 test("it reads well on a phone-width window too", async () => {
   const phone = await browser.newPage({ viewport: { width: 390, height: 844 } });
   await phone.goto(`${API}/messenger/console`);

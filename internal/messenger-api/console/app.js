@@ -74,9 +74,16 @@ function toast(text, bad = false) {
 class Unauthorized extends Error {}
 
 async function api(path, options = {}) {
+  const json = options.body !== undefined && typeof options.body !== "string";
   const response = await fetch(path, {
     ...options,
-    headers: { Authorization: `Bearer ${state.key}`, Accept: "application/json", ...(options.headers || {}) },
+    body: json ? JSON.stringify(options.body) : options.body,
+    headers: {
+      Authorization: `Bearer ${state.key}`,
+      Accept: "application/json",
+      ...(json ? { "Content-Type": "application/json" } : {}),
+      ...(options.headers || {}),
+    },
   });
   if (response.status === 401) throw new Unauthorized("The key is not accepted.");
   const body = await response.json().catch(() => null);
@@ -150,7 +157,7 @@ async function refreshStats() {
   } catch (error) {
     return handleError(error);
   }
-  for (const status of ["pending", "processing", "sent", "failed"]) {
+  for (const status of ["pending", "processing", "sent", "failed", "expired"]) {
     $(`count-${status}`).textContent = stats.counts[status].toLocaleString();
   }
   $("lag").textContent = ago(stats.oldestDueAgeSeconds);
@@ -196,6 +203,48 @@ function showJob(job) {
   $("job-last-run").textContent = dateTime(job.lastRunAt);
   $("job-start").disabled = job.working;
   $("job-stop").disabled = !job.working;
+  showProvider(job.provider);
+}
+
+function showProvider(provider) {
+  const badge = $("provider-state");
+  const detail = $("provider-detail");
+  if (!provider) {
+    badge.textContent = "–";
+    badge.className = "pill";
+    detail.textContent = "";
+    return;
+  }
+  const paused = provider.pausedUntil && new Date(provider.pausedUntil) > new Date();
+  const shown = provider.state === "open" ? "open" : paused ? "paused" : "probing";
+  badge.textContent = shown === "open" ? "Open" : shown === "paused" ? "Paused" : "Probing";
+  badge.className = `pill ${shown}`;
+  detail.textContent =
+    shown === "paused"
+      ? `until ${time(provider.pausedUntil)}${provider.reason ? ` · ${provider.reason}` : ""}`
+      : shown === "probing"
+        ? "one send decides"
+        : provider.failureStreak
+          ? `${provider.failureStreak} failure(s) in a row`
+          : "";
+}
+
+async function requeueFailed() {
+  const filter = { status: "failed" };
+  const phone = $("search").value.trim();
+  if (phone.startsWith("+")) filter.to = phone;
+  try {
+    const dry = await api("/api/messenger/messages/retry", { method: "POST", body: { filter, dryRun: true } });
+    if (!dry.matched) return toast("No failed messages to re-queue");
+    const scope = filter.to ? ` to ${filter.to}` : "";
+    if (!window.confirm(`Re-queue ${dry.matched.toLocaleString()} failed message(s)${scope}? Up to 1,000 go per click.`)) return;
+    const done = await api("/api/messenger/messages/retry", { method: "POST", body: { filter } });
+    toast(`Re-queued ${done.requeued.toLocaleString()}${done.remaining ? `; ${done.remaining.toLocaleString()} still failed: click again` : ""}`);
+    refreshStats();
+    loadMessages();
+  } catch (error) {
+    handleError(error);
+  }
 }
 
 async function toggle(command) {
@@ -307,6 +356,8 @@ async function openDetail(id) {
     ["Claimed by", m.claimedBy || "–"],
     ["Provider id", m.webhookMessageId || "–"],
     ["Sent at", dateTime(m.sentAt)],
+    ["Send at", m.sendAt ? dateTime(m.sendAt) : "–"],
+    ["Expires at", m.expiresAt ? dateTime(m.expiresAt) : "–"],
     ["Last error", m.lastError ? `${m.lastError.kind}${m.lastError.status ? ` ${m.lastError.status}` : ""}: ${m.lastError.detail}` : "–"],
     ["Created", dateTime(m.createdAt)],
     ["Updated", dateTime(m.updatedAt)],
@@ -402,14 +453,24 @@ function onFrame(event) {
   scheduleStats();
   if (event.message) updateRow(event.message);
   if (event.job) showJobEvent(event.job);
+  if (event.provider) showProvider({ ...event.provider, state: event.provider.pausedUntil ? "paused" : "open" });
 }
 
 function addToFeed(event) {
   const feed = $("feed");
   const m = event.message;
-  const what = m ? `${shortId(m.id)} ${m.to}` : event.job ? (event.job.changedBy ? `by ${event.job.changedBy}` : "") : "";
+  const p = event.provider;
+  const what = m
+    ? `${shortId(m.id)} ${m.to}`
+    : event.job
+      ? event.job.changedBy
+        ? `by ${event.job.changedBy}`
+        : ""
+      : p
+        ? p.reason || ""
+        : "";
   const kind = event.type.replace(/^message\./, "");
-  const status = m ? m.status : event.job ? (event.job.working ? "sent" : "failed") : "";
+  const status = m ? m.status : event.job ? (event.job.working ? "sent" : "failed") : p ? (p.pausedUntil ? "paused" : "open") : "";
   const item = el(
     "li",
     { class: "new", "data-type": event.type, "data-id": m ? m.id : "" },
@@ -453,6 +514,7 @@ $("signout").addEventListener("click", signOut);
 $("job-start").addEventListener("click", () => toggle("start"));
 $("job-stop").addEventListener("click", () => toggle("stop"));
 $("search-form").addEventListener("submit", search);
+$("requeue-failed").addEventListener("click", requeueFailed);
 $("status-filter").addEventListener("change", () => {
   state.cursors = [null];
   state.page = 0;

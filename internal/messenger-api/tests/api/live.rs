@@ -235,6 +235,63 @@ async fn job_state_changes_are_events_too() {
 }
 
 #[tokio::test]
+async fn provider_pauses_and_resumes_are_events_and_shown_in_the_stats() {
+    let app = spawn_app().await;
+    let mut feed = SseReader::open(&app, "", None).await;
+    let state = app.env.db().collection::<bson::Document>("provider_state");
+    let jobs = app.env.db().collection::<bson::Document>("job_state");
+    jobs.insert_one(
+        bson::doc! {"_id": "messenger", "working": true, "changed_at": bson::DateTime::now(), "changed_by": "test"},
+    )
+    .await
+    .unwrap();
+    // What the scheduler writes: a failure count (no event), a pause, a resume.
+    state
+        .insert_one(bson::doc! {"_id": "webhook", "failure_streak": 1})
+        .await
+        .unwrap();
+    let until = bson::DateTime::from_millis(bson::DateTime::now().timestamp_millis() + 60_000);
+    state
+        .update_one(
+            bson::doc! {"_id": "webhook"},
+            bson::doc! {"$set": {"paused_until": until, "reason": "provider asked to wait 60s (Retry-After)", "failure_streak": 0}},
+        )
+        .await
+        .unwrap();
+    let stats = app.get_json("/api/messenger/stats").await;
+    assert_eq!(stats["job"]["provider"]["state"], "paused", "{stats}");
+    state
+        .update_one(
+            bson::doc! {"_id": "webhook"},
+            bson::doc! {"$set": {"paused_until": null, "reason": null}},
+        )
+        .await
+        .unwrap();
+    let mut kinds = Vec::new();
+    while let Some(event) = feed.next(Duration::from_secs(5)).await {
+        if event.event.starts_with("provider.") {
+            kinds.push(event.clone());
+        }
+        if event.event == "provider.resumed" {
+            break;
+        }
+    }
+    let names: Vec<&str> = kinds.iter().map(|e| e.event.as_str()).collect();
+    assert_eq!(names, ["provider.paused", "provider.resumed"]);
+    assert!(kinds[0].data["provider"]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("Retry-After"));
+    assert!(kinds[0].data["provider"]["pausedUntil"].is_string());
+    assert_eq!(kinds[1].data["provider"]["pausedUntil"], Value::Null);
+    assert_eq!(
+        app.get_json("/api/messenger/stats").await["job"]["provider"]["state"],
+        "open"
+    );
+    app.cleanup().await;
+}
+
+#[tokio::test]
 async fn neither_events_nor_console_data_are_given_without_a_key() {
     let app = spawn_app().await;
     for path in [

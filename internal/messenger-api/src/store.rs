@@ -110,20 +110,28 @@ impl ClaimWrite {
         })
     }
 
+    /// The write that ends a message `expired`.
+    fn expired(now: DateTime) -> Document {
+        doc! {
+            "$set": {
+                "status": MessageStatus::Expired.as_str(),
+                "next_attempt_at": now,
+                "updated_at": now,
+                "last_transition": Transition::Expired.as_str(),
+            },
+            "$unset": {"lease_until": ""},
+        }
+    }
+
     /// Expired before it could be sent: final, and the attempt not counted (it never went out).
     pub fn expire(id: ObjectId, token: &str, now: DateTime) -> Self {
         Self {
             id,
             filter: Self::claimed(id, token),
-            update: doc! {
-                "$set": {
-                    "status": MessageStatus::Expired.as_str(),
-                    "next_attempt_at": now,
-                    "updated_at": now,
-                    "last_transition": Transition::Expired.as_str(),
-                },
-                "$unset": {"lease_until": ""},
-                "$inc": {"attempts": -1},
+            update: {
+                let mut update = Self::expired(now);
+                update.insert("$inc", doc! {"attempts": -1});
+                update
             },
         }
     }
@@ -363,21 +371,7 @@ impl MessageStore {
         let mut filter = due_filter(now);
         filter.insert("_id", doc! {"$in": ids});
         filter.insert("expires_at", doc! {"$lte": now});
-        let result = self
-            .messages
-            .update_many(
-                filter,
-                doc! {
-                    "$set": {
-                        "status": MessageStatus::Expired.as_str(),
-                        "next_attempt_at": now,
-                        "updated_at": now,
-                        "last_transition": Transition::Expired.as_str(),
-                    },
-                    "$unset": {"lease_until": ""},
-                },
-            )
-            .await?;
+        let result = self.messages.update_many(filter, ClaimWrite::expired(now)).await?;
         Ok(result.modified_count)
     }
 

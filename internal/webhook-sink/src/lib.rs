@@ -396,18 +396,23 @@ mod tests {
         assert!(started.elapsed() >= Duration::from_millis(150));
     }
 
+    fn post_message<'a>(
+        client: &'a reqwest::Client,
+        url: &'a str,
+    ) -> impl std::future::Future<Output = reqwest::Result<reqwest::Response>> + 'a {
+        client
+            .post(url)
+            .header("x-ins-auth-key", "k")
+            .json(&serde_json::json!({"to": "+905551111111", "content": "hi"}))
+            .send()
+    }
+
     #[tokio::test]
     async fn its_behaviour_changes_while_it_runs() {
         let (url, _) = sink(0.0, 0).await;
         let client = reqwest::Client::new();
         let behaviour = url.replace("/webhook", "/webhook-sink/behaviour");
-        let send = || {
-            client
-                .post(&url)
-                .header("x-ins-auth-key", "k")
-                .json(&serde_json::json!({"to": "+905551111111", "content": "hi"}))
-                .send()
-        };
+        let send = || post_message(&client, &url);
         let change = |fail_rate: f64| {
             client
                 .put(&behaviour)
@@ -425,13 +430,7 @@ mod tests {
     async fn it_fails_exactly_the_next_n_requests_with_a_retry_after() {
         let (url, _) = sink(0.0, 0).await;
         let client = reqwest::Client::new();
-        let send = || {
-            client
-                .post(&url)
-                .header("x-ins-auth-key", "k")
-                .json(&serde_json::json!({"to": "+905551111111", "content": "hi"}))
-                .send()
-        };
+        let send = || post_message(&client, &url);
         client
             .put(url.replace("/webhook", "/webhook-sink/behaviour"))
             .json(&serde_json::json!({"failRate": 0.0, "status": 429, "retryAfterSeconds": 5, "failNext": 2}))

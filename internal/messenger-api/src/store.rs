@@ -80,7 +80,7 @@ impl ClaimWrite {
         }
     }
 
-    /// A failed attempt: `status` pending (due at `next_attempt_at`) or failed.
+    /// A failed attempt: `status` pending (due at `next_attempt_at`), failed, or expired.
     pub fn failure(
         id: ObjectId,
         token: &str,
@@ -420,7 +420,7 @@ impl MessageStore {
         })
     }
 
-    /// Moves a claimed message to `status` (pending with a later `next_attempt_at`, or failed)
+    /// Moves a claimed message to `status` (pending with a later `next_attempt_at`, failed or expired)
     /// if `token` still holds the claim.
     pub async fn record_failure(
         &self,

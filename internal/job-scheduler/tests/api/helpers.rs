@@ -2,6 +2,7 @@ use herald_job_scheduler::control::JobControl;
 use herald_webhook_sink::{ReceivedLog, SinkConfig, WebhookSink};
 use serde_json::Value;
 use std::sync::Arc;
+use std::time::Duration;
 use test_support::{Http, TestEnv};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -88,7 +89,7 @@ impl Stack {
         let page = self
             .http
             .get_json(&format!(
-                "{}/api/messenger/messages?status={status}&limit=1",
+                "{}/api/messenger/messages?status={status}&limit=1&withTotal=true",
                 self.api_url
             ))
             .await;
@@ -161,7 +162,7 @@ impl PrivateRedis {
             .expect("redis-server (Debian's redis-server package)");
         let url = format!("redis://127.0.0.1:{port}");
         let client = redis::Client::open(url.as_str()).unwrap();
-        eventually(std::time::Duration::from_secs(10), "private redis answers", || async {
+        eventually(Duration::from_secs(10), "private redis answers", || async {
             client.get_multiplexed_async_connection().await.is_ok()
         })
         .await;
@@ -181,17 +182,29 @@ impl Drop for PrivateRedis {
     }
 }
 
-/// The most requests that arrived within any one second, from their receive times.
-pub fn busiest_second(times: &[chrono::DateTime<chrono::Utc>]) -> usize {
+/// The most requests that arrived within any `window`, from their receive times.
+pub fn busiest(times: &[chrono::DateTime<chrono::Utc>], window: Duration) -> usize {
+    let window = chrono::Duration::from_std(window).unwrap();
     let mut sorted = times.to_vec();
     sorted.sort();
     let mut most = 0;
     let mut start = 0;
     for end in 0..sorted.len() {
-        while sorted[end] - sorted[start] >= chrono::Duration::seconds(1) {
+        while sorted[end] - sorted[start] >= window {
             start += 1;
         }
         most = most.max(end - start + 1);
     }
     most
 }
+
+/// The most a limit of `per_second` with `burst` lets arrive within `window`, measured where
+/// the requests arrive: a send leaves on its slot but reaches the provider up to `ARRIVAL_JITTER`
+/// later (a loaded two-core machine delays wake-ups and requests), so a window of arrivals can
+/// hold the slots of a window that much wider.
+pub fn most_allowed(per_second: f64, burst: u32, window: Duration) -> usize {
+    (per_second * (window + ARRIVAL_JITTER).as_secs_f64()).floor() as usize + burst as usize
+}
+
+/// How late a send may reach the provider after its slot in these tests.
+pub const ARRIVAL_JITTER: Duration = Duration::from_millis(500);

@@ -6,7 +6,7 @@
 SHELL := /bin/bash
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: run test services services-down fmt-check lint unit-tests newman console-test compose-check openapi bench bench-feed
+.PHONY: run test services services-down fmt-check lint unit-tests newman console-test compose-check openapi bench bench-feed bench-scale
 
 run:
 	build/run-local.sh
@@ -45,6 +45,12 @@ bench: services
 	cargo run --release -p herald-job-scheduler --example bench -- 20000
 	cargo build --release --bin herald
 	cargo run --release -p herald-job-scheduler --example drain_bench -- 50000 20000
+	cargo run --release -p herald-messenger-api --example scale_bench -- 1000000
+
+# Only the "at scale" section of make bench: a million messages.
+bench-scale: services
+	cargo build --release --bin herald
+	cargo run --release -p herald-messenger-api --example scale_bench -- 1000000
 
 bench-feed: services
 	cargo build --release --bin herald

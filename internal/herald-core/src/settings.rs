@@ -38,6 +38,8 @@ pub struct Settings {
     pub telemetry: TelemetrySettings,
     /// The live event feed (SSE and WebSocket).
     pub events: EventsSettings,
+    /// How long final messages are kept.
+    pub retention: RetentionSettings,
 }
 
 /// `[mongo]`
@@ -78,6 +80,8 @@ pub struct MessengerApiSettings {
     pub url: String,
     /// Largest accepted request body, in bytes.
     pub max_body_bytes: usize,
+    /// How often the maintained counts by status are checked against a full count, in seconds.
+    pub count_reconcile_seconds: u64,
 }
 
 /// `[job_scheduler]`
@@ -209,6 +213,19 @@ pub struct EventsSettings {
     pub ws_auth_timeout_seconds: u64,
 }
 
+/// `[retention]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionSettings {
+    /// Sent messages older than this many days (by `sentAt`) are removed; 0 keeps them forever.
+    pub sent_days: u64,
+    /// Failed and expired messages older than this many days (since they ended) are removed;
+    /// 0 keeps them forever.
+    pub failed_days: u64,
+    /// How often the retention sweep runs, in seconds.
+    pub sweep_seconds: u64,
+}
+
 /// A configuration that loaded but breaks a rule. One line, naming the key.
 #[derive(Debug, thiserror::Error)]
 #[error("invalid configuration: {0}")]
@@ -311,6 +328,22 @@ impl Settings {
         }
         if !(1..=3650).contains(&self.message.max_schedule_days) {
             return fail("message.max_schedule_days must be 1..=3650".into());
+        }
+        let rt = &self.retention;
+        if rt.sent_days > 36_500 || rt.failed_days > 36_500 {
+            return fail("retention.sent_days and retention.failed_days must be 0 (keep forever) up to 36500".into());
+        }
+        if !(1..=86_400).contains(&rt.sweep_seconds) {
+            return fail(format!(
+                "retention.sweep_seconds ({}) must be 1..=86400",
+                rt.sweep_seconds
+            ));
+        }
+        if !(1..=604_800).contains(&self.messenger_api.count_reconcile_seconds) {
+            return fail(format!(
+                "messenger_api.count_reconcile_seconds ({}) must be 1..=604800",
+                self.messenger_api.count_reconcile_seconds
+            ));
         }
         let wh = &self.webhook;
         if !(0.0..=1_000_000.0).contains(&wh.rate_limit_per_second) {

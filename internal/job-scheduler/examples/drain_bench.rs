@@ -175,10 +175,8 @@ impl Stack {
     }
 
     async fn sent_count(&self, http: &Http) -> u64 {
-        let page = http
-            .get_json(&format!("{}/api/messenger/messages/sent?limit=1", self.api))
-            .await;
-        page["total"].as_u64().unwrap_or(0)
+        let stats = http.get_json(&format!("{}/api/messenger/stats", self.api)).await;
+        stats["counts"]["sent"].as_u64().unwrap_or(0)
     }
 
     /// Every idempotency key the provider received, with how often.

@@ -8,6 +8,7 @@
 //!   per document.
 //! - [`claimer`]: one claimer per process — concurrent claims served together, each reading a
 //!   bounded window of the due index.
+//! - [`counts`]: counts by status, maintained as messages change and reconciled periodically.
 //! - [`cache`]: the Redis sent-message cache (a cache, never the source of truth) and the
 //!   per-minute sent counters.
 //! - [`events`]: the live event feed from the database's change stream.
@@ -20,6 +21,7 @@
 
 pub mod cache;
 pub mod claimer;
+pub mod counts;
 pub mod domain;
 pub mod error;
 pub mod events;
@@ -30,5 +32,6 @@ pub mod scheduler_client;
 pub mod service;
 pub mod startup;
 pub mod store;
+pub mod window;
 
 pub use startup::{openapi_json, Application};

@@ -28,6 +28,10 @@ pub struct MessengerMetrics {
     pub expired: IntCounterVec,
     /// Messages re-queued by operators, one at a time or in bulk.
     pub requeued: IntCounterVec,
+    /// Messages removed by the retention sweep, by status.
+    pub removed: IntCounterVec,
+    /// When the retention sweep last ran, in Unix seconds.
+    pub retention_swept_at: IntGauge,
     /// The live event feed: subscribers, cut-offs, events read.
     pub feed: FeedMetrics,
 }
@@ -66,6 +70,19 @@ impl MessengerMetrics {
             ),
             &["way"],
         )?;
+        let removed = IntCounterVec::new(
+            Opts::new(
+                "messages_removed_total",
+                "Final messages removed by the retention sweep, by status.",
+            ),
+            &["status"],
+        )?;
+        let retention_swept_at = IntGauge::new(
+            "retention_last_sweep_timestamp_seconds",
+            "When the retention sweep last ran (Unix seconds); absent work means it never ran.",
+        )?;
+        registry.register(Box::new(removed.clone()))?;
+        registry.register(Box::new(retention_swept_at.clone()))?;
         registry.register(Box::new(expired.clone()))?;
         registry.register(Box::new(requeued.clone()))?;
         registry.register(Box::new(messages.clone()))?;
@@ -105,6 +122,8 @@ impl MessengerMetrics {
             cache_write_failures,
             expired,
             requeued,
+            removed,
+            retention_swept_at,
             feed,
         })
     }

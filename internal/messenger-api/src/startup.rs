@@ -23,7 +23,7 @@ use crate::routes::messages::MessagesApi;
 use crate::routes::probes::ProbesApi;
 use crate::routes::worker::WorkerApi;
 use crate::scheduler_client::SchedulerClient;
-use crate::service::{JobRemote, MessengerService, Monitor, Rules};
+use crate::service::{JobRemote, MessengerService, Monitor, Rules, Upkeep};
 use crate::store::MessageStore;
 use telemetry::Chain;
 
@@ -37,6 +37,8 @@ pub struct Application {
     bound: Bound,
     app: BoxEndpoint<'static, Response>,
     services: Services,
+    /// Stops the background upkeep when the application ends or is dropped.
+    upkeep: tokio_util::sync::DropGuard,
 }
 
 /// The services behind the routes, one per concern, over one database and one cache.
@@ -52,6 +54,8 @@ pub struct Services {
     pub feed: EventFeed,
     /// The messages' repository (for start-up index creation).
     pub store: MessageStore,
+    /// Counts reconciliation and retention, in the background.
+    pub upkeep: Upkeep,
     /// Every metric, rendered at `/metrics`.
     pub metrics: MessengerMetrics,
 }
@@ -71,6 +75,17 @@ impl Services {
         .context("Failed to build the Job Scheduler client")?;
         let metrics = MessengerMetrics::new().context("Failed to register metrics")?;
         let store = MessageStore::new(&db);
+        store
+            .counts()
+            .metrics()
+            .register(&metrics.registry)
+            .context("Failed to register metrics")?;
+        let upkeep = Upkeep::new(
+            store.clone(),
+            settings.retention.clone(),
+            Duration::from_secs(settings.messenger_api.count_reconcile_seconds),
+            metrics.clone(),
+        );
         Ok(Self {
             messenger: Arc::new(MessengerService::new(
                 store.clone(),
@@ -79,9 +94,10 @@ impl Services {
                 metrics.clone(),
             )),
             job: Arc::new(JobRemote::new(scheduler)),
-            monitor: Arc::new(Monitor::new(db.clone(), cache, metrics.clone())),
+            monitor: Arc::new(Monitor::new(db.clone(), store.clone(), cache, metrics.clone())),
             feed: EventFeed::new(db, settings.events.subscriber_buffer, metrics.feed.clone()),
             store,
+            upkeep,
             metrics,
         })
     }
@@ -127,6 +143,8 @@ impl Application {
         herald_core::errors::check_catalogue(herald_core::errors::CATALOGUE).map_err(anyhow::Error::msg)?;
         let services = Services::build(settings).await?;
         ensure_indexes(services.store.clone()).await;
+        let upkeep = tokio_util::sync::CancellationToken::new();
+        services.upkeep.spawn(upkeep.clone());
         let bound = http::bind(&settings.messenger_api.host, settings.messenger_api.port).await?;
         tracing::info!(address = %bound.addr, "messenger API listening; Swagger UI at /messenger/swagger");
         let api = services.api(settings);
@@ -160,7 +178,12 @@ impl Application {
             services.metrics.http.clone(),
         )
         .boxed();
-        Ok(Self { bound, app, services })
+        Ok(Self {
+            bound,
+            app,
+            services,
+            upkeep: upkeep.drop_guard(),
+        })
     }
 
     /// Where the server listens.
@@ -189,6 +212,7 @@ impl Application {
             // Event streams never end by themselves: end them so the drain is quick.
             feed.close();
         };
+        let _upkeep = self.upkeep;
         http::serve(self.bound, self.app, shutdown, GRACE).await?;
         tracing::info!("messenger API stopped");
         Ok(())

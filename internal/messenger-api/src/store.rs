@@ -14,8 +14,10 @@ use futures::TryStreamExt;
 use mongodb::options::{FindOneAndUpdateOptions, IndexOptions, ReturnDocument};
 use mongodb::{Collection, Database, IndexModel};
 
+use crate::counts::{Deltas, Reconciled, StatusCounts};
 use crate::domain::{LastError, MessageDoc, MessageStatus, Transition};
 use crate::error::StoreError;
+use crate::window::{self, Axis, Walk, Widths};
 use herald_core::mongo::find_page;
 use herald_core::pagination::{Fetched, PageRequest, PageStart};
 
@@ -55,6 +57,10 @@ pub struct ClaimWrite {
     filter: Document,
     /// The transition.
     update: Document,
+    /// The status it leaves the message in.
+    to: MessageStatus,
+    /// When it was sent, for a commit.
+    sent_at: Option<DateTime>,
 }
 
 impl ClaimWrite {
@@ -77,6 +83,8 @@ impl ClaimWrite {
             id,
             filter: Self::claimed(id, token),
             update: doc! {"$set": set, "$unset": {"lease_until": ""}},
+            to: MessageStatus::Sent,
+            sent_at: Some(sent_at),
         }
     }
 
@@ -107,6 +115,8 @@ impl ClaimWrite {
                 },
                 "$unset": {"lease_until": ""},
             },
+            to: status,
+            sent_at: None,
         })
     }
 
@@ -133,6 +143,8 @@ impl ClaimWrite {
                 update.insert("$inc", doc! {"attempts": -1});
                 update
             },
+            to: MessageStatus::Expired,
+            sent_at: None,
         }
     }
 
@@ -151,6 +163,8 @@ impl ClaimWrite {
                 "$unset": {"lease_until": ""},
                 "$inc": {"attempts": -1},
             },
+            to: MessageStatus::Pending,
+            sent_at: None,
         }
     }
 }
@@ -161,6 +175,8 @@ pub struct MessageStore {
     db: Database,
     messages: Collection<MessageDoc>,
     raw: Collection<Document>,
+    counts: StatusCounts,
+    widths: std::sync::Arc<Widths>,
 }
 
 fn due_filter(now: DateTime) -> Document {
@@ -177,7 +193,14 @@ impl MessageStore {
             db: db.clone(),
             messages: db.collection(COLLECTION),
             raw: db.collection(COLLECTION),
+            counts: StatusCounts::new(db),
+            widths: std::sync::Arc::default(),
         }
+    }
+
+    /// The maintained counts by status that every transition here keeps up to date.
+    pub fn counts(&self) -> &StatusCounts {
+        &self.counts
     }
 
     /// Creates the indexes (idempotent).
@@ -191,6 +214,7 @@ impl MessageStore {
                 false,
             ),
             (doc! {"status": 1, "sent_at": -1}, "sent", false, false),
+            (doc! {"status": 1, "_id": -1}, "status_id", false, false),
             (doc! {"idempotency_key": 1}, "idempotency_key", true, true),
             (doc! {"to": 1, "_id": -1}, "recipient", false, false),
             (doc! {"claim_token": 1}, "claim_token", false, true),
@@ -210,6 +234,9 @@ impl MessageStore {
     /// Inserts one message; a taken idempotency key gives [`StoreError::AlreadyExists`].
     pub async fn insert(&self, message: &MessageDoc) -> Result<(), StoreError> {
         self.messages.insert_one(message).await?;
+        self.counts
+            .add(Deltas::added(message.status, 1).with_first_id(Some(message.id)))
+            .await;
         Ok(())
     }
 
@@ -226,6 +253,12 @@ impl MessageStore {
             }
             return Err(error.into());
         }
+        self.counts
+            .add(
+                Deltas::added(MessageStatus::Pending, messages.len() as u64)
+                    .with_first_id(messages.iter().map(|m| m.id).min()),
+            )
+            .await;
         Ok(())
     }
 
@@ -239,54 +272,102 @@ impl MessageStore {
         Ok(self.messages.find_one(doc! {"idempotency_key": key}).await?)
     }
 
-    /// Newest first, optionally of one status and/or one recipient.
+    /// Newest first, optionally of one status and/or one recipient; `total` only `with_total`
+    /// (it counts every match). Offset pages past the first skip, as offsets do; the first
+    /// page and cursor pages read windows ([`crate::window`]), about a page's worth at any depth.
     pub async fn list(
         &self,
         status: Option<MessageStatus>,
         to: Option<&str>,
         page: &PageRequest,
+        with_total: bool,
     ) -> Result<Fetched<MessageDoc>, StoreError> {
-        let mut filter = Document::new();
+        let mut base = Document::new();
         if let Some(status) = status {
-            filter.insert("status", status.as_str());
+            base.insert("status", status.as_str());
         }
         if let Some(to) = to {
-            filter.insert("to", to);
+            base.insert("to", to);
         }
-        let (total, skip) = match page.start {
-            PageStart::Offset(skip) => (Some(self.messages.count_documents(filter.clone()).await?), skip),
-            PageStart::After(after) => {
-                filter.insert("_id", doc! {"$lt": after});
-                (None, 0)
+        let total = self.total_if(with_total, &base).await?;
+        let before = match page.start {
+            PageStart::Offset(skip) if skip > 0 => {
+                let sort = doc! {"_id": -1};
+                return find_page(&self.messages, base, sort, skip, page, total, |m| m.id.to_hex()).await;
             }
+            PageStart::Offset(_) => None,
+            PageStart::After(after) => Some(window::id_position(after)),
         };
-        let sort = doc! {"_id": -1};
-        find_page(&self.messages, filter, sort, skip, page, total, |m| m.id.to_hex()).await
+        let walk = Walk {
+            kind: format!("id|{}|{}", status.map_or("", MessageStatus::as_str), to.is_some()),
+            base,
+            axis: Axis::Id,
+            before,
+        };
+        let floor = self
+            .counts
+            .snapshot()
+            .await?
+            .and_then(|s| s.first_id)
+            .map(window::id_position);
+        let items = window::read(&self.messages, &self.widths, walk, page.fetch_limit() as usize, floor).await?;
+        Ok(Fetched::new(items, page, total, |m| m.id.to_hex()))
     }
 
-    /// Sent messages, newest `sent_at` first (ties by id).
-    pub async fn list_sent(&self, page: &PageRequest) -> Result<Fetched<MessageDoc>, StoreError> {
+    /// How many messages match `filter`, only when `wanted`: it reads every match.
+    async fn total_if(&self, wanted: bool, filter: &Document) -> Result<Option<u64>, StoreError> {
+        Ok(match wanted {
+            true => Some(self.messages.count_documents(filter.clone()).await?),
+            false => None,
+        })
+    }
+
+    /// Sent messages, newest `sent_at` first (ties by id); `total` only `with_total`.
+    pub async fn list_sent(&self, page: &PageRequest, with_total: bool) -> Result<Fetched<MessageDoc>, StoreError> {
         let base = doc! {"status": MessageStatus::Sent.as_str()};
-        let (filter, total, skip) = match page.start {
-            PageStart::Offset(skip) => (base.clone(), Some(self.messages.count_documents(base).await?), skip),
+        let total = self.total_if(with_total, &base).await?;
+        let want = page.fetch_limit() as usize;
+        let (mut items, before) = match page.start {
+            PageStart::Offset(skip) if skip > 0 => {
+                let sort = doc! {"sent_at": -1, "_id": -1};
+                return find_page(&self.messages, base, sort, skip, page, total, |m| m.id.to_hex()).await;
+            }
+            PageStart::Offset(_) => (Vec::new(), None),
             PageStart::After(after) => {
                 let anchor = self.messages.find_one(doc! {"_id": after, "status": "sent"}).await?;
-                let filter = match anchor.and_then(|a| a.sent_at) {
-                    Some(at) => doc! {
-                        "status": "sent",
-                        "$or": [
-                            {"sent_at": {"$lt": at}},
-                            {"sent_at": at, "_id": {"$lt": after}},
-                        ],
-                    },
+                let Some(at) = anchor.and_then(|a| a.sent_at) else {
                     // An unknown cursor yields an empty page rather than restarting the walk.
-                    None => doc! {"_id": {"$exists": false}},
+                    return Ok(Fetched::new(Vec::new(), page, total, |m: &MessageDoc| m.id.to_hex()));
                 };
-                (filter, None, 0)
+                // Those sent in the cursor's own millisecond come first, then the windows below it.
+                let ties: Vec<MessageDoc> = self
+                    .messages
+                    .find(doc! {"status": "sent", "sent_at": at, "_id": {"$lt": after}})
+                    .sort(doc! {"_id": -1})
+                    .limit(want as i64)
+                    .await?
+                    .try_collect()
+                    .await?;
+                (ties, Some(i128::from(at.timestamp_millis())))
             }
         };
-        let sort = doc! {"sent_at": -1, "_id": -1};
-        find_page(&self.messages, filter, sort, skip, page, total, |m| m.id.to_hex()).await
+        if items.len() < want {
+            let walk = Walk {
+                kind: "sent".to_owned(),
+                base,
+                axis: Axis::SentAt,
+                before,
+            };
+            let floor = self
+                .counts
+                .snapshot()
+                .await?
+                .and_then(|s| s.first_sent_at)
+                .map(|at| i128::from(at.timestamp_millis()));
+            let more = window::read(&self.messages, &self.widths, walk, want - items.len(), floor).await?;
+            items.extend(more);
+        }
+        Ok(Fetched::new(items, page, total, |m| m.id.to_hex()))
     }
 
     /// Ids and due times of up to `limit` due messages, oldest due first. With `from`, only
@@ -331,35 +412,41 @@ impl MessageStore {
         if ids.is_empty() {
             return Ok(0);
         }
-        let mut filter = due_filter(now);
-        filter.insert("_id", doc! {"$in": ids});
-        // Never hand out a message past its expiry ([`MessageStore::expire_due`] ends those).
-        filter.insert(
-            "$or",
-            vec![
-                doc! {"expires_at": {"$exists": false}},
-                doc! {"expires_at": {"$gt": now}},
-            ],
-        );
-        let result = self
-            .messages
-            .update_many(
-                filter,
-                doc! {
-                    "$set": {
-                        "status": MessageStatus::Processing.as_str(),
-                        "claim_token": token,
-                        "claimed_by": worker,
-                        "lease_until": lease_until,
-                        "next_attempt_at": lease_until,
-                        "updated_at": now,
-                        "last_transition": Transition::Claimed.as_str(),
-                    },
-                    "$inc": {"attempts": 1},
-                },
-            )
-            .await?;
-        Ok(result.modified_count)
+        let claim = doc! {
+            "$set": {
+                "status": MessageStatus::Processing.as_str(),
+                "claim_token": token,
+                "claimed_by": worker,
+                "lease_until": lease_until,
+                "next_attempt_at": lease_until,
+                "updated_at": now,
+                "last_transition": Transition::Claimed.as_str(),
+            },
+            "$inc": {"attempts": 1},
+        };
+        // Pending ones first, then (only when some are left) those whose lease ran out: the
+        // counts need to know which status each claimed message left.
+        let mut claimed = 0;
+        for from in [MessageStatus::Pending, MessageStatus::Processing] {
+            let mut filter = due_filter(now);
+            filter.insert("status", from.as_str());
+            filter.insert("_id", doc! {"$in": ids});
+            // Never hand out a message past its expiry ([`MessageStore::expire_due`] ends those).
+            filter.insert(
+                "$or",
+                vec![
+                    doc! {"expires_at": {"$exists": false}},
+                    doc! {"expires_at": {"$gt": now}},
+                ],
+            );
+            let n = self.messages.update_many(filter, claim.clone()).await?.modified_count;
+            self.counts.add(Deltas::moved(from, MessageStatus::Processing, n)).await;
+            claimed += n;
+            if claimed as usize >= ids.len() {
+                break;
+            }
+        }
+        Ok(claimed)
     }
 
     /// Ends those of `ids` that are due at `now` but past their `expires_at`: `expired`, final,
@@ -368,11 +455,21 @@ impl MessageStore {
         if ids.is_empty() {
             return Ok(0);
         }
-        let mut filter = due_filter(now);
-        filter.insert("_id", doc! {"$in": ids});
-        filter.insert("expires_at", doc! {"$lte": now});
-        let result = self.messages.update_many(filter, ClaimWrite::expired(now)).await?;
-        Ok(result.modified_count)
+        let mut expired = 0;
+        for from in [MessageStatus::Pending, MessageStatus::Processing] {
+            let mut filter = due_filter(now);
+            filter.insert("status", from.as_str());
+            filter.insert("_id", doc! {"$in": ids});
+            filter.insert("expires_at", doc! {"$lte": now});
+            let n = self
+                .messages
+                .update_many(filter, ClaimWrite::expired(now))
+                .await?
+                .modified_count;
+            self.counts.add(Deltas::moved(from, MessageStatus::Expired, n)).await;
+            expired += n;
+        }
+        Ok(expired)
     }
 
     /// The messages held under any of `tokens`, by id.
@@ -409,6 +506,9 @@ impl MessageStore {
             )
             .await?;
         if let Some(doc) = updated {
+            self.counts
+                .add(Deltas::moved(MessageStatus::Processing, MessageStatus::Sent, 1).with_first_sent_at(Some(sent_at)))
+                .await;
             return Ok(CommitOutcome::Committed(doc));
         }
         Ok(match self.find(id).await? {
@@ -432,13 +532,13 @@ impl MessageStore {
         now: DateTime,
     ) -> Result<TransitionOutcome, StoreError> {
         let write = ClaimWrite::failure(id, token, status, next_attempt_at, error, now)?;
-        self.transition(write.filter, write.update, id).await
+        self.transition(write, MessageStatus::Processing).await
     }
 
     /// Gives a claimed, unsent message back: pending, due now, the attempt not counted.
     pub async fn release(&self, id: ObjectId, token: &str, now: DateTime) -> Result<TransitionOutcome, StoreError> {
         let write = ClaimWrite::release(id, token, now);
-        self.transition(write.filter, write.update, id).await
+        self.transition(write, MessageStatus::Processing).await
     }
 
     /// What an operator re-queue writes: pending, due now, a fresh retry budget.
@@ -454,12 +554,14 @@ impl MessageStore {
 
     /// Operator re-queue: a failed message becomes pending, due now, with a fresh retry budget.
     pub async fn requeue_failed(&self, id: ObjectId, now: DateTime) -> Result<TransitionOutcome, StoreError> {
-        self.transition(
-            doc! {"_id": id, "status": MessageStatus::Failed.as_str()},
-            Self::requeue(now),
+        let write = ClaimWrite {
             id,
-        )
-        .await
+            filter: doc! {"_id": id, "status": MessageStatus::Failed.as_str()},
+            update: Self::requeue(now),
+            to: MessageStatus::Pending,
+            sent_at: None,
+        };
+        self.transition(write, MessageStatus::Failed).await
     }
 
     /// How many failed messages match `filter` (a document over `created_at` and `to`).
@@ -477,18 +579,7 @@ impl MessageStore {
         now: DateTime,
     ) -> Result<u64, StoreError> {
         filter.insert("status", MessageStatus::Failed.as_str());
-        let ids: Vec<ObjectId> = self
-            .raw
-            .find(filter)
-            .sort(doc! {"_id": 1})
-            .limit(limit as i64)
-            .projection(doc! {"_id": 1})
-            .await?
-            .try_collect::<Vec<Document>>()
-            .await?
-            .iter()
-            .filter_map(|d| d.get_object_id("_id").ok())
-            .collect();
+        let ids = self.ids_matching(filter, Some(doc! {"_id": 1}), limit).await?;
         if ids.is_empty() {
             return Ok(0);
         }
@@ -499,15 +590,21 @@ impl MessageStore {
                 Self::requeue(now),
             )
             .await?;
+        self.counts
+            .add(Deltas::moved(
+                MessageStatus::Failed,
+                MessageStatus::Pending,
+                result.modified_count,
+            ))
+            .await;
         Ok(result.modified_count)
     }
 
-    async fn transition(
-        &self,
-        filter: Document,
-        update: Document,
-        id: ObjectId,
-    ) -> Result<TransitionOutcome, StoreError> {
+    /// Applies one conditional `write` to a message in status `from`.
+    async fn transition(&self, write: ClaimWrite, from: MessageStatus) -> Result<TransitionOutcome, StoreError> {
+        let ClaimWrite {
+            id, filter, update, to, ..
+        } = write;
         let updated = self
             .messages
             .find_one_and_update(filter, update)
@@ -518,6 +615,7 @@ impl MessageStore {
             )
             .await?;
         if let Some(doc) = updated {
+            self.counts.add(Deltas::moved(from, to, 1)).await;
             return Ok(TransitionOutcome::Done(doc));
         }
         Ok(match self.find(id).await? {
@@ -539,16 +637,38 @@ impl MessageStore {
             .await?)
     }
 
-    /// Applies `writes` with one unordered `update` command (each write stays conditional on
-    /// its claim) and returns how many matched.
+    /// Applies `writes` with one unordered `update` command per status they lead to (each
+    /// write stays conditional on its claim; mostly that is one command) and returns how many
+    /// matched.
     pub async fn apply_claim_writes(&self, writes: Vec<ClaimWrite>) -> Result<u64, StoreError> {
-        if writes.is_empty() {
-            return Ok(0);
+        let mut groups: Vec<(MessageStatus, Option<DateTime>, Vec<Document>)> = Vec::new();
+        for write in writes {
+            let update = doc! {"q": write.filter, "u": write.update};
+            match groups.iter_mut().find(|(to, ..)| *to == write.to) {
+                Some((_, first, updates)) => {
+                    *first = (*first).min(write.sent_at).or(*first).or(write.sent_at);
+                    updates.push(update);
+                }
+                None => groups.push((write.to, write.sent_at, vec![update])),
+            }
         }
-        let updates: Vec<Document> = writes
-            .into_iter()
-            .map(|w| doc! {"q": w.filter, "u": w.update})
-            .collect();
+        let applied =
+            futures::future::try_join_all(groups.into_iter().map(|(to, first_sent_at, updates)| async move {
+                let n = self.update_unordered(updates).await?;
+                self.counts
+                    .add(
+                        Deltas::moved(MessageStatus::Processing, to, n)
+                            .with_first_sent_at(first_sent_at.filter(|_| n > 0)),
+                    )
+                    .await;
+                Ok::<_, StoreError>(n)
+            }))
+            .await?;
+        Ok(applied.into_iter().sum())
+    }
+
+    /// One unordered `update` command; how many matched.
+    async fn update_unordered(&self, updates: Vec<Document>) -> Result<u64, StoreError> {
         let answer = self
             .db
             .run_command(doc! {"update": COLLECTION, "updates": updates, "ordered": false})
@@ -565,16 +685,121 @@ impl MessageStore {
         })
     }
 
-    /// Messages per status.
+    /// Messages per status, as maintained ([`crate::counts`]): one document read. Before the
+    /// counts of this collection were ever reconciled, it counts instead.
     pub async fn count_by_status(&self) -> Result<Vec<(MessageStatus, u64)>, StoreError> {
-        let mut counts = Vec::new();
-        for status in MessageStatus::ALL {
-            counts.push((
-                status,
-                self.messages.count_documents(doc! {"status": status.as_str()}).await?,
-            ));
+        match self.counts.snapshot().await? {
+            Some(snapshot) if snapshot.exact => Ok(snapshot.by_status()),
+            _ => Ok(MessageStatus::ALL
+                .into_iter()
+                .zip(self.count_exactly().await?)
+                .collect()),
         }
-        Ok(counts)
+    }
+
+    /// Counts every status in the collection (expensive on a large one).
+    async fn count_exactly(&self) -> Result<[u64; 5], StoreError> {
+        let counts = futures::future::try_join_all(
+            MessageStatus::ALL
+                .map(|status| async move { self.messages.count_documents(doc! {"status": status.as_str()}).await }),
+        )
+        .await?;
+        let mut exact = [0; 5];
+        exact.copy_from_slice(&counts);
+        Ok(exact)
+    }
+
+    /// Finds the oldest `_id` and `sent_at` there are (a full read on some servers, like the
+    /// count beside it) and lowers the floors list walks stop at to them.
+    async fn lower_floors(&self) -> Result<(), StoreError> {
+        let first_id = self
+            .raw
+            .find_one(doc! {})
+            .sort(doc! {"_id": 1})
+            .projection(doc! {"_id": 1})
+            .await?
+            .and_then(|d| d.get_object_id("_id").ok());
+        let first_sent_at = self
+            .raw
+            .find_one(doc! {"status": MessageStatus::Sent.as_str()})
+            .sort(doc! {"sent_at": 1})
+            .projection(doc! {"sent_at": 1})
+            .await?
+            .and_then(|d| d.get_datetime("sent_at").ok().copied());
+        self.counts.lower_floors(first_id, first_sent_at).await
+    }
+
+    /// Compares the maintained counts with a full count and corrects them when no count write
+    /// happened while it counted (see [`crate::counts`]).
+    pub async fn reconcile_counts(&self) -> Result<Reconciled, StoreError> {
+        let run = async {
+            let before = self.counts.snapshot().await?;
+            let actual = self.count_exactly().await?;
+            let mut after = self.counts.snapshot().await?;
+            if after.as_ref().is_none_or(|a| a.differs(&actual)) {
+                // A message written before the count may still have its count write on the
+                // way: give it time to land (and move the version) before calling it drift.
+                tokio::time::sleep(crate::counts::SETTLE).await;
+                after = self.counts.snapshot().await?;
+            }
+            self.lower_floors().await?;
+            self.counts.correct(before, actual, after).await
+        };
+        let outcome = run.await;
+        if outcome.is_err() {
+            self.counts.reconcile_failed();
+        }
+        outcome
+    }
+
+    /// The ids of up to `limit` messages matching `filter`, in `sort` order when given.
+    async fn ids_matching(
+        &self,
+        filter: Document,
+        sort: Option<Document>,
+        limit: usize,
+    ) -> Result<Vec<ObjectId>, StoreError> {
+        let found: Vec<Document> = self
+            .raw
+            .find(filter)
+            .with_options(
+                mongodb::options::FindOptions::builder()
+                    .sort(sort)
+                    .limit(limit as i64)
+                    .projection(doc! {"_id": 1})
+                    .build(),
+            )
+            .await?
+            .try_collect()
+            .await?;
+        Ok(found.iter().filter_map(|d| d.get_object_id("_id").ok()).collect())
+    }
+
+    /// Removes up to `limit` messages that ended in final `status` before `ended_before` (sent
+    /// ones by `sent_at`, failed and expired ones by when they ended, which their
+    /// `next_attempt_at` records); answers how many. Both steps stay within the status's index
+    /// range, and the delete repeats the condition, so a message re-queued meanwhile stays.
+    pub async fn remove_final(
+        &self,
+        status: MessageStatus,
+        ended_before: DateTime,
+        limit: usize,
+    ) -> Result<u64, StoreError> {
+        let field = match status {
+            MessageStatus::Sent => "sent_at",
+            MessageStatus::Failed | MessageStatus::Expired => "next_attempt_at",
+            MessageStatus::Pending | MessageStatus::Processing => return Ok(0),
+        };
+        let filter = doc! {"status": status.as_str(), field: {"$lt": ended_before}};
+        let ids = self.ids_matching(filter.clone(), None, limit).await?;
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let mut filter = filter;
+        filter.insert("_id", doc! {"$in": ids});
+        let removed = self.messages.delete_many(filter).await?.deleted_count;
+        self.counts.add(Deltas::removed(status, removed)).await;
+        Ok(removed)
     }
 
     /// How long the most overdue pending message has been due, in seconds (0 when none is).

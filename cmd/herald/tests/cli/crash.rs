@@ -68,7 +68,10 @@ async fn killed_scheduler_loses_nothing(drain: &str) {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let page = stack
-            .get_json(&format!("{}/api/messenger/messages/sent?limit=1", stack.api))
+            .get_json(&format!(
+                "{}/api/messenger/messages/sent?limit=1&withTotal=true",
+                stack.api
+            ))
             .await;
         if page["total"] == 12 {
             break;

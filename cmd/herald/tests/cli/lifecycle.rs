@@ -105,7 +105,10 @@ async fn end_to_end_ten_seeded_messages_are_all_sent_and_listed() {
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     let sent = loop {
         let page = stack
-            .get_json(&format!("{}/api/messenger/messages/sent?limit=100", stack.api))
+            .get_json(&format!(
+                "{}/api/messenger/messages/sent?limit=100&withTotal=true",
+                stack.api
+            ))
             .await;
         if page["total"] == 10 {
             break page;

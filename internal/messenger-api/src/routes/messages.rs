@@ -123,8 +123,11 @@ impl MessagesApi {
     /// List messages
     ///
     /// Newest first. Page with `limit` and `offset`, or with `after` (the previous page's
-    /// `nextCursor`), which stays fast however deep the page.
+    /// `nextCursor`), which stays fast however deep the page. `total` is given only with
+    /// `withTotal=true`: counting the matching messages reads all of them, which costs as much
+    /// as the collection is large (use `/api/messenger/stats` for counts by status).
     #[oai(path = "/api/messenger/messages", method = "get", operation_id = "listMessages")]
+    #[allow(clippy::too_many_arguments)] // poem-openapi takes each query parameter as an argument
     async fn list(
         &self,
         _auth: BearerAuth,
@@ -138,11 +141,19 @@ impl MessagesApi {
         offset: Query<Option<i64>>,
         /// Continue after this id (a `nextCursor`).
         after: Query<Option<String>>,
+        /// Also count every matching message into `total` (expensive on a large collection).
+        #[oai(name = "withTotal")]
+        with_total: Query<Option<bool>>,
     ) -> Result<PageResponse, ListErrors> {
         let page = PageRequest::parse(limit.0, offset.0, after.0.as_deref())?;
         let fetched = self
             .service
-            .list(status.0.as_deref(), to.0.as_deref(), &page)
+            .list(
+                status.0.as_deref(),
+                to.0.as_deref(),
+                &page,
+                with_total.0.unwrap_or(false),
+            )
             .await
             .map_err(ApiError::from)?;
         Ok(PageResponse::Ok(Json(fetched.into_page(&page, MessageView::from))))
@@ -151,7 +162,7 @@ impl MessagesApi {
     /// List sent messages
     ///
     /// Sent messages, newest `sentAt` first, each with the provider's `webhookMessageId`.
-    /// Same pagination as the message list.
+    /// Same pagination as the message list, `withTotal` included.
     #[oai(
         path = "/api/messenger/messages/sent",
         method = "get",
@@ -166,9 +177,16 @@ impl MessagesApi {
         offset: Query<Option<i64>>,
         /// Continue after this id (a `nextCursor`).
         after: Query<Option<String>>,
+        /// Also count every sent message into `total` (expensive on a large collection).
+        #[oai(name = "withTotal")]
+        with_total: Query<Option<bool>>,
     ) -> Result<PageResponse, ListErrors> {
         let page = PageRequest::parse(limit.0, offset.0, after.0.as_deref())?;
-        let fetched = self.service.list_sent(&page).await.map_err(ApiError::from)?;
+        let fetched = self
+            .service
+            .list_sent(&page, with_total.0.unwrap_or(false))
+            .await
+            .map_err(ApiError::from)?;
         Ok(PageResponse::Ok(Json(fetched.into_page(&page, MessageView::from))))
     }
 

@@ -274,12 +274,14 @@ impl MessengerService {
         Ok(docs)
     }
 
-    /// A page of messages, newest first, optionally of one status and/or recipient.
+    /// A page of messages, newest first, optionally of one status and/or recipient; counted
+    /// in all only `with_total`.
     pub async fn list(
         &self,
         status: Option<&str>,
         to: Option<&str>,
         page: &PageRequest,
+        with_total: bool,
     ) -> Result<Fetched<MessageDoc>, ServiceError> {
         let to = to.map(domain::validate_phone).transpose()?;
         let status = match status {
@@ -291,12 +293,12 @@ impl MessengerService {
                 )
             })?),
         };
-        Ok(self.store.list(status, to.as_deref(), page).await?)
+        Ok(self.store.list(status, to.as_deref(), page, with_total).await?)
     }
 
-    /// A page of sent messages, newest `sent_at` first.
-    pub async fn list_sent(&self, page: &PageRequest) -> Result<Fetched<MessageDoc>, ServiceError> {
-        Ok(self.store.list_sent(page).await?)
+    /// A page of sent messages, newest `sent_at` first; counted in all only `with_total`.
+    pub async fn list_sent(&self, page: &PageRequest, with_total: bool) -> Result<Fetched<MessageDoc>, ServiceError> {
+        Ok(self.store.list_sent(page, with_total).await?)
     }
 
     /// One message.

@@ -3,10 +3,12 @@
 //!   policy, and the commit-then-cache order.
 //! - [`JobRemote`]: the sending job, steered through the Job Scheduler (start/stop, run history).
 //! - [`Monitor`]: what an operator watches — stats, readiness and the gauges.
+//! - [`Upkeep`]: the counts reconciliation and the retention sweep, in the background.
 
 mod job;
 mod messenger;
 mod monitor;
+mod upkeep;
 
 pub use job::JobRemote;
 pub use messenger::{
@@ -14,3 +16,4 @@ pub use messenger::{
     MAX_ERROR_DETAIL, MAX_REQUEUE,
 };
 pub use monitor::{Monitor, Stats};
+pub use upkeep::{Upkeep, SWEEP_BATCH, SWEEP_MAX};

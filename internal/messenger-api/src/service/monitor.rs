@@ -45,10 +45,10 @@ fn now() -> DateTime {
 }
 
 impl Monitor {
-    /// Watches `db`'s messages and job state, and the cache's counters.
-    pub fn new(db: Database, cache: SentCache, metrics: MessengerMetrics) -> Self {
+    /// Watches `db`'s messages (through `store`) and job state, and the cache's counters.
+    pub fn new(db: Database, store: MessageStore, cache: SentCache, metrics: MessengerMetrics) -> Self {
         Self {
-            store: MessageStore::new(&db),
+            store,
             jobs: JobView::new(&db),
             db,
             cache,

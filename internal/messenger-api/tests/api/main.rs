@@ -8,5 +8,6 @@ mod helpers;
 mod live;
 mod messages;
 mod resilience;
+mod scale;
 mod schedule;
 mod worker;

@@ -38,7 +38,7 @@ async fn invalid_messages_are_rejected_with_specific_codes_and_not_stored() {
         .await
         .unwrap();
     assert_error(malformed, 400, 400001).await;
-    let page: Value = app.get_json("/api/messenger/messages").await;
+    let page: Value = app.get_json("/api/messenger/messages?withTotal=true").await;
     assert_eq!(page["total"], 0);
     app.cleanup().await;
 }
@@ -79,7 +79,7 @@ async fn an_idempotency_key_returns_the_original_for_the_same_body_and_409_for_a
     assert_eq!(again["id"], first["id"]);
     let other = send(json!({"to": "+905551111111", "content": "bye"})).await.unwrap();
     assert_error(other, 409, 409001).await;
-    let page: Value = app.get_json("/api/messenger/messages").await;
+    let page: Value = app.get_json("/api/messenger/messages?withTotal=true").await;
     assert_eq!(page["total"], 1);
     app.cleanup().await;
 }
@@ -130,7 +130,7 @@ async fn a_batch_is_stored_whole_or_not_at_all() {
         "{message}"
     );
     assert!(!message.contains("messages[0]"), "{message}");
-    let page: Value = app.get_json("/api/messenger/messages").await;
+    let page: Value = app.get_json("/api/messenger/messages?withTotal=true").await;
     assert_eq!(page["total"], 0);
 
     let ids = app.seed(1000).await;
@@ -159,8 +159,13 @@ async fn a_batch_is_stored_whole_or_not_at_all() {
 async fn the_list_is_newest_first_filters_by_status_and_pages_by_offset() {
     let app = spawn_app().await;
     let ids = app.seed(25).await;
-    let page: Value = app.get_json("/api/messenger/messages?limit=10&offset=5").await;
+    let page: Value = app
+        .get_json("/api/messenger/messages?limit=10&offset=5&withTotal=true")
+        .await;
     assert_eq!(page["total"], 25);
+    let uncounted: Value = app.get_json("/api/messenger/messages?limit=10&offset=5").await;
+    assert!(uncounted["total"].is_null(), "counted only when asked: {uncounted}");
+    assert_eq!(uncounted["items"], page["items"]);
     assert_eq!(page["limit"], 10);
     assert_eq!(page["offset"], 5);
     let got: Vec<&str> = page["items"]
@@ -173,7 +178,7 @@ async fn the_list_is_newest_first_filters_by_status_and_pages_by_offset() {
     assert_eq!(got, newest_first);
     assert!(page["nextCursor"].is_string());
 
-    let sent: Value = app.get_json("/api/messenger/messages?status=sent").await;
+    let sent: Value = app.get_json("/api/messenger/messages?status=sent&withTotal=true").await;
     assert_eq!(sent["total"], 0);
     let pending: Value = app.get_json("/api/messenger/messages?status=pending&limit=100").await;
     assert_eq!(pending["items"].as_array().unwrap().len(), 25);
@@ -371,7 +376,9 @@ async fn the_sent_list_is_newest_sent_first_with_provider_ids() {
             .unwrap();
         assert_eq!(response.status(), 200);
     }
-    let page: Value = app.get_json("/api/messenger/messages/sent?limit=2").await;
+    let page: Value = app
+        .get_json("/api/messenger/messages/sent?limit=2&withTotal=true")
+        .await;
     let provider_ids: Vec<&str> = page["items"]
         .as_array()
         .unwrap()

@@ -51,7 +51,7 @@ async fn send_at_and_expires_at_are_checked_with_their_own_codes() {
         .unwrap();
     let body = assert_error(batch, 400, 400007).await;
     assert!(body["message"].as_str().unwrap().contains("messages[1]"), "{body}");
-    let stored = app.get_json("/api/messenger/messages?limit=1").await;
+    let stored = app.get_json("/api/messenger/messages?limit=1&withTotal=true").await;
     assert_eq!(stored["total"], 0, "nothing half-written");
     app.cleanup().await;
 }
@@ -103,7 +103,9 @@ async fn a_message_due_past_its_expiry_is_expired_not_handed_out() {
     let expired = app.message(id).await;
     assert_eq!(expired["status"], "expired");
     assert_eq!(expired["attempts"], 0, "never attempted");
-    let listed = app.get_json("/api/messenger/messages?status=expired").await;
+    let listed = app
+        .get_json("/api/messenger/messages?status=expired&withTotal=true")
+        .await;
     assert_eq!(listed["total"], 1);
     let stats = app.get_json("/api/messenger/stats").await;
     assert_eq!(stats["counts"]["expired"], 1, "{stats}");
@@ -209,7 +211,11 @@ async fn a_bulk_requeue_takes_exactly_the_matching_failed_messages_once() {
         .unwrap();
     fail_for_good(&app, "w", 1).await;
     app.seed(2).await; // pending: never matched
-    assert_eq!(app.get_json("/api/messenger/messages?status=failed").await["total"], 6);
+    assert_eq!(
+        app.get_json("/api/messenger/messages?status=failed&withTotal=true")
+            .await["total"],
+        6
+    );
 
     let dry = requeue(&app, json!({"filter": {"status": "failed"}, "dryRun": true})).await;
     assert_eq!(
@@ -217,7 +223,8 @@ async fn a_bulk_requeue_takes_exactly_the_matching_failed_messages_once() {
         json!({"matched": 6, "requeued": 0, "remaining": 6, "dryRun": true})
     );
     assert_eq!(
-        app.get_json("/api/messenger/messages?status=failed").await["total"],
+        app.get_json("/api/messenger/messages?status=failed&withTotal=true")
+            .await["total"],
         6,
         "a dry run changes nothing"
     );
@@ -245,7 +252,11 @@ async fn a_bulk_requeue_takes_exactly_the_matching_failed_messages_once() {
         json!({"matched": 0, "requeued": 0, "remaining": 0, "dryRun": false}),
         "idempotent"
     );
-    assert_eq!(app.get_json("/api/messenger/messages?status=pending").await["total"], 8);
+    assert_eq!(
+        app.get_json("/api/messenger/messages?status=pending&withTotal=true")
+            .await["total"],
+        8
+    );
     let metrics = app.open_text("/metrics").await;
     assert!(
         metrics.contains("herald_messages_requeued_total{way=\"bulk\"} 6"),

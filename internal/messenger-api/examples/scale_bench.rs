@@ -1,0 +1,474 @@
+//! "At scale": what an operator's reads cost with a million messages, against a real
+//! `herald messenger-api` process, each beside the raw driver's time for the same query in the
+//! same run.
+//!
+//! Seeds N messages (default 1,000,000; mixed: 1,000 pending and due, the rest sent, failed
+//! and expired) straight into a fresh database, starts the API on it (its start-up
+//! reconciliation counts them once), then times p50/p99 of: the first list page, a page 90 %
+//! deep by cursor, a status-filtered page, `/stats`, `/metrics`, one create, and one claim of
+//! 500 beside the million — and the same claim on a database holding only the 1,000 due.
+//! Checks itself: each page holds exactly the ids the raw driver finds for it, and the counts
+//! equal a full count.
+//!
+//! `cargo build --release --bin herald && cargo run --release -p herald-messenger-api --example
+//! scale_bench -- 1000000` (needs the local MongoDB and Redis: `build/local-services.sh up`).
+
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bson::oid::ObjectId;
+use bson::{doc, DateTime, Document};
+use futures::TryStreamExt;
+use mongodb::{Collection, Database};
+use serde_json::{json, Value};
+
+const KEY: &str = "local-dev-api-key";
+const DUE: usize = 1000;
+const REPS: usize = 40;
+
+struct Api(Child);
+
+impl Drop for Api {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn start_api(binary: &str, database: &str, port: u16) -> Api {
+    let api = Api(Command::new(binary)
+        .arg("messenger-api")
+        .env("HERALD_ENV", "local")
+        .env("HERALD__MESSENGER_API__PORT", port.to_string())
+        .env("HERALD__MONGO__DATABASE", database)
+        .env("HERALD__REDIS__KEY_PREFIX", format!("{database}:"))
+        .env("HERALD__TELEMETRY__FILTER", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {binary}: {e} (cargo build --release --bin herald)")));
+    let client = reqwest::Client::new();
+    for _ in 0..300 {
+        if let Ok(r) = client
+            .get(format!("http://127.0.0.1:{port}/messenger/ready"))
+            .send()
+            .await
+        {
+            if r.status().is_success() {
+                return api;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the API did not get ready");
+}
+
+fn percentiles(mut ms: Vec<f64>) -> (f64, f64) {
+    ms.sort_by(f64::total_cmp);
+    let at = |p: f64| ms[((ms.len() as f64 - 1.0) * p).round() as usize];
+    (at(0.5), at(0.99))
+}
+
+async fn time<F, Fut, T>(reps: usize, mut f: F) -> ((f64, f64), T)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = T>,
+{
+    let mut ms = Vec::with_capacity(reps);
+    let mut last = None;
+    for _ in 0..reps {
+        let start = Instant::now();
+        last = Some(f().await);
+        ms.push(start.elapsed().as_secs_f64() * 1000.0);
+    }
+    (percentiles(ms), last.unwrap())
+}
+
+/// Inserts `n` messages: the first `DUE` pending and due, then sent/failed/expired mixed.
+async fn seed(db: &Database, n: usize) {
+    let messages: Collection<Document> = db.collection("messages");
+    let now = DateTime::now().timestamp_millis();
+    let started = Instant::now();
+    let mut batch = Vec::with_capacity(10_000);
+    for i in 0..n {
+        let at = DateTime::from_millis(now - (n - i) as i64);
+        let mut doc = doc! {
+            "_id": ObjectId::new(), "to": format!("+90555{:07}", i % 100_000),
+            "content": format!("scale message {i} with a body of ordinary length for a text"),
+            "attempts": 1, "created_at": at, "updated_at": at, "next_attempt_at": at,
+        };
+        let status = match (i < DUE, i % 20) {
+            (true, _) => "pending",
+            (false, 0) => "failed",
+            (false, 1) => "expired",
+            _ => "sent",
+        };
+        doc.insert("status", status);
+        if status == "pending" {
+            doc.insert("attempts", 0);
+        }
+        if status == "sent" {
+            doc.insert("sent_at", at);
+            doc.insert("webhook_message_id", format!("prov-{i}"));
+        }
+        batch.push(doc);
+        if batch.len() == 10_000 || i == n - 1 {
+            messages
+                .insert_many(std::mem::take(&mut batch))
+                .ordered(false)
+                .await
+                .unwrap();
+        }
+    }
+    eprintln!("seeded {n} in {:.1} s", started.elapsed().as_secs_f64());
+}
+
+async fn ids_of(cursor: mongodb::Cursor<Document>) -> Vec<String> {
+    cursor
+        .try_collect::<Vec<Document>>()
+        .await
+        .unwrap()
+        .iter()
+        .map(|d| d.get_object_id("_id").unwrap().to_hex())
+        .collect()
+}
+
+fn page_ids(page: &Value) -> Vec<String> {
+    page["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// Times a list page through Herald (`query` added to `?limit=20`) beside the raw driver:
+/// the plain sorted limit over `filter`, and the best query for the same page (its own id range).
+async fn list_row(
+    http: &test_support::Http,
+    messages: &Collection<Document>,
+    what: &'static str,
+    query: &str,
+    filter: Document,
+) -> Row {
+    let url = format!("http://127.0.0.1:3391/api/messenger/messages?limit=20{query}");
+    let (herald, page) = time(REPS, || http.get_json(&url)).await;
+    let (naive, expect) = time(3, || async {
+        ids_of(
+            messages
+                .find(filter.clone())
+                .sort(doc! {"_id": -1})
+                .limit(20)
+                .await
+                .unwrap(),
+        )
+        .await
+    })
+    .await;
+    assert_eq!(page_ids(&page), expect, "{what}");
+    let first = ObjectId::parse_str(&expect[0]).unwrap();
+    let last = ObjectId::parse_str(expect.last().unwrap()).unwrap();
+    let mut best_filter = filter.clone();
+    best_filter.insert("_id", doc! {"$gte": last, "$lte": first});
+    let (best, _) = time(REPS, || async {
+        ids_of(
+            messages
+                .find(best_filter.clone())
+                .sort(doc! {"_id": -1})
+                .limit(21)
+                .await
+                .unwrap(),
+        )
+        .await
+    })
+    .await;
+    Row {
+        what,
+        herald,
+        raw: best,
+        raw_what: "the page's own id range",
+        naive: Some(naive),
+    }
+}
+
+struct Row {
+    what: &'static str,
+    herald: (f64, f64),
+    raw: (f64, f64),
+    raw_what: &'static str,
+    /// The plain query (sorted limit, or a count) when it differs from the best one.
+    naive: Option<(f64, f64)>,
+}
+
+#[tokio::main]
+async fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let n: usize = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(1_000_000);
+    let binary = std::env::var("HERALD_BIN").unwrap_or_else(|_| "target/release/herald".into());
+    let client = mongodb::Client::with_uri_str("mongodb://127.0.0.1:27017")
+        .await
+        .unwrap();
+    let big_name = format!("herald_scale_bench_{}", std::process::id());
+    let small_name = format!("{big_name}_small");
+    let big = client.database(&big_name);
+    let small = client.database(&small_name);
+    // Indexes first (an API start on the empty database), then the data behind its back, then
+    // the API again: its start-up reconciliation counts what is there.
+    drop(start_api(&binary, &big_name, 3391).await);
+    drop(start_api(&binary, &small_name, 3392).await);
+    seed(&big, n).await;
+    seed(&small, DUE).await;
+    let started = Instant::now();
+    let _api = start_api(&binary, &big_name, 3391).await;
+    let _small_api = start_api(&binary, &small_name, 3392).await;
+    let counts: Collection<Document> = big.collection("message_counts");
+    loop {
+        let doc = counts.find_one(doc! {}).await.unwrap();
+        if doc.is_some_and(|d| d.get_bool("exact").unwrap_or(false)) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!(
+        "start-up reconciliation of {n} messages: {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    let http = test_support::Http::new(KEY);
+    let base = "http://127.0.0.1:3391";
+    let messages: Collection<Document> = big.collection("messages");
+    let mut rows = Vec::new();
+
+    // Counts are exact.
+    let stats = http.get_json(&format!("{base}/api/messenger/stats")).await;
+    for status in ["pending", "processing", "sent", "failed", "expired"] {
+        let real = messages.count_documents(doc! {"status": status}).await.unwrap();
+        assert_eq!(stats["counts"][status].as_u64().unwrap(), real, "{status}");
+    }
+
+    // The first page, a page 90 % deep by cursor, a status-filtered page.
+    rows.push(list_row(&http, &messages, "first list page (20)", "", doc! {}).await);
+    let depth = n * 9 / 10;
+    let anchor = messages
+        .find(doc! {})
+        .sort(doc! {"_id": 1})
+        .skip((n - depth) as u64)
+        .limit(1)
+        .projection(doc! {"_id": 1})
+        .await
+        .unwrap();
+    let cursor = ids_of(anchor).await.remove(0);
+    let cursor_id = ObjectId::parse_str(&cursor).unwrap();
+    rows.push(
+        list_row(
+            &http,
+            &messages,
+            "page 90 % deep by cursor",
+            &format!("&after={cursor}"),
+            doc! {"_id": {"$lt": cursor_id}},
+        )
+        .await,
+    );
+    rows.push(
+        list_row(
+            &http,
+            &messages,
+            "status=failed page (20)",
+            "&status=failed",
+            doc! {"status": "failed"},
+        )
+        .await,
+    );
+
+    // Stats and metrics, beside what they used to do: count every status.
+    let url = format!("{base}/api/messenger/stats");
+    let (herald, _) = time(REPS, || http.get_json(&url)).await;
+    let (raw, _) = time(3, || async {
+        for status in ["pending", "processing", "sent", "failed", "expired"] {
+            messages.count_documents(doc! {"status": status}).await.unwrap();
+        }
+    })
+    .await;
+    rows.push(Row {
+        what: "/api/messenger/stats",
+        herald,
+        raw: (0.0, 0.0),
+        raw_what: "count_documents per status",
+        naive: Some(raw),
+    });
+    let url = format!("{base}/metrics");
+    let (herald, _) = time(REPS, || http.open_text(&url)).await;
+    rows.push(Row {
+        what: "/metrics",
+        herald,
+        raw: (0.0, 0.0),
+        raw_what: "count_documents per status",
+        naive: Some(raw),
+    });
+
+    // One create.
+    let mut i = 0;
+    let (herald, _) = time(REPS, || {
+        i += 1;
+        let body = json!({"to": format!("+90556{i:07}"), "content": "one more"});
+        let url = format!("{base}/api/messenger/messages");
+        let http = &http;
+        async move { http.post_json::<Value>(&url, &body).await }
+    })
+    .await;
+    let (raw, _) = time(REPS, || async {
+        messages
+            .insert_one(
+                doc! {"_id": ObjectId::new(), "to": "+905560000000", "content": "raw", "status": "expired",
+                "attempts": 0, "next_attempt_at": DateTime::now()},
+            )
+            .await
+            .unwrap()
+    })
+    .await;
+    // The raw inserts went behind the counts' back: take them out again.
+    messages.delete_many(doc! {"content": "raw"}).await.unwrap();
+    rows.push(Row {
+        what: "create one message",
+        herald,
+        raw,
+        raw_what: "insert_one",
+        naive: None,
+    });
+
+    // A claim of 500 beside the million, and on a database holding only the 1,000 due.
+    let claim = |port: u16| {
+        let http = &http;
+        async move {
+            let claimed: Vec<Value> = http
+                .post_json(
+                    &format!("http://127.0.0.1:{port}/api/messenger/get-two"),
+                    &json!({"worker": "bench", "limit": 500}),
+                )
+                .await;
+            assert_eq!(claimed.len(), 500);
+            let items: Vec<Value> = claimed
+                .iter()
+                .map(|m| json!({"outcome": "released", "id": m["id"], "claimToken": m["claimToken"]}))
+                .collect();
+            let start = Instant::now();
+            let _: Value = http
+                .post_json(
+                    &format!("http://127.0.0.1:{port}/api/messenger/outcomes"),
+                    &json!({"items": items}),
+                )
+                .await;
+            start.elapsed()
+        }
+    };
+    let mut claim_ms = Vec::new();
+    let mut small_ms = Vec::new();
+    for _ in 0..REPS {
+        let start = Instant::now();
+        let release = claim(3391).await;
+        claim_ms.push((start.elapsed() - release).as_secs_f64() * 1000.0);
+        let start = Instant::now();
+        let release = claim(3392).await;
+        small_ms.push((start.elapsed() - release).as_secs_f64() * 1000.0);
+    }
+    let (herald, small_claim) = (percentiles(claim_ms), percentiles(small_ms));
+    let raw_claim = |db: Database| async move {
+        let messages: Collection<Document> = db.collection("messages");
+        let now = DateTime::now();
+        let ids: Vec<ObjectId> = messages
+            .find(doc! {"status": {"$in": ["pending", "processing"]}, "next_attempt_at": {"$lte": now}})
+            .sort(doc! {"next_attempt_at": 1, "_id": 1})
+            .limit(500)
+            .projection(doc! {"_id": 1})
+            .await
+            .unwrap()
+            .try_collect::<Vec<Document>>()
+            .await
+            .unwrap()
+            .iter()
+            .map(|d| d.get_object_id("_id").unwrap())
+            .collect();
+        let token = uuid::Uuid::new_v4().to_string();
+        messages
+            .update_many(
+                doc! {"_id": {"$in": &ids}},
+                doc! {"$set": {"status": "processing", "claim_token": &token}},
+            )
+            .await
+            .unwrap();
+        let held = messages
+            .find(doc! {"claim_token": &token})
+            .await
+            .unwrap()
+            .try_collect::<Vec<Document>>()
+            .await
+            .unwrap();
+        assert_eq!(held.len(), 500);
+        messages
+            .update_many(
+                doc! {"claim_token": &token},
+                doc! {"$set": {"status": "pending"}, "$unset": {"claim_token": ""}},
+            )
+            .await
+            .unwrap();
+    };
+    let mut raw_ms = Vec::new();
+    let mut raw_small_ms = Vec::new();
+    for _ in 0..REPS {
+        let start = Instant::now();
+        raw_claim(big.clone()).await;
+        raw_ms.push(start.elapsed().as_secs_f64() * 1000.0);
+        let start = Instant::now();
+        raw_claim(small.clone()).await;
+        raw_small_ms.push(start.elapsed().as_secs_f64() * 1000.0);
+    }
+    rows.push(Row {
+        what: "claim 500 beside 1M (1k due)",
+        herald,
+        raw: percentiles(raw_ms),
+        raw_what: "find due sorted + update_many + read back",
+        naive: None,
+    });
+    rows.push(Row {
+        what: "claim 500, only the 1k due",
+        herald: small_claim,
+        raw: percentiles(raw_small_ms),
+        raw_what: "the same on the small database",
+        naive: None,
+    });
+
+    // Counts still exact after all that.
+    let stats = http.get_json(&format!("{base}/api/messenger/stats")).await;
+    for status in ["pending", "processing", "sent", "failed", "expired"] {
+        let real = messages.count_documents(doc! {"status": status}).await.unwrap();
+        assert_eq!(
+            stats["counts"][status].as_u64().unwrap(),
+            real,
+            "{status} after the run"
+        );
+    }
+
+    println!("\nAt scale: {n} messages (release build; p50 / p99 over {REPS} requests, ms)\n");
+    println!("| operation | Herald p50 / p99 | raw best query p50 / p99 | raw plain query p50 | raw query |");
+    println!("|---|---:|---:|---:|---|");
+    let pair = |(p50, p99): (f64, f64)| {
+        if p50 == 0.0 {
+            "–".to_owned()
+        } else {
+            format!("{p50:.1} / {p99:.1}")
+        }
+    };
+    for row in rows {
+        println!(
+            "| {} | {} | {} | {} | {} |",
+            row.what,
+            pair(row.herald),
+            pair(row.raw),
+            row.naive.map_or("–".to_owned(), |(p50, _)| format!("{p50:.1}")),
+            row.raw_what
+        );
+    }
+    big.drop().await.unwrap();
+    small.drop().await.unwrap();
+}

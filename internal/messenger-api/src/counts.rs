@@ -1,0 +1,495 @@
+//! Counts by status, maintained as messages change instead of recounted per request, so the
+//! stats, `/metrics` and the console cost one document read at 1k or 10M messages.
+//!
+//! **How they stay right.** Every write that changes a message's status is followed by an
+//! `$inc` of one document in `message_counts` (the store does it: [`crate::store`]). Writes
+//! that land together share one `$inc` (a group commit: the first caller writes, the ones
+//! arriving meanwhile join the next write), and each caller returns only once its share is in,
+//! so a client that creates a message and then reads the stats sees it counted.
+//!
+//! **How exact.** The message write and its count write are two writes. A process that dies
+//! between them, or a count write that fails (logged, `herald_message_counts_write_failures_total`),
+//! leaves the counts off by the messages it was moving. [`crate::store::MessageStore::reconcile_counts`]
+//! corrects that: it counts every status, and applies the difference only when no count
+//! write happened while it counted nor in the [`SETTLE`] second after (the document's version
+//! did not move), so a count write still on its way is never mistaken for drift; a busy moment
+//! is tried again later. A count write delayed by more than that (a stalled process that then
+//! resumes) can still be off by its messages until the next reconciliation. It runs at start-up and every `messenger_api.count_reconcile_seconds`.
+//! Until the first reconciliation on a collection the counts are not known to be exact, and
+//! readers count instead ([`Snapshot::exact`]).
+
+use std::sync::{Arc, Mutex};
+
+use bson::oid::ObjectId;
+use bson::{doc, Bson, DateTime, Document};
+use mongodb::{Collection, Database};
+use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use tokio::sync::oneshot;
+
+use crate::domain::MessageStatus;
+use crate::error::StoreError;
+
+/// Name of the collection holding the one counts document.
+pub const COLLECTION: &str = "message_counts";
+const ID: &str = "messages";
+const VERSION: &str = "v";
+const EXACT: &str = "exact";
+const FIRST_ID: &str = "first_id";
+const FIRST_SENT_AT: &str = "first_sent_at";
+
+fn earliest<T: Ord>(a: Option<T>, b: Option<T>) -> Option<T> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// Changes to the counts, one per status in [`MessageStatus::ALL`]'s order, and the oldest
+/// `_id` and `sent_at` they brought (the floors list walks stop at: [`crate::window`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Deltas {
+    counts: [i64; 5],
+    first_id: Option<ObjectId>,
+    first_sent_at: Option<DateTime>,
+}
+
+fn slot(status: MessageStatus) -> usize {
+    MessageStatus::ALL.iter().position(|s| *s == status).unwrap_or(0)
+}
+
+impl Deltas {
+    /// `n` messages that came into being in `status`.
+    pub fn added(status: MessageStatus, n: u64) -> Self {
+        let mut deltas = Self::default();
+        deltas.counts[slot(status)] += n as i64;
+        deltas
+    }
+
+    /// `n` messages that went from `from` to `to`.
+    pub fn moved(from: MessageStatus, to: MessageStatus, n: u64) -> Self {
+        let mut deltas = Self::default();
+        deltas.counts[slot(from)] -= n as i64;
+        deltas.counts[slot(to)] += n as i64;
+        deltas
+    }
+
+    /// `n` messages of `status` that are gone.
+    pub fn removed(status: MessageStatus, n: u64) -> Self {
+        let mut deltas = Self::default();
+        deltas.counts[slot(status)] -= n as i64;
+        deltas
+    }
+
+    /// The same, also bringing messages with ids from `first` on.
+    pub fn with_first_id(mut self, first: Option<ObjectId>) -> Self {
+        self.first_id = earliest(self.first_id, first);
+        self
+    }
+
+    /// The same, also bringing messages sent from `first` on.
+    pub fn with_first_sent_at(mut self, first: Option<DateTime>) -> Self {
+        self.first_sent_at = earliest(self.first_sent_at, first);
+        self
+    }
+
+    fn add(&mut self, other: Self) {
+        for (mine, theirs) in self.counts.iter_mut().zip(other.counts) {
+            *mine += theirs;
+        }
+        self.first_id = earliest(self.first_id, other.first_id);
+        self.first_sent_at = earliest(self.first_sent_at, other.first_sent_at);
+    }
+
+    /// True when nothing changes.
+    pub fn is_zero(&self) -> bool {
+        self.counts.iter().all(|d| *d == 0) && self.first_id.is_none() && self.first_sent_at.is_none()
+    }
+
+    /// The update that applies these deltas.
+    fn update(&self) -> Document {
+        let mut update = doc! {"$inc": self.inc(), "$setOnInsert": {EXACT: false}};
+        let mut min = Document::new();
+        if let Some(id) = self.first_id {
+            min.insert(FIRST_ID, id);
+        }
+        if let Some(at) = self.first_sent_at {
+            min.insert(FIRST_SENT_AT, at);
+        }
+        if !min.is_empty() {
+            update.insert("$min", min);
+        }
+        update
+    }
+
+    fn inc(&self) -> Document {
+        let mut inc = Document::new();
+        for (status, delta) in MessageStatus::ALL.iter().zip(self.counts) {
+            if delta != 0 {
+                inc.insert(status.as_str(), delta);
+            }
+        }
+        inc.insert(VERSION, 1_i64);
+        inc
+    }
+}
+
+/// The counts document as read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    /// Messages per status, in [`MessageStatus::ALL`]'s order.
+    pub counts: [u64; 5],
+    /// False until a reconciliation has set them from a real count.
+    pub exact: bool,
+    /// No message ever had a smaller `_id` (`None` when unknown).
+    pub first_id: Option<ObjectId>,
+    /// No message was ever sent earlier (`None` when unknown).
+    pub first_sent_at: Option<DateTime>,
+    /// Bumped by every write; a reconciliation applies only if it did not move.
+    version: i64,
+    raw: [i64; 5],
+}
+
+/// How long a reconciliation that found a difference waits for count writes still on their
+/// way before it calls the difference drift.
+pub const SETTLE: std::time::Duration = std::time::Duration::from_secs(1);
+
+impl Snapshot {
+    /// True when `actual` is not what these counts say, or they were never exact.
+    pub fn differs(&self, actual: &[u64; 5]) -> bool {
+        !self.exact || self.raw.iter().zip(actual).any(|(kept, real)| *kept != *real as i64)
+    }
+
+    /// `(status, count)` pairs.
+    pub fn by_status(&self) -> Vec<(MessageStatus, u64)> {
+        MessageStatus::ALL.into_iter().zip(self.counts).collect()
+    }
+
+    fn from_doc(doc: &Document) -> Self {
+        let number = |key: &str| match doc.get(key) {
+            Some(Bson::Int32(n)) => i64::from(*n),
+            Some(Bson::Int64(n)) => *n,
+            Some(Bson::Double(n)) => *n as i64,
+            _ => 0,
+        };
+        let raw = MessageStatus::ALL.map(|s| number(s.as_str()));
+        Self {
+            counts: raw.map(|n| n.max(0) as u64),
+            exact: doc.get_bool(EXACT).unwrap_or(false),
+            first_id: doc.get_object_id(FIRST_ID).ok(),
+            first_sent_at: doc.get_datetime(FIRST_SENT_AT).ok().copied(),
+            version: number(VERSION),
+            raw,
+        }
+    }
+}
+
+/// What a reconciliation found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reconciled {
+    /// The counts were right.
+    InSync,
+    /// They were off by this much (actual − maintained, per status) and are right now.
+    Corrected(Vec<(MessageStatus, i64)>),
+    /// Counts changed while it counted: nothing applied, try again later.
+    Busy,
+}
+
+/// The counts' own metrics.
+#[derive(Clone)]
+pub struct CountMetrics {
+    /// Count writes that failed (the counts drift until the next reconciliation).
+    pub write_failures: IntCounter,
+    /// Reconciliations by result: in_sync, corrected, busy, error.
+    pub reconciliations: IntCounterVec,
+    /// Messages by which the maintained counts were off when reconciled, by status.
+    pub drift: IntCounterVec,
+    /// When the counts were last confirmed or corrected, in Unix seconds.
+    pub reconciled_at: IntGauge,
+}
+
+impl CountMetrics {
+    fn new() -> Self {
+        // The names and labels are constants: creating them cannot fail.
+        Self {
+            write_failures: IntCounter::new(
+                "message_counts_write_failures_total",
+                "Writes of the maintained counts by status that failed (corrected by the next reconciliation).",
+            )
+            .expect("valid metric"),
+            reconciliations: IntCounterVec::new(
+                Opts::new(
+                    "message_counts_reconciliations_total",
+                    "Reconciliations of the maintained counts by status, by result: in_sync, corrected, busy, error.",
+                ),
+                &["result"],
+            )
+            .expect("valid metric"),
+            drift: IntCounterVec::new(
+                Opts::new(
+                    "message_counts_drift_total",
+                    "Messages by which a reconciliation found the maintained counts off, by status.",
+                ),
+                &["status"],
+            )
+            .expect("valid metric"),
+            reconciled_at: IntGauge::new(
+                "message_counts_reconciled_timestamp_seconds",
+                "When the maintained counts by status were last confirmed by a full count (Unix seconds).",
+            )
+            .expect("valid metric"),
+        }
+    }
+
+    /// Registers every metric in `registry`.
+    pub fn register(&self, registry: &Registry) -> prometheus::Result<()> {
+        registry.register(Box::new(self.write_failures.clone()))?;
+        registry.register(Box::new(self.reconciliations.clone()))?;
+        registry.register(Box::new(self.drift.clone()))?;
+        registry.register(Box::new(self.reconciled_at.clone()))?;
+        Ok(())
+    }
+}
+
+/// The maintained counts of one database's messages.
+#[derive(Clone)]
+pub struct StatusCounts {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    counts: Collection<Document>,
+    batch: Mutex<Batch>,
+    metrics: CountMetrics,
+}
+
+#[derive(Default)]
+struct Batch {
+    deltas: Deltas,
+    waiters: Vec<oneshot::Sender<()>>,
+    serving: bool,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl StatusCounts {
+    /// The counts in `db.message_counts`.
+    pub fn new(db: &Database) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                counts: db.collection(COLLECTION),
+                batch: Mutex::new(Batch::default()),
+                metrics: CountMetrics::new(),
+            }),
+        }
+    }
+
+    /// The counts' metrics (to register with the service's registry).
+    pub fn metrics(&self) -> &CountMetrics {
+        &self.inner.metrics
+    }
+
+    /// Applies `deltas`, sharing the write with whatever else arrives meanwhile; returns once
+    /// they are written. A failed write is logged and counted, never returned: the message
+    /// write it follows stands, and the next reconciliation corrects the counts.
+    pub async fn add(&self, deltas: Deltas) {
+        if deltas.is_zero() {
+            return;
+        }
+        let (done, written) = oneshot::channel();
+        let start = {
+            let mut batch = lock(&self.inner.batch);
+            batch.deltas.add(deltas);
+            batch.waiters.push(done);
+            !std::mem::replace(&mut batch.serving, true)
+        };
+        if start {
+            // A task of its own, so a caller that goes away never strands the others.
+            let inner = self.inner.clone();
+            tokio::spawn(async move { inner.flush().await });
+        }
+        let _ = written.await;
+    }
+
+    /// The counts as maintained, or `None` before anything was ever counted.
+    pub async fn snapshot(&self) -> Result<Option<Snapshot>, StoreError> {
+        Ok(self
+            .inner
+            .counts
+            .find_one(doc! {"_id": ID})
+            .await?
+            .as_ref()
+            .map(Snapshot::from_doc))
+    }
+
+    /// Sets the counts to `actual` (counted between reading `before` and `after`) if no count
+    /// write happened meanwhile, and records what it found.
+    pub async fn correct(
+        &self,
+        before: Option<Snapshot>,
+        actual: [u64; 5],
+        after: Option<Snapshot>,
+    ) -> Result<Reconciled, StoreError> {
+        let metrics = &self.inner.metrics;
+        let now = DateTime::now();
+        let outcome = match (before, after) {
+            (None, None) => {
+                let mut fresh = doc! {"_id": ID, VERSION: 1_i64, EXACT: true, "reconciled_at": now};
+                for (status, n) in MessageStatus::ALL.iter().zip(actual) {
+                    fresh.insert(status.as_str(), n as i64);
+                }
+                match self.inner.counts.insert_one(fresh).await {
+                    Ok(_) => Reconciled::InSync,
+                    Err(error) => match StoreError::from(error) {
+                        StoreError::AlreadyExists => Reconciled::Busy,
+                        other => return Err(other),
+                    },
+                }
+            }
+            (Some(before), Some(after)) if before.version == after.version => {
+                let drift: Vec<(MessageStatus, i64)> = MessageStatus::ALL
+                    .iter()
+                    .zip(actual.iter().zip(after.raw))
+                    .map(|(status, (real, kept))| (*status, *real as i64 - kept))
+                    .filter(|(_, d)| *d != 0)
+                    .collect();
+                if drift.is_empty() && after.exact {
+                    Reconciled::InSync
+                } else {
+                    let mut inc = doc! {VERSION: 1_i64};
+                    for (status, d) in &drift {
+                        inc.insert(status.as_str(), *d);
+                    }
+                    let applied = self
+                        .inner
+                        .counts
+                        .update_one(
+                            doc! {"_id": ID, VERSION: after.version},
+                            doc! {"$inc": inc, "$set": {EXACT: true, "reconciled_at": now}},
+                        )
+                        .await?;
+                    match (applied.matched_count, after.exact) {
+                        (0, _) => Reconciled::Busy,
+                        // The first count of a collection sets the counts; that is no drift.
+                        (_, false) => Reconciled::InSync,
+                        _ if drift.is_empty() => Reconciled::InSync,
+                        _ => Reconciled::Corrected(drift),
+                    }
+                }
+            }
+            _ => Reconciled::Busy,
+        };
+        let label = match &outcome {
+            Reconciled::InSync => "in_sync",
+            Reconciled::Corrected(_) => "corrected",
+            Reconciled::Busy => "busy",
+        };
+        metrics.reconciliations.with_label_values(&[label]).inc();
+        if !matches!(outcome, Reconciled::Busy) {
+            metrics.reconciled_at.set(now.timestamp_millis() / 1000);
+        }
+        if let Reconciled::Corrected(drift) = &outcome {
+            for (status, d) in drift {
+                metrics
+                    .drift
+                    .with_label_values(&[status.as_str()])
+                    .inc_by(d.unsigned_abs());
+            }
+            tracing::warn!(?drift, "the maintained counts by status were off and are corrected");
+        }
+        Ok(outcome)
+    }
+
+    /// Lowers the floors to what a full read found (never raises them: lists only need a
+    /// bound no later than the oldest message).
+    pub async fn lower_floors(
+        &self,
+        first_id: Option<ObjectId>,
+        first_sent_at: Option<DateTime>,
+    ) -> Result<(), StoreError> {
+        let floors = Deltas::default()
+            .with_first_id(first_id)
+            .with_first_sent_at(first_sent_at);
+        if floors.is_zero() {
+            return Ok(());
+        }
+        let mut update = floors.update();
+        update.remove("$inc");
+        self.inner
+            .counts
+            .update_one(doc! {"_id": ID}, update)
+            .upsert(true)
+            .await?;
+        Ok(())
+    }
+
+    /// Counts a reconciliation that could not finish.
+    pub fn reconcile_failed(&self) {
+        self.inner.metrics.reconciliations.with_label_values(&["error"]).inc();
+    }
+}
+
+impl Inner {
+    async fn flush(&self) {
+        loop {
+            let (deltas, waiters) = {
+                let mut batch = lock(&self.batch);
+                if batch.waiters.is_empty() {
+                    batch.serving = false;
+                    return;
+                }
+                (std::mem::take(&mut batch.deltas), std::mem::take(&mut batch.waiters))
+            };
+            if !deltas.is_zero() {
+                let write = self
+                    .counts
+                    .update_one(doc! {"_id": ID}, deltas.update())
+                    .upsert(true)
+                    .await;
+                if let Err(error) = write {
+                    self.metrics.write_failures.inc();
+                    tracing::warn!(
+                        ?deltas,
+                        error = %telemetry::Chain(&error),
+                        "could not update the counts by status; the next reconciliation corrects them"
+                    );
+                }
+            }
+            for waiter in waiters {
+                let _ = waiter.send(());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deltas_add_up_and_name_only_what_changes() {
+        let mut deltas = Deltas::added(MessageStatus::Pending, 3);
+        deltas.add(Deltas::moved(MessageStatus::Pending, MessageStatus::Processing, 2));
+        deltas.add(Deltas::moved(MessageStatus::Processing, MessageStatus::Sent, 2));
+        assert_eq!(deltas.counts, [1, 0, 2, 0, 0]);
+        assert_eq!(deltas.inc(), doc! {"pending": 1_i64, "sent": 2_i64, "v": 1_i64});
+        deltas.add(Deltas::removed(MessageStatus::Sent, 2));
+        deltas.add(Deltas::removed(MessageStatus::Pending, 1));
+        assert!(deltas.is_zero());
+        let old = ObjectId::from_bytes([1; 12]);
+        let new = ObjectId::from_bytes([2; 12]);
+        let mut floors = Deltas::added(MessageStatus::Pending, 1).with_first_id(Some(new));
+        floors.add(Deltas::default().with_first_id(Some(old)));
+        assert_eq!(floors.update().get_document("$min").unwrap(), &doc! {"first_id": old});
+    }
+
+    #[test]
+    fn a_snapshot_never_shows_a_negative_count() {
+        let snapshot = Snapshot::from_doc(&doc! {"pending": -2_i64, "sent": 5_i32, "v": 7_i64, "exact": true});
+        assert_eq!(snapshot.counts, [0, 0, 5, 0, 0]);
+        assert_eq!(snapshot.raw, [-2, 0, 5, 0, 0]);
+        assert!(snapshot.exact);
+        assert_eq!(snapshot.version, 7);
+    }
+}

@@ -416,6 +416,9 @@ impl StatusCounts {
         }
         let mut update = floors.update();
         update.remove("$inc");
+        // A document this creates has counted nothing yet: version 0, not exact, so the
+        // reconciliation that follows can set its counts under the version it read.
+        update.insert("$setOnInsert", doc! {EXACT: false, VERSION: 0_i64});
         self.inner
             .counts
             .update_one(doc! {"_id": ID}, update)

@@ -733,6 +733,10 @@ impl MessageStore {
     /// happened while it counted (see [`crate::counts`]).
     pub async fn reconcile_counts(&self) -> Result<Reconciled, StoreError> {
         let run = async {
+            // The floors first: on a collection that has messages but no counts document yet
+            // (data from before counts were kept) this write creates it, and it must not land
+            // between the two reads the correction compares.
+            self.lower_floors().await?;
             let before = self.counts.snapshot().await?;
             let actual = self.count_exactly().await?;
             let mut after = self.counts.snapshot().await?;
@@ -742,7 +746,6 @@ impl MessageStore {
                 tokio::time::sleep(crate::counts::SETTLE).await;
                 after = self.counts.snapshot().await?;
             }
-            self.lower_floors().await?;
             self.counts.correct(before, actual, after).await
         };
         let outcome = run.await;

@@ -249,6 +249,53 @@ async fn a_new_collection_is_counted_before_its_first_reconciliation() {
     app.cleanup().await;
 }
 
+/// A collection that already holds messages but no counts (one written before counts were
+/// kept) is counted by the first reconciliation of a service started on it, with no writes.
+#[tokio::test]
+async fn a_service_started_on_messages_without_counts_counts_them_once() {
+    let mut app = spawn_app().await;
+    let db = app.env.db();
+    db.collection::<bson::Document>("message_counts").drop().await.unwrap();
+    let now = DateTime::now();
+    let raw: Vec<bson::Document> = (0..30)
+        .map(|i| match i % 3 {
+            0 => doc! {"_id": ObjectId::new(), "to": "+905550000001", "content": "old", "status": "pending",
+            "attempts": 0, "created_at": now, "updated_at": now, "next_attempt_at": now},
+            1 => doc! {"_id": ObjectId::new(), "to": "+905550000001", "content": "old", "status": "sent",
+            "attempts": 1, "created_at": now, "updated_at": now, "next_attempt_at": now,
+            "sent_at": now, "webhook_message_id": format!("p-{i}")},
+            _ => doc! {"_id": ObjectId::new(), "to": "+905550000001", "content": "old", "status": "failed",
+            "attempts": 3, "created_at": now, "updated_at": now, "next_attempt_at": now},
+        })
+        .collect();
+    db.collection::<bson::Document>("messages")
+        .insert_many(raw)
+        .await
+        .unwrap();
+    // A replica starting now reconciles at start-up, before anything else writes.
+    let replica = app.replica().await;
+    let counts = db.collection::<bson::Document>("message_counts");
+    let mut exact = false;
+    for _ in 0..100 {
+        let doc = counts.find_one(doc! {}).await.unwrap();
+        if doc.is_some_and(|d| d.get_bool("exact").unwrap_or(false)) {
+            exact = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(exact, "the start-up reconciliation made the counts exact");
+    assert_eq!(stats_counts(&app).await, real_counts(&app).await);
+    assert_eq!(stats_counts(&app).await["sent"], 10);
+    let store = MessageStore::new(&db);
+    assert_eq!(reconcile(&store).await, Reconciled::InSync);
+    // The floors were set too: the first list page finds the oldest messages.
+    let page = app.get_json("/api/messenger/messages?limit=50").await;
+    assert_eq!(page["items"].as_array().unwrap().len(), 30);
+    drop(replica);
+    app.cleanup().await;
+}
+
 use futures::TryStreamExt;
 
 /// Claims and settles `ids`: the first `sent` of them sent at `sent_at`, the rest failed.

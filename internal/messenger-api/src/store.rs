@@ -432,13 +432,10 @@ impl MessageStore {
             filter.insert("status", from.as_str());
             filter.insert("_id", doc! {"$in": ids});
             // Never hand out a message past its expiry ([`MessageStore::expire_due`] ends those).
-            filter.insert(
-                "$or",
-                vec![
-                    doc! {"expires_at": {"$exists": false}},
-                    doc! {"expires_at": {"$gt": now}},
-                ],
-            );
+            // `$not` rather than an `$or` of "absent" and "later": with a top-level `$or` the
+            // SecantusDB test server stops using an index for the whole filter (340 ms instead
+            // of 8 ms beside a million messages).
+            filter.insert("expires_at", doc! {"$not": {"$lte": now}});
             let n = self.messages.update_many(filter, claim.clone()).await?.modified_count;
             self.counts.add(Deltas::moved(from, MessageStatus::Processing, n)).await;
             claimed += n;

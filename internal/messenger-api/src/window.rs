@@ -12,7 +12,9 @@
 //!   ever written: [`crate::counts`]). Without a floor it asks whether anything older matches,
 //!   which costs a read of everything older on such servers;
 //! - the span a full page needed is remembered per list kind, so the next page starts with a
-//!   window that fits.
+//!   window that fits; so is where a first page's newest item lay, and the next first page's
+//!   window (open above) reaches a page-width below it: it reads what arrived since plus
+//!   about a page, however long ago the newest item was written.
 //!
 //! The windows partition the order key, so a walk never repeats or skips an item, whatever the
 //! widths. The key is `_id` (its 12 bytes read as one number, so a window can be narrower than
@@ -118,19 +120,39 @@ pub struct Walk {
     pub kind: String,
 }
 
-/// Window widths that fitted each kind of list last time.
+/// What the last full page of a kind of list looked like: the span of keys it needed, and
+/// where the newest item of its first page lay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Fit {
+    width: i128,
+    top: Option<i128>,
+}
+
+/// Window widths (and first-page tops) that fitted each kind of list last time.
 #[derive(Default)]
-pub struct Widths(Mutex<HashMap<String, i128>>);
+pub struct Widths(Mutex<HashMap<String, Fit>>);
 
 impl Widths {
-    fn get(&self, kind: &str) -> i128 {
+    fn get(&self, kind: &str) -> Fit {
         let widths = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        widths.get(kind).copied().unwrap_or(MIN_WIDTH)
+        widths.get(kind).copied().unwrap_or(Fit {
+            width: MIN_WIDTH,
+            top: None,
+        })
     }
 
-    fn set(&self, kind: &str, width: i128) {
+    /// Records a full page spanning `newest..=oldest`; `first` when it was a first page.
+    fn set(&self, kind: &str, newest: i128, oldest: i128, first: bool) {
         let mut widths = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        widths.insert(kind.to_owned(), width.clamp(MIN_WIDTH, MAX_WIDTH));
+        let fit = widths.entry(kind.to_owned()).or_insert(Fit {
+            width: MIN_WIDTH,
+            top: None,
+        });
+        // The span this page needed, with room to spare, fits the next one.
+        fit.width = ((newest - oldest).saturating_mul(3) / 2).clamp(MIN_WIDTH, MAX_WIDTH);
+        if first {
+            fit.top = Some(newest);
+        }
     }
 }
 
@@ -144,10 +166,13 @@ pub async fn read(
     floor: Option<i128>,
 ) -> Result<Vec<MessageDoc>, StoreError> {
     let axis = walk.axis;
-    let start = walk.before.unwrap_or_else(|| axis.now());
+    let fit = widths.get(&walk.kind);
+    // A first page's window has no upper end. It reaches one page-width below where the
+    // newest item was last time, so it holds what arrived since plus about a page; the first
+    // time, it starts at the present.
+    let mut edge = walk.before.or(fit.top).unwrap_or_else(|| axis.now());
     let mut upper = walk.before;
-    let mut edge = start;
-    let mut width = widths.get(&walk.kind);
+    let mut width = fit.width;
     let mut items: Vec<MessageDoc> = Vec::with_capacity(want);
     loop {
         let lower = edge.saturating_sub(width).max(axis.floor());
@@ -168,9 +193,10 @@ pub async fn read(
         let got = found.len();
         items.extend(found);
         if items.len() >= want {
-            if let Some(last) = items.last() {
-                // The span this page needed, with room to spare, fits the next one.
-                widths.set(&walk.kind, (start - axis.position(last)).saturating_mul(3) / 2);
+            if let (Some(newest), Some(oldest)) = (items.first(), items.last()) {
+                // A cursor page's window began at the cursor, a first page's at its newest item.
+                let top = walk.before.unwrap_or_else(|| axis.position(newest));
+                widths.set(&walk.kind, top, axis.position(oldest), walk.before.is_none());
             }
             break;
         }
@@ -215,13 +241,33 @@ mod tests {
     }
 
     #[test]
-    fn widths_are_remembered_per_kind_within_bounds() {
+    fn widths_are_remembered_per_kind_within_bounds_and_tops_only_from_first_pages() {
         let widths = Widths::default();
-        assert_eq!(widths.get("id||"), MIN_WIDTH);
-        widths.set("id||", 10);
-        assert_eq!(widths.get("id||"), MIN_WIDTH);
-        widths.set("id|failed|", 1 << 70);
-        assert_eq!(widths.get("id|failed|"), 1 << 70);
-        assert_eq!(widths.get("id||"), MIN_WIDTH);
+        assert_eq!(widths.get("id||").width, MIN_WIDTH);
+        widths.set("id||", 1010, 1000, false);
+        assert_eq!(
+            widths.get("id||"),
+            Fit {
+                width: MIN_WIDTH,
+                top: None
+            }
+        );
+        widths.set("id|failed|", 3 << 70, 1 << 70, true);
+        assert_eq!(
+            widths.get("id|failed|"),
+            Fit {
+                width: 3 << 70,
+                top: Some(3 << 70)
+            }
+        );
+        widths.set("id|failed|", 1 << 70, 0, false);
+        assert_eq!(
+            widths.get("id|failed|"),
+            Fit {
+                width: 3 << 69,
+                top: Some(3 << 70)
+            }
+        );
+        assert_eq!(widths.get("id||").width, MIN_WIDTH);
     }
 }

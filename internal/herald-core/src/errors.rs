@@ -149,8 +149,18 @@ impl poem::error::ResponseError for ApiError {
 
 /// Turns any error that reaches the edge of a server into the JSON body: our own errors pass
 /// through; poem's (unknown route, bad JSON, bad parameter, missing auth, oversize body…) get the
-/// matching catalogue code.
+/// matching catalogue code. The route that raised it stays recorded on the response, for the
+/// request metrics' route label.
 pub fn to_json_error(error: poem::Error) -> Response {
+    let pattern = error.data::<poem::PathPattern>().cloned();
+    let mut response = json_error(error);
+    if let Some(pattern) = pattern {
+        response.set_data(pattern);
+    }
+    response
+}
+
+fn json_error(error: poem::Error) -> Response {
     if let Some(api) = error.downcast_ref::<ApiError>() {
         return poem::error::ResponseError::as_response(api);
     }

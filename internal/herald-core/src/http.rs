@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use poem::listener::{Acceptor, Listener, TcpAcceptor, TcpListener};
-use poem::{Endpoint, EndpointExt, IntoResponse, Middleware, Request, Response, Server};
+use poem::{Endpoint, EndpointExt, IntoResponse, Middleware, PathPattern, Request, Response, Server};
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder};
 
 use crate::errors::to_json_error;
@@ -132,24 +132,25 @@ impl HttpMetrics {
     }
 }
 
-/// The route label: ids become `{id}`, unknown routes one `unmatched`, so cardinality is bounded.
-pub fn route_label(path: &str, status: u16) -> String {
-    if status == 404
-        && !path.contains("/messages/")
-        && !path.contains("/commit/")
-        && !path.contains("/fail/")
-        && !path.contains("/release/")
-    {
-        return "unmatched".into();
-    }
-    path.split('/')
-        .map(|segment| {
-            if segment.len() == 24 && segment.bytes().all(|b| b.is_ascii_hexdigit()) {
-                "{id}"
-            } else {
-                segment
-            }
-        })
+/// The label of requests that matched no route. Every request is labelled by the route
+/// pattern it matched (`/api/messenger/messages/{id}`), never by its raw path, so junk URLs
+/// cannot grow the label set.
+pub const UNMATCHED: &str = "unmatched";
+
+/// The route label of a response: the pattern of the route that answered it (poem records it
+/// on the response, also on errors), or [`UNMATCHED`]. Path parameters read `{id}`, as in
+/// the OpenAPI documents (every path parameter of Herald's routes is a message id; poem-openapi
+/// records them by position, `:param0`).
+pub fn route_label(response: &Response) -> String {
+    // A request that only reached a nest mounted at the root (no route of it matched) carries
+    // the nest's empty pattern.
+    let Some(pattern) = response.data::<PathPattern>().filter(|p| !matches!(&*p.0, "" | "/")) else {
+        return UNMATCHED.to_owned();
+    };
+    pattern
+        .0
+        .split('/')
+        .map(|segment| if segment.starts_with(':') { "{id}" } else { segment })
         .collect::<Vec<_>>()
         .join("/")
 }
@@ -175,7 +176,6 @@ impl<E: Endpoint> Endpoint for HttpMetricsEndpoint<E> {
     type Output = Response;
 
     async fn call(&self, req: Request) -> poem::Result<Response> {
-        let path = req.uri().path().to_owned();
         let method = req.method().to_string();
         let started = Instant::now();
         let response = match self.inner.call(req).await {
@@ -183,7 +183,7 @@ impl<E: Endpoint> Endpoint for HttpMetricsEndpoint<E> {
             Err(error) => error.into_response(),
         };
         let status = response.status().as_u16();
-        let route = route_label(&path, status);
+        let route = route_label(&response);
         self.metrics
             .requests
             .with_label_values(&[route.as_str(), method.as_str(), &status.to_string()])
@@ -215,13 +215,63 @@ impl crate::errors::ApiError {
 mod tests {
     use super::*;
 
-    #[test]
-    fn route_labels_hide_ids_and_unknown_paths() {
+    #[tokio::test]
+    async fn route_labels_are_route_patterns_and_one_label_for_the_unmatched() {
+        use poem::test::TestClient;
+        use poem::{get, handler, EndpointExt, Route};
+
+        #[handler]
+        fn one() -> &'static str {
+            "one"
+        }
+        let registry = Registry::new();
+        let metrics = HttpMetrics::new(&registry).unwrap();
+        let app = Route::new()
+            .at("/health", get(one))
+            .nest("/", Route::new().at("/api/messages/:id", get(one)))
+            .with(metrics);
+        let client = TestClient::new(app);
+        for path in [
+            "/api/messages/0123456789abcdef01234567",
+            "/api/messages/not-an-id",
+            "/health",
+        ] {
+            client.get(path).send().await.assert_status_is_ok();
+        }
+        client
+            .post("/health")
+            .send()
+            .await
+            .assert_status(poem::http::StatusCode::METHOD_NOT_ALLOWED);
+        for junk in ["/junk/1", "/junk/2", "/api/messages/x/y", "/%2e%2e/etc"] {
+            client
+                .get(junk)
+                .send()
+                .await
+                .assert_status(poem::http::StatusCode::NOT_FOUND);
+        }
+        let mut labels: Vec<String> = registry
+            .gather()
+            .iter()
+            .filter(|family| family.name() == "http_requests_total")
+            .flat_map(|family| family.get_metric().iter())
+            .map(|m| {
+                m.get_label()
+                    .iter()
+                    .map(|l| format!("{}={}", l.name(), l.value()))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            })
+            .collect();
+        labels.sort();
         assert_eq!(
-            route_label("/api/messenger/messages/0123456789abcdef01234567", 200),
-            "/api/messenger/messages/{id}"
+            labels,
+            [
+                "method=GET,route=/api/messages/{id},status=200",
+                "method=GET,route=/health,status=200",
+                "method=GET,route=unmatched,status=404",
+                "method=POST,route=/health,status=405",
+            ]
         );
-        assert_eq!(route_label("/random/thing", 404), "unmatched");
-        assert_eq!(route_label("/api/messenger/messages", 201), "/api/messenger/messages");
     }
 }

@@ -97,5 +97,32 @@ async fn metrics_count_messages_by_status_and_requests_by_route() {
     );
     assert!(metrics.contains("herald_oldest_pending_age_seconds"), "{metrics}");
     assert!(metrics.contains("route=\"/api/messenger/commit/{id}\""), "{metrics}");
+    // Junk paths, bad ids and unknown sub-paths add no label of their own.
+    for junk in [
+        "/junk/1",
+        "/junk/2",
+        "/api/messenger/messages/not-an-id",
+        "/api/messenger/messages/0123456789abcdef01234567/nothing",
+    ] {
+        let _ = app
+            .client
+            .get(app.url(junk))
+            .bearer_auth(crate::helpers::KEY)
+            .send()
+            .await
+            .unwrap();
+    }
+    let metrics = app.open_text("/metrics").await;
+    let routes: std::collections::BTreeSet<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("herald_http_requests_total{"))
+        .filter_map(|l| l.split("route=\"").nth(1)?.split('"').next())
+        .collect();
+    assert!(
+        routes.iter().all(|r| !r.contains("junk") && !r.contains("not-an-id")),
+        "{routes:?}"
+    );
+    assert!(routes.contains("unmatched"), "{routes:?}");
+    assert!(routes.contains("/api/messenger/messages/{id}"), "{routes:?}");
     app.cleanup().await;
 }

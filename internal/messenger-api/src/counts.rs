@@ -36,6 +36,7 @@ const VERSION: &str = "v";
 const EXACT: &str = "exact";
 const FIRST_ID: &str = "first_id";
 const FIRST_SENT_AT: &str = "first_sent_at";
+const LAST_ID: &str = "last_id";
 
 fn earliest<T: Ord>(a: Option<T>, b: Option<T>) -> Option<T> {
     match (a, b) {
@@ -44,13 +45,15 @@ fn earliest<T: Ord>(a: Option<T>, b: Option<T>) -> Option<T> {
     }
 }
 
-/// Changes to the counts, one per status in [`MessageStatus::ALL`]'s order, and the oldest
-/// `_id` and `sent_at` they brought (the floors list walks stop at: [`crate::window`]).
+/// Changes to the counts, one per status in [`MessageStatus::ALL`]'s order, the oldest `_id`
+/// and `sent_at` they brought (the floors list walks stop at: [`crate::window`]) and the
+/// newest `_id` (where a first list page starts).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Deltas {
     counts: [i64; 5],
     first_id: Option<ObjectId>,
     first_sent_at: Option<DateTime>,
+    last_id: Option<ObjectId>,
 }
 
 fn slot(status: MessageStatus) -> usize {
@@ -86,6 +89,12 @@ impl Deltas {
         self
     }
 
+    /// The same, also bringing messages with ids up to `last`.
+    pub fn with_last_id(mut self, last: Option<ObjectId>) -> Self {
+        self.last_id = self.last_id.max(last);
+        self
+    }
+
     /// The same, also bringing messages sent from `first` on.
     pub fn with_first_sent_at(mut self, first: Option<DateTime>) -> Self {
         self.first_sent_at = earliest(self.first_sent_at, first);
@@ -98,11 +107,15 @@ impl Deltas {
         }
         self.first_id = earliest(self.first_id, other.first_id);
         self.first_sent_at = earliest(self.first_sent_at, other.first_sent_at);
+        self.last_id = self.last_id.max(other.last_id);
     }
 
     /// True when nothing changes.
     pub fn is_zero(&self) -> bool {
-        self.counts.iter().all(|d| *d == 0) && self.first_id.is_none() && self.first_sent_at.is_none()
+        self.counts.iter().all(|d| *d == 0)
+            && self.first_id.is_none()
+            && self.first_sent_at.is_none()
+            && self.last_id.is_none()
     }
 
     /// The update that applies these deltas.
@@ -117,6 +130,9 @@ impl Deltas {
         }
         if !min.is_empty() {
             update.insert("$min", min);
+        }
+        if let Some(id) = self.last_id {
+            update.insert("$max", doc! {LAST_ID: id});
         }
         update
     }
@@ -144,6 +160,8 @@ pub struct Snapshot {
     pub first_id: Option<ObjectId>,
     /// No message was ever sent earlier (`None` when unknown).
     pub first_sent_at: Option<DateTime>,
+    /// No message ever had a larger `_id` (`None` when unknown).
+    pub last_id: Option<ObjectId>,
     /// Bumped by every write; a reconciliation applies only if it did not move.
     version: i64,
     raw: [i64; 5],
@@ -177,6 +195,7 @@ impl Snapshot {
             exact: doc.get_bool(EXACT).unwrap_or(false),
             first_id: doc.get_object_id(FIRST_ID).ok(),
             first_sent_at: doc.get_datetime(FIRST_SENT_AT).ok().copied(),
+            last_id: doc.get_object_id(LAST_ID).ok(),
             version: number(VERSION),
             raw,
         }
@@ -401,16 +420,18 @@ impl StatusCounts {
         Ok(outcome)
     }
 
-    /// Lowers the floors to what a full read found (never raises them: lists only need a
-    /// bound no later than the oldest message).
-    pub async fn lower_floors(
+    /// Widens the bounds to what a full read found: lowers the floors and raises the newest
+    /// `_id` (never the other way: lists only need bounds outside every message).
+    pub async fn widen_bounds(
         &self,
         first_id: Option<ObjectId>,
         first_sent_at: Option<DateTime>,
+        last_id: Option<ObjectId>,
     ) -> Result<(), StoreError> {
         let floors = Deltas::default()
             .with_first_id(first_id)
-            .with_first_sent_at(first_sent_at);
+            .with_first_sent_at(first_sent_at)
+            .with_last_id(last_id);
         if floors.is_zero() {
             return Ok(());
         }
@@ -483,8 +504,10 @@ mod tests {
         let old = ObjectId::from_bytes([1; 12]);
         let new = ObjectId::from_bytes([2; 12]);
         let mut floors = Deltas::added(MessageStatus::Pending, 1).with_first_id(Some(new));
-        floors.add(Deltas::default().with_first_id(Some(old)));
+        floors.add(Deltas::default().with_first_id(Some(old)).with_last_id(Some(old)));
+        floors.add(Deltas::default().with_last_id(Some(new)));
         assert_eq!(floors.update().get_document("$min").unwrap(), &doc! {"first_id": old});
+        assert_eq!(floors.update().get_document("$max").unwrap(), &doc! {"last_id": new});
     }
 
     #[test]

@@ -235,7 +235,11 @@ impl MessageStore {
     pub async fn insert(&self, message: &MessageDoc) -> Result<(), StoreError> {
         self.messages.insert_one(message).await?;
         self.counts
-            .add(Deltas::added(message.status, 1).with_first_id(Some(message.id)))
+            .add(
+                Deltas::added(message.status, 1)
+                    .with_first_id(Some(message.id))
+                    .with_last_id(Some(message.id)),
+            )
             .await;
         Ok(())
     }
@@ -256,7 +260,8 @@ impl MessageStore {
         self.counts
             .add(
                 Deltas::added(MessageStatus::Pending, messages.len() as u64)
-                    .with_first_id(messages.iter().map(|m| m.id).min()),
+                    .with_first_id(messages.iter().map(|m| m.id).min())
+                    .with_last_id(messages.iter().map(|m| m.id).max()),
             )
             .await;
         Ok(())
@@ -304,13 +309,18 @@ impl MessageStore {
             axis: Axis::Id,
             before,
         };
-        let floor = self
-            .counts
-            .snapshot()
-            .await?
-            .and_then(|s| s.first_id)
-            .map(window::id_position);
-        let items = window::read(&self.messages, &self.widths, walk, page.fetch_limit() as usize, floor).await?;
+        let bounds = self.counts.snapshot().await?;
+        let floor = bounds.as_ref().and_then(|s| s.first_id).map(window::id_position);
+        let ceiling = bounds.as_ref().and_then(|s| s.last_id).map(window::id_position);
+        let items = window::read(
+            &self.messages,
+            &self.widths,
+            walk,
+            page.fetch_limit() as usize,
+            floor,
+            ceiling,
+        )
+        .await?;
         Ok(Fetched::new(items, page, total, |m| m.id.to_hex()))
     }
 
@@ -364,7 +374,7 @@ impl MessageStore {
                 .await?
                 .and_then(|s| s.first_sent_at)
                 .map(|at| i128::from(at.timestamp_millis()));
-            let more = window::read(&self.messages, &self.widths, walk, want - items.len(), floor).await?;
+            let more = window::read(&self.messages, &self.widths, walk, want - items.len(), floor, None).await?;
             items.extend(more);
         }
         Ok(Fetched::new(items, page, total, |m| m.id.to_hex()))
@@ -706,16 +716,20 @@ impl MessageStore {
         Ok(exact)
     }
 
-    /// Finds the oldest `_id` and `sent_at` there are (a full read on some servers, like the
-    /// count beside it) and lowers the floors list walks stop at to them.
-    async fn lower_floors(&self) -> Result<(), StoreError> {
-        let first_id = self
-            .raw
-            .find_one(doc! {})
-            .sort(doc! {"_id": 1})
-            .projection(doc! {"_id": 1})
-            .await?
-            .and_then(|d| d.get_object_id("_id").ok());
+    /// Finds the oldest and newest `_id` and the oldest `sent_at` there are (full reads on
+    /// some servers, like the count beside them) and widens the bounds list walks use to them.
+    async fn widen_bounds(&self) -> Result<(), StoreError> {
+        let end_id = |direction: i32| async move {
+            Ok::<_, StoreError>(
+                self.raw
+                    .find_one(doc! {})
+                    .sort(doc! {"_id": direction})
+                    .projection(doc! {"_id": 1})
+                    .await?
+                    .and_then(|d| d.get_object_id("_id").ok()),
+            )
+        };
+        let (first_id, last_id) = (end_id(1).await?, end_id(-1).await?);
         let first_sent_at = self
             .raw
             .find_one(doc! {"status": MessageStatus::Sent.as_str()})
@@ -723,7 +737,7 @@ impl MessageStore {
             .projection(doc! {"sent_at": 1})
             .await?
             .and_then(|d| d.get_datetime("sent_at").ok().copied());
-        self.counts.lower_floors(first_id, first_sent_at).await
+        self.counts.widen_bounds(first_id, first_sent_at, last_id).await
     }
 
     /// Compares the maintained counts with a full count and corrects them when no count write
@@ -733,7 +747,7 @@ impl MessageStore {
             // The floors first: on a collection that has messages but no counts document yet
             // (data from before counts were kept) this write creates it, and it must not land
             // between the two reads the correction compares.
-            self.lower_floors().await?;
+            self.widen_bounds().await?;
             let before = self.counts.snapshot().await?;
             let actual = self.count_exactly().await?;
             let mut after = self.counts.snapshot().await?;

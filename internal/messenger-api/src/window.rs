@@ -157,20 +157,26 @@ impl Widths {
 }
 
 /// Reads up to `want` items of `walk`, newest first, window by window, down to `floor` (no
-/// item lies before it; `None` when unknown).
+/// item lies before it; `None` when unknown). `ceiling`, when known, is where the newest item
+/// there ever was lies: a first page of a kind not read before starts there.
 pub async fn read(
     messages: &Collection<MessageDoc>,
     widths: &Widths,
     walk: Walk,
     want: usize,
     floor: Option<i128>,
+    ceiling: Option<i128>,
 ) -> Result<Vec<MessageDoc>, StoreError> {
     let axis = walk.axis;
     let fit = widths.get(&walk.kind);
     // A first page's window has no upper end. It reaches one page-width below where the
     // newest item was last time, so it holds what arrived since plus about a page; the first
-    // time, it starts at the present.
-    let mut edge = walk.before.or(fit.top).unwrap_or_else(|| axis.now());
+    // time, it starts just above the newest item ever written, or at the present.
+    let mut edge = walk
+        .before
+        .or(fit.top)
+        .or(ceiling.map(|c| c + 1))
+        .unwrap_or_else(|| axis.now());
     let mut upper = walk.before;
     let mut width = fit.width;
     let mut items: Vec<MessageDoc> = Vec::with_capacity(want);

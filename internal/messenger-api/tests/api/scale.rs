@@ -268,6 +268,8 @@ async fn a_service_started_on_messages_without_counts_counts_them_once() {
             "attempts": 3, "created_at": now, "updated_at": now, "next_attempt_at": now},
         })
         .collect();
+    let newest = raw.iter().map(|d| d.get_object_id("_id").unwrap()).max().unwrap();
+    let oldest = raw.iter().map(|d| d.get_object_id("_id").unwrap()).min().unwrap();
     db.collection::<bson::Document>("messages")
         .insert_many(raw)
         .await
@@ -285,6 +287,10 @@ async fn a_service_started_on_messages_without_counts_counts_them_once() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert!(exact, "the start-up reconciliation made the counts exact");
+    // And found the bounds list pages start and stop at.
+    let bounds = counts.find_one(doc! {}).await.unwrap().unwrap();
+    assert_eq!(bounds.get_object_id("first_id").unwrap(), oldest);
+    assert_eq!(bounds.get_object_id("last_id").unwrap(), newest);
     assert_eq!(stats_counts(&app).await, real_counts(&app).await);
     assert_eq!(stats_counts(&app).await["sent"], 10);
     let store = MessageStore::new(&db);

@@ -2,16 +2,16 @@
 #   make run    the whole local stack (MongoDB, Redis, sink, API, scheduler, 10 mock messages)
 #   make test   the whole test suite: format, lints, every test against real servers, the
 #               Postman collection with newman against a live stack, the operator console in
-#               headless Chromium, compose validation
+#               headless Chromium, compose validation, and the compose stack run for real
 SHELL := /bin/bash
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: run test services services-down fmt-check lint unit-tests newman console-test compose-check openapi bench bench-feed bench-scale
+.PHONY: run test services services-down fmt-check lint unit-tests newman console-test compose-check compose-up-test openapi bench bench-feed bench-scale
 
 run:
 	build/run-local.sh
 
-test: services fmt-check lint unit-tests newman console-test compose-check
+test: services fmt-check lint unit-tests newman console-test compose-check compose-up-test
 
 services:
 	build/local-services.sh up
@@ -40,6 +40,10 @@ console-test:
 
 compose-check:
 	build/check-compose.sh
+
+# docker-compose up of the real stack, healthchecks, seed, first deliveries, Postman, down -v.
+compose-up-test:
+	build/compose-up-test.sh
 
 bench: services
 	cargo run --release -p herald-job-scheduler --example bench -- 20000

@@ -7,12 +7,7 @@ cd "$ROOT"
 export PATH="$HOME/.cargo/bin:$PATH"
 source build/test-stack.sh
 
-NEWMAN_DIR="$ROOT/.local/newman"
-NEWMAN="$NEWMAN_DIR/node_modules/.bin/newman"
-if [ ! -x "$NEWMAN" ]; then
-  echo "[newman] installing newman 6 from npm into .local/newman"
-  npm install --prefix "$NEWMAN_DIR" --no-audit --no-fund --silent newman@6 >/dev/null
-fi
+NEWMAN="$(build/newman-bin.sh)"
 
 start_stack newman 3100 3101 8190
 

@@ -314,8 +314,17 @@ impl Settings {
         if self.webhook.timeout_ms == 0 || self.webhook.connect_timeout_ms == 0 {
             return fail("webhook.timeout_ms and webhook.connect_timeout_ms must be positive".into());
         }
-        if self.webhook.auth_header.trim().is_empty() {
-            return fail("webhook.auth_header must not be empty".into());
+        if poem::http::HeaderName::from_bytes(self.webhook.auth_header.as_bytes()).is_err() {
+            return fail(format!(
+                "webhook.auth_header ({:?}) must be a valid HTTP header name",
+                self.webhook.auth_header
+            ));
+        }
+        if poem::http::HeaderValue::from_str(self.webhook.auth_key.expose_secret()).is_err() {
+            // The value is a secret: named, never shown.
+            return fail(
+                "webhook.auth_key must be a valid HTTP header value (no control characters such as line breaks)".into(),
+            );
         }
         if self.delivery.retry_schedule_seconds.is_empty() {
             return fail("delivery.retry_schedule_seconds must list at least one delay".into());
@@ -530,11 +539,16 @@ mod tests {
             ("HERALD__TELEMETRY__FORMAT", "xml", "telemetry.format"),
             ("HERALD__WEBHOOK__URL", "ftp://x", "webhook.url"),
             ("HERALD__JOB_SCHEDULER__SCHEDULE", "* * *", "job_scheduler.schedule"),
+            ("HERALD__WEBHOOK__AUTH_HEADER", "x auth", "webhook.auth_header"),
+            ("HERALD__WEBHOOK__AUTH_HEADER", "", "webhook.auth_header"),
+            ("HERALD__WEBHOOK__AUTH_KEY", "zq-secret\nzq", "webhook.auth_key"),
+            ("HERALD__WEBHOOK__AUTH_KEY", "zq-secret\u{1}zq", "webhook.auth_key"),
         ] {
             let err = Settings::load_with_env(&configs(), "local", vars(&[(key, value)]))
                 .unwrap_err()
                 .to_string();
             assert!(err.contains(named), "{key}={value}: {err}");
+            assert!(!err.contains("zq-secret"), "a secret was echoed: {err}");
         }
     }
 

@@ -124,6 +124,9 @@ pub enum BuildError {
     /// `auth_header` is not a valid HTTP header name.
     #[error("webhook.auth_header is not a valid header name")]
     AuthHeader(#[source] reqwest::header::InvalidHeaderName),
+    /// `auth_key` is not a valid HTTP header value (the key itself is never shown).
+    #[error("webhook.auth_key is not a valid header value")]
+    AuthKey,
     /// The HTTP client (TLS) could not be initialised.
     #[error("cannot build the webhook HTTP client")]
     Http(#[source] reqwest::Error),
@@ -135,12 +138,16 @@ pub struct WebhookClient {
     http: reqwest::Client,
     config: WebhookConfig,
     auth_header: HeaderName,
+    auth_value: HeaderValue,
 }
 
 impl WebhookClient {
-    /// Builds the client; fails when the header name is invalid or TLS cannot initialise.
+    /// Builds the client; fails when the header name or the key is invalid or TLS cannot
+    /// initialise — at start-up, not at the first send.
     pub fn new(config: WebhookConfig) -> Result<Self, BuildError> {
         let auth_header = HeaderName::from_bytes(config.auth_header.as_bytes()).map_err(BuildError::AuthHeader)?;
+        let mut auth_value = HeaderValue::from_str(config.auth_key.expose_secret()).map_err(|_| BuildError::AuthKey)?;
+        auth_value.set_sensitive(true);
         let http = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .timeout(config.timeout)
@@ -152,6 +159,7 @@ impl WebhookClient {
             http,
             config,
             auth_header,
+            auth_value,
         })
     }
 
@@ -159,21 +167,7 @@ impl WebhookClient {
     /// outcome.
     pub async fn send(&self, idempotency_key: &str, body: &WebhookRequest<'_>) -> DeliveryOutcome {
         let mut headers = HeaderMap::new();
-        match HeaderValue::from_str(self.config.auth_key.expose_secret()) {
-            Ok(mut value) => {
-                value.set_sensitive(true);
-                headers.insert(self.auth_header.clone(), value);
-            }
-            Err(_) => {
-                return DeliveryOutcome::Permanent {
-                    failure: DeliveryFailure {
-                        kind: FailureKind::InvalidResponse,
-                        status: None,
-                        detail: "webhook.auth_key is not a valid header value".to_owned(),
-                    },
-                }
-            }
-        }
+        headers.insert(self.auth_header.clone(), self.auth_value.clone());
         if let Ok(value) = HeaderValue::from_str(idempotency_key) {
             headers.insert("idempotency-key", value);
         }
@@ -308,6 +302,22 @@ mod tests {
             user_agent: "herald/test".into(),
         })
         .unwrap()
+    }
+
+    #[test]
+    fn a_key_that_is_no_header_value_is_refused_when_the_client_is_built() {
+        let config = |key: &str| WebhookConfig {
+            url: "http://127.0.0.1:1/webhook".into(),
+            auth_header: "x-ins-auth-key".into(),
+            auth_key: SecretString::from(key.to_owned()),
+            timeout: Duration::from_secs(1),
+            connect_timeout: Duration::from_secs(1),
+            user_agent: "herald/test".into(),
+        };
+        let error = WebhookClient::new(config("two\nlines")).unwrap_err();
+        assert!(matches!(error, BuildError::AuthKey), "{error:?}");
+        assert!(!format!("{error} {error:?}").contains("lines"), "the key was shown");
+        assert!(WebhookClient::new(config("fine-key")).is_ok());
     }
 
     const BODY: WebhookRequest<'static> = WebhookRequest {

@@ -35,6 +35,8 @@ fn a_bad_configuration_value_exits_non_zero_with_one_line_naming_the_key() {
             "every minute",
             "job_scheduler.schedule",
         ),
+        // Found at start-up, not at the first send (where it failed every message for good).
+        ("HERALD__WEBHOOK__AUTH_KEY", "two\nlines", "webhook.auth_key"),
     ] {
         let vars = HashMap::from([(key.to_owned(), value.to_owned())]);
         for sub in ["messenger-api", "job-scheduler"] {

@@ -24,7 +24,8 @@ struct Cli {
 
 #[derive(Debug, Args)]
 struct GlobalArgs {
-    /// Folder holding default.toml, <env>.toml and errors.toml.
+    /// Folder of configuration overrides: default.toml and <env>.toml found there override the
+    /// built-in ones key by key; neither needs to exist.
     #[arg(long, global = true, env = "HERALD_CONFIG_DIR", default_value = "configs")]
     config_dir: PathBuf,
     /// Environment: local, docker, test or production (selects configs/<env>.toml).
@@ -44,6 +45,16 @@ enum Command {
     Seed(SeedArgs),
     /// Print or write both OpenAPI documents.
     Openapi(OpenapiArgs),
+    /// Inspect the configuration.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Load and validate the configuration, print where each layer came from and the effective
+    /// values as TOML with every secret redacted; exit non-zero naming the key of a bad value.
+    Check,
 }
 
 #[derive(Debug, Args)]
@@ -93,8 +104,8 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let mut settings = Settings::load(&cli.global.config_dir, &cli.global.env)?;
-    let quiet = matches!(cli.command, Command::Seed(_) | Command::Openapi(_));
+    let (mut settings, sources) = Settings::load_traced(&cli.global.config_dir, &cli.global.env, std::env::vars())?;
+    let quiet = matches!(cli.command, Command::Seed(_) | Command::Openapi(_) | Command::Config(_));
     let filter = if quiet {
         "warn".to_owned()
     } else {
@@ -132,8 +143,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Seed(args) => seed::run(&settings, args.count).await?,
         Command::Openapi(args) => openapi(&settings, args).await?,
+        Command::Config(ConfigCommand::Check) => print_config(&cli.global.env, &sources, &settings),
     }
     Ok(())
+}
+
+/// `herald config check` on a configuration that loaded and validated.
+fn print_config(env: &str, sources: &[herald_core::settings::Source], settings: &Settings) {
+    println!("# herald configuration for environment {env:?}: valid");
+    println!("# layers, each overriding the ones before:");
+    for source in sources {
+        println!("#   {source}");
+    }
+    print!("{}", settings.to_redacted_toml());
 }
 
 async fn openapi(settings: &Settings, args: OpenapiArgs) -> anyhow::Result<()> {

@@ -3,8 +3,9 @@
 use std::path::Path;
 use std::time::Duration;
 
+pub use layered_config::Source;
 use layered_config::{ExposeSecret, Layers, SecretString};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize, Serializer};
 
 /// Environment-variable prefix: `HERALD__SECTION__KEY`.
 pub const ENV_PREFIX: &str = "HERALD";
@@ -13,7 +14,7 @@ pub const ENV_PREFIX: &str = "HERALD";
 pub const LIST_KEYS: &[&str] = &["auth.api_keys", "delivery.retry_schedule_seconds"];
 
 /// The whole configuration.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Settings {
     /// MongoDB connection.
@@ -43,10 +44,11 @@ pub struct Settings {
 }
 
 /// `[mongo]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct MongoSettings {
     /// Connection string; secret because it may carry a password.
+    #[serde(serialize_with = "redact_url")]
     pub uri: SecretString,
     /// Database name.
     pub database: String,
@@ -55,10 +57,11 @@ pub struct MongoSettings {
 }
 
 /// `[redis]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RedisSettings {
     /// Connection URL; secret because it may carry a password.
+    #[serde(serialize_with = "redact_url")]
     pub url: SecretString,
     /// Prefix of every key.
     pub key_prefix: String,
@@ -69,7 +72,7 @@ pub struct RedisSettings {
 }
 
 /// `[messenger_api]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct MessengerApiSettings {
     /// Bind address.
@@ -85,7 +88,7 @@ pub struct MessengerApiSettings {
 }
 
 /// `[job_scheduler]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct JobSchedulerSettings {
     /// Bind address.
@@ -115,7 +118,7 @@ pub struct JobSchedulerSettings {
 }
 
 /// `[webhook_sink]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct WebhookSinkSettings {
     /// Bind address.
@@ -131,7 +134,7 @@ pub struct WebhookSinkSettings {
 }
 
 /// `[webhook]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct WebhookSettings {
     /// Provider endpoint.
@@ -139,6 +142,7 @@ pub struct WebhookSettings {
     /// Header carrying the auth key.
     pub auth_header: String,
     /// The auth key.
+    #[serde(serialize_with = "redact")]
     pub auth_key: SecretString,
     /// Total request timeout, in milliseconds.
     pub timeout_ms: u64,
@@ -160,7 +164,7 @@ pub struct WebhookSettings {
 }
 
 /// `[delivery]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DeliverySettings {
     /// Delay before retry n, in seconds.
@@ -171,7 +175,7 @@ pub struct DeliverySettings {
 }
 
 /// `[message]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct MessageSettings {
     /// Content limit in Unicode characters.
@@ -181,16 +185,16 @@ pub struct MessageSettings {
 }
 
 /// `[auth]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthSettings {
     /// Accepted bearer tokens; the first is presented to the other service.
-    #[serde(deserialize_with = "layered_config::one_or_many")]
+    #[serde(deserialize_with = "layered_config::one_or_many", serialize_with = "redact_all")]
     pub api_keys: Vec<SecretString>,
 }
 
 /// `[telemetry]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TelemetrySettings {
     /// `pretty` or `json`.
@@ -200,7 +204,7 @@ pub struct TelemetrySettings {
 }
 
 /// `[events]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct EventsSettings {
     /// Events queued per subscriber before a slow consumer is cut off.
@@ -214,7 +218,7 @@ pub struct EventsSettings {
 }
 
 /// `[retention]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RetentionSettings {
     /// Sent messages older than this many days (by `sentAt`) are removed; 0 keeps them forever.
@@ -224,6 +228,54 @@ pub struct RetentionSettings {
     pub failed_days: u64,
     /// How often the retention sweep runs, in seconds.
     pub sweep_seconds: u64,
+}
+
+/// The shipped configuration files, compiled in: the binary runs from any folder, and files in
+/// the configuration folder override them key by key.
+const BUILTIN: &[(&str, &str)] = &[
+    ("default", include_str!("../../../configs/default.toml")),
+    ("local", include_str!("../../../configs/local.toml")),
+    ("docker", include_str!("../../../configs/docker.toml")),
+    ("test", include_str!("../../../configs/test.toml")),
+    ("production", include_str!("../../../configs/production.toml")),
+];
+
+/// Added to a lease and a send's timeout to bound a Stop's wait.
+const STOP_MARGIN: Duration = Duration::from_secs(10);
+/// Added to the stop wait for the toggle's own calls (state writes, status reads, the request).
+const TOGGLE_MARGIN: Duration = Duration::from_secs(5);
+
+/// What a secret shows when the configuration is printed.
+const REDACTED: &str = "<redacted>";
+
+fn redact<S: Serializer>(_: &SecretString, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(REDACTED)
+}
+
+fn redact_all<S: Serializer>(secrets: &[SecretString], serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.collect_seq(secrets.iter().map(|_| REDACTED))
+}
+
+/// A connection string with any password in it replaced: the host stays readable.
+fn redact_url<S: Serializer>(url: &SecretString, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(&redacted_url(url.expose_secret()))
+}
+
+fn redacted_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return REDACTED.to_owned();
+    };
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((userinfo, hosts)) => {
+            let user = userinfo.split_once(':').map_or(userinfo, |(user, _)| user);
+            let tail = if tail.contains('=') { "/?<redacted>" } else { tail };
+            format!("{scheme}://{user}:{REDACTED}@{hosts}{tail}")
+        }
+        None if tail.contains('=') => format!("{scheme}://{authority}/?{REDACTED}"),
+        None => url.to_owned(),
+    }
 }
 
 /// A configuration that loaded but breaks a rule. One line, naming the key.
@@ -242,16 +294,34 @@ impl Settings {
     where
         I: IntoIterator<Item = (String, String)>,
     {
+        Self::load_traced(dir, env, vars).map(|(settings, _)| settings)
+    }
+
+    /// Like [`Settings::load_with_env`], also saying which layers were read, in order: the
+    /// built-in files, the files found in `dir`, the environment variables.
+    pub fn load_traced<I>(dir: &Path, env: &str, vars: I) -> Result<(Self, Vec<Source>), anyhow::Error>
+    where
+        I: IntoIterator<Item = (String, String)>,
+    {
         let mut layers = Layers::new(dir, env, ENV_PREFIX);
         for key in LIST_KEYS {
             layers = layers.list_key(key);
         }
-        let settings: Settings = layers.load_with_env(vars)?;
+        for (name, text) in BUILTIN {
+            layers = layers.builtin(name, text);
+        }
+        let (settings, sources): (Settings, _) = layers.load_traced(vars)?;
         settings.validate()?;
         if env == "production" {
             settings.reject_development_secrets()?;
         }
-        Ok(settings)
+        Ok((settings, sources))
+    }
+
+    /// The effective configuration as TOML, every secret redacted.
+    pub fn to_redacted_toml(&self) -> String {
+        // Every field is a plain value, a list or a table: this cannot fail.
+        toml::to_string(self).unwrap_or_else(|error| format!("# cannot print the configuration: {error}\n"))
     }
 
     /// Checks every cross-field and range rule.
@@ -408,6 +478,20 @@ impl Settings {
         Ok(())
     }
 
+    /// The longest a Stop waits for runs in flight on every replica, this one's included: a
+    /// claim's lease, one send's timeout and a margin. By then every claim such a run holds has
+    /// lapsed, so waiting longer would protect nothing.
+    pub fn stop_wait(&self) -> Duration {
+        Duration::from_secs(self.job_scheduler.lease_seconds) + self.webhook.timeout() + STOP_MARGIN
+    }
+
+    /// How long the Messenger API's toggle waits for the Job Scheduler: the whole stop wait and
+    /// a margin for the calls around it, so a Stop that was saved is never answered 502 because
+    /// the caller gave up first. Derived from [`Settings::stop_wait`], never set apart from it.
+    pub fn toggle_timeout(&self) -> Duration {
+        self.stop_wait() + TOGGLE_MARGIN
+    }
+
     /// The key each service presents when it calls the other.
     pub fn service_key(&self) -> &SecretString {
         // validate() guarantees at least one key.
@@ -550,6 +634,76 @@ mod tests {
             assert!(err.contains(named), "{key}={value}: {err}");
             assert!(!err.contains("zq-secret"), "a secret was echoed: {err}");
         }
+    }
+
+    #[test]
+    fn without_a_configuration_folder_the_built_in_files_give_the_same_settings() {
+        let nowhere = Path::new("/nonexistent/herald-configs");
+        for env in ["local", "docker", "test"] {
+            let (built_in, sources) = Settings::load_traced(nowhere, env, vec![]).unwrap();
+            let from_files = Settings::load_with_env(&configs(), env, vec![]).unwrap();
+            assert_eq!(built_in.to_redacted_toml(), from_files.to_redacted_toml(), "{env}");
+            assert!(sources.iter().all(|s| matches!(s, Source::Builtin(_))), "{sources:?}");
+        }
+        let err = Settings::load_with_env(nowhere, "staging", vec![]).unwrap_err();
+        assert!(err.to_string().contains("staging.toml"), "{err}");
+    }
+
+    #[test]
+    fn the_printed_configuration_redacts_every_secret_and_keeps_hosts() {
+        let s = Settings::load_with_env(
+            &configs(),
+            "local",
+            vars(&[
+                ("HERALD__WEBHOOK__AUTH_KEY", "zq-hook"),
+                ("HERALD__AUTH__API_KEYS", "zq-one,zq-two"),
+                (
+                    "HERALD__MONGO__URI",
+                    "mongodb://app:zq-pw@db1:27017,db2:27017/?replicaSet=rs0",
+                ),
+                ("HERALD__REDIS__URL", "redis://:zq-redis@cache:6379/0"),
+            ]),
+        )
+        .unwrap();
+        let text = s.to_redacted_toml();
+        assert!(!text.contains("zq-"), "{text}");
+        assert!(
+            text.contains("mongodb://app:<redacted>@db1:27017,db2:27017/?<redacted>"),
+            "{text}"
+        );
+        assert!(text.contains("redis://:<redacted>@cache:6379/0"), "{text}");
+        assert!(text.contains(r#"api_keys = ["<redacted>", "<redacted>"]"#), "{text}");
+        assert!(
+            text.contains("[job_scheduler]") && text.contains("batch_size = 2"),
+            "{text}"
+        );
+        // Printed, it loads again as a configuration file.
+        assert!(text.parse::<toml::Table>().is_ok());
+    }
+
+    #[test]
+    fn the_toggle_outwaits_the_longest_stop_in_every_shipped_environment() {
+        let secrets = vars(&[
+            ("HERALD__AUTH__API_KEYS", "prod-key"),
+            ("HERALD__WEBHOOK__AUTH_KEY", "prod-hook"),
+        ]);
+        for env in ["local", "test", "docker", "production"] {
+            let s = Settings::load_with_env(&configs(), env, secrets.clone()).unwrap();
+            let lease = Duration::from_secs(s.job_scheduler.lease_seconds);
+            assert!(s.stop_wait() >= lease + s.webhook.timeout(), "{env}");
+            assert!(s.toggle_timeout() > s.stop_wait(), "{env}");
+        }
+    }
+
+    #[test]
+    fn urls_without_credentials_are_shown_whole() {
+        assert_eq!(redacted_url("mongodb://127.0.0.1:27017"), "mongodb://127.0.0.1:27017");
+        assert_eq!(redacted_url("redis://cache:6379/2"), "redis://cache:6379/2");
+        assert_eq!(redacted_url("not a url"), REDACTED);
+        assert_eq!(
+            redacted_url("mongodb://h:1/?authSource=admin"),
+            format!("mongodb://h:1/?{REDACTED}")
+        );
     }
 
     #[test]

@@ -150,8 +150,15 @@ impl JobControl {
         }
         self.parts.metrics.working.set(0);
         tracing::info!(by, "sending job stopping; waiting for runs in flight");
-        self.parts.job.wait_idle().await;
+        // One deadline for this replica's run and everyone else's, so the whole wait stays
+        // within the stop wait that the Messenger API's toggle timeout is derived from.
         let deadline = tokio::time::Instant::now() + self.parts.stop_wait;
+        if tokio::time::timeout_at(deadline, self.parts.job.wait_idle())
+            .await
+            .is_err()
+        {
+            tracing::warn!("this replica's run is still going after the stop wait; answering anyway");
+        }
         while self.parts.store.in_flight_runs(DateTime::now()).await? > 0 {
             if tokio::time::Instant::now() >= deadline {
                 tracing::warn!("runs of other replicas still in flight after the stop wait; answering anyway");

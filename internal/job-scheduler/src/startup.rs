@@ -88,7 +88,7 @@ async fn parts(settings: &Settings) -> anyhow::Result<Parts> {
         webhook_timeout: settings.webhook.timeout(),
         drain: js.drain,
     };
-    let stop_wait = config.lease + config.webhook_timeout + Duration::from_secs(10);
+    let stop_wait = settings.stop_wait();
     let metrics = SchedulerMetrics::new().context("Failed to register metrics")?;
     let store = JobStore::new(&db);
     let shutdown = CancellationToken::new();

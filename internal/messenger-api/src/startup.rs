@@ -65,12 +65,11 @@ impl Services {
     pub async fn build(settings: &Settings) -> anyhow::Result<Self> {
         let db = herald_core::mongo::connect(&settings.mongo, "herald-messenger-api").await?;
         let cache = SentCache::new(&settings.redis)?;
-        // Stop waits for the scheduler's in-flight run, which the webhook timeout bounds.
-        let toggle_timeout = Duration::from_millis(settings.webhook.timeout_ms * 2 + 10_000);
+        // A Stop answers once runs in flight are done: wait as long as it may take.
         let scheduler = SchedulerClient::new(
             &settings.job_scheduler.url,
             settings.service_key().clone(),
-            toggle_timeout,
+            settings.toggle_timeout(),
         )
         .context("Failed to build the Job Scheduler client")?;
         let metrics = MessengerMetrics::new().context("Failed to register metrics")?;

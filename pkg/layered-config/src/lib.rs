@@ -1,10 +1,13 @@
 //! Layered configuration loading into typed settings.
 //!
-//! A configuration is read from three layers, each overriding the one before:
-//! `<dir>/default.toml` → `<dir>/<env>.toml` → environment variables named
-//! `<PREFIX>__<SECTION>__<KEY>`. Keys listed as lists accept comma-separated values in the
-//! environment (`HERALD__AUTH__API_KEYS=one,two`). The crate knows nothing about the
-//! application; it returns whatever `serde` type the caller asks for.
+//! A configuration is read from layers, each overriding the one before: `default.toml` →
+//! `<env>.toml` → environment variables named `<PREFIX>__<SECTION>__<KEY>`. Each file may be
+//! compiled into the program ([`Layers::builtin`]) and also present in `<dir>`: the built-in
+//! text comes first and the file on disk, when there is one, overrides it key by key, so a
+//! program runs from any folder while an operator can still override any value in a file. A
+//! file that is neither built in nor on disk is an error. Keys listed as lists accept
+//! comma-separated values in the environment (`HERALD__AUTH__API_KEYS=one,two`). The crate
+//! knows nothing about the application; it returns whatever `serde` type the caller asks for.
 
 #![forbid(unsafe_code)]
 
@@ -26,6 +29,29 @@ pub struct Layers {
     pub env_prefix: String,
     /// Dotted keys whose environment value is a comma-separated list.
     pub list_keys: Vec<String>,
+    /// Files compiled into the program, by name without `.toml`.
+    pub builtin: Vec<(String, &'static str)>,
+}
+
+/// Where one layer's values came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// A file compiled into the program, by name (`default.toml`).
+    Builtin(String),
+    /// A file on disk.
+    File(PathBuf),
+    /// `<PREFIX>__*` environment variables, by name (values are not kept: they may be secret).
+    Environment(Vec<String>),
+}
+
+impl std::fmt::Display for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Builtin(name) => write!(f, "{name} (built in)"),
+            Self::File(path) => write!(f, "{}", path.display()),
+            Self::Environment(names) => write!(f, "environment: {}", names.join(", ")),
+        }
+    }
 }
 
 /// Why a configuration could not be loaded. The message is one line and names the key or file.
@@ -47,7 +73,15 @@ impl Layers {
             env: env.into(),
             env_prefix: env_prefix.to_owned(),
             list_keys: Vec::new(),
+            builtin: Vec::new(),
         }
+    }
+
+    /// Compiles `text` in as the file `<name>.toml`; a file of that name in the folder then
+    /// overrides it rather than replacing it.
+    pub fn builtin(mut self, name: &str, text: &'static str) -> Self {
+        self.builtin.push((name.to_owned(), text));
+        self
     }
 
     /// Declares a dotted key whose environment value is split on commas.
@@ -68,10 +102,35 @@ impl Layers {
         T: DeserializeOwned,
         I: IntoIterator<Item = (String, String)>,
     {
-        let default = self.file("default")?;
-        let env_file = self.file(&self.env)?;
+        self.load_traced(vars).map(|(value, _)| value)
+    }
+
+    /// Like [`Layers::load_with_env`], also saying which layers were read, in order.
+    pub fn load_traced<T, I>(&self, vars: I) -> Result<(T, Vec<Source>), LoadError>
+    where
+        T: DeserializeOwned,
+        I: IntoIterator<Item = (String, String)>,
+    {
         let prefix = format!("{}__", self.env_prefix);
         let source: config::Map<String, String> = vars.into_iter().filter(|(k, _)| k.starts_with(&prefix)).collect();
+        let mut builder = Config::builder();
+        let mut sources = Vec::new();
+        for name in ["default", self.env.as_str()] {
+            let layer = self.file(name)?;
+            if let Some(text) = layer.builtin {
+                builder = builder.add_source(File::from_str(text, FileFormat::Toml));
+                sources.push(Source::Builtin(format!("{name}.toml")));
+            }
+            if let Some(path) = layer.path {
+                builder = builder.add_source(File::from(path.as_path()).format(FileFormat::Toml));
+                sources.push(Source::File(path));
+            }
+        }
+        if !source.is_empty() {
+            let mut names: Vec<String> = source.keys().cloned().collect();
+            names.sort();
+            sources.push(Source::Environment(names));
+        }
         let mut environment = Environment::with_prefix(&self.env_prefix)
             .prefix_separator("__")
             .separator("__")
@@ -83,23 +142,32 @@ impl Layers {
                 environment = environment.with_list_parse_key(key);
             }
         }
-        Config::builder()
-            .add_source(File::from(default).format(FileFormat::Toml))
-            .add_source(File::from(env_file).format(FileFormat::Toml))
+        builder
             .add_source(environment)
             .build()
             .and_then(Config::try_deserialize)
+            .map(|value| (value, sources))
             .map_err(|e| LoadError::Invalid(one_line(&e.to_string())))
     }
 
-    fn file(&self, name: &str) -> Result<PathBuf, LoadError> {
+    /// The built-in text and the file on disk for `<name>.toml`; at least one must exist.
+    fn file(&self, name: &str) -> Result<Layer, LoadError> {
         let path = self.dir.join(format!("{name}.toml"));
-        if Path::new(&path).is_file() {
-            Ok(path)
-        } else {
-            Err(LoadError::MissingFile(path))
+        let builtin = self.builtin.iter().find(|(n, _)| n == name).map(|(_, text)| *text);
+        let on_disk = Path::new(&path).is_file();
+        if builtin.is_none() && !on_disk {
+            return Err(LoadError::MissingFile(path));
         }
+        Ok(Layer {
+            builtin,
+            path: on_disk.then_some(path),
+        })
     }
+}
+
+struct Layer {
+    builtin: Option<&'static str>,
+    path: Option<PathBuf>,
 }
 
 /// Deserializes a list that may also be given as one bare value. Needed for list keys set from
@@ -242,6 +310,43 @@ mod tests {
     fn a_missing_env_file_is_reported_by_path() {
         let dir = dir_with(&[("default.toml", DEFAULT)]);
         let err = Layers::new(&dir, "staging", "APP")
+            .load_with_env::<Sample, _>(vec![])
+            .unwrap_err();
+        assert!(err.to_string().contains("staging.toml"), "{err}");
+    }
+
+    #[test]
+    fn built_in_files_need_no_folder_and_files_on_disk_override_them_key_by_key() {
+        let nowhere = std::env::temp_dir().join(format!("layered-config-none-{}", rand_suffix()));
+        let layers = Layers::new(&nowhere, "test", "APP")
+            .builtin("default", DEFAULT)
+            .builtin("test", "[server]\nport = 4000\n");
+        let (s, sources): (Sample, _) = layers.load_traced(vec![]).unwrap();
+        assert_eq!((s.server.port, s.server.host.as_str()), (4000, "127.0.0.1"));
+        assert_eq!(
+            sources,
+            [
+                Source::Builtin("default.toml".into()),
+                Source::Builtin("test.toml".into())
+            ]
+        );
+
+        // A folder holding only an override of one key: the rest still comes from the built-ins.
+        let dir = dir_with(&[("default.toml", "[server]\nhost = \"0.0.0.0\"\n")]);
+        let vars = vec![("APP__AUTH__KEYS".to_owned(), "k".to_owned())];
+        let (s, sources): (Sample, _) = Layers::new(&dir, "test", "APP")
+            .builtin("default", DEFAULT)
+            .builtin("test", "[server]\nport = 4000\n")
+            .load_traced(vars)
+            .unwrap();
+        assert_eq!((s.server.port, s.server.host.as_str()), (4000, "0.0.0.0"));
+        assert_eq!(sources[1], Source::File(dir.join("default.toml")));
+        assert_eq!(sources[3], Source::Environment(vec!["APP__AUTH__KEYS".into()]));
+        assert_eq!(sources.len(), 4);
+
+        // An environment neither built in nor on disk is still an error that names the file.
+        let err = Layers::new(&nowhere, "staging", "APP")
+            .builtin("default", DEFAULT)
             .load_with_env::<Sample, _>(vec![])
             .unwrap_err();
         assert!(err.to_string().contains("staging.toml"), "{err}");

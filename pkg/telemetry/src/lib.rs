@@ -35,7 +35,7 @@ impl std::fmt::Display for Chain<'_> {
 }
 
 /// Log output format (`telemetry.format`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     /// Human-readable, multi-line.

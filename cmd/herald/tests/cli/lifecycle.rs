@@ -57,6 +57,64 @@ fn a_bad_configuration_value_exits_non_zero_with_one_line_naming_the_key() {
 }
 
 #[test]
+fn outside_the_repository_the_built_in_configuration_is_used_and_config_check_prints_it() {
+    let elsewhere = std::env::temp_dir().join(format!("herald-cli-elsewhere-{}", std::process::id()));
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    let vars = HashMap::from([
+        ("HERALD__WEBHOOK__AUTH_KEY".to_owned(), "zq-hook-secret".to_owned()),
+        (
+            "HERALD__MONGO__URI".to_owned(),
+            "mongodb://app:zq-pw@db:27017".to_owned(),
+        ),
+    ]);
+    let output = herald(&vars)
+        .current_dir(&elsewhere)
+        .args(["config", "check"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("default.toml (built in)"), "{stdout}");
+    assert!(stdout.contains("test.toml (built in)"), "{stdout}");
+    assert!(
+        stdout.contains("environment: HERALD__MONGO__URI, HERALD__WEBHOOK__AUTH_KEY"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("zq-"), "a secret was printed:\n{stdout}");
+    assert!(
+        stdout.contains(r#"uri = "mongodb://app:<redacted>@db:27017""#),
+        "{stdout}"
+    );
+    assert!(stdout.contains(r#"auth_key = "<redacted>""#), "{stdout}");
+
+    // From the repository, the files in configs/ are read over the built-in ones.
+    let output = herald(&HashMap::new()).args(["config", "check"]).output().unwrap();
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    assert!(
+        stdout.contains("configs/default.toml\n") && stdout.contains("configs/test.toml\n"),
+        "{stdout}"
+    );
+
+    // A bad value: non-zero, one line naming the key, nothing on stdout.
+    let bad = HashMap::from([("HERALD__JOB_SCHEDULER__BATCH_SIZE".to_owned(), "0".to_owned())]);
+    let output = herald(&bad)
+        .current_dir(&elsewhere)
+        .args(["config", "check"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(output.stdout.is_empty());
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("job_scheduler.batch_size"), "{stderr}");
+    std::fs::remove_dir_all(&elsewhere).unwrap();
+}
+
+#[test]
 fn the_committed_openapi_documents_are_current() {
     let output = herald(&HashMap::new())
         .args(["openapi", "--out-dir", "docs/openapi", "--check"])

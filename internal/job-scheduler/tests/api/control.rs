@@ -103,6 +103,62 @@ async fn stop_through_the_messenger_toggle_halts_every_replica_and_start_resumes
     stack.cleanup().await;
 }
 
+/// A Stop answers once the run in flight is done. A run may last nearly a lease (sends start
+/// until the lease less a send's timeout), which is longer than the two send timeouts and 10 s
+/// the toggle used to wait: it answered 502 although the stop was saved. Both waits now come
+/// from one policy (`Settings::stop_wait` and `Settings::toggle_timeout`).
+#[tokio::test]
+async fn a_stop_that_waits_for_a_long_run_is_answered_200_by_the_toggle() {
+    let timing = [
+        ("HERALD__JOB_SCHEDULER__LEASE_SECONDS", "30"),
+        ("HERALD__WEBHOOK__TIMEOUT_MS", "2000"),
+    ];
+    let stack = Stack::start(&[]).await;
+    let (url, log) = sink(1500, 0.0).await;
+    let mut replica = timing.to_vec();
+    replica.extend([
+        ("HERALD__JOB_SCHEDULER__BATCH_SIZE", "12"),
+        ("HERALD__JOB_SCHEDULER__CONCURRENCY", "1"),
+    ]);
+    let a = stack.scheduler(&url, &replica).await;
+    let mut api = timing.to_vec();
+    api.push(("HERALD__JOB_SCHEDULER__URL", &a.url));
+    let toggle_api = herald_messenger_api::Application::build(&herald_core::testing::settings_for(&stack.env, &api))
+        .await
+        .unwrap();
+    let toggle_url = format!("http://127.0.0.1:{}", toggle_api.port());
+    tokio::spawn(toggle_api.run_until_stopped(std::future::pending()));
+
+    stack.seed(12).await;
+    let run = tokio::spawn({
+        let control = a.control.clone();
+        async move { control.job().run_once().await }
+    });
+    eventually(Duration::from_secs(10), "the run's first send", || async {
+        !log.snapshot().is_empty()
+    })
+    .await;
+    // Twelve sends one after another at 1.5 s each: about 18 s, past the old toggle's 14 s.
+    let asked = std::time::Instant::now();
+    let stop = post(
+        &stack.client,
+        format!("{toggle_url}/api/messenger/messenger-job-toggle?command=stop"),
+    )
+    .await;
+    let waited = asked.elapsed();
+    assert_eq!(stop.status(), 200, "after {waited:?}: {}", stop.text().await.unwrap());
+    let report = run.await.unwrap();
+    assert!(
+        waited > Duration::from_secs(14),
+        "the run was not long enough to test this: {waited:?}"
+    );
+    assert_eq!(report.claimed, 12);
+    assert_eq!(log.snapshot().len(), 12, "the run in flight finished its batch");
+    assert_eq!(stack.count("sent").await, 12);
+    a.shutdown().await.unwrap();
+    stack.cleanup().await;
+}
+
 #[tokio::test]
 async fn run_history_is_recorded_and_paginated_newest_first() {
     let stack = Stack::start(&[]).await;

@@ -1,17 +1,18 @@
 # The two commands a newcomer needs:
 #   make run    the whole local stack (MongoDB, Redis, sink, API, scheduler, 10 mock messages)
 #   make test   the whole test suite: format, lints, every test against real servers, the
-#               Postman collection with newman against a live stack, the operator console in
-#               headless Chromium, compose validation, and the compose stack run for real
+#               Postman collection with newman against a live stack, schemathesis fuzzing of both
+#               APIs, the operator console in headless Chromium, compose validation, and the
+#               compose stack run for real
 SHELL := /bin/bash
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: run test services services-down fmt-check lint unit-tests newman console-test compose-check compose-up-test openapi bench bench-feed bench-scale
+.PHONY: run test services services-down fmt-check lint unit-tests newman fuzz console-test compose-check compose-up-test openapi bench bench-feed bench-scale
 
 run:
 	build/run-local.sh
 
-test: services fmt-check lint unit-tests newman console-test compose-check compose-up-test
+test: services fmt-check lint unit-tests newman fuzz console-test compose-check compose-up-test
 
 services:
 	build/local-services.sh up
@@ -34,6 +35,10 @@ unit-tests:
 
 newman:
 	build/newman.sh
+
+# schemathesis against both OpenAPI documents on a live stack (FUZZ_EXAMPLES, FUZZ_SEED).
+fuzz:
+	build/fuzz.sh
 
 console-test:
 	build/console-test.sh

@@ -286,6 +286,7 @@ pub fn error_response_meta(status: u16) -> poem_openapi::registry::MetaResponse 
         404 => "Not found.",
         409 => "Conflicts with the current state.",
         413 => "Body too large.",
+        415 => "The body is not JSON (`Content-Type: application/json`).",
         500 => "Internal error; the cause is logged with the request's correlation id.",
         502 => "The other service could not be reached.",
         503 => "MongoDB is unavailable; nothing was changed.",

@@ -2,6 +2,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -34,16 +35,101 @@ pub async fn bind(host: &str, port: u16) -> anyhow::Result<Bound> {
 }
 
 /// Wraps a route tree with what every server needs, outermost last: JSON errors for everything
-/// (unknown routes, bad JSON, auth), a body-size limit, HTTP metrics and the correlation id.
-pub fn edge<E>(routes: E, max_body_bytes: usize, metrics: HttpMetrics) -> impl Endpoint<Output = Response>
+/// (unknown routes, bad JSON, auth), the `Allow` header on a 405, a body-size limit, HTTP metrics
+/// and the correlation id.
+pub fn edge<E>(
+    routes: E,
+    max_body_bytes: usize,
+    metrics: HttpMetrics,
+    allowed: AllowedMethods,
+) -> impl Endpoint<Output = Response>
 where
     E: Endpoint + 'static,
 {
     routes
         .with(BodyLimit(max_body_bytes))
         .catch_all_error(|error| async move { to_json_error(error) })
+        .with(allowed)
         .with(metrics)
         .with(telemetry::CorrelationId)
+}
+
+/// The methods each path accepts, read from the server's own OpenAPI document, so a `405`
+/// carries the `Allow` header RFC 9110 §15.5.6 requires.
+#[derive(Debug, Clone, Default)]
+pub struct AllowedMethods(Arc<Vec<(Vec<Option<String>>, String)>>);
+
+impl AllowedMethods {
+    /// From an OpenAPI document (`{id}` path parameters match any one segment).
+    pub fn from_openapi(spec: &str) -> Self {
+        const METHODS: [&str; 8] = ["get", "put", "post", "delete", "options", "head", "patch", "trace"];
+        let doc: serde_json::Value = serde_json::from_str(spec).unwrap_or_default();
+        let mut table = Vec::new();
+        for (path, operations) in doc["paths"].as_object().into_iter().flatten() {
+            let mut methods: Vec<String> = operations
+                .as_object()
+                .into_iter()
+                .flat_map(|ops| ops.keys())
+                .filter(|m| METHODS.contains(&m.as_str()))
+                .map(|m| m.to_uppercase())
+                .collect();
+            methods.sort();
+            let segments: Vec<Option<String>> = path
+                .split('/')
+                .map(|s| (!(s.starts_with('{') && s.ends_with('}'))).then(|| s.to_owned()))
+                .collect();
+            table.push((segments, methods.join(", ")));
+        }
+        // Literal paths win over templates (`/messages/sent` over `/messages/{id}`).
+        table.sort_by_key(|(segments, _)| segments.iter().filter(|s| s.is_none()).count());
+        Self(Arc::new(table))
+    }
+
+    /// The `Allow` value for a request path, if a documented path matches it.
+    pub fn for_path(&self, path: &str) -> Option<&str> {
+        let wanted: Vec<&str> = path.split('/').collect();
+        self.0.iter().find_map(|(segments, methods)| {
+            let matches = segments.len() == wanted.len()
+                && segments
+                    .iter()
+                    .zip(&wanted)
+                    .all(|(segment, part)| segment.as_deref().is_none_or(|literal| literal == *part));
+            matches.then_some(methods.as_str())
+        })
+    }
+}
+
+impl<E: Endpoint<Output = Response>> Middleware<E> for AllowedMethods {
+    type Output = AllowEndpoint<E>;
+
+    fn transform(&self, inner: E) -> Self::Output {
+        AllowEndpoint {
+            inner,
+            allowed: self.clone(),
+        }
+    }
+}
+
+/// Adds `Allow` to the 405s of the wrapped endpoint.
+pub struct AllowEndpoint<E> {
+    inner: E,
+    allowed: AllowedMethods,
+}
+
+impl<E: Endpoint<Output = Response>> Endpoint for AllowEndpoint<E> {
+    type Output = Response;
+
+    async fn call(&self, req: Request) -> poem::Result<Response> {
+        let path = req.uri().path().to_owned();
+        let mut response = self.inner.call(req).await?;
+        if response.status() == poem::http::StatusCode::METHOD_NOT_ALLOWED {
+            let value = self.allowed.for_path(&path).and_then(|m| m.parse().ok());
+            if let Some(value) = value {
+                response.headers_mut().insert(poem::http::header::ALLOW, value);
+            }
+        }
+        Ok(response)
+    }
 }
 
 /// Rejects bodies over the limit with 413: at once by `Content-Length`, or while reading a body
@@ -214,6 +300,45 @@ impl crate::errors::ApiError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_405_names_the_methods_the_documented_path_accepts() {
+        use poem::test::TestClient;
+        use poem::{get, handler, post, Route};
+
+        #[handler]
+        fn ok() -> &'static str {
+            "ok"
+        }
+        let spec = r#"{"paths": {
+            "/api/messages": {"get": {}, "post": {}, "parameters": []},
+            "/api/messages/{id}": {"get": {}},
+            "/api/messages/sent": {"get": {}}
+        }}"#;
+        let allowed = AllowedMethods::from_openapi(spec);
+        assert_eq!(allowed.for_path("/api/messages/sent"), Some("GET"));
+        assert_eq!(allowed.for_path("/api/messages/abc"), Some("GET"));
+        assert_eq!(allowed.for_path("/api/messages"), Some("GET, POST"));
+        assert_eq!(allowed.for_path("/api/messages/abc/x"), None);
+
+        let app = Route::new()
+            .at("/api/messages", get(ok).post(ok))
+            .at("/api/messages/:id", get(ok))
+            .at("/other", post(ok))
+            .catch_all_error(|error| async move { to_json_error(error) })
+            .with(allowed);
+        let client = TestClient::new(app);
+        let response = client.delete("/api/messages/abc").send().await;
+        response.assert_status(poem::http::StatusCode::METHOD_NOT_ALLOWED);
+        response.assert_header("allow", "GET");
+        let response = client.put("/api/messages").send().await;
+        response.assert_header("allow", "GET, POST");
+        // A path the document does not describe gets its 405 without a guess.
+        let response = client.get("/other").send().await;
+        response.assert_status(poem::http::StatusCode::METHOD_NOT_ALLOWED);
+        response.assert_header_is_not_exist("allow");
+        client.get("/api/messages/abc").send().await.assert_status_is_ok();
+    }
 
     #[tokio::test]
     async fn route_labels_are_route_patterns_and_one_label_for_the_unmatched() {

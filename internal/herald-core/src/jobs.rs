@@ -12,12 +12,16 @@ pub struct JobStatus {
     /// True while the job sends on its schedule.
     pub working: bool,
     /// When `working` last changed.
+    #[oai(nullable)]
     pub changed_at: Option<DateTime<Utc>>,
     /// Who changed it (a replica's worker id, or `startup`).
+    #[oai(nullable)]
     pub changed_by: Option<String>,
     /// When the last run that was not skipped started.
+    #[oai(nullable)]
     pub last_run_at: Option<DateTime<Utc>>,
     /// When this replica's scheduler fires next.
+    #[oai(nullable)]
     pub next_run_at: Option<DateTime<Utc>>,
     /// Whether the provider may be sent to: open, paused until a time, or waiting for a probe
     /// (open when a scheduler of an earlier version leaves it out).
@@ -59,6 +63,7 @@ pub struct RunView {
     /// Start.
     pub started_at: DateTime<Utc>,
     /// End (absent while in flight).
+    #[oai(nullable)]
     pub finished_at: Option<DateTime<Utc>>,
     /// Messages claimed.
     pub claimed: i32,
@@ -74,8 +79,10 @@ pub struct RunView {
     #[serde(default)]
     pub expired: i32,
     /// Why the run did nothing.
+    #[oai(nullable)]
     pub skipped_reason: Option<String>,
     /// What went wrong.
+    #[oai(nullable)]
     pub error: Option<String>,
 }
 
@@ -134,10 +141,13 @@ pub struct ProviderStatus {
     /// open, paused or probing.
     pub state: ProviderState,
     /// No sends before this time.
+    #[oai(nullable)]
     pub paused_until: Option<DateTime<Utc>>,
     /// When the pause was set or last extended.
+    #[oai(nullable)]
     pub paused_at: Option<DateTime<Utc>>,
     /// Why it paused (a Retry-After, a failure streak, a failed probe).
+    #[oai(nullable)]
     pub reason: Option<String>,
     /// Retryable failures in a row, across replicas.
     pub failure_streak: i32,

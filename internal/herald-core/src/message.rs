@@ -57,6 +57,7 @@ pub struct LastErrorView {
     /// How it failed.
     pub kind: FailureKind,
     /// Provider HTTP status, when it answered.
+    #[oai(nullable)]
     pub status: Option<i32>,
     /// Detail or the first 4 KiB of the provider's body.
     pub detail: String,
@@ -82,20 +83,28 @@ pub struct MessageView {
     /// When a pending message is due (while processing: when its lease ends).
     pub next_attempt_at: DateTime<Utc>,
     /// Worker holding (or that last held) the claim.
+    #[oai(nullable)]
     pub claimed_by: Option<String>,
     /// End of the current claim.
+    #[oai(nullable)]
     pub lease_until: Option<DateTime<Utc>>,
     /// The provider's `messageId`.
+    #[oai(nullable)]
     pub webhook_message_id: Option<String>,
     /// When the provider accepted it.
+    #[oai(nullable)]
     pub sent_at: Option<DateTime<Utc>>,
     /// The last failed attempt.
+    #[oai(nullable)]
     pub last_error: Option<LastErrorView>,
     /// Not sent before this time (absent: due when created).
+    #[oai(nullable)]
     pub send_at: Option<DateTime<Utc>>,
     /// Never sent after this time: a message due past it becomes `expired`.
+    #[oai(nullable)]
     pub expires_at: Option<DateTime<Utc>>,
     /// The client's idempotency key, if given.
+    #[oai(nullable)]
     pub idempotency_key: Option<String>,
     /// Creation time.
     pub created_at: DateTime<Utc>,

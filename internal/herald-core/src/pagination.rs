@@ -78,10 +78,13 @@ pub struct Page<T: ParseFromJSON + ToJSON> {
     /// Page size asked for.
     pub limit: i64,
     /// Offset of this page (offset pagination only).
+    #[oai(nullable)]
     pub offset: Option<i64>,
     /// Pass as `after` for the next page; absent on the last page.
+    #[oai(nullable)]
     pub next_cursor: Option<String>,
     /// Matching items in all (offset pagination only).
+    #[oai(nullable)]
     pub total: Option<u64>,
 }
 

@@ -33,8 +33,10 @@ pub struct ClaimRequest {
     /// The claiming worker's id (recorded as `claimed_by`).
     pub worker: String,
     /// How many to claim, 1..=500 (default 2).
+    #[oai(nullable)]
     pub limit: Option<u32>,
     /// How long the claim is held, 1..=3600 seconds (default `job_scheduler.lease_seconds`).
+    #[oai(nullable)]
     pub lease_seconds: Option<u64>,
 }
 
@@ -56,6 +58,7 @@ pub struct ClaimedMessage {
     /// When the claim lapses and another worker may take the message.
     pub lease_until: DateTime<Utc>,
     /// Never send it after this time: report it `expired` instead.
+    #[oai(nullable)]
     pub expires_at: Option<DateTime<Utc>>,
 }
 
@@ -74,8 +77,10 @@ pub struct CommitRequest {
     /// The token from get-two.
     pub claim_token: String,
     /// The provider's `messageId`, when it gave one.
+    #[oai(nullable)]
     pub webhook_message_id: Option<String>,
     /// When the provider accepted it (default: now).
+    #[oai(nullable)]
     pub sent_at: Option<DateTime<Utc>>,
 }
 
@@ -96,6 +101,7 @@ pub struct DeliveryError {
     /// How it failed.
     pub kind: FailureKind,
     /// Provider HTTP status, when it answered.
+    #[oai(nullable)]
     pub status: Option<u16>,
     /// Detail or body excerpt (cut to 4 KiB).
     pub detail: String,
@@ -113,6 +119,7 @@ pub struct FailRequest {
     /// True: retry per the schedule; false: mark failed.
     pub retryable: bool,
     /// Not before this many seconds (the provider's Retry-After; capped).
+    #[oai(nullable)]
     pub retry_after_seconds: Option<u64>,
 }
 
@@ -141,8 +148,10 @@ pub struct SentOutcome {
     /// The token from get-two.
     pub claim_token: String,
     /// The provider's `messageId`, when it gave one.
+    #[oai(nullable)]
     pub webhook_message_id: Option<String>,
     /// When the provider accepted it (default: now).
+    #[oai(nullable)]
     pub sent_at: Option<DateTime<Utc>>,
 }
 
@@ -160,6 +169,7 @@ pub struct FailedOutcome {
     /// True: retry per the schedule; false: mark failed.
     pub retryable: bool,
     /// Not before this many seconds (the provider's Retry-After; capped).
+    #[oai(nullable)]
     pub retry_after_seconds: Option<u64>,
 }
 
@@ -266,6 +276,7 @@ pub struct OutcomeReport {
     /// What happened.
     pub result: OutcomeResult,
     /// The message's status after the report, when it exists.
+    #[oai(nullable)]
     pub status: Option<MessageStatus>,
 }
 

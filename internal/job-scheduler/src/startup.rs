@@ -223,6 +223,7 @@ impl Application {
         let api = api_service(&control);
         let ui = api.swagger_ui();
         let spec = api.spec_endpoint();
+        let allowed = http::AllowedMethods::from_openapi(&api.spec());
         let registry = metrics.registry.clone();
         let metrics_endpoint = poem::endpoint::make_sync(move |_| http::render_metrics(&registry));
         let routes = Route::new()
@@ -231,7 +232,13 @@ impl Application {
             .at("/metrics", metrics_endpoint)
             .nest("/", api)
             .data(ApiKeys::new(settings.auth.api_keys.clone()));
-        let app = http::edge(routes, settings.messenger_api.max_body_bytes, metrics.http.clone()).boxed();
+        let app = http::edge(
+            routes,
+            settings.messenger_api.max_body_bytes,
+            metrics.http.clone(),
+            allowed,
+        )
+        .boxed();
         Ok(Self {
             bound,
             app,

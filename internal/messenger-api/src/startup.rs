@@ -149,6 +149,7 @@ impl Application {
         let api = services.api(settings);
         let ui = api.swagger_ui();
         let spec = api.spec_endpoint();
+        let allowed = http::AllowedMethods::from_openapi(&api.spec());
         let (monitor, registry) = (services.monitor.clone(), services.metrics.registry.clone());
         let metrics = poem::endpoint::make(move |_| {
             let (monitor, registry) = (monitor.clone(), registry.clone());
@@ -175,6 +176,7 @@ impl Application {
             routes,
             settings.messenger_api.max_body_bytes,
             services.metrics.http.clone(),
+            allowed,
         )
         .boxed();
         Ok(Self {

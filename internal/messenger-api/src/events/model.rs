@@ -106,12 +106,16 @@ pub struct MessageEvent {
     /// Delivery attempts made.
     pub attempts: i32,
     /// When a pending message is due (while processing: when its lease ends).
+    #[oai(nullable)]
     pub next_attempt_at: Option<DateTime<Utc>>,
     /// When the provider accepted it.
+    #[oai(nullable)]
     pub sent_at: Option<DateTime<Utc>>,
     /// The provider's `messageId`.
+    #[oai(nullable)]
     pub webhook_message_id: Option<String>,
     /// The last failed attempt.
+    #[oai(nullable)]
     pub last_error: Option<LastErrorView>,
 }
 
@@ -122,8 +126,10 @@ pub struct JobEvent {
     /// Whether the job sends.
     pub working: bool,
     /// When `working` last changed.
+    #[oai(nullable)]
     pub changed_at: Option<DateTime<Utc>>,
     /// Who changed it.
+    #[oai(nullable)]
     pub changed_by: Option<String>,
 }
 
@@ -132,8 +138,10 @@ pub struct JobEvent {
 #[oai(rename_all = "camelCase")]
 pub struct ProviderEvent {
     /// No sends before this time (absent when resumed).
+    #[oai(nullable)]
     pub paused_until: Option<DateTime<Utc>>,
     /// Why it paused.
+    #[oai(nullable)]
     pub reason: Option<String>,
 }
 
@@ -149,10 +157,13 @@ pub struct FeedEvent {
     /// When it happened.
     pub at: DateTime<Utc>,
     /// The message, for `message.*` events.
+    #[oai(nullable)]
     pub message: Option<MessageEvent>,
     /// The job, for `job.*` events.
+    #[oai(nullable)]
     pub job: Option<JobEvent>,
     /// The provider, for `provider.*` events.
+    #[oai(nullable)]
     pub provider: Option<ProviderEvent>,
 }
 

@@ -14,12 +14,12 @@ use super::ApiTags;
 use crate::service::MessengerService;
 use herald_core::pagination::{Page, PageRequest};
 
-api_errors!(CreateErrors: 400, 401, 409, 413, 500, 503);
-api_errors!(BatchErrors: 400, 401, 413, 500, 503);
+api_errors!(CreateErrors: 400, 401, 409, 413, 415, 500, 503);
+api_errors!(BatchErrors: 400, 401, 413, 415, 500, 503);
 api_errors!(ListErrors: 400, 401, 500, 503);
 api_errors!(GetErrors: 400, 401, 404, 500, 503);
 api_errors!(RetryErrors: 400, 401, 404, 409, 500, 503);
-api_errors!(BulkRetryErrors: 400, 401, 500, 503);
+api_errors!(BulkRetryErrors: 400, 401, 413, 415, 500, 503);
 
 /// A created message.
 #[derive(ApiResponse)]

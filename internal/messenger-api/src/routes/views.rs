@@ -22,9 +22,11 @@ pub struct NewMessage {
     pub content: String,
     /// Not sent before this time (RFC 3339; at most `message.max_schedule_days` ahead; a past
     /// time means now).
+    #[oai(nullable)]
     pub send_at: Option<DateTime<Utc>>,
     /// Never sent after this time (RFC 3339, after now and after `sendAt`): a message still
     /// unsent when it comes due past it becomes `expired`.
+    #[oai(nullable)]
     pub expires_at: Option<DateTime<Utc>>,
 }
 
@@ -141,6 +143,7 @@ pub struct StatsView {
     /// Sum of `sentPerMinute`.
     pub sent_last_hour: u64,
     /// The sending job (absent before any scheduler has started).
+    #[oai(nullable)]
     pub job: Option<herald_core::jobs::JobStatus>,
     /// When the snapshot was taken.
     pub generated_at: DateTime<Utc>,
@@ -187,10 +190,13 @@ pub struct RequeueFilterBody {
     /// Only `failed` messages can be re-queued.
     pub status: MessageStatus,
     /// Created at or after this time (RFC 3339).
+    #[oai(nullable)]
     pub created_from: Option<DateTime<Utc>>,
     /// Created at or before this time (RFC 3339).
+    #[oai(nullable)]
     pub created_to: Option<DateTime<Utc>>,
     /// Only messages to this number (E.164).
+    #[oai(nullable)]
     pub to: Option<String>,
 }
 

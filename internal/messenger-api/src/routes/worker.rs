@@ -16,8 +16,8 @@ use herald_core::worker::{
     ClaimRequest, ClaimedMessage, CommitRequest, CommitView, FailRequest, OutcomeBatch, OutcomeResults, ReleaseRequest,
 };
 
-api_errors!(ClaimErrors: 400, 401, 413, 500, 503);
-api_errors!(TransitionErrors: 400, 401, 404, 409, 413, 500, 503);
+api_errors!(ClaimErrors: 400, 401, 413, 415, 500, 503);
+api_errors!(TransitionErrors: 400, 401, 404, 409, 413, 415, 500, 503);
 
 /// Claimed messages.
 #[derive(ApiResponse)]
@@ -51,7 +51,7 @@ pub enum OutcomesResponse {
     Ok(Json<OutcomeResults>),
 }
 
-api_errors!(OutcomeErrors: 400, 401, 413, 500, 503);
+api_errors!(OutcomeErrors: 400, 401, 413, 415, 500, 503);
 
 /// Worker operations.
 pub struct WorkerApi {

@@ -126,3 +126,60 @@ async fn metrics_count_messages_by_status_and_requests_by_route() {
     assert!(routes.contains("/api/messenger/messages/{id}"), "{routes:?}");
     app.cleanup().await;
 }
+
+/// What the schemathesis run (`build/fuzz.sh`) found, kept as plain assertions: absent values are
+/// documented as nullable, a body without `Content-Type: application/json` is a documented 415,
+/// and a 405 says in `Allow` which methods the path takes.
+#[tokio::test]
+async fn fuzzing_findings_stay_fixed() {
+    let app = spawn_app().await;
+    let spec = app.open_json("/messenger/openapi.json").await;
+    let schemas = &spec["components"]["schemas"];
+    for (schema, field) in [
+        ("Page_MessageView", "nextCursor"),
+        ("Page_MessageView", "total"),
+        ("RunView", "error"),
+        ("RunView", "skippedReason"),
+        ("JobStatus", "nextRunAt"),
+        ("ProviderStatus", "pausedUntil"),
+        ("MessageView", "sentAt"),
+    ] {
+        let property = &schemas[schema]["properties"][field];
+        assert_eq!(property["nullable"], true, "{schema}.{field}: {property}");
+    }
+    let page = app.get_json("/api/messenger/messages").await;
+    assert!(page["nextCursor"].is_null(), "{page}");
+
+    let untyped = app.post("/api/messenger/get-two").body("{}").send().await.unwrap();
+    assert_error(untyped, 415, 415_001).await;
+    for (path, method) in [
+        ("/api/messenger/get-two", "post"),
+        ("/api/messenger/messages", "post"),
+        ("/api/messenger/outcomes", "post"),
+        ("/api/messenger/commit/{id}", "put"),
+    ] {
+        let responses = &spec["paths"][path][method]["responses"];
+        assert!(responses.get("415").is_some(), "{method} {path} does not document 415");
+    }
+
+    let delete = app
+        .client
+        .request(
+            reqwest::Method::DELETE,
+            app.url("/api/messenger/messages/0123456789abcdef01234567"),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(delete.status(), 405);
+    assert_eq!(delete.headers()["allow"], "GET");
+    let put = app
+        .client
+        .request(reqwest::Method::PUT, app.url("/api/messenger/messages"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.headers()["allow"], "GET, POST");
+    assert_error(put, 405, 405_001).await;
+    app.cleanup().await;
+}

@@ -6,6 +6,7 @@
 //! Redis is a cache, never the source of truth: every call is bounded by a timeout, and a
 //! failure is reported to the caller (who logs and counts it) instead of failing a commit.
 
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use herald_core::settings::RedisSettings;
@@ -46,6 +47,18 @@ pub struct SentCache {
     prefix: String,
     ttl_seconds: u64,
     timeout: Duration,
+    missed: Arc<Mutex<Missed>>,
+}
+
+/// Which sent messages may lack their cache entry: every one sent at or after `since`
+/// (milliseconds), as far as this process knows. `generation` changes with every miss, so a
+/// repair pass only clears what it has covered.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Missed {
+    /// The earliest `sent_at` whose entry may be missing; `None` when nothing is.
+    pub since: Option<i64>,
+    /// Bumped by every miss.
+    pub generation: u64,
 }
 
 impl SentCache {
@@ -58,7 +71,54 @@ impl SentCache {
             prefix: settings.key_prefix.clone(),
             ttl_seconds: settings.sent_ttl_seconds,
             timeout,
+            missed: Arc::default(),
         })
+    }
+
+    /// How long an entry lives, in seconds.
+    pub fn ttl_seconds(&self) -> u64 {
+        self.ttl_seconds
+    }
+
+    /// Records that the entry of a message sent at `sent_at_ms` could not be written.
+    pub fn note_missed(&self, sent_at_ms: i64) {
+        let mut missed = self.missed.lock().unwrap_or_else(PoisonError::into_inner);
+        missed.since = Some(missed.since.map_or(sent_at_ms, |since| since.min(sent_at_ms)));
+        missed.generation += 1;
+    }
+
+    /// What may be missing now.
+    pub fn missed(&self) -> Missed {
+        *self.missed.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A repair that started at `seen` has covered everything sent before `upto` (ms), or, with
+    /// `None`, everything: move the mark, unless a new miss came in meanwhile.
+    pub fn repaired(&self, seen: Missed, upto: Option<i64>) {
+        let mut missed = self.missed.lock().unwrap_or_else(PoisonError::into_inner);
+        if missed.generation == seen.generation {
+            missed.since = upto;
+        }
+    }
+
+    /// Writes each entry that is not there (`SET … NX`) with the time it has left to live, in
+    /// one round trip; answers how many were missing.
+    pub async fn put_missing(&self, entries: &[(String, SentEntry, u64)]) -> Result<u64, CacheError> {
+        if entries.is_empty() {
+            return Ok(0);
+        }
+        let mut pipe = redis::pipe();
+        for (id, entry, ttl_seconds) in entries {
+            pipe.cmd("SET")
+                .arg(self.key(id))
+                .arg(serde_json::to_string(entry)?)
+                .arg("EX")
+                .arg(*ttl_seconds)
+                .arg("NX");
+        }
+        let mut conn = self.connection.clone();
+        let written: Vec<Option<String>> = self.bounded(async move { pipe.query_async(&mut conn).await }).await?;
+        Ok(written.iter().filter(|w| w.is_some()).count() as u64)
     }
 
     /// The key of a message.

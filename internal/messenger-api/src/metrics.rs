@@ -24,6 +24,10 @@ pub struct MessengerMetrics {
     pub failures: IntCounterVec,
     /// Sent-cache writes that did not reach Redis.
     pub cache_write_failures: IntCounter,
+    /// Cache entries the repair wrote again.
+    pub cache_repaired: IntCounter,
+    /// 1 while a cache repair is pending.
+    pub cache_repair_pending: IntGauge,
     /// Messages that expired unsent, by where it was found: claim, worker, retry.
     pub expired: IntCounterVec,
     /// Messages re-queued by operators, one at a time or in bulk.
@@ -55,6 +59,14 @@ impl MessengerMetrics {
         let cache_write_failures = IntCounter::new(
             "redis_cache_write_failures_total",
             "Sent-message cache entries that could not be written to Redis.",
+        )?;
+        let cache_repaired = IntCounter::new(
+            "redis_cache_repaired_total",
+            "Missing sent-message cache entries written again once Redis answered.",
+        )?;
+        let cache_repair_pending = IntGauge::new(
+            "redis_cache_repair_pending",
+            "1 while sent messages whose cache entries could not be written wait to be repaired.",
         )?;
         let expired = IntCounterVec::new(
             Opts::new(
@@ -91,6 +103,8 @@ impl MessengerMetrics {
         registry.register(Box::new(commits.clone()))?;
         registry.register(Box::new(failures.clone()))?;
         registry.register(Box::new(cache_write_failures.clone()))?;
+        registry.register(Box::new(cache_repaired.clone()))?;
+        registry.register(Box::new(cache_repair_pending.clone()))?;
         let feed = FeedMetrics {
             subscribers: IntGauge::new(
                 "event_subscribers",
@@ -120,6 +134,8 @@ impl MessengerMetrics {
             commits,
             failures,
             cache_write_failures,
+            cache_repaired,
+            cache_repair_pending,
             expired,
             requeued,
             removed,

@@ -81,6 +81,7 @@ impl Services {
             .context("Failed to register metrics")?;
         let upkeep = Upkeep::new(
             store.clone(),
+            cache.clone(),
             settings.retention.clone(),
             Duration::from_secs(settings.messenger_api.count_reconcile_seconds),
             metrics.clone(),

@@ -816,6 +816,12 @@ impl MessageStore {
         Ok(removed)
     }
 
+    /// Sent messages with `from <= sent_at < to`: one bounded range of the `sent` index.
+    pub async fn sent_between(&self, from: DateTime, to: DateTime) -> Result<Vec<MessageDoc>, StoreError> {
+        let filter = doc! {"status": MessageStatus::Sent.as_str(), "sent_at": {"$gte": from, "$lt": to}};
+        Ok(self.messages.find(filter).await?.try_collect().await?)
+    }
+
     /// How long the most overdue pending message has been due, in seconds (0 when none is).
     pub async fn oldest_due_age_seconds(&self, now: DateTime) -> Result<f64, StoreError> {
         let oldest = self

@@ -187,3 +187,82 @@ where
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// A Redis server of the test's own (a real `redis-server` process, Debian's package), so a test
+/// can kill it and start it again on the same port without touching the shared one. It keeps
+/// its data in an append-only file written on every command, as a Redis run with persistence
+/// does, so a restart finds what was written before the kill.
+pub struct PrivateRedis {
+    /// `redis://127.0.0.1:<port>`.
+    pub url: String,
+    port: u16,
+    dir: std::path::PathBuf,
+    child: Option<std::process::Child>,
+}
+
+impl PrivateRedis {
+    /// Starts one on a free port and waits until it answers.
+    pub async fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free port");
+        let dir = std::env::temp_dir().join(format!("herald-test-redis-{}", unique_suffix()));
+        std::fs::create_dir_all(&dir).expect("a data folder for the private redis");
+        let mut redis = Self {
+            url: format!("redis://127.0.0.1:{port}"),
+            port,
+            dir,
+            child: None,
+        };
+        redis.restart().await;
+        redis
+    }
+
+    /// (Re)starts the server on its port with its data, and waits until it answers.
+    pub async fn restart(&mut self) {
+        self.kill();
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", ""])
+            .args(["--appendonly", "yes", "--appendfsync", "always", "--dir"])
+            .arg(&self.dir)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server (Debian's redis-server package)");
+        self.child = Some(child);
+        let client = redis::Client::open(self.url.as_str()).expect("redis url");
+        eventually(Duration::from_secs(10), "private redis answers", || async {
+            client.get_multiplexed_async_connection().await.is_ok()
+        })
+        .await;
+    }
+
+    /// Kills the server (SIGKILL) and waits until it is gone.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// GET of a key on this server.
+    pub async fn get(&self, key: &str) -> Option<String> {
+        let client = redis::Client::open(self.url.as_str()).expect("redis url");
+        let mut conn = client.get_multiplexed_async_connection().await.expect("private redis");
+        redis::cmd("GET").arg(key).query_async(&mut conn).await.expect("GET")
+    }
+
+    /// TTL of a key on this server, in seconds (-2 when it is absent).
+    pub async fn ttl(&self, key: &str) -> i64 {
+        let client = redis::Client::open(self.url.as_str()).expect("redis url");
+        let mut conn = client.get_multiplexed_async_connection().await.expect("private redis");
+        redis::cmd("TTL").arg(key).query_async(&mut conn).await.expect("TTL")
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

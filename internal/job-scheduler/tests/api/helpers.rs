@@ -132,55 +132,7 @@ pub async fn set_behaviour(webhook_url: &str, behaviour: Value) {
     assert_eq!(response.status(), 200);
 }
 
-/// A Redis server of the test's own (a real `redis-server` process), so a test can stop it
-/// without touching the shared one.
-pub struct PrivateRedis {
-    pub url: String,
-    child: std::process::Child,
-}
-
-impl PrivateRedis {
-    pub async fn start() -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let child = std::process::Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("redis-server (Debian's redis-server package)");
-        let url = format!("redis://127.0.0.1:{port}");
-        let client = redis::Client::open(url.as_str()).unwrap();
-        eventually(Duration::from_secs(10), "private redis answers", || async {
-            client.get_multiplexed_async_connection().await.is_ok()
-        })
-        .await;
-        Self { url, child }
-    }
-
-    /// Kills the server (SIGKILL) and waits until it is gone.
-    pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for PrivateRedis {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
+pub use test_support::PrivateRedis;
 
 /// The most requests that arrived within any `window`, from their receive times.
 pub fn busiest(times: &[chrono::DateTime<chrono::Utc>], window: Duration) -> usize {

@@ -446,7 +446,8 @@ impl MessengerService {
             Ok(()) => true,
             Err(error) => {
                 self.metrics.cache_write_failures.inc();
-                tracing::warn!(message_id = id, error = %telemetry::Chain(&error), "message committed but the Redis cache entry was not written");
+                self.cache.note_missed(accepted_at.timestamp_millis());
+                tracing::warn!(message_id = id, error = %telemetry::Chain(&error), "message committed but the Redis cache entry was not written; the repair will write it");
                 false
             }
         };
@@ -685,10 +686,17 @@ impl MessengerService {
             Ok(()) => true,
             Err(error) => {
                 self.metrics.cache_write_failures.inc_by(commits.len() as u64);
+                let earliest = commits
+                    .iter()
+                    .filter_map(|(_, entry)| chrono::DateTime::parse_from_rfc3339(&entry.sent_at).ok())
+                    .map(|at| at.timestamp_millis())
+                    .min()
+                    .unwrap_or(stamp.timestamp_millis());
+                self.cache.note_missed(earliest);
                 tracing::warn!(
                     messages = commits.len(),
                     error = %telemetry::Chain(&error),
-                    "messages committed but their Redis cache entries were not written"
+                    "messages committed but their Redis cache entries were not written; the repair will write them"
                 );
                 false
             }

@@ -7,6 +7,7 @@ use bson::DateTime;
 use herald_core::settings::RetentionSettings;
 use tokio_util::sync::CancellationToken;
 
+use crate::cache::{CacheError, SentCache, SentEntry};
 use crate::counts::Reconciled;
 use crate::domain::MessageStatus;
 use crate::error::StoreError;
@@ -18,6 +19,13 @@ pub const SWEEP_BATCH: usize = 1000;
 /// Most messages one sweep removes per status, so a first sweep over years of history does not
 /// hold the database for long; the rest goes in the next sweeps.
 pub const SWEEP_MAX: u64 = 10_000;
+/// How often the cache repair looks whether entries are missing and Redis answers again.
+pub const REPAIR_EVERY: Duration = Duration::from_secs(2);
+/// The `sent_at` range the repair reads at once, in milliseconds: about a second of sends.
+const REPAIR_WINDOW_MS: i64 = 1000;
+/// Windows per repair pass: a pass catches up a minute of sends, twenty times faster than real
+/// time at the period above, and holds the database for one small read at a time.
+const REPAIR_WINDOWS: usize = 60;
 /// How often a busy reconciliation (counts changed while it counted) is tried again.
 const BUSY_RETRY: Duration = Duration::from_secs(2);
 /// Busy attempts before waiting for the next period.
@@ -27,6 +35,7 @@ const BUSY_ATTEMPTS: usize = 5;
 #[derive(Clone)]
 pub struct Upkeep {
     store: MessageStore,
+    cache: SentCache,
     retention: RetentionSettings,
     reconcile_every: Duration,
     metrics: MessengerMetrics,
@@ -36,21 +45,41 @@ impl Upkeep {
     /// Upkeep of `store` with these retention rules, reconciling counts every `reconcile_every`.
     pub fn new(
         store: MessageStore,
+        cache: SentCache,
         retention: RetentionSettings,
         reconcile_every: Duration,
         metrics: MessengerMetrics,
     ) -> Self {
         Self {
             store,
+            cache,
             retention,
             reconcile_every,
             metrics,
         }
     }
 
-    /// Runs both loops until `stop` is cancelled: a reconciliation now and every period, and
-    /// (when any retention is set) a sweep every `retention.sweep_seconds`.
+    /// Runs the loops until `stop` is cancelled: a reconciliation now and every period, the
+    /// cache repair every [`REPAIR_EVERY`], and (when any retention is set) a sweep every
+    /// `retention.sweep_seconds`.
     pub fn spawn(&self, stop: CancellationToken) {
+        let repair = self.clone();
+        let halt = stop.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = halt.cancelled() => return,
+                    () = tokio::time::sleep(REPAIR_EVERY) => {}
+                }
+                match repair.repair_cache(DateTime::now()).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(entries = n, "wrote missing Redis cache entries of sent messages"),
+                    Err(error) => {
+                        tracing::debug!(error = %error, "cache repair waits: Redis or MongoDB not answering")
+                    }
+                }
+            }
+        });
         let counts = self.clone();
         let halt = stop.clone();
         tokio::spawn(async move {
@@ -96,6 +125,57 @@ impl Upkeep {
         Some(Reconciled::Busy)
     }
 
+    /// One cache repair pass: when commits could not write their Redis entries, and Redis
+    /// answers again, writes the entries of the sent messages from the earliest miss onwards
+    /// that are still missing (`SET … NX`, with the time they have left), a second of `sent_at`
+    /// at a time and at most [`REPAIR_WINDOWS`] of them; answers how many it wrote. Idempotent:
+    /// an entry that is there is left alone, so replicas and repeated passes do no harm.
+    pub async fn repair_cache(&self, now: DateTime) -> Result<u64, RepairError> {
+        let seen = self.cache.missed();
+        let Some(mut from) = seen.since else {
+            self.metrics.cache_repair_pending.set(0);
+            return Ok(0);
+        };
+        self.metrics.cache_repair_pending.set(1);
+        self.cache.ping().await?;
+        let ttl_ms = self.cache.ttl_seconds() as i64 * 1000;
+        let mut written = 0;
+        for _ in 0..REPAIR_WINDOWS {
+            if from > now.timestamp_millis() {
+                break;
+            }
+            let to = from + REPAIR_WINDOW_MS;
+            let sent = self
+                .store
+                .sent_between(DateTime::from_millis(from), DateTime::from_millis(to))
+                .await?;
+            let entries: Vec<_> = sent
+                .iter()
+                .filter_map(|message| {
+                    let sent_at = message.sent_at?;
+                    let left_ms = ttl_ms - (now.timestamp_millis() - sent_at.timestamp_millis());
+                    (left_ms >= 1000).then(|| {
+                        let entry = SentEntry {
+                            message_id: message.webhook_message_id.clone(),
+                            sent_at: sent_at.to_chrono().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+                        };
+                        (message.id.to_hex(), entry, (left_ms / 1000) as u64)
+                    })
+                })
+                .collect();
+            let n = self.cache.put_missing(&entries).await?;
+            self.metrics.cache_repaired.inc_by(n);
+            written += n;
+            from = to;
+        }
+        let done = from > now.timestamp_millis();
+        self.cache.repaired(seen, (!done).then_some(from));
+        if done && self.cache.missed().since.is_none() {
+            self.metrics.cache_repair_pending.set(0);
+        }
+        Ok(written)
+    }
+
     /// One retention sweep at `now`: removes what is past its age, at most [`SWEEP_MAX`] per
     /// status; answers how many per status.
     pub async fn sweep(&self, now: DateTime) -> Result<Vec<(MessageStatus, u64)>, StoreError> {
@@ -133,4 +213,15 @@ impl Upkeep {
         self.metrics.retention_swept_at.set(now.timestamp_millis() / 1000);
         Ok(removed)
     }
+}
+
+/// Why a cache repair pass stopped; it is tried again next period.
+#[derive(Debug, thiserror::Error)]
+pub enum RepairError {
+    /// Redis is still away.
+    #[error("Redis: {0}")]
+    Cache(#[from] CacheError),
+    /// The sent messages could not be read.
+    #[error("MongoDB: {0}")]
+    Store(#[from] StoreError),
 }

@@ -1,4 +1,7 @@
+use std::time::Duration;
+
 use serde_json::{json, Value};
+use test_support::eventually;
 
 use crate::helpers::{assert_error, spawn_app, spawn_app_with};
 
@@ -181,5 +184,91 @@ async fn fuzzing_findings_stay_fixed() {
         .unwrap();
     assert_eq!(put.headers()["allow"], "GET, POST");
     assert_error(put, 405, 405_001).await;
+    app.cleanup().await;
+}
+
+/// Redis killed while messages are committed, one alone and two in a batch of outcomes: the
+/// commits still mark them sent. Once Redis is back, the repair writes each missing
+/// `sent:<id>` entry with the time it has left to live, leaves the entry written before the
+/// outage alone, and counts what it wrote.
+#[tokio::test]
+async fn cache_entries_missed_while_redis_was_down_are_written_once_it_is_back() {
+    let mut redis = test_support::PrivateRedis::start().await;
+    let app = spawn_app_with(&[
+        ("HERALD__REDIS__URL", redis.url.as_str()),
+        ("HERALD__REDIS__TIMEOUT_MS", "200"),
+        ("HERALD__REDIS__SENT_TTL_SECONDS", "3600"),
+    ])
+    .await;
+    let prefix = app.settings.redis.key_prefix.clone();
+    let ids = app.seed(4).await;
+    let claimed = app.claim("w", 4).await;
+    let token = |id: &str| {
+        claimed.iter().find(|m| m["id"] == id).unwrap()["claimToken"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let before = app.commit(&ids[0], &token(&ids[0]), "prov-0").await;
+    assert_eq!(before.json::<Value>().await.unwrap()["cached"], true);
+    let written_before = redis.get(&format!("{prefix}sent:{}", ids[0])).await.unwrap();
+
+    redis.kill();
+    let alone = app.commit(&ids[1], &token(&ids[1]), "prov-1").await;
+    assert_eq!(alone.json::<Value>().await.unwrap()["cached"], false);
+    let batch = json!({"items": [
+        {"outcome": "sent", "id": ids[2], "claimToken": token(&ids[2]), "webhookMessageId": "prov-2"},
+        {"outcome": "sent", "id": ids[3], "claimToken": token(&ids[3])},
+    ]});
+    let results: Value = app.http.post_json(&app.url("/api/messenger/outcomes"), &batch).await;
+    assert_eq!(results["cached"], false, "{results}");
+    for id in &ids {
+        assert_eq!(app.message(id).await["status"], "sent");
+    }
+    let metrics = app.open_text("/metrics").await;
+    assert!(metrics.contains("herald_redis_cache_repair_pending 1"), "{metrics}");
+
+    redis.restart().await;
+    eventually(
+        Duration::from_secs(20),
+        "the repair wrote the three missing entries",
+        || async {
+            let mut all = true;
+            for id in &ids[1..] {
+                all &= redis.get(&format!("{prefix}sent:{id}")).await.is_some();
+            }
+            all
+        },
+    )
+    .await;
+    for (id, provider_id) in [
+        (&ids[1], Value::from("prov-1")),
+        (&ids[2], "prov-2".into()),
+        (&ids[3], Value::Null),
+    ] {
+        let key = format!("{prefix}sent:{id}");
+        let entry: Value = serde_json::from_str(&redis.get(&key).await.unwrap()).unwrap();
+        assert_eq!(entry["messageId"], provider_id, "{key}");
+        let at = |v: &Value| chrono::DateTime::parse_from_rfc3339(v.as_str().unwrap()).unwrap();
+        assert_eq!(at(&entry["sentAt"]), at(&app.message(id).await["sentAt"]), "{key}");
+        let ttl = redis.ttl(&key).await;
+        assert!((3500..=3600).contains(&ttl), "{key} ttl {ttl}");
+    }
+    assert_eq!(
+        redis.get(&format!("{prefix}sent:{}", ids[0])).await.unwrap(),
+        written_before
+    );
+    eventually(Duration::from_secs(10), "the repair is no longer pending", || async {
+        app.open_text("/metrics")
+            .await
+            .contains("herald_redis_cache_repair_pending 0")
+    })
+    .await;
+    let metrics = app.open_text("/metrics").await;
+    assert!(metrics.contains("herald_redis_cache_repaired_total 3"), "{metrics}");
+    assert!(
+        metrics.contains("herald_redis_cache_write_failures_total 3"),
+        "{metrics}"
+    );
     app.cleanup().await;
 }

@@ -353,6 +353,7 @@ async fn retention_removes_only_final_messages_past_their_age_and_keeps_counts_e
     let settings = app.settings.clone();
     let upkeep = Upkeep::new(
         store.clone(),
+        herald_messenger_api::cache::SentCache::new(&settings.redis).unwrap(),
         settings.retention.clone(),
         Duration::from_secs(600),
         herald_messenger_api::metrics::MessengerMetrics::new().unwrap(),

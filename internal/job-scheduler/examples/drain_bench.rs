@@ -12,9 +12,10 @@
 
 #![allow(clippy::unwrap_used, missing_docs)]
 
+#[path = "common/stack.rs"]
+mod stack;
+
 use std::collections::{HashMap, HashSet};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -23,188 +24,20 @@ use bson::{doc, DateTime, Document};
 use futures::TryStreamExt;
 use herald_core::testing::{seed_messages, TEST_KEY};
 use serde_json::{json, Value};
+use stack::{cpu_ms, herald_binary, peak_rss_mib, Stack};
 use test_support::{Http, TestEnv};
 
 const BATCH: i64 = 500;
 
-fn herald_binary() -> PathBuf {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
-    root.join("target/release/herald")
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// CPU time (user + system) of a process, in milliseconds.
-fn cpu_ms(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after_name = stat.rsplit(')').next().unwrap_or("");
-    let fields: Vec<&str> = after_name.split_whitespace().collect();
-    let ticks: f64 = fields.get(11).and_then(|u| u.parse().ok()).unwrap_or(0.0)
-        + fields.get(12).and_then(|s| s.parse::<f64>().ok()).unwrap_or(0.0);
-    ticks * 10.0 // 100 ticks per second
-}
-
-/// Peak resident memory of a process, in MiB.
-fn peak_rss_mib(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).map(str::to_owned))
-        .and_then(|l| l.split_whitespace().nth(1).and_then(|kb| kb.parse::<f64>().ok()))
-        .map(|kb| kb / 1024.0)
-        .unwrap_or(f64::NAN)
-}
-
-fn database_pid() -> Option<u32> {
-    let out = Command::new("pgrep").args(["-f", "secantusd|mongod"]).output().ok()?;
-    String::from_utf8_lossy(&out.stdout).lines().next()?.trim().parse().ok()
-}
-
-/// A `herald` process, killed when dropped.
-struct Proc {
-    name: String,
-    child: Child,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// One scenario's processes and environment.
-struct Stack {
-    env: TestEnv,
-    vars: Vec<(String, String)>,
-    api: String,
-    sink: String,
-    procs: Vec<Proc>,
-}
-
-impl Stack {
-    async fn start(extra: &[(&str, &str)]) -> Self {
-        let env = TestEnv::new().await.expect("run build/local-services.sh up first");
-        let (api_port, sched_port, sink_port) = (free_port(), free_port(), free_port());
-        let api = format!("http://127.0.0.1:{api_port}");
-        let sink = format!("http://127.0.0.1:{sink_port}");
-        let mut vars: Vec<(String, String)> = [
-            ("HERALD_ENV", "test".to_owned()),
-            ("RUST_LOG", "warn".to_owned()),
-            ("HERALD__MONGO__URI", test_support::mongo_uri()),
-            ("HERALD__MONGO__DATABASE", env.database.clone()),
-            ("HERALD__REDIS__URL", test_support::redis_url()),
-            ("HERALD__REDIS__KEY_PREFIX", env.key_prefix.clone()),
-            ("HERALD__MESSENGER_API__PORT", api_port.to_string()),
-            ("HERALD__MESSENGER_API__URL", api.clone()),
-            ("HERALD__JOB_SCHEDULER__PORT", sched_port.to_string()),
-            ("HERALD__JOB_SCHEDULER__URL", format!("http://127.0.0.1:{sched_port}")),
-            ("HERALD__WEBHOOK_SINK__PORT", sink_port.to_string()),
-            ("HERALD__WEBHOOK__URL", format!("{sink}/webhook")),
-            ("HERALD__JOB_SCHEDULER__SCHEDULE", "*/1 * * * * *".to_owned()),
-            ("HERALD__JOB_SCHEDULER__BATCH_SIZE", BATCH.to_string()),
-            ("HERALD__JOB_SCHEDULER__CONCURRENCY", "64".to_owned()),
-            ("HERALD__JOB_SCHEDULER__DRAIN", "true".to_owned()),
-            ("HERALD__JOB_SCHEDULER__IDLE_POLL_MS", "100".to_owned()),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), v))
-        .collect();
-        vars.extend(extra.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
-        let mut stack = Self {
-            env,
-            vars,
-            api,
-            sink,
-            procs: Vec::new(),
-        };
-        stack.spawn("api", "messenger-api", &[]);
-        stack.spawn("sink", "webhook-sink", &[]);
-        stack.wait(&format!("{}/messenger/health", stack.api)).await;
-        stack.wait(&format!("{}/webhook-sink/health", stack.sink)).await;
-        stack
-    }
-
-    fn spawn(&mut self, name: &str, role: &str, extra: &[(String, String)]) {
-        let child = Command::new(herald_binary())
-            .arg(role)
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .envs(self.vars.iter().cloned())
-            .envs(extra.iter().cloned())
-            .current_dir(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.."))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("cargo build --release --bin herald first");
-        self.procs.push(Proc {
-            name: name.to_owned(),
-            child,
-        });
-    }
-
-    fn replicas(&mut self, n: usize) {
-        for i in 0..n {
-            let port = [("HERALD__JOB_SCHEDULER__PORT".to_owned(), free_port().to_string())];
-            self.spawn(&format!("scheduler-{}", i + 1), "job-scheduler", &port);
-        }
-    }
-
-    async fn wait(&self, url: &str) {
-        let client = reqwest::Client::new();
-        for _ in 0..200 {
-            if client.get(url).send().await.is_ok_and(|r| r.status().is_success()) {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("{url} never answered");
-    }
-
-    /// Requests the provider received so far (polled without loading the database).
-    async fn delivered(&self, http: &Http) -> u64 {
-        let count = http
-            .open_json(&format!("{}/webhook-sink/received/count", self.sink))
-            .await;
-        count["count"].as_u64().unwrap_or(0)
-    }
-
-    async fn sent_count(&self, http: &Http) -> u64 {
-        let stats = http.get_json(&format!("{}/api/messenger/stats", self.api)).await;
-        stats["counts"]["sent"].as_u64().unwrap_or(0)
-    }
-
-    /// Every idempotency key the provider received, with how often.
-    async fn received(&self) -> HashMap<String, usize> {
-        let list = Http::new(TEST_KEY)
-            .open_json(&format!("{}/webhook-sink/received", self.sink))
-            .await;
-        let mut counts = HashMap::new();
-        for r in list.as_array().unwrap() {
-            *counts
-                .entry(r["idempotencyKey"].as_str().unwrap_or("").to_owned())
-                .or_insert(0) += 1;
-        }
-        counts
-    }
-
-    fn pids(&self) -> Vec<(String, u32)> {
-        let mut pids: Vec<(String, u32)> = self.procs.iter().map(|p| (p.name.clone(), p.child.id())).collect();
-        if let Some(db) = database_pid() {
-            pids.push(("database".to_owned(), db));
-        }
-        pids
-    }
-
-    async fn cleanup(mut self) {
-        self.procs.clear();
-        self.env.cleanup().await.unwrap();
-    }
+/// Every scenario's replicas drain: a batch of 500, 64 sends at once, a 1 s schedule.
+fn draining() -> Vec<(&'static str, String)> {
+    vec![
+        ("HERALD__JOB_SCHEDULER__SCHEDULE", "*/1 * * * * *".to_owned()),
+        ("HERALD__JOB_SCHEDULER__BATCH_SIZE", BATCH.to_string()),
+        ("HERALD__JOB_SCHEDULER__CONCURRENCY", "64".to_owned()),
+        ("HERALD__JOB_SCHEDULER__DRAIN", "true".to_owned()),
+        ("HERALD__JOB_SCHEDULER__IDLE_POLL_MS", "100".to_owned()),
+    ]
 }
 
 /// CPU before/after and peak RSS per process for one measured interval.
@@ -331,7 +164,7 @@ async fn raw_ceiling(n: usize) -> (f64, f64) {
 /// Herald draining a stored backlog of `n` with `replicas` scheduler processes.
 async fn herald_drain(n: usize, replicas: usize) -> (f64, f64, f64, String) {
     let http = Http::new(TEST_KEY);
-    let mut stack = Stack::start(&[]).await;
+    let mut stack = Stack::start(&draining()).await;
     seed_messages(&http, &stack.api, n).await;
     let usage = Usage::start(&stack);
     let t = Instant::now();
@@ -356,7 +189,7 @@ async fn herald_drain(n: usize, replicas: usize) -> (f64, f64, f64, String) {
 /// 64 clients POSTing one message at a time while 4 draining replicas deliver.
 async fn herald_posts(n: usize) -> (f64, f64, f64, f64, String) {
     let http = Http::new(TEST_KEY);
-    let mut stack = Stack::start(&[]).await;
+    let mut stack = Stack::start(&draining()).await;
     stack.replicas(4);
     tokio::time::sleep(Duration::from_secs(1)).await;
     let usage = Usage::start(&stack);
@@ -419,7 +252,7 @@ async fn herald_posts(n: usize) -> (f64, f64, f64, f64, String) {
 /// 16 claimers racing through a backlog of `n` on one API process.
 async fn contended_claims(n: usize) -> f64 {
     let http = Http::new(TEST_KEY);
-    let stack = Stack::start(&[]).await;
+    let stack = Stack::start(&draining()).await;
     seed_messages(&http, &stack.api, n).await;
     let t = Instant::now();
     let api = Arc::new(stack.api.clone());

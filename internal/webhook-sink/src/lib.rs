@@ -74,6 +74,9 @@ pub struct Received {
     pub message_id: Option<String>,
     /// When it arrived.
     pub received_at: DateTime<Utc>,
+    /// Answered only after `slowMs` (a caller with a shorter timeout never hears the answer).
+    #[serde(default)]
+    pub slow: bool,
 }
 
 #[derive(Deserialize)]
@@ -104,6 +107,24 @@ pub struct Behaviour {
     /// Fail exactly the next this many requests with `status` (then go back to `failRate`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fail_next: Option<u32>,
+    /// Share of requests answered 429 with `Retry-After: 1`, 0.0..=1.0 (after `failRate`).
+    #[serde(default)]
+    pub throttle_rate: f64,
+    /// Share of requests accepted only after `slowMs`, 0.0..=1.0 (after the two above).
+    #[serde(default)]
+    pub slow_rate: f64,
+    /// How long a slow answer takes, in milliseconds.
+    #[serde(default)]
+    pub slow_ms: u64,
+}
+
+/// What the sink does with one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Answer {
+    Accept,
+    AcceptSlowly,
+    Fail,
+    Throttle,
 }
 
 impl Behaviour {
@@ -114,17 +135,31 @@ impl Behaviour {
             status: config.fail_status,
             retry_after_seconds: None,
             fail_next: None,
+            throttle_rate: 0.0,
+            slow_rate: 0.0,
+            slow_ms: 0,
         }
     }
 
-    /// Whether the next request fails; counts down `fail_next`.
-    fn next_fails(&mut self) -> bool {
-        match self.fail_next {
-            Some(n) if n > 0 => {
-                self.fail_next = Some(n - 1);
-                true
-            }
-            _ => self.fail_rate > 0.0 && rand::rng().random_bool(self.fail_rate.clamp(0.0, 1.0)),
+    /// How the next request is answered; counts down `fail_next`. One roll decides between
+    /// the shares, in order: fail, throttle, slow, accept.
+    fn next_answer(&mut self) -> Answer {
+        if let Some(n) = self.fail_next.filter(|n| *n > 0) {
+            self.fail_next = Some(n - 1);
+            return Answer::Fail;
+        }
+        if self.fail_rate <= 0.0 && self.throttle_rate <= 0.0 && self.slow_rate <= 0.0 {
+            return Answer::Accept;
+        }
+        let roll: f64 = rand::rng().random();
+        if roll < self.fail_rate {
+            Answer::Fail
+        } else if roll < self.fail_rate + self.throttle_rate {
+            Answer::Throttle
+        } else if roll < self.fail_rate + self.throttle_rate + self.slow_rate {
+            Answer::AcceptSlowly
+        } else {
+            Answer::Accept
         }
     }
 }
@@ -170,12 +205,17 @@ async fn receive(req: &Request, body: poem::Body, state: Data<&State>) -> Respon
     let Ok(incoming) = serde_json::from_slice::<Incoming>(&bytes) else {
         return message(StatusCode::BAD_REQUEST, "Body must be {\"to\", \"content\"}");
     };
-    let (fail, behaviour) = match state.behaviour.lock() {
-        Ok(mut behaviour) => (behaviour.next_fails(), *behaviour),
-        Err(_) => (false, Behaviour::from_config(config)),
+    let (answer, behaviour) = match state.behaviour.lock() {
+        Ok(mut behaviour) => (behaviour.next_answer(), *behaviour),
+        Err(_) => (Answer::Accept, Behaviour::from_config(config)),
     };
-    let status = if fail { behaviour.status } else { 202 };
-    let message_id = (!fail).then(|| uuid::Uuid::new_v4().to_string());
+    let status = match answer {
+        Answer::Accept | Answer::AcceptSlowly => 202,
+        Answer::Fail => behaviour.status,
+        Answer::Throttle => 429,
+    };
+    let accepted = matches!(answer, Answer::Accept | Answer::AcceptSlowly);
+    let message_id = accepted.then(|| uuid::Uuid::new_v4().to_string());
     let idempotency_key = req
         .headers()
         .get("idempotency-key")
@@ -189,6 +229,7 @@ async fn receive(req: &Request, body: poem::Body, state: Data<&State>) -> Respon
             status,
             message_id: message_id.clone(),
             received_at: Utc::now(),
+            slow: answer == Answer::AcceptSlowly,
         });
     }
     tracing::info!(
@@ -199,11 +240,21 @@ async fn receive(req: &Request, body: poem::Body, state: Data<&State>) -> Respon
     if !config.latency.is_zero() {
         tokio::time::sleep(config.latency).await;
     }
+    if answer == Answer::AcceptSlowly {
+        tokio::time::sleep(std::time::Duration::from_millis(behaviour.slow_ms)).await;
+    }
     let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     match message_id {
         Some(id) => Json(serde_json::json!({"message": "Accepted", "messageId": id}))
             .with_status(StatusCode::ACCEPTED)
             .into_response(),
+        None if answer == Answer::Throttle => {
+            let mut response = message(StatusCode::TOO_MANY_REQUESTS, "Injected throttle");
+            response
+                .headers_mut()
+                .insert(poem::http::header::RETRY_AFTER, poem::http::HeaderValue::from(1));
+            response
+        }
         None => {
             let mut response = message(status, "Injected failure");
             if let Some(seconds) = behaviour.retry_after_seconds {
@@ -231,10 +282,14 @@ fn received_count(state: Data<&State>) -> Json<serde_json::Value> {
 #[handler]
 fn change_behaviour(state: Data<&State>, body: Json<Behaviour>) -> Response {
     let wanted = body.0;
-    if !(0.0..=1.0).contains(&wanted.fail_rate) || StatusCode::from_u16(wanted.status).is_err() {
+    let shares = [wanted.fail_rate, wanted.throttle_rate, wanted.slow_rate];
+    if shares.iter().any(|r| !(0.0..=1.0).contains(r))
+        || shares.iter().sum::<f64>() > 1.0
+        || StatusCode::from_u16(wanted.status).is_err()
+    {
         return message(
             StatusCode::BAD_REQUEST,
-            "failRate must be 0..=1 and status an HTTP status",
+            "failRate, throttleRate and slowRate must be 0..=1 and add up to at most 1; status an HTTP status",
         );
     }
     if let Ok(mut behaviour) = state.behaviour.lock() {
@@ -405,6 +460,33 @@ mod tests {
             .header("x-ins-auth-key", "k")
             .json(&serde_json::json!({"to": "+905551111111", "content": "hi"}))
             .send()
+    }
+
+    #[tokio::test]
+    async fn throttles_with_retry_after_and_accepts_slowly_when_told_to() {
+        let (url, log) = sink(0.0, 0).await;
+        let client = reqwest::Client::new();
+        let behaviour = url.replace("/webhook", "/webhook-sink/behaviour");
+        let set = |body: serde_json::Value| client.put(&behaviour).json(&body).send();
+        let mix = serde_json::json!({"failRate": 0.0, "status": 500, "throttleRate": 1.0});
+        assert_eq!(set(mix).await.unwrap().status(), 200);
+        let throttled = post_message(&client, &url).await.unwrap();
+        assert_eq!(throttled.status(), 429);
+        assert_eq!(throttled.headers()["retry-after"], "1");
+
+        let slow = serde_json::json!({"failRate": 0.0, "status": 500, "slowRate": 1.0, "slowMs": 200});
+        assert_eq!(set(slow).await.unwrap().status(), 200);
+        let started = std::time::Instant::now();
+        assert_eq!(post_message(&client, &url).await.unwrap().status(), 202);
+        assert!(started.elapsed() >= Duration::from_millis(200));
+        let seen = log.snapshot();
+        assert_eq!(
+            seen.iter().map(|r| (r.status, r.slow)).collect::<Vec<_>>(),
+            [(429, false), (202, true)]
+        );
+
+        let too_much = serde_json::json!({"failRate": 0.6, "status": 500, "slowRate": 0.6});
+        assert_eq!(set(too_much).await.unwrap().status(), 400);
     }
 
     #[tokio::test]

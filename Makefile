@@ -2,17 +2,17 @@
 #   make run    the whole local stack (MongoDB, Redis, sink, API, scheduler, 10 mock messages)
 #   make test   the whole test suite: format, lints, every test against real servers, the
 #               Postman collection with newman against a live stack, schemathesis fuzzing of both
-#               APIs, the operator console in headless Chromium, compose validation, and the
-#               compose stack run for real
+#               APIs, the operator console in headless Chromium, compose validation, the
+#               compose stack run for real, and the chaos campaign (shortened)
 SHELL := /bin/bash
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: run test services services-down fmt-check lint unit-tests newman fuzz console-test compose-check compose-up-test openapi bench bench-feed bench-scale
+.PHONY: run test services services-down fmt-check lint unit-tests newman fuzz console-test compose-check compose-up-test chaos chaos-short openapi bench bench-feed bench-scale
 
 run:
 	build/run-local.sh
 
-test: services fmt-check lint unit-tests newman fuzz console-test compose-check compose-up-test
+test: services fmt-check lint unit-tests newman fuzz console-test compose-check compose-up-test chaos-short
 
 services:
 	build/local-services.sh up
@@ -45,6 +45,15 @@ console-test:
 
 compose-check:
 	build/check-compose.sh
+
+# The chaos campaign with real processes (docs/reliability.md); make test runs it shortened.
+chaos: services
+	cargo build --release --bin herald
+	cargo run -p herald-job-scheduler --example chaos
+
+chaos-short: services
+	cargo build --release --bin herald
+	CHAOS_SCALE=0.2 cargo run -p herald-job-scheduler --example chaos
 
 # docker-compose up of the real stack, healthchecks, seed, first deliveries, Postman, down -v.
 compose-up-test:

@@ -120,10 +120,11 @@ impl<E: Endpoint<Output = Response>> Endpoint for AllowEndpoint<E> {
     type Output = Response;
 
     async fn call(&self, req: Request) -> poem::Result<Response> {
-        let path = req.uri().path().to_owned();
+        // A `Uri` clone shares its bytes: nothing is copied on the way of every request.
+        let uri = req.uri().clone();
         let mut response = self.inner.call(req).await?;
         if response.status() == poem::http::StatusCode::METHOD_NOT_ALLOWED {
-            let value = self.allowed.for_path(&path).and_then(|m| m.parse().ok());
+            let value = self.allowed.for_path(uri.path()).and_then(|m| m.parse().ok());
             if let Some(value) = value {
                 response.headers_mut().insert(poem::http::header::ALLOW, value);
             }

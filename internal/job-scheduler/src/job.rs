@@ -73,6 +73,10 @@ const OUTCOMES_PER_REPORT: usize = 250;
 const OUTCOME_LINGER: Duration = Duration::from_millis(5);
 /// How often a long (drain) run refreshes its record.
 const HEARTBEAT: Duration = Duration::from_secs(5);
+/// First wait before reporting outcomes again after the Messenger API did not take them.
+const REPORT_RETRY_FIRST: Duration = Duration::from_millis(200);
+/// Longest wait between two such reports.
+const REPORT_RETRY_MAX: Duration = Duration::from_secs(2);
 /// A send must start this long before its claim's lease ends, besides the webhook timeout.
 const SEND_MARGIN: Duration = Duration::from_secs(2);
 /// Longest single sleep while waiting out a provider pause (shutdown and expiry are checked
@@ -511,12 +515,23 @@ impl SendingJob {
 
     async fn flush(&self, batch: Vec<Reported>, run_id: &str, tally: &mut Tally) {
         let count = batch.len();
+        // A report that never lands means messages the provider accepted are handed out again
+        // when their lease ends, and sent twice. So while the Messenger API or its database is
+        // away, keep trying for as long as a lease lasts: a late report is always safe (the API
+        // applies it only if the claim still holds), and meanwhile this run sends no more.
+        let give_up = tokio::time::Instant::now() + self.config.lease;
+        let mut wait = REPORT_RETRY_FIRST;
         let mut answer = self.messenger.report(&batch, run_id).await;
-        if answer.is_err() && !self.shutdown.is_cancelled() {
-            // One retry: a report that never lands means messages the provider accepted are
-            // handed out again when their lease ends.
-            tokio::time::sleep(Duration::from_millis(200)).await;
+        while answer.as_ref().is_err_and(worth_retrying)
+            && !self.shutdown.is_cancelled()
+            && tokio::time::Instant::now() + wait < give_up
+        {
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                () = self.shutdown.cancelled() => {}
+            }
             answer = self.messenger.report(&batch, run_id).await;
+            wait = (wait * 2).min(REPORT_RETRY_MAX);
         }
         match answer {
             Ok(results) => {
@@ -577,5 +592,14 @@ impl SendingJob {
             tracing::warn!(error = %Chain(&error), "could not record the run");
         }
         report
+    }
+}
+
+/// Whether a failed report may land later: no answer, or a server error (the API or its
+/// database away). A 4xx says the report itself is wrong and would be refused again.
+fn worth_retrying(error: &MessengerError) -> bool {
+    match error {
+        MessengerError::ClaimLost => false,
+        MessengerError::Call(peer) => peer.status().is_none_or(|status| status.is_server_error()),
     }
 }

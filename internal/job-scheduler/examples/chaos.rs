@@ -19,13 +19,12 @@
 mod stack;
 
 use std::collections::HashMap;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use herald_core::testing::{seed_messages, TEST_KEY};
 use serde_json::{json, Value};
-use stack::{free_port, herald_binary, Stack};
-use test_support::{Http, PrivateRedis};
+use stack::{herald_binary, Stack};
+use test_support::{Http, PrivateDatabase, PrivateRedis};
 
 /// Every scenario's replicas drain: batches of 50, 16 sends at once, idle polls every 100 ms.
 fn draining(extra: &[(&'static str, String)]) -> Vec<(&'static str, String)> {
@@ -293,66 +292,6 @@ async fn replica_kills() -> Row {
             "all sent {:.0} s after the last restart (claims of a killed replica come back when their lease ends)",
             last_restart.elapsed().as_secs_f64()
         ),
-    }
-}
-
-/// A MongoDB-compatible server of the campaign's own, so killing it touches nothing else.
-struct PrivateDatabase {
-    port: u16,
-    storage: std::path::PathBuf,
-    child: Option<Child>,
-}
-
-impl PrivateDatabase {
-    async fn start() -> Self {
-        let storage = std::env::temp_dir().join(format!("herald-chaos-db-{}", test_support::unique_suffix()));
-        let mut db = Self {
-            port: free_port(),
-            storage,
-            child: None,
-        };
-        db.launch().await;
-        db
-    }
-
-    async fn launch(&mut self) {
-        let child = Command::new("secantusd-rs")
-            .args([
-                "--host",
-                "127.0.0.1",
-                "--port",
-                &self.port.to_string(),
-                "--storage-path",
-            ])
-            .arg(&self.storage)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("secantusd-rs on PATH (build/local-services.sh up installs it)");
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await.is_err() {
-            assert!(Instant::now() < deadline, "the private database did not come up");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    fn uri(&self) -> String {
-        format!("mongodb://127.0.0.1:{}/?directConnection=true", self.port)
-    }
-}
-
-impl Drop for PrivateDatabase {
-    fn drop(&mut self) {
-        self.kill();
-        let _ = std::fs::remove_dir_all(&self.storage);
     }
 }
 

@@ -14,7 +14,7 @@
 #![forbid(unsafe_code)]
 
 use std::future::Future;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use futures::StreamExt;
@@ -264,5 +264,105 @@ impl Drop for PrivateRedis {
     fn drop(&mut self) {
         self.kill();
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A MongoDB-compatible server (`secantusd-rs`) of the caller's own, on a free port with its own
+/// storage, so a test or a chaos run can kill it and start it again on its data without
+/// disturbing anything else.
+pub struct PrivateDatabase {
+    port: u16,
+    storage: std::path::PathBuf,
+    process: Option<std::process::Child>,
+}
+
+impl PrivateDatabase {
+    /// Where `secantusd-rs` is: `~/.cargo/bin` (where `build/local-services.sh` installs it)
+    /// or `PATH`.
+    pub fn binary() -> std::path::PathBuf {
+        let home = std::env::var("HOME").unwrap_or_default();
+        let cargo_bin = std::path::Path::new(&home).join(".cargo/bin/secantusd-rs");
+        if cargo_bin.exists() {
+            return cargo_bin;
+        }
+        std::env::var_os("PATH")
+            .and_then(|paths| {
+                std::env::split_paths(&paths)
+                    .map(|dir| dir.join("secantusd-rs"))
+                    .find(|p| p.exists())
+            })
+            .expect("secantusd-rs is needed for this test: run `build/local-services.sh up`")
+    }
+
+    /// Starts one on a free port with fresh storage and waits until it accepts connections.
+    pub async fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .expect("private database")
+            .local_addr()
+            .expect("private database")
+            .port();
+        let storage = std::env::temp_dir().join(format!("herald-restart-{}", unique_suffix()));
+        let mut db = Self {
+            port,
+            storage,
+            process: None,
+        };
+        db.launch().await;
+        db
+    }
+
+    /// (Re)starts the server on its port and storage and waits until it accepts connections.
+    pub async fn launch(&mut self) {
+        let child = std::process::Command::new(Self::binary())
+            .args([
+                "--host",
+                "127.0.0.1",
+                "--port",
+                &self.port.to_string(),
+                "--storage-path",
+            ])
+            .arg(&self.storage)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("private database");
+        self.process = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await.is_err() {
+            assert!(Instant::now() < deadline, "the private database did not come up");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// SIGKILL: the server gets no chance to flush.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.process.take() {
+            child.kill().expect("private database");
+            child.wait().expect("private database");
+        }
+    }
+
+    /// SIGTERM: a clean shutdown.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.process.take() {
+            let status = std::process::Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status()
+                .expect("private database");
+            assert!(status.success());
+            child.wait().expect("private database");
+        }
+    }
+
+    /// Its connection string.
+    pub fn uri(&self) -> String {
+        format!("mongodb://127.0.0.1:{}/?directConnection=true", self.port)
+    }
+}
+
+impl Drop for PrivateDatabase {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.storage);
     }
 }

@@ -507,99 +507,6 @@ async fn stats_count_by_status_and_sends_per_minute() {
     app.cleanup().await;
 }
 
-/// A MongoDB-compatible server of this test's own (so killing it disturbs no other test).
-struct PrivateDatabase {
-    port: u16,
-    storage: std::path::PathBuf,
-    process: Option<std::process::Child>,
-}
-
-impl PrivateDatabase {
-    fn binary() -> std::path::PathBuf {
-        let home = std::env::var("HOME").unwrap_or_default();
-        let cargo_bin = std::path::Path::new(&home).join(".cargo/bin/secantusd-rs");
-        if cargo_bin.exists() {
-            return cargo_bin;
-        }
-        std::env::var_os("PATH")
-            .and_then(|paths| {
-                std::env::split_paths(&paths)
-                    .map(|dir| dir.join("secantusd-rs"))
-                    .find(|p| p.exists())
-            })
-            .expect("secantusd-rs is needed for this test: run `build/local-services.sh up`")
-    }
-
-    async fn start() -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let storage = std::env::temp_dir().join(format!("herald-restart-{}", test_support::unique_suffix()));
-        let mut db = Self {
-            port,
-            storage,
-            process: None,
-        };
-        db.launch().await;
-        db
-    }
-
-    async fn launch(&mut self) {
-        let child = std::process::Command::new(Self::binary())
-            .args([
-                "--host",
-                "127.0.0.1",
-                "--port",
-                &self.port.to_string(),
-                "--storage-path",
-            ])
-            .arg(&self.storage)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        self.process = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await.is_err() {
-            assert!(Instant::now() < deadline, "the private database did not come up");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    /// SIGKILL: the server gets no chance to flush.
-    fn kill(&mut self) {
-        if let Some(mut child) = self.process.take() {
-            child.kill().unwrap();
-            child.wait().unwrap();
-        }
-    }
-
-    /// SIGTERM: a clean shutdown.
-    fn stop(&mut self) {
-        if let Some(mut child) = self.process.take() {
-            let status = std::process::Command::new("kill")
-                .args(["-TERM", &child.id().to_string()])
-                .status()
-                .unwrap();
-            assert!(status.success());
-            child.wait().unwrap();
-        }
-    }
-
-    fn uri(&self) -> String {
-        format!("mongodb://127.0.0.1:{}/?directConnection=true", self.port)
-    }
-}
-
-impl Drop for PrivateDatabase {
-    fn drop(&mut self) {
-        self.kill();
-        let _ = std::fs::remove_dir_all(&self.storage);
-    }
-}
-
 /// Creates a message, retrying while the API answers 503 (the database is coming back).
 async fn create_when_back(app: &TestApp, to: &str) -> String {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -623,7 +530,7 @@ async fn create_when_back(app: &TestApp, to: &str) -> String {
 
 #[tokio::test]
 async fn the_feed_goes_on_by_itself_after_the_database_is_restarted_or_killed() {
-    let mut db = PrivateDatabase::start().await;
+    let mut db = test_support::PrivateDatabase::start().await;
     let uri = db.uri();
     let app = spawn_app_with(&[
         ("HERALD__MONGO__URI", uri.as_str()),

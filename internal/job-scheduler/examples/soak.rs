@@ -21,17 +21,7 @@ use std::time::{Duration, Instant};
 
 use herald_core::testing::TEST_KEY;
 use serde_json::{json, Value};
-use stack::{herald_binary, Stack};
-
-/// Resident memory now (not the peak), in MiB.
-fn rss_mib(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).map(str::to_owned))
-        .and_then(|l| l.split_whitespace().nth(1).and_then(|kb| kb.parse::<f64>().ok()))
-        .map(|kb| kb / 1024.0)
-        .unwrap_or(f64::NAN)
-}
+use stack::{herald_binary, rss_mib, Stack};
 
 #[derive(Default)]
 struct Counters {

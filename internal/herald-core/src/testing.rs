@@ -68,3 +68,25 @@ pub async fn seed_messages(http: &test_support::Http, api: &str, n: usize) -> Ve
     }
     ids
 }
+
+/// The raw driver's claim read that benchmarks compare Herald with: the ids of the oldest
+/// `limit` due messages, sorted by due time, over the whole due range (what the `claim` index
+/// serves; the test server reads all of the range before applying the limit).
+pub async fn raw_due_ids(
+    messages: &mongodb::Collection<mongodb::bson::Document>,
+    now: mongodb::bson::DateTime,
+    limit: i64,
+) -> mongodb::error::Result<Vec<mongodb::bson::oid::ObjectId>> {
+    use futures::TryStreamExt;
+    use mongodb::bson::doc;
+    let due = doc! {"status": {"$in": ["pending", "processing"]}, "next_attempt_at": {"$lte": now}};
+    let found: Vec<mongodb::bson::Document> = messages
+        .find(due)
+        .sort(doc! {"next_attempt_at": 1, "_id": 1})
+        .limit(limit)
+        .projection(doc! {"_id": 1})
+        .await?
+        .try_collect()
+        .await?;
+    Ok(found.iter().filter_map(|d| d.get_object_id("_id").ok()).collect())
+}

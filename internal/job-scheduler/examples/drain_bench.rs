@@ -110,19 +110,7 @@ async fn raw_ceiling(n: usize) -> (f64, f64) {
     loop {
         let now = DateTime::now();
         let due = doc! {"status": {"$in": ["pending", "processing"]}, "next_attempt_at": {"$lte": now}};
-        let ids: Vec<ObjectId> = messages
-            .find(due.clone())
-            .sort(doc! {"next_attempt_at": 1, "_id": 1})
-            .limit(BATCH)
-            .projection(doc! {"_id": 1})
-            .await
-            .unwrap()
-            .try_collect::<Vec<Document>>()
-            .await
-            .unwrap()
-            .iter()
-            .map(|d| d.get_object_id("_id").unwrap())
-            .collect();
+        let ids: Vec<ObjectId> = herald_core::testing::raw_due_ids(&messages, now, BATCH).await.unwrap();
         if ids.is_empty() {
             break;
         }

@@ -376,19 +376,7 @@ async fn main() {
     let raw_claim = |db: Database| async move {
         let messages: Collection<Document> = db.collection("messages");
         let now = DateTime::now();
-        let ids: Vec<ObjectId> = messages
-            .find(doc! {"status": {"$in": ["pending", "processing"]}, "next_attempt_at": {"$lte": now}})
-            .sort(doc! {"next_attempt_at": 1, "_id": 1})
-            .limit(500)
-            .projection(doc! {"_id": 1})
-            .await
-            .unwrap()
-            .try_collect::<Vec<Document>>()
-            .await
-            .unwrap()
-            .iter()
-            .map(|d| d.get_object_id("_id").unwrap())
-            .collect();
+        let ids: Vec<ObjectId> = herald_core::testing::raw_due_ids(&messages, now, 500).await.unwrap();
         let token = uuid::Uuid::new_v4().to_string();
         messages
             .update_many(

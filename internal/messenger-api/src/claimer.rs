@@ -2,8 +2,8 @@
 //! one process never race for the same documents, and a claim reads a bounded window of the
 //! due index instead of the whole backlog.
 //!
-//! **Coalescing.** Each call queues its request. The first caller to find nobody serving spawns
-//! a server task that takes everything queued, reads the ids of that many due messages once,
+//! **Coalescing.** Each call queues its request in a [`Coalescer`]. The first caller to find
+//! nobody serving spawns a server task that takes everything queued, reads the ids of that many due messages once,
 //! hands each request its own slice (claimed with its own token, worker and lease, the slices
 //! concurrently), reads them back in one query, and answers each caller; then it takes what
 //! queued meanwhile. Across API replicas the conditional update keeps claims exact: a message
@@ -26,8 +26,8 @@ use std::time::Duration;
 
 use bson::oid::ObjectId;
 use bson::DateTime;
+use coalesce::Coalescer;
 use herald_core::mongo::after;
-use tokio::sync::oneshot;
 
 use crate::domain::MessageDoc;
 use crate::error::StoreError;
@@ -47,13 +47,6 @@ struct Request {
     worker: String,
     limit: usize,
     lease: Duration,
-    reply: oneshot::Sender<Result<Vec<MessageDoc>, StoreError>>,
-}
-
-#[derive(Default)]
-struct Queue {
-    waiting: Vec<Request>,
-    serving: bool,
 }
 
 /// Where the next windowed read starts and how wide it is.
@@ -68,54 +61,54 @@ struct Window {
 /// The process's claimer.
 #[derive(Clone)]
 pub struct Claimer {
-    inner: Arc<Inner>,
+    claims: Coalescer<Request, Result<Vec<MessageDoc>, StoreError>>,
 }
 
 struct Inner {
     store: MessageStore,
     /// Counts messages found expired at claim time.
     expired: prometheus::IntCounter,
-    queue: Mutex<Queue>,
     window: Mutex<Window>,
 }
 
 impl Claimer {
     /// A claimer over `store`; `expired` counts the messages it finds past their expiry.
     pub fn new(store: MessageStore, expired: prometheus::IntCounter) -> Self {
-        Self {
-            inner: Arc::new(Inner {
-                store,
-                expired,
-                queue: Mutex::new(Queue::default()),
-                window: Mutex::new(Window {
-                    from: None,
-                    width_ms: 1000,
-                    last_full: None,
-                    short: true,
-                }),
+        let inner = Arc::new(Inner {
+            store,
+            expired,
+            window: Mutex::new(Window {
+                from: None,
+                width_ms: 1000,
+                last_full: None,
+                short: true,
             }),
-        }
+        });
+        let claims = Coalescer::limited(
+            MAX_ROUND,
+            |r: &Request| r.limit,
+            move |group: Vec<Request>| {
+                let inner = inner.clone();
+                async move {
+                    match inner.claim_group(&group).await {
+                        Ok(held) => held.into_iter().map(Ok).collect(),
+                        Err(error) => group.iter().map(|_| Err(error.clone())).collect(),
+                    }
+                }
+            },
+        );
+        Self { claims }
     }
 
     /// Claims up to `limit` due messages for `worker`, held for `lease`.
     pub async fn claim(&self, worker: &str, limit: usize, lease: Duration) -> Result<Vec<MessageDoc>, StoreError> {
-        let (reply, answer) = oneshot::channel();
-        let start = {
-            let mut queue = lock(&self.inner.queue);
-            queue.waiting.push(Request {
-                worker: worker.to_owned(),
-                limit,
-                lease,
-                reply,
-            });
-            !std::mem::replace(&mut queue.serving, true)
+        let request = Request {
+            worker: worker.to_owned(),
+            limit,
+            lease,
         };
-        if start {
-            // A task of its own, so a caller that goes away never strands the others.
-            let inner = self.inner.clone();
-            tokio::spawn(async move { inner.serve().await });
-        }
-        answer.await.unwrap_or_else(|_| Ok(Vec::new()))
+        // Unanswered only if the serving round panicked: nothing was handed to this caller.
+        self.claims.call(request).await.unwrap_or_else(|_| Ok(Vec::new()))
     }
 }
 
@@ -124,40 +117,6 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Inner {
-    async fn serve(&self) {
-        loop {
-            let group = {
-                let mut queue = lock(&self.queue);
-                if queue.waiting.is_empty() {
-                    queue.serving = false;
-                    return;
-                }
-                let mut total = 0;
-                let take = queue
-                    .waiting
-                    .iter()
-                    .take_while(|r| {
-                        total += r.limit;
-                        total <= MAX_ROUND || total == r.limit
-                    })
-                    .count();
-                queue.waiting.drain(..take).collect::<Vec<_>>()
-            };
-            match self.claim_group(&group).await {
-                Ok(mut held) => {
-                    for (request, messages) in group.into_iter().zip(held.drain(..)) {
-                        let _ = request.reply.send(Ok(messages));
-                    }
-                }
-                Err(error) => {
-                    for request in group {
-                        let _ = request.reply.send(Err(error.clone()));
-                    }
-                }
-            }
-        }
-    }
-
     /// Claims for every request of the group; answers their messages in the group's order.
     async fn claim_group(&self, group: &[Request]) -> Result<Vec<Vec<MessageDoc>>, StoreError> {
         let now = DateTime::now();

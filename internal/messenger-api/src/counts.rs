@@ -18,13 +18,13 @@
 //! Until the first reconciliation on a collection the counts are not known to be exact, and
 //! readers count instead ([`Snapshot::exact`]).
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use bson::oid::ObjectId;
 use bson::{doc, Bson, DateTime, Document};
+use coalesce::Coalescer;
 use mongodb::{Collection, Database};
 use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
-use tokio::sync::oneshot;
 
 use crate::domain::MessageStatus;
 use crate::error::StoreError;
@@ -101,7 +101,8 @@ impl Deltas {
         self
     }
 
-    fn add(&mut self, other: Self) {
+    /// Adds `other` to these.
+    pub fn add(&mut self, other: Self) {
         for (mine, theirs) in self.counts.iter_mut().zip(other.counts) {
             *mine += theirs;
         }
@@ -277,29 +278,25 @@ pub struct StatusCounts {
 
 struct Inner {
     counts: Collection<Document>,
-    batch: Mutex<Batch>,
+    /// Deltas arriving together, written as one `$inc` ([`write`]).
+    writes: Coalescer<Deltas, ()>,
     metrics: CountMetrics,
-}
-
-#[derive(Default)]
-struct Batch {
-    deltas: Deltas,
-    waiters: Vec<oneshot::Sender<()>>,
-    serving: bool,
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl StatusCounts {
     /// The counts in `db.message_counts`.
     pub fn new(db: &Database) -> Self {
+        let counts: Collection<Document> = db.collection(COLLECTION);
+        let metrics = CountMetrics::new();
+        let writes = {
+            let (counts, metrics) = (counts.clone(), metrics.clone());
+            Coalescer::new(move |group: Vec<Deltas>| write(counts.clone(), metrics.clone(), group))
+        };
         Self {
             inner: Arc::new(Inner {
-                counts: db.collection(COLLECTION),
-                batch: Mutex::new(Batch::default()),
-                metrics: CountMetrics::new(),
+                counts,
+                writes,
+                metrics,
             }),
         }
     }
@@ -316,19 +313,9 @@ impl StatusCounts {
         if deltas.is_zero() {
             return;
         }
-        let (done, written) = oneshot::channel();
-        let start = {
-            let mut batch = lock(&self.inner.batch);
-            batch.deltas.add(deltas);
-            batch.waiters.push(done);
-            !std::mem::replace(&mut batch.serving, true)
-        };
-        if start {
-            // A task of its own, so a caller that goes away never strands the others.
-            let inner = self.inner.clone();
-            tokio::spawn(async move { inner.flush().await });
-        }
-        let _ = written.await;
+        // Unanswered only if the write panicked: as for a failed write, the next reconciliation
+        // corrects the counts.
+        let _ = self.inner.writes.call(deltas).await;
     }
 
     /// The counts as maintained, or `None` before anything was ever counted.
@@ -454,37 +441,24 @@ impl StatusCounts {
     }
 }
 
-impl Inner {
-    async fn flush(&self) {
-        loop {
-            let (deltas, waiters) = {
-                let mut batch = lock(&self.batch);
-                if batch.waiters.is_empty() {
-                    batch.serving = false;
-                    return;
-                }
-                (std::mem::take(&mut batch.deltas), std::mem::take(&mut batch.waiters))
-            };
-            if !deltas.is_zero() {
-                let write = self
-                    .counts
-                    .update_one(doc! {"_id": ID}, deltas.update())
-                    .upsert(true)
-                    .await;
-                if let Err(error) = write {
-                    self.metrics.write_failures.inc();
-                    tracing::warn!(
-                        ?deltas,
-                        error = %telemetry::Chain(&error),
-                        "could not update the counts by status; the next reconciliation corrects them"
-                    );
-                }
-            }
-            for waiter in waiters {
-                let _ = waiter.send(());
-            }
+/// Writes a group of deltas as one: their sum in one `$inc` of the counts document.
+async fn write(counts: Collection<Document>, metrics: CountMetrics, group: Vec<Deltas>) -> Vec<()> {
+    let mut deltas = Deltas::default();
+    for one in &group {
+        deltas.add(*one);
+    }
+    if !deltas.is_zero() {
+        let write = counts.update_one(doc! {"_id": ID}, deltas.update()).upsert(true).await;
+        if let Err(error) = write {
+            metrics.write_failures.inc();
+            tracing::warn!(
+                ?deltas,
+                error = %telemetry::Chain(&error),
+                "could not update the counts by status; the next reconciliation corrects them"
+            );
         }
     }
+    vec![(); group.len()]
 }
 
 #[cfg(test)]

@@ -18,6 +18,7 @@ use crate::counts::{Deltas, Reconciled, StatusCounts};
 use crate::domain::{LastError, MessageDoc, MessageStatus, Transition};
 use crate::error::StoreError;
 use crate::window::{self, Axis, Walk, Widths};
+use coalesce::Coalescer;
 use herald_core::mongo::find_page;
 use herald_core::pagination::{Fetched, PageRequest, PageStart};
 
@@ -177,24 +178,91 @@ pub struct MessageStore {
     raw: Collection<Document>,
     counts: StatusCounts,
     widths: std::sync::Arc<Widths>,
+    /// Single creates arriving together, stored with one `insert_many` ([`insert_group`]).
+    inserts: Coalescer<MessageDoc, Result<(), StoreError>>,
 }
 
-fn due_filter(now: DateTime) -> Document {
-    doc! {
-        "status": {"$in": [MessageStatus::Pending.as_str(), MessageStatus::Processing.as_str()]},
-        "next_attempt_at": {"$lte": now},
+/// Most creates one `insert_many` of [`MessageStore::insert`] takes.
+const INSERT_GROUP: usize = 500;
+
+/// Stores a group of single creates with one unordered `insert_many`, and answers each its own
+/// result: stored, or refused on its own (a taken idempotency key is
+/// [`StoreError::AlreadyExists`]) while the others stand. When the write fails as a whole (the
+/// database away, a write concern not met) whatever of the group went in is removed again, so
+/// no caller is told "not stored" about a message that is.
+async fn insert_group(
+    messages: Collection<MessageDoc>,
+    counts: StatusCounts,
+    group: Vec<MessageDoc>,
+) -> Vec<Result<(), StoreError>> {
+    let mut results: Vec<Result<(), StoreError>> = group.iter().map(|_| Ok(())).collect();
+    if let Err(error) = messages.insert_many(&group).ordered(false).await {
+        match &*error.kind {
+            mongodb::error::ErrorKind::InsertMany(mongodb::error::InsertManyError {
+                write_errors: Some(refused),
+                write_concern_error: None,
+                ..
+            }) => {
+                for item in refused {
+                    if let Some(result) = results.get_mut(item.index) {
+                        *result = Err(if item.code == 11000 {
+                            StoreError::AlreadyExists
+                        } else {
+                            StoreError::Database(error.clone())
+                        });
+                    }
+                }
+            }
+            _ => {
+                let ids: Vec<ObjectId> = group.iter().map(|m| m.id).collect();
+                if let Err(cleanup) = messages.delete_many(doc! {"_id": {"$in": ids}}).await {
+                    tracing::error!(%cleanup, "could not remove a partly inserted group of creates");
+                }
+                let failure = StoreError::from(error);
+                return group.iter().map(|_| Err(failure.clone())).collect();
+            }
+        }
     }
+    let mut deltas = Deltas::default();
+    for (message, _) in group.iter().zip(&results).filter(|(_, r)| r.is_ok()) {
+        deltas.add(
+            Deltas::added(message.status, 1)
+                .with_first_id(Some(message.id))
+                .with_last_id(Some(message.id)),
+        );
+    }
+    counts.add(deltas).await;
+    results
+}
+
+/// Those of `ids` that are in status `from` and due at `now`. `_id` leads the filter on
+/// purpose: the SecantusDB test server plans by the first field it can use, and a filter led by
+/// `status` makes it walk the claim index's whole due range to find 100 ids (69 ms against
+/// 18 ms for the same update at 20k due). Real MongoDB plans the same whatever the order.
+fn due_among(ids: &[ObjectId], from: MessageStatus, now: DateTime) -> Document {
+    doc! {"_id": {"$in": ids}, "status": from.as_str(), "next_attempt_at": {"$lte": now}}
 }
 
 impl MessageStore {
     /// The store over `db.messages`.
     pub fn new(db: &Database) -> Self {
+        let messages: Collection<MessageDoc> = db.collection(COLLECTION);
+        let counts = StatusCounts::new(db);
+        let inserts = {
+            let (messages, counts) = (messages.clone(), counts.clone());
+            Coalescer::limited(
+                INSERT_GROUP,
+                |_| 1,
+                move |group| insert_group(messages.clone(), counts.clone(), group),
+            )
+        };
         Self {
             db: db.clone(),
-            messages: db.collection(COLLECTION),
+            messages,
             raw: db.collection(COLLECTION),
-            counts: StatusCounts::new(db),
+            counts,
             widths: std::sync::Arc::default(),
+            inserts,
         }
     }
 
@@ -232,16 +300,13 @@ impl MessageStore {
     }
 
     /// Inserts one message; a taken idempotency key gives [`StoreError::AlreadyExists`].
+    /// Creates that arrive together share one write (group commit, [`insert_group`]): each
+    /// still succeeds or fails on its own, and a lone one is written at once.
     pub async fn insert(&self, message: &MessageDoc) -> Result<(), StoreError> {
-        self.messages.insert_one(message).await?;
-        self.counts
-            .add(
-                Deltas::added(message.status, 1)
-                    .with_first_id(Some(message.id))
-                    .with_last_id(Some(message.id)),
-            )
-            .await;
-        Ok(())
+        self.inserts
+            .call(message.clone())
+            .await
+            .unwrap_or_else(|unanswered| Err(StoreError::Database(mongodb::error::Error::custom(unanswered))))
     }
 
     /// Inserts many in order. If the database fails part-way, the ones that went in are removed
@@ -389,23 +454,36 @@ impl MessageStore {
         until: DateTime,
         limit: usize,
     ) -> Result<Vec<(ObjectId, DateTime)>, StoreError> {
-        let mut filter = due_filter(until);
-        if let Some(from) = from {
-            filter.insert("next_attempt_at", doc! {"$gte": from, "$lte": until});
-        }
-        let found: Vec<Document> = self
-            .raw
-            .find(filter)
-            .sort(doc! {"next_attempt_at": 1, "_id": 1})
-            .limit(limit as i64)
-            .projection(doc! {"_id": 1, "next_attempt_at": 1})
-            .await?
-            .try_collect()
-            .await?;
-        Ok(found
+        // One read per due status, each an equality on the claim index's first field and a
+        // range on its second. With `status: {$in: [pending, processing]}` the SecantusDB test
+        // server leaves the range unbounded (108 ms against 4 ms for 100 ids of a 20 ms window
+        // at 20k due); real MongoDB bounds both. The two are merged in due order.
+        let range = match from {
+            Some(from) => doc! {"$gte": from, "$lte": until},
+            None => doc! {"$lte": until},
+        };
+        let read = |status: MessageStatus| {
+            let filter = doc! {"status": status.as_str(), "next_attempt_at": range.clone()};
+            async move {
+                self.raw
+                    .find(filter)
+                    .sort(doc! {"next_attempt_at": 1, "_id": 1})
+                    .limit(limit as i64)
+                    .projection(doc! {"_id": 1, "next_attempt_at": 1})
+                    .await?
+                    .try_collect::<Vec<Document>>()
+                    .await
+            }
+        };
+        let (pending, lapsed) = futures::try_join!(read(MessageStatus::Pending), read(MessageStatus::Processing))?;
+        let mut found: Vec<(ObjectId, DateTime)> = pending
             .iter()
+            .chain(&lapsed)
             .filter_map(|d| Some((d.get_object_id("_id").ok()?, *d.get_datetime("next_attempt_at").ok()?)))
-            .collect())
+            .collect();
+        found.sort_by_key(|(id, at)| (*at, *id));
+        found.truncate(limit);
+        Ok(found)
     }
 
     /// Claims those of `ids` that are still due at `now` for `worker` under `token` until
@@ -438,9 +516,7 @@ impl MessageStore {
         // counts need to know which status each claimed message left.
         let mut claimed = 0;
         for from in [MessageStatus::Pending, MessageStatus::Processing] {
-            let mut filter = due_filter(now);
-            filter.insert("status", from.as_str());
-            filter.insert("_id", doc! {"$in": ids});
+            let mut filter = due_among(ids, from, now);
             // Never hand out a message past its expiry ([`MessageStore::expire_due`] ends those).
             // `$not` rather than an `$or` of "absent" and "later": with a top-level `$or` the
             // SecantusDB test server stops using an index for the whole filter (340 ms instead
@@ -464,9 +540,7 @@ impl MessageStore {
         }
         let mut expired = 0;
         for from in [MessageStatus::Pending, MessageStatus::Processing] {
-            let mut filter = due_filter(now);
-            filter.insert("status", from.as_str());
-            filter.insert("_id", doc! {"$in": ids});
+            let mut filter = due_among(ids, from, now);
             filter.insert("expires_at", doc! {"$lte": now});
             let n = self
                 .messages
@@ -809,9 +883,10 @@ impl MessageStore {
         if ids.is_empty() {
             return Ok(0);
         }
-        let mut filter = filter;
-        filter.insert("_id", doc! {"$in": ids});
-        let removed = self.messages.delete_many(filter).await?.deleted_count;
+        // `_id` first, as in [`due_among`].
+        let mut by_id = doc! {"_id": {"$in": ids}};
+        by_id.extend(filter);
+        let removed = self.messages.delete_many(by_id).await?.deleted_count;
         self.counts.add(Deltas::removed(status, removed)).await;
         Ok(removed)
     }

@@ -109,6 +109,61 @@ async fn concurrent_requests_with_one_idempotency_key_store_one_message() {
     app.cleanup().await;
 }
 
+/// Creates that arrive together are stored with one write, yet each succeeds or fails on its
+/// own: a taken key in the group refuses only its own item, the rest are stored and counted.
+#[tokio::test]
+async fn concurrent_creates_sharing_a_write_each_get_their_own_answer() {
+    let app = spawn_app().await;
+    let taken = app
+        .post("/api/messenger/messages")
+        .header("Idempotency-Key", "taken")
+        .json(&json!({"to": "+905551111111", "content": "first"}))
+        .send()
+        .await
+        .unwrap()
+        .json::<Value>()
+        .await
+        .unwrap();
+    let requests = (0..96).map(|i| {
+        let request = app.post("/api/messenger/messages");
+        let (request, content) = match i % 3 {
+            // A fresh key each: stored.
+            0 => (request.header("Idempotency-Key", format!("k-{i}")), "hi".to_owned()),
+            // The taken key with another body: 409, nothing stored.
+            1 => (request.header("Idempotency-Key", "taken"), format!("other {i}")),
+            // No key: stored.
+            _ => (request, format!("plain {i}")),
+        };
+        request
+            .json(&json!({"to": format!("+9055520{i:05}"), "content": content}))
+            .send()
+    });
+    let responses = futures::future::join_all(requests).await;
+    let mut created = std::collections::HashSet::new();
+    for (i, response) in responses.into_iter().enumerate() {
+        let response = response.unwrap();
+        if i % 3 == 1 {
+            assert_error(response, 409, 409001).await;
+        } else {
+            assert_eq!(response.status(), 201, "request {i}");
+            let body: Value = response.json().await.unwrap();
+            assert!(
+                created.insert(body["id"].as_str().unwrap().to_owned()),
+                "an id answered twice"
+            );
+            let stored = app.message(body["id"].as_str().unwrap()).await;
+            assert_eq!(stored["to"], format!("+9055520{i:05}"));
+        }
+    }
+    assert_eq!(created.len(), 64);
+    let page: Value = app.get_json("/api/messenger/messages?withTotal=true").await;
+    assert_eq!(page["total"], 65, "64 new ones and the first");
+    let stats = app.get_json("/api/messenger/stats").await;
+    assert_eq!(stats["counts"]["pending"], 65, "{stats}");
+    assert_eq!(app.message(taken["id"].as_str().unwrap()).await["content"], "first");
+    app.cleanup().await;
+}
+
 #[tokio::test]
 async fn a_batch_is_stored_whole_or_not_at_all() {
     let app = spawn_app().await;

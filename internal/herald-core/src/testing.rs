@@ -78,15 +78,22 @@ pub async fn raw_due_ids(
     limit: i64,
 ) -> mongodb::error::Result<Vec<mongodb::bson::oid::ObjectId>> {
     use futures::TryStreamExt;
-    use mongodb::bson::doc;
-    let due = doc! {"status": {"$in": ["pending", "processing"]}, "next_attempt_at": {"$lte": now}};
-    let found: Vec<mongodb::bson::Document> = messages
-        .find(due)
-        .sort(doc! {"next_attempt_at": 1, "_id": 1})
-        .limit(limit)
-        .projection(doc! {"_id": 1})
-        .await?
-        .try_collect()
-        .await?;
-    Ok(found.iter().filter_map(|d| d.get_object_id("_id").ok()).collect())
+    use mongodb::bson::{doc, Document};
+    // One read per due status: the test server bounds an index range only under an equality
+    // on the fields before it (see `MessageStore::due_ids`).
+    let read = |status: &'static str| {
+        messages
+            .find(doc! {"status": status, "next_attempt_at": {"$lte": now}})
+            .sort(doc! {"next_attempt_at": 1, "_id": 1})
+            .limit(limit)
+            .projection(doc! {"_id": 1, "next_attempt_at": 1})
+    };
+    let mut found: Vec<Document> = read("pending").await?.try_collect().await?;
+    found.extend(read("processing").await?.try_collect::<Vec<Document>>().await?);
+    let mut due: Vec<_> = found
+        .iter()
+        .filter_map(|d| Some((d.get_datetime("next_attempt_at").ok()?, d.get_object_id("_id").ok()?)))
+        .collect();
+    due.sort();
+    Ok(due.into_iter().take(limit as usize).map(|(_, id)| id).collect())
 }

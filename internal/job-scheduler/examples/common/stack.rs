@@ -17,6 +17,14 @@ pub fn herald_binary() -> PathBuf {
     root.join("target/release/herald")
 }
 
+/// Where a process's stderr goes: `<STACK_LOGS>/<name>.log` when `STACK_LOGS` names a
+/// directory (to read what the processes said), else nowhere.
+fn log_to(name: &str) -> Stdio {
+    std::env::var_os("STACK_LOGS")
+        .and_then(|dir| std::fs::File::create(PathBuf::from(dir).join(format!("{name}.log"))).ok())
+        .map_or_else(Stdio::null, Stdio::from)
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -131,7 +139,7 @@ impl Stack {
             .envs(extra.iter().cloned())
             .current_dir(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.."))
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(log_to(name))
             .spawn()
             .expect("cargo build --release --bin herald first");
         self.procs.push(Proc {

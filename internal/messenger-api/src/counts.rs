@@ -101,8 +101,7 @@ impl Deltas {
         self
     }
 
-    /// Adds `other` to these.
-    pub fn add(&mut self, other: Self) {
+    fn add(&mut self, other: Self) {
         for (mine, theirs) in self.counts.iter_mut().zip(other.counts) {
             *mine += theirs;
         }

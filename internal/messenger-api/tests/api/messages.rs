@@ -109,10 +109,10 @@ async fn concurrent_requests_with_one_idempotency_key_store_one_message() {
     app.cleanup().await;
 }
 
-/// Creates that arrive together are stored with one write, yet each succeeds or fails on its
-/// own: a taken key in the group refuses only its own item, the rest are stored and counted.
+/// Creates that arrive together each succeed or fail on their own: a taken key refuses only its
+/// own request, the rest are stored and counted.
 #[tokio::test]
-async fn concurrent_creates_sharing_a_write_each_get_their_own_answer() {
+async fn concurrent_creates_each_get_their_own_answer() {
     let app = spawn_app().await;
     let taken = app
         .post("/api/messenger/messages")

@@ -150,6 +150,28 @@ async fn raw_insert(messages: &mongodb::Collection<Document>, n: usize) {
     }
 }
 
+/// Claims `ids` under a fresh token with one `update_many` and reads them back by it. The
+/// filter leads with `_id` and holds an equality on the status (every message here is
+/// pending), as Herald's claim filter does: the test server plans by the filter's first field.
+async fn raw_claim(messages: &mongodb::Collection<Document>, ids: &[ObjectId], now: DateTime) -> Vec<Document> {
+    let token = uuid::Uuid::new_v4().to_string();
+    let lease = DateTime::from_millis(now.timestamp_millis() + 600_000);
+    messages
+        .update_many(
+            doc! {"_id": {"$in": ids}, "status": "pending", "next_attempt_at": {"$lte": now}},
+            doc! {"$set": {"status": "processing", "claim_token": &token, "next_attempt_at": lease}, "$inc": {"attempts": 1}},
+        )
+        .await
+        .unwrap();
+    messages
+        .find(doc! {"claim_token": &token})
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap()
+}
+
 /// The raw driver claiming `per_round` at a time until none is due: find the due ids, claim
 /// them with one `update_many`, read them back by token. What 16 claimers of 100 coalesced in
 /// one API process cost the database at best; claims/s.
@@ -167,22 +189,7 @@ async fn raw_claims(n: usize, per_round: i64) -> f64 {
         if ids.is_empty() {
             break;
         }
-        let token = uuid::Uuid::new_v4().to_string();
-        let lease = DateTime::from_millis(now.timestamp_millis() + 600_000);
-        messages
-            .update_many(
-                doc! {"_id": {"$in": &ids}, "status": "pending", "next_attempt_at": {"$lte": now}},
-                doc! {"$set": {"status": "processing", "claim_token": &token, "next_attempt_at": lease}, "$inc": {"attempts": 1}},
-            )
-            .await
-            .unwrap();
-        let held: Vec<Document> = messages
-            .find(doc! {"claim_token": &token})
-            .await
-            .unwrap()
-            .try_collect()
-            .await
-            .unwrap();
+        let held = raw_claim(&messages, &ids, now).await;
         done += held.len();
     }
     assert_eq!(done, n, "the raw claims took every message once");
@@ -207,28 +214,11 @@ async fn raw_ceiling(n: usize) -> (f64, f64) {
         if ids.is_empty() {
             break;
         }
-        let token = uuid::Uuid::new_v4().to_string();
-        // `_id` first and an equality on the status (every message here is pending), as
-        // Herald's claim filter has: the test server plans by the filter's first field.
-        let filter = doc! {"_id": {"$in": &ids}, "status": "pending", "next_attempt_at": {"$lte": now}};
-        messages
-            .update_many(
-                filter,
-                doc! {"$set": {"status": "processing", "claim_token": &token}, "$inc": {"attempts": 1}},
-            )
-            .await
-            .unwrap();
-        let held: Vec<Document> = messages
-            .find(doc! {"claim_token": &token})
-            .await
-            .unwrap()
-            .try_collect()
-            .await
-            .unwrap();
+        let held = raw_claim(&messages, &ids, now).await;
         let updates: Vec<Document> = held
             .iter()
             .map(|m| {
-                doc! {"q": {"_id": m.get_object_id("_id").unwrap(), "status": "processing", "claim_token": &token},
+                doc! {"q": {"_id": m.get_object_id("_id").unwrap(), "status": "processing", "claim_token": m.get_str("claim_token").unwrap()},
                 "u": {"$set": {"status": "sent", "sent_at": DateTime::now()}}}
             })
             .collect();

@@ -3,12 +3,12 @@
 //! due index instead of the whole backlog.
 //!
 //! **Coalescing.** Each call queues its request in a [`Coalescer`]. The first caller to find
-//! nobody serving spawns a server task that takes everything queued, reads the ids of that many due messages once,
-//! hands each request its own slice (claimed with its own token, worker and lease, the slices
-//! concurrently), reads them back in one query, and answers each caller; then it takes what
-//! queued meanwhile. Across API replicas the conditional update keeps claims exact: a message
-//! another process took in between is skipped, and the shortfall is read again (at most
-//! [`ROUNDS`] rounds).
+//! nobody serving spawns a server task that takes everything queued, reads the ids of that many
+//! due messages once, hands each request its own slice (claimed with its own token, worker and
+//! lease, the slices concurrently), reads them back in one query, and answers each caller; then
+//! it takes what queued meanwhile. Across API replicas the conditional update keeps claims
+//! exact: a message another process took in between is skipped, and the shortfall is read again
+//! (at most [`ROUNDS`] rounds).
 //!
 //! **The window.** Some servers (the SecantusDB test server among them) read a whole sorted
 //! range before applying a limit, so "the oldest N due" costs as much as the backlog is long.

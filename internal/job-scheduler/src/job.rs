@@ -15,7 +15,7 @@ use tracing::Instrument;
 use webhook_client::{DeliveryFailure, DeliveryOutcome, WebhookClient, WebhookRequest};
 
 use crate::limiter::RateLimiter;
-use crate::messenger_client::{MessengerClient, MessengerError};
+use crate::messenger_client::{MessengerClient, MessengerError, CALL_TIMEOUT};
 use crate::metrics::SchedulerMetrics;
 use crate::provider::{Admission, Answer, ProviderGate};
 use crate::store::{JobRunDoc, JobStore};
@@ -65,10 +65,12 @@ impl RunResult {
 /// What one claimed message came to, on its way to the Messenger API.
 type Reported = Outcome;
 
-/// Outcomes queued between the sends and the reporter.
-const OUTCOME_QUEUE: usize = 1024;
 /// Most outcomes in one report.
 const OUTCOMES_PER_REPORT: usize = 250;
+/// Outcomes queued between the sends and the reporter: two reports' worth. When the Messenger
+/// API falls behind, sends wait for room (and a claim that waits too long is given back unsent)
+/// rather than pile up accepted messages whose reports would land after their leases.
+const OUTCOME_QUEUE: usize = 2 * OUTCOMES_PER_REPORT;
 /// Longest an outcome waits for others to share its report.
 const OUTCOME_LINGER: Duration = Duration::from_millis(5);
 /// How often a long (drain) run refreshes its record.
@@ -77,7 +79,7 @@ const HEARTBEAT: Duration = Duration::from_secs(5);
 const REPORT_RETRY_FIRST: Duration = Duration::from_millis(200);
 /// Longest wait between two such reports.
 const REPORT_RETRY_MAX: Duration = Duration::from_secs(2);
-/// A send must start this long before its claim's lease ends, besides the webhook timeout.
+/// Least time a send leaves between its timeout and its claim's lease end, for the report.
 const SEND_MARGIN: Duration = Duration::from_secs(2);
 /// Longest single sleep while waiting out a provider pause (shutdown and expiry are checked
 /// between sleeps).
@@ -280,7 +282,17 @@ impl SendingJob {
     fn send_budget(&self) -> Duration {
         self.config
             .lease
-            .saturating_sub(self.config.webhook_timeout + SEND_MARGIN)
+            .saturating_sub(self.config.webhook_timeout + self.report_reserve())
+    }
+
+    /// Room kept between a send's timeout and its claim's lease end for the outcome to reach
+    /// the Messenger API: queued behind other outcomes, then one report call. Half of what the
+    /// lease leaves beside the webhook timeout, at least [`SEND_MARGIN`] and at most one call's
+    /// timeout. A report that lands after the lease is refused (`claim_lost`), and by then
+    /// another worker may have claimed the message and sent it again.
+    fn report_reserve(&self) -> Duration {
+        let spare = self.config.lease.saturating_sub(self.config.webhook_timeout) / 2;
+        spare.clamp(SEND_MARGIN, CALL_TIMEOUT)
     }
 
     /// How many to claim: a batch, or under a rate limit what this replica's share sends in
@@ -352,12 +364,12 @@ impl SendingJob {
     }
 
     /// The last moment a send of `message` may start: its lease end less a send's timeout and
-    /// a margin, so its outcome is reported while the claim holds.
+    /// the report's reserve, so its outcome is reported while the claim holds.
     fn send_deadline(&self, message: &ClaimedMessage) -> tokio::time::Instant {
         let left = (message.lease_until - chrono::Utc::now())
             .to_std()
             .unwrap_or_default()
-            .saturating_sub(self.config.webhook_timeout + SEND_MARGIN);
+            .saturating_sub(self.config.webhook_timeout + self.report_reserve());
         tokio::time::Instant::now() + left
     }
 
@@ -429,6 +441,16 @@ impl SendingJob {
         }
         if message.expired_at(chrono::Utc::now()) {
             return expired();
+        }
+        if tokio::time::Instant::now() > deadline {
+            // It waited too long for a send slot or for room to report (the provider or the
+            // Messenger API is slow): sent now, its outcome could land after the lease and
+            // another worker send it again. Give it back unsent instead.
+            if probe {
+                self.gate.abandon_probe().await;
+            }
+            tracing::debug!(message_id = %message.id, run_id, "claim too old to send; released");
+            return released();
         }
         let started = Instant::now();
         let outcome = self

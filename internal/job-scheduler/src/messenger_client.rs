@@ -9,7 +9,7 @@ use layered_config::SecretString;
 use reqwest::{Method, StatusCode};
 
 /// How long one call to the Messenger API may take.
-const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why a call to the Messenger API did not succeed.
 #[derive(Debug, thiserror::Error)]

@@ -245,6 +245,51 @@ async fn graceful_shutdown_case(drain: &str) {
 }
 
 #[tokio::test]
+async fn a_claim_too_old_to_report_in_time_is_given_back_unsent() {
+    // Lease 10 s and webhook timeout 2 s (configs/test.toml) keep 4 s for the report, so a send
+    // may start at most 4 s after the claim. One send at a time to a provider answering in
+    // 1.5 s: the sends starting at about 0, 1.5 and 3 s go out; those due at 4.5 and 6 s would
+    // be accepted with their outcome possibly landing after the lease, when another replica
+    // may already have claimed them and sent them again. They are given back instead.
+    let stack = Stack::start(&[]).await;
+    let ids = stack.seed(5).await;
+    let (url, log) = sink(1500, 0.0).await;
+    let scheduler = stack
+        .scheduler(
+            &url,
+            &[
+                ("HERALD__JOB_SCHEDULER__BATCH_SIZE", "5"),
+                ("HERALD__JOB_SCHEDULER__CONCURRENCY", "1"),
+            ],
+        )
+        .await;
+    let report = scheduler.control.job().run_once().await;
+    assert_eq!(report.claimed, 5, "{report:?}");
+    assert!((2..=3).contains(&report.sent), "{report:?}");
+    assert_eq!(report.released, 5 - report.sent, "{report:?}");
+    assert_eq!(
+        log.snapshot().len(),
+        report.sent as usize,
+        "only what was reported sent reached the provider"
+    );
+    let mut pending = 0;
+    for id in &ids {
+        let m = stack.message(id).await;
+        match m["status"].as_str().unwrap() {
+            "sent" => {}
+            "pending" => {
+                assert_eq!(m["attempts"], 0, "a give-back is not an attempt: {m}");
+                pending += 1;
+            }
+            other => panic!("unexpected status {other}: {m}"),
+        }
+    }
+    assert_eq!(pending, report.released);
+    scheduler.shutdown().await.unwrap();
+    stack.cleanup().await;
+}
+
+#[tokio::test]
 async fn a_run_sends_its_id_as_the_correlation_id_of_its_messenger_calls() {
     let stack = Stack::start(&[]).await;
     let messenger = MockServer::start().await;

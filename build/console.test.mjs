@@ -114,10 +114,22 @@ test("a failed message is re-queued from the console and then sent", async () =>
   await page.locator("#detail-retry").waitFor({ state: "visible" });
   await page.locator("#detail-facts", { hasText: "http_status 400" }).waitFor();
   await page.screenshot({ path: `${SHOTS}/console-detail.png` });
+  // The dialog re-reads the message after a retry. Slowed down, that read comes back after the
+  // operator closed the dialog, and must not open it again over the page.
+  const oneMessage = `**/api/messenger/messages/${message.id}`;
+  await page.route(oneMessage, async (route) => {
+    await new Promise((resolve) => setTimeout(resolve, 1000));
+    await route.continue();
+  });
   await page.click("#detail-retry");
+  await page.locator("#toast", { hasText: "Re-queued:" }).waitFor({ timeout: 5000 });
+  await page.keyboard.press("Escape");
+  await page.locator("#detail").waitFor({ state: "hidden" });
   await feedItem("message.requeued", message.id).waitFor({ timeout: 5000 });
   await feedItem("message.sent", message.id).waitFor({ timeout: 10000 });
-  await page.keyboard.press("Escape");
+  await page.waitForTimeout(1500);
+  assert.equal(await page.locator("#detail").isVisible(), false, "a closed dialog stays closed");
+  await page.unroute(oneMessage);
   const final = await call(`${API}/api/messenger/messages/${message.id}`);
   assert.equal(final.status, "sent");
   await page.selectOption("#status-filter", "");

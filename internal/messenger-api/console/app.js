@@ -335,16 +335,23 @@ async function retry(id) {
   }
   loadMessages();
   scheduleStats();
-  if (state.detailId === id) openDetail(id);
+  if (state.detailId === id) refreshDetail(id);
 }
 
-async function openDetail(id) {
+// Re-reads the message shown in the detail dialog, unless the operator closed it or opened
+// another while the read was in flight: a refresh never reopens a dialog.
+function refreshDetail(id) {
+  return openDetail(id, true);
+}
+
+async function openDetail(id, refresh = false) {
   let m;
   try {
     m = await api(`/api/messenger/messages/${id}`);
   } catch (error) {
     return handleError(error);
   }
+  if (refresh && !($("detail").open && state.detailId === id)) return;
   state.detailId = id;
   $("detail-id").textContent = m.id;
   const facts = [
@@ -493,7 +500,7 @@ function updateRow(m) {
     clearTimeout(updateRow.timer);
     updateRow.timer = setTimeout(loadMessages, 500);
   }
-  if (state.detailId === m.id && $("detail").open) openDetail(m.id);
+  if (state.detailId === m.id && $("detail").open) refreshDetail(m.id);
 }
 
 function showJobEvent(job) {

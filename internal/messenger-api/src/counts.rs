@@ -101,7 +101,8 @@ impl Deltas {
         self
     }
 
-    fn add(&mut self, other: Self) {
+    /// Adds `other` to these.
+    pub fn add(&mut self, other: Self) {
         for (mine, theirs) in self.counts.iter_mut().zip(other.counts) {
             *mine += theirs;
         }

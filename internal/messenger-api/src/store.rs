@@ -18,6 +18,7 @@ use crate::counts::{Deltas, Reconciled, StatusCounts};
 use crate::domain::{LastError, MessageDoc, MessageStatus, Transition};
 use crate::error::StoreError;
 use crate::window::{self, Axis, Walk, Widths};
+use coalesce::Coalescer;
 use herald_core::mongo::find_page;
 use herald_core::pagination::{Fetched, PageRequest, PageStart};
 
@@ -177,6 +178,61 @@ pub struct MessageStore {
     raw: Collection<Document>,
     counts: StatusCounts,
     widths: std::sync::Arc<Widths>,
+    /// Single creates arriving together, stored with one `insert_many` ([`insert_group`]).
+    inserts: Coalescer<MessageDoc, Result<(), StoreError>>,
+}
+
+/// Most creates one `insert_many` of [`MessageStore::insert`] takes.
+const INSERT_GROUP: usize = 500;
+
+/// Stores a group of single creates with one unordered `insert_many`, and answers each its own
+/// result: stored, or refused on its own (a taken idempotency key is
+/// [`StoreError::AlreadyExists`]) while the others stand. When the write fails as a whole (the
+/// database away, a write concern not met) whatever of the group went in is removed again, so
+/// no caller is told "not stored" about a message that is.
+async fn insert_group(
+    messages: Collection<MessageDoc>,
+    counts: StatusCounts,
+    group: Vec<MessageDoc>,
+) -> Vec<Result<(), StoreError>> {
+    let mut results: Vec<Result<(), StoreError>> = group.iter().map(|_| Ok(())).collect();
+    if let Err(error) = messages.insert_many(&group).ordered(false).await {
+        match &*error.kind {
+            mongodb::error::ErrorKind::InsertMany(mongodb::error::InsertManyError {
+                write_errors: Some(refused),
+                write_concern_error: None,
+                ..
+            }) => {
+                for item in refused {
+                    if let Some(result) = results.get_mut(item.index) {
+                        *result = Err(if item.code == 11000 {
+                            StoreError::AlreadyExists
+                        } else {
+                            StoreError::Database(error.clone())
+                        });
+                    }
+                }
+            }
+            _ => {
+                let ids: Vec<ObjectId> = group.iter().map(|m| m.id).collect();
+                if let Err(cleanup) = messages.delete_many(doc! {"_id": {"$in": ids}}).await {
+                    tracing::error!(%cleanup, "could not remove a partly inserted group of creates");
+                }
+                let failure = StoreError::from(error);
+                return group.iter().map(|_| Err(failure.clone())).collect();
+            }
+        }
+    }
+    let mut deltas = Deltas::default();
+    for (message, _) in group.iter().zip(&results).filter(|(_, r)| r.is_ok()) {
+        deltas.add(
+            Deltas::added(message.status, 1)
+                .with_first_id(Some(message.id))
+                .with_last_id(Some(message.id)),
+        );
+    }
+    counts.add(deltas).await;
+    results
 }
 
 /// Those of `ids` that are in status `from` and due at `now`. `_id` leads the filter on
@@ -190,12 +246,23 @@ fn due_among(ids: &[ObjectId], from: MessageStatus, now: DateTime) -> Document {
 impl MessageStore {
     /// The store over `db.messages`.
     pub fn new(db: &Database) -> Self {
+        let messages: Collection<MessageDoc> = db.collection(COLLECTION);
+        let counts = StatusCounts::new(db);
+        let inserts = {
+            let (messages, counts) = (messages.clone(), counts.clone());
+            Coalescer::limited(
+                INSERT_GROUP,
+                |_| 1,
+                move |group| insert_group(messages.clone(), counts.clone(), group),
+            )
+        };
         Self {
             db: db.clone(),
-            messages: db.collection(COLLECTION),
+            messages,
             raw: db.collection(COLLECTION),
-            counts: StatusCounts::new(db),
+            counts,
             widths: std::sync::Arc::default(),
+            inserts,
         }
     }
 
@@ -233,16 +300,13 @@ impl MessageStore {
     }
 
     /// Inserts one message; a taken idempotency key gives [`StoreError::AlreadyExists`].
+    /// Creates that arrive together share one write (group commit, [`insert_group`]): each
+    /// still succeeds or fails on its own, and a lone one is written at once.
     pub async fn insert(&self, message: &MessageDoc) -> Result<(), StoreError> {
-        self.messages.insert_one(message).await?;
-        self.counts
-            .add(
-                Deltas::added(message.status, 1)
-                    .with_first_id(Some(message.id))
-                    .with_last_id(Some(message.id)),
-            )
-            .await;
-        Ok(())
+        self.inserts
+            .call(message.clone())
+            .await
+            .unwrap_or_else(|unanswered| Err(StoreError::Database(mongodb::error::Error::custom(unanswered))))
     }
 
     /// Inserts many in order. If the database fails part-way, the ones that went in are removed

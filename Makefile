@@ -49,30 +49,30 @@ compose-check:
 # The chaos campaign with real processes (docs/reliability.md); make test runs it shortened.
 chaos: services
 	cargo build --release --bin herald
-	cargo run -p herald-job-scheduler --example chaos
+	cargo run -p herald --example chaos
 
 chaos-short: services
 	cargo build --release --bin herald
-	CHAOS_SCALE=0.2 cargo run -p herald-job-scheduler --example chaos
+	CHAOS_SCALE=0.2 cargo run -p herald --example chaos
 
 # docker-compose up of the real stack, healthchecks, seed, first deliveries, Postman, down -v.
 compose-up-test:
 	build/compose-up-test.sh
 
 bench: services
-	cargo run --release -p herald-job-scheduler --example bench -- 20000
+	cargo run --release -p herald --example bench -- 20000
 	cargo build --release --bin herald
-	cargo run --release -p herald-job-scheduler --example drain_bench -- 50000 20000
-	cargo run --release -p herald-messenger-api --example scale_bench -- 1000000
+	cargo run --release -p herald --example drain_bench -- 50000 20000
+	cargo run --release -p herald --example scale_bench -- 1000000
 
 # Only the "at scale" section of make bench: a million messages.
 bench-scale: services
 	cargo build --release --bin herald
-	cargo run --release -p herald-messenger-api --example scale_bench -- 1000000
+	cargo run --release -p herald --example scale_bench -- 1000000
 
 bench-feed: services
 	cargo build --release --bin herald
-	cargo run --release -p herald-messenger-api --example feed_bench -- 1000 500
+	cargo run --release -p herald --example feed_bench -- 1000 500
 
 openapi:
 	cargo run --quiet --bin herald -- openapi --out-dir docs/openapi

@@ -4,13 +4,13 @@ use std::time::Duration;
 
 use anyhow::Context;
 use herald_core::Settings;
-use herald_messenger_api::domain::{self, MessageDoc};
-use herald_messenger_api::service::Rules;
+use herald_messenger_api::cache::SentCache;
+use herald_messenger_api::domain::Draft;
+use herald_messenger_api::metrics::MessengerMetrics;
+use herald_messenger_api::service::{MessengerService, RetryPolicy, MAX_BATCH};
 use herald_messenger_api::store::MessageStore;
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::Rng;
-
-const BATCH: u64 = 1000;
 
 const TEXTS: &[&str] = &[
     "Your order has shipped and will arrive tomorrow.",
@@ -44,28 +44,30 @@ pub async fn run(settings: &Settings, count: u64) -> anyhow::Result<()> {
             .progress_chars("=> "),
     );
     bar.enable_steady_tick(Duration::from_millis(120));
-    let limits = Rules::from_settings(settings).limits();
+    // Through the service, as the batch create is: the same validation, counts kept as it writes.
+    let service = MessengerService::new(
+        store,
+        SentCache::new(&settings.redis)?,
+        RetryPolicy::from_settings(settings),
+        MessengerMetrics::new()?,
+    );
     let mut done = 0;
     while done < count {
-        let size = (count - done).min(BATCH);
-        let now = bson::DateTime::now();
-        let docs = (done..done + size)
-            .map(|n| {
-                let (to, content) = mock(n);
-                let draft = domain::Draft {
-                    to: &to,
-                    content: &content,
-                    send_at: None,
-                    expires_at: None,
-                };
-                let valid = domain::validate(draft, limits, now.to_chrono())
-                    .map_err(|e| anyhow::anyhow!("mock message {n} is invalid: {e}"))?;
-                Ok(MessageDoc::new_pending(valid, None, now))
+        let size = (count - done).min(MAX_BATCH as u64);
+        let mocks: Vec<(String, String)> = (done..done + size).map(mock).collect();
+        let drafts: Vec<Draft<'_>> = mocks
+            .iter()
+            .map(|(to, content)| Draft {
+                to,
+                content,
+                send_at: None,
+                expires_at: None,
             })
-            .collect::<anyhow::Result<Vec<_>>>()?;
-        store
-            .insert_many(&docs)
+            .collect();
+        service
+            .create_batch(&drafts)
             .await
+            .map_err(|e| anyhow::anyhow!(e))
             .context("Failed to insert mock messages")?;
         done += size;
         bar.set_position(done);

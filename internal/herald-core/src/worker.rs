@@ -10,21 +10,6 @@ use crate::message::{FailureKind, MessageStatus, MessageView};
 /// Path of the claim operation.
 pub const CLAIM_PATH: &str = "/api/messenger/get-two";
 
-/// Path of the commit of message `id`.
-pub fn commit_path(id: &str) -> String {
-    format!("/api/messenger/commit/{id}")
-}
-
-/// Path of the failure report of message `id`.
-pub fn fail_path(id: &str) -> String {
-    format!("/api/messenger/fail/{id}")
-}
-
-/// Path of the release of message `id`.
-pub fn release_path(id: &str) -> String {
-    format!("/api/messenger/release/{id}")
-}
-
 /// A claim request.
 #[derive(Debug, Clone, Object, Serialize, Deserialize)]
 #[oai(rename_all = "camelCase")]
@@ -69,7 +54,7 @@ impl ClaimedMessage {
     }
 }
 
-/// Commit of an accepted send.
+/// Commit of an accepted send: the body of `commit/{id}`, and a `sent` outcome beside its id.
 #[derive(Debug, Clone, Object, Serialize, Deserialize)]
 #[oai(rename_all = "camelCase")]
 #[serde(rename_all = "camelCase")]
@@ -107,7 +92,7 @@ pub struct DeliveryError {
     pub detail: String,
 }
 
-/// A failed attempt.
+/// A failed attempt: the body of `fail/{id}`, and a `failed` outcome beside its id.
 #[derive(Debug, Clone, Object, Serialize, Deserialize)]
 #[oai(rename_all = "camelCase")]
 #[serde(rename_all = "camelCase")]
@@ -123,7 +108,8 @@ pub struct FailRequest {
     pub retry_after_seconds: Option<u64>,
 }
 
-/// Giving back an unsent claim.
+/// The claim a message is held under: the body of `release/{id}`, and of a `released` or
+/// `expired` outcome beside its id.
 #[derive(Debug, Clone, Object, Serialize, Deserialize)]
 #[oai(rename_all = "camelCase")]
 #[serde(rename_all = "camelCase")]
@@ -140,59 +126,46 @@ pub const MAX_OUTCOMES: usize = 1000;
 
 /// The provider accepted a claimed message.
 #[derive(Debug, Clone, Object, Serialize, Deserialize)]
-#[oai(rename_all = "camelCase")]
-#[serde(rename_all = "camelCase")]
 pub struct SentOutcome {
     /// The message id.
     pub id: String,
-    /// The token from get-two.
-    pub claim_token: String,
-    /// The provider's `messageId`, when it gave one.
-    #[oai(nullable)]
-    pub webhook_message_id: Option<String>,
-    /// When the provider accepted it (default: now).
-    #[oai(nullable)]
-    pub sent_at: Option<DateTime<Utc>>,
+    /// The claim and what the provider answered.
+    #[oai(flatten)]
+    #[serde(flatten)]
+    pub commit: CommitRequest,
 }
 
 /// An attempt at a claimed message failed.
 #[derive(Debug, Clone, Object, Serialize, Deserialize)]
-#[oai(rename_all = "camelCase")]
-#[serde(rename_all = "camelCase")]
 pub struct FailedOutcome {
     /// The message id.
     pub id: String,
-    /// The token from get-two.
-    pub claim_token: String,
-    /// What went wrong.
-    pub error: DeliveryError,
-    /// True: retry per the schedule; false: mark failed.
-    pub retryable: bool,
-    /// Not before this many seconds (the provider's Retry-After; capped).
-    #[oai(nullable)]
-    pub retry_after_seconds: Option<u64>,
+    /// The claim and what went wrong.
+    #[oai(flatten)]
+    #[serde(flatten)]
+    pub failure: FailRequest,
 }
 
 /// A claimed message given back unsent.
 #[derive(Debug, Clone, Object, Serialize, Deserialize)]
-#[oai(rename_all = "camelCase")]
-#[serde(rename_all = "camelCase")]
 pub struct ReleasedOutcome {
     /// The message id.
     pub id: String,
-    /// The token from get-two.
-    pub claim_token: String,
+    /// The claim it gives back.
+    #[oai(flatten)]
+    #[serde(flatten)]
+    pub claim: ReleaseRequest,
 }
 
 /// A claimed message whose `expiresAt` passed before it could be sent.
 #[derive(Debug, Clone, Object, Serialize, Deserialize)]
-#[oai(rename_all = "camelCase")]
-#[serde(rename_all = "camelCase")]
 pub struct ExpiredOutcome {
     /// The message id.
     pub id: String,
-    /// The token from get-two.
-    pub claim_token: String,
+    /// The claim it reports under.
+    #[oai(flatten)]
+    #[serde(flatten)]
+    pub claim: ReleaseRequest,
 }
 
 /// What became of one claimed message, told by its `outcome`.
@@ -228,10 +201,10 @@ impl Outcome {
     /// The claim it reports under.
     pub fn claim_token(&self) -> &str {
         match self {
-            Self::Sent(o) => &o.claim_token,
-            Self::Failed(o) => &o.claim_token,
-            Self::Released(o) => &o.claim_token,
-            Self::Expired(o) => &o.claim_token,
+            Self::Sent(o) => &o.commit.claim_token,
+            Self::Failed(o) => &o.failure.claim_token,
+            Self::Released(o) => &o.claim.claim_token,
+            Self::Expired(o) => &o.claim.claim_token,
         }
     }
 }

@@ -9,14 +9,12 @@ use bson::DateTime;
 use herald_core::jobs::{JobStatus, RunView};
 use herald_core::pagination::{Page, PageRequest};
 use herald_core::probes::{self, ReadyResponse};
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
-use crate::cron::Cron;
 use crate::job::SendingJob;
 use crate::messenger_client::MessengerClient;
 use crate::metrics::SchedulerMetrics;
 use crate::provider::ProviderGate;
+use crate::schedule::{Cron, Trigger};
 use crate::store::{JobStore, StoreError};
 
 /// Why a control call failed.
@@ -31,47 +29,6 @@ pub enum ControlError {
     /// MongoDB failed.
     #[error(transparent)]
     Store(#[from] StoreError),
-}
-
-/// Starts runs of the job on the task tracker, so shutdown can wait for them.
-#[derive(Clone)]
-pub struct Trigger {
-    job: Arc<SendingJob>,
-    tracker: TaskTracker,
-}
-
-impl Trigger {
-    /// A trigger for `job`, tracked by `tracker`.
-    pub fn new(job: Arc<SendingJob>, tracker: TaskTracker) -> Self {
-        Self { job, tracker }
-    }
-
-    /// Starts a run in the background (it skips itself if one is already going).
-    pub fn fire(&self) {
-        if self.tracker.is_closed() {
-            return;
-        }
-        let job = self.job.clone();
-        self.tracker.spawn(async move {
-            job.run_once().await;
-        });
-    }
-
-    /// Drain mode: looks for due messages every `every` while idle (a poll that finds some
-    /// drains them), until `shutdown`.
-    pub fn poll_while_idle(&self, every: Duration, shutdown: CancellationToken) {
-        let job = self.job.clone();
-        self.tracker.spawn(async move {
-            loop {
-                tokio::select! {
-                    () = shutdown.cancelled() => break,
-                    () = tokio::time::sleep(every) => {
-                        job.poll_once().await;
-                    }
-                }
-            }
-        });
-    }
 }
 
 /// What [`JobControl`] is built from.

@@ -21,13 +21,13 @@
 #![forbid(unsafe_code)]
 
 pub mod control;
-pub mod cron;
 pub mod job;
 pub mod limiter;
 pub mod messenger_client;
 pub mod metrics;
 pub mod provider;
 pub mod routes;
+pub mod schedule;
 pub mod startup;
 pub mod store;
 

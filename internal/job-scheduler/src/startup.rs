@@ -19,15 +19,15 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use webhook_client::{WebhookClient, WebhookConfig};
 
-use crate::control::{ControlParts, JobControl, Trigger};
-use crate::cron::Cron;
+use crate::control::{ControlParts, JobControl};
 use crate::job::{JobConfig, JobParts, SendingJob};
 use crate::limiter::{RateLimit, RateLimiter};
 use crate::messenger_client::MessengerClient;
 use crate::metrics::SchedulerMetrics;
-use crate::provider::{PauseRules, ProviderGate, ProviderStore};
+use crate::provider::{PauseRules, ProviderGate};
 use crate::routes::{JobApi, ProbesApi};
-use crate::store::JobStore;
+use crate::schedule::{Cron, Trigger};
+use crate::store::{JobStore, ProviderStore};
 
 /// How long in-flight HTTP requests may take after a shutdown signal (a Stop may be waiting
 /// for a run).

@@ -131,41 +131,27 @@ impl SentCache {
         format!("{}stats:sent:{minute}", self.prefix)
     }
 
-    /// Writes the entry with its TTL and, for a first commit (`count_in_minute`), counts it in
-    /// that minute's counter, all in one round trip.
-    pub async fn put_sent(&self, id: &str, entry: &SentEntry, count_in_minute: Option<i64>) -> Result<(), CacheError> {
-        let value = serde_json::to_string(entry)?;
-        let mut conn = self.connection.clone();
+    /// Writes many entries with their TTL and counts each first commit in its minute (the
+    /// `Option<i64>` beside it; a repeated commit has none), all in one round trip.
+    pub async fn put_sent_many(&self, entries: &[(String, SentEntry, Option<i64>)]) -> Result<(), CacheError> {
         let mut pipe = redis::pipe();
-        pipe.cmd("SET")
-            .arg(self.key(id))
-            .arg(value)
-            .arg("EX")
-            .arg(self.ttl_seconds)
-            .ignore();
-        if let Some(minute) = count_in_minute {
-            let key = self.minute_key(minute);
-            pipe.cmd("INCR").arg(&key).ignore();
-            pipe.cmd("EXPIRE").arg(&key).arg(MINUTE_COUNTER_TTL_SECONDS).ignore();
-        }
-        self.bounded(async move { pipe.query_async::<()>(&mut conn).await })
-            .await
-    }
-
-    /// Writes many entries and counts them all in `minute`, in one round trip.
-    pub async fn put_sent_many(&self, entries: &[(String, SentEntry)], minute: i64) -> Result<(), CacheError> {
-        let mut pipe = redis::pipe();
-        for (id, entry) in entries {
+        let mut minutes: std::collections::BTreeMap<i64, u64> = std::collections::BTreeMap::new();
+        for (id, entry, minute) in entries {
             pipe.cmd("SET")
                 .arg(self.key(id))
                 .arg(serde_json::to_string(entry)?)
                 .arg("EX")
                 .arg(self.ttl_seconds)
                 .ignore();
+            if let Some(minute) = minute {
+                *minutes.entry(*minute).or_default() += 1;
+            }
         }
-        let key = self.minute_key(minute);
-        pipe.cmd("INCRBY").arg(&key).arg(entries.len()).ignore();
-        pipe.cmd("EXPIRE").arg(&key).arg(MINUTE_COUNTER_TTL_SECONDS).ignore();
+        for (minute, n) in minutes {
+            let key = self.minute_key(minute);
+            pipe.cmd("INCRBY").arg(&key).arg(n).ignore();
+            pipe.cmd("EXPIRE").arg(&key).arg(MINUTE_COUNTER_TTL_SECONDS).ignore();
+        }
         let mut conn = self.connection.clone();
         self.bounded(async move { pipe.query_async::<()>(&mut conn).await })
             .await

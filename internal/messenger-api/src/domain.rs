@@ -4,9 +4,28 @@ use bson::oid::ObjectId;
 use bson::DateTime;
 use serde::{Deserialize, Serialize};
 
-use crate::error::ServiceError;
 pub use herald_core::message::{FailureKind, MessageStatus};
 use herald_core::ErrorCode;
+
+/// Input that broke a rule: which one (a code from the catalogue) and what to fix.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct ValidationError {
+    /// Which rule.
+    pub code: ErrorCode,
+    /// What to fix.
+    pub message: String,
+}
+
+impl ValidationError {
+    /// A broken rule.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+}
 
 /// The state change a write made, stored as `last_transition` so the change feed can name the
 /// event exactly (a released and a re-queued message are both `pending`).
@@ -59,6 +78,17 @@ pub struct LastError {
     pub detail: String,
     /// When the failure was recorded.
     pub at: DateTime,
+}
+
+impl From<LastError> for herald_core::message::LastErrorView {
+    fn from(e: LastError) -> Self {
+        Self {
+            kind: e.kind,
+            status: e.status,
+            detail: e.detail,
+            at: e.at.to_chrono(),
+        }
+    }
 }
 
 /// A document of the `messages` collection.
@@ -183,13 +213,13 @@ impl MessageDoc {
 }
 
 /// Checks `to` is E.164: `+` then 8 to 15 digits (surrounding spaces are trimmed).
-pub fn validate_phone(to: &str) -> Result<String, ServiceError> {
+pub fn validate_phone(to: &str) -> Result<String, ValidationError> {
     let to = to.trim();
     let digits = to.strip_prefix('+').unwrap_or("");
     if (8..=15).contains(&digits.len()) && digits.bytes().all(|b| b.is_ascii_digit()) {
         Ok(to.to_owned())
     } else {
-        Err(ServiceError::invalid(
+        Err(ValidationError::new(
             ErrorCode::InvalidPhone,
             "to must be an E.164 phone number: `+` then 8 to 15 digits",
         ))
@@ -197,17 +227,17 @@ pub fn validate_phone(to: &str) -> Result<String, ServiceError> {
 }
 
 /// Trims `content` and checks it holds 1..=`max_chars` Unicode characters.
-pub fn validate_content(content: &str, max_chars: usize) -> Result<String, ServiceError> {
+pub fn validate_content(content: &str, max_chars: usize) -> Result<String, ValidationError> {
     let content = content.trim();
     if content.is_empty() {
-        return Err(ServiceError::invalid(
+        return Err(ValidationError::new(
             ErrorCode::EmptyContent,
             "content must not be empty",
         ));
     }
     let chars = content.chars().count();
     if chars > max_chars {
-        return Err(ServiceError::invalid(
+        return Err(ValidationError::new(
             ErrorCode::ContentTooLong,
             format!("content has {chars} characters; the limit is {max_chars}"),
         ));
@@ -222,11 +252,11 @@ pub fn validate_schedule(
     expires_at: Option<chrono::DateTime<chrono::Utc>>,
     now: chrono::DateTime<chrono::Utc>,
     max_schedule: std::time::Duration,
-) -> Result<Schedule, ServiceError> {
+) -> Result<Schedule, ValidationError> {
     if let Some(at) = send_at {
         let furthest = now + chrono::Duration::from_std(max_schedule).unwrap_or(chrono::Duration::MAX);
         if at > furthest {
-            return Err(ServiceError::invalid(
+            return Err(ValidationError::new(
                 ErrorCode::InvalidSendAt,
                 format!(
                     "sendAt {} is more than {} days ahead",
@@ -239,7 +269,7 @@ pub fn validate_schedule(
     if let Some(at) = expires_at {
         let earliest = send_at.map_or(now, |s| s.max(now));
         if at <= earliest {
-            return Err(ServiceError::invalid(
+            return Err(ValidationError::new(
                 ErrorCode::InvalidExpiresAt,
                 format!("expiresAt {} must be after now and after sendAt", at.to_rfc3339()),
             ));
@@ -256,7 +286,7 @@ pub fn validate(
     draft: Draft<'_>,
     limits: Limits,
     now: chrono::DateTime<chrono::Utc>,
-) -> Result<ValidMessage, ServiceError> {
+) -> Result<ValidMessage, ValidationError> {
     Ok(ValidMessage {
         to: validate_phone(draft.to)?,
         content: validate_content(draft.content, limits.max_chars)?,
@@ -265,9 +295,9 @@ pub fn validate(
 }
 
 /// Parses a 24-hex id.
-pub fn parse_id(id: &str) -> Result<ObjectId, ServiceError> {
+pub fn parse_id(id: &str) -> Result<ObjectId, ValidationError> {
     ObjectId::parse_str(id).map_err(|_| {
-        ServiceError::invalid(
+        ValidationError::new(
             ErrorCode::InvalidMessageId,
             "id must be a 24-character hexadecimal ObjectId",
         )
@@ -301,7 +331,7 @@ mod tests {
         assert_eq!(validate_content("  hi  ", 160).unwrap(), "hi");
         assert!(matches!(
             validate_content("   ", 160),
-            Err(ServiceError::Invalid {
+            Err(ValidationError {
                 code: ErrorCode::EmptyContent,
                 ..
             })
@@ -312,7 +342,7 @@ mod tests {
         let emoji = "🙂".repeat(161);
         assert!(matches!(
             validate_content(&emoji, 160),
-            Err(ServiceError::Invalid {
+            Err(ValidationError {
                 code: ErrorCode::ContentTooLong,
                 ..
             })
@@ -332,8 +362,8 @@ mod tests {
             "past = now"
         );
         assert!(validate_schedule(None, None, now, horizon).unwrap() == Schedule::default());
-        let code = |r: Result<Schedule, ServiceError>| match r {
-            Err(ServiceError::Invalid { code, .. }) => code,
+        let code = |r: Result<Schedule, ValidationError>| match r {
+            Err(ValidationError { code, .. }) => code,
             other => panic!("{other:?}"),
         };
         assert_eq!(

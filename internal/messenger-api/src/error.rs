@@ -1,6 +1,8 @@
-//! Errors of the store and service layers. The HTTP mapping happens once, in `routes`.
+//! Errors of the store and service layers. The HTTP mapping happens once, in [`crate::routes`].
 
-use herald_core::{ApiError, ErrorCode};
+use herald_core::ErrorCode;
+
+use crate::domain::ValidationError;
 
 pub use herald_core::mongo::StoreError;
 
@@ -8,13 +10,8 @@ pub use herald_core::mongo::StoreError;
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
     /// Input broke a rule.
-    #[error("{message}")]
-    Invalid {
-        /// Which rule.
-        code: ErrorCode,
-        /// What to fix.
-        message: String,
-    },
+    #[error(transparent)]
+    Invalid(#[from] ValidationError),
     /// No such message.
     #[error("message not found")]
     NotFound,
@@ -46,39 +43,6 @@ pub enum ServiceError {
 impl ServiceError {
     /// A validation failure.
     pub fn invalid(code: ErrorCode, message: impl Into<String>) -> Self {
-        Self::Invalid {
-            code,
-            message: message.into(),
-        }
-    }
-}
-
-impl From<ServiceError> for ApiError {
-    fn from(error: ServiceError) -> Self {
-        match error {
-            ServiceError::Invalid { code, message } => ApiError::new(code, message),
-            ServiceError::NotFound => ApiError::new(ErrorCode::MessageNotFound, "No message has this id."),
-            ServiceError::IdempotencyConflict => ApiError::new(
-                ErrorCode::IdempotencyConflict,
-                "This Idempotency-Key was already used with a different body.",
-            ),
-            ServiceError::ClaimLost => ApiError::new(
-                ErrorCode::ClaimLost,
-                "The claim is no longer held: the lease expired and the message was claimed again, or it moved on.",
-            ),
-            ServiceError::NotFailed(status) => ApiError::new(
-                ErrorCode::NotFailed,
-                format!("Only a failed message can be retried; this one is {status}."),
-            ),
-            ServiceError::JobConflict { code, message } => ApiError::new(code, message),
-            ServiceError::SchedulerUnreachable(cause) => {
-                tracing::warn!(cause = %telemetry::Chain(&cause), "job scheduler unreachable");
-                ApiError::new(
-                    ErrorCode::JobSchedulerUnreachable,
-                    "The Job Scheduler could not be reached.",
-                )
-            }
-            ServiceError::Store(error) => error.into(),
-        }
+        Self::Invalid(ValidationError::new(code, message))
     }
 }

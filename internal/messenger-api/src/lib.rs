@@ -1,37 +1,42 @@
 //! The Messenger API: owns the `messages` collection.
 //!
-//! Layers, one way down:
-//! - [`routes`]: poem-openapi operations; they parse, authorise and map errors to the catalogue.
-//! - [`service`]: the rules — validation, the state machine, retry policy, the commit-then-cache
-//!   order, the toggle call to the Job Scheduler.
-//! - [`store`]: the repository over `Collection<MessageDoc>`; BSON stays here. Claims are atomic
-//!   per document.
-//! - [`claimer`]: one claimer per process — concurrent claims served together, each reading a
-//!   bounded window of the due index.
-//! - [`counts`]: counts by status, maintained as messages change and reconciled periodically.
-//! - [`cache`]: the Redis sent-message cache (a cache, never the source of truth) and the
-//!   per-minute sent counters.
-//! - [`events`]: the live event feed from the database's change stream.
-//! - [`job_view`]: the sending job's state, read for the stats and the console.
-//! - [`routes::console`]: the operator console, embedded in the binary.
+//! # Layout
 //!
-//! [`startup::Application`] wires them to a bound port; [`openapi_json`] renders the document.
+//! Three layers, one way down, each with one file per step of a message's life:
+//! - [`routes`]: poem-openapi operations — `messages`, `worker`, `job`, `live`, `socket`,
+//!   `console`, `probes`, and the `views` they answer; they parse, authorise, and map a
+//!   service error to the catalogue once.
+//! - [`service`]: the rules — `messages` (create, list), `worker` (claim, outcomes),
+//!   `requeue`, `retry_policy`, `job` (the toggle, through the Job Scheduler), `monitor`
+//!   (stats, readiness) and `upkeep` (reconciliation, cache repair, retention).
+//! - [`store`]: the repository over `messages`, the only place BSON is written — `insert`,
+//!   `list` (through `window`), `claim`, `writes`, `requeue`, `counts`, `upkeep`, `job_view`.
+//!
+//! Beside them: [`domain`] (the message document and its validation), [`cache`] (the Redis
+//! sent-message cache, never the source of truth), [`events`] (the live feed from the change
+//! stream), [`metrics`], [`error`] and [`startup::Application`], which wires it all to a port.
+//!
+//! # The walk of one message
+//!
+//! 1. Created: `routes/messages.rs` → `service/messages.rs` → `store/insert.rs`.
+//! 2. Claimed by a scheduler's run (`job/mod.rs` there): `routes/worker.rs` →
+//!    `service/worker.rs` → `store/claim.rs`.
+//! 3. Sent to the provider by the scheduler (`job/deliver.rs` there).
+//! 4. Its outcome reported (`job/report.rs` there): `routes/worker.rs` → `service/worker.rs`
+//!    → `store/writes.rs` → `cache.rs` (the `sent:<id>` entry).
+//!
+//! [`openapi_json`] renders the OpenAPI document.
 
 #![forbid(unsafe_code)]
 
 pub mod cache;
-pub mod claimer;
-pub mod counts;
 pub mod domain;
 pub mod error;
 pub mod events;
-pub mod job_view;
 pub mod metrics;
 pub mod routes;
-pub mod scheduler_client;
 pub mod service;
 pub mod startup;
 pub mod store;
-pub mod window;
 
 pub use startup::{openapi_json, Application};

@@ -18,12 +18,12 @@ use crate::events::EventFeed;
 use crate::metrics::MessengerMetrics;
 use crate::routes::console;
 use crate::routes::job::JobApi;
-use crate::routes::live::{self, LiveApi, SocketTiming};
+use crate::routes::live::LiveApi;
 use crate::routes::messages::MessagesApi;
 use crate::routes::probes::ProbesApi;
+use crate::routes::socket::{self, SocketTiming};
 use crate::routes::worker::WorkerApi;
-use crate::scheduler_client::SchedulerClient;
-use crate::service::{JobRemote, MessengerService, Monitor, Rules, Upkeep};
+use crate::service::{JobRemote, MessengerService, Monitor, RetryPolicy, SchedulerClient, Upkeep};
 use crate::store::MessageStore;
 use telemetry::Chain;
 
@@ -90,7 +90,7 @@ impl Services {
             messenger: Arc::new(MessengerService::new(
                 store.clone(),
                 cache.clone(),
-                Rules::from_settings(settings),
+                RetryPolicy::from_settings(settings),
                 metrics.clone(),
             )),
             job: Arc::new(JobRemote::new(scheduler)),
@@ -165,7 +165,7 @@ impl Application {
             .at("/metrics", metrics)
             .at("/messenger/console", get(console::page))
             .at("/messenger/console/:file", get(console::asset))
-            .at("/api/messenger/ws", get(live::websocket))
+            .at("/api/messenger/ws", get(socket::websocket))
             .nest("/", api)
             .data(ApiKeys::new(settings.auth.api_keys.clone()))
             .data(services.feed.clone())

@@ -1,7 +1,7 @@
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use crate::helpers::Stack;
+use crate::helpers::stack;
 
 /// A scheduler process killed with SIGKILL in the middle of a run loses nothing: once its
 /// lease expires another replica sends what it held. Repeats are limited to what the killed
@@ -18,7 +18,7 @@ async fn a_killed_draining_scheduler_loses_nothing_and_repeats_only_its_in_fligh
 }
 
 async fn killed_scheduler_loses_nothing(drain: &str) {
-    let stack = Stack::new(&[
+    let stack = stack(&[
         ("HERALD__JOB_SCHEDULER__SCHEDULE", "*/1 * * * * *"),
         ("HERALD__JOB_SCHEDULER__BATCH_SIZE", "4"),
         ("HERALD__JOB_SCHEDULER__CONCURRENCY", "4"),
@@ -55,16 +55,11 @@ async fn killed_scheduler_loses_nothing(drain: &str) {
         .collect();
     assert!(!in_flight.is_empty() && in_flight.len() <= 4, "{in_flight:?}");
 
-    let mut survivor_vars = stack.vars.clone();
-    survivor_vars.insert(
-        "HERALD__JOB_SCHEDULER__PORT".into(),
+    let own_port = [(
+        "HERALD__JOB_SCHEDULER__PORT".to_owned(),
         crate::helpers::free_port().to_string(),
-    );
-    let _survivor = crate::helpers::Proc::spawn("job-scheduler-2", {
-        let mut c = crate::helpers::herald(&survivor_vars);
-        c.arg("job-scheduler");
-        c
-    });
+    )];
+    let _survivor = stack.spawn_with("job-scheduler-2", &["job-scheduler"], &own_port);
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let page = stack

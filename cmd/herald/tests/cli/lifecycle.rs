@@ -1,7 +1,7 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use crate::helpers::{herald, Stack};
+use crate::helpers::{herald, stack};
 
 #[test]
 fn help_lists_every_subcommand() {
@@ -125,7 +125,7 @@ fn the_committed_openapi_documents_are_current() {
 
 #[tokio::test]
 async fn both_services_answer_their_probes_and_exit_0_on_sigterm_within_two_seconds() {
-    let stack = Stack::new(&[]).await;
+    let stack = stack(&[]).await;
     let mut api = stack.spawn("messenger-api", &["messenger-api"]);
     let mut scheduler = stack.spawn("job-scheduler", &["job-scheduler"]);
     stack.wait_healthy(&format!("{}/messenger/health", stack.api)).await;
@@ -153,7 +153,7 @@ async fn both_services_answer_their_probes_and_exit_0_on_sigterm_within_two_seco
 
 #[tokio::test]
 async fn end_to_end_ten_seeded_messages_are_all_sent_and_listed() {
-    let stack = Stack::new(&[("HERALD__JOB_SCHEDULER__SCHEDULE", "*/1 * * * * *")]).await;
+    let stack = stack(&[("HERALD__JOB_SCHEDULER__SCHEDULE", "*/1 * * * * *")]).await;
     let _sink = stack.spawn("webhook-sink", &["webhook-sink"]);
     let _api = stack.spawn("messenger-api", &["messenger-api"]);
     stack.wait_healthy(&format!("{}/messenger/health", stack.api)).await;

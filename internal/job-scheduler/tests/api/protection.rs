@@ -407,7 +407,7 @@ async fn messages_whose_expiry_passes_during_a_pause_expire_and_never_reach_the_
 
 #[tokio::test]
 async fn the_shared_pause_state_counts_pauses_probes_once_and_resumes() {
-    use herald_job_scheduler::provider::ProviderStore;
+    use herald_job_scheduler::store::ProviderStore;
     let env = test_support::TestEnv::new().await.unwrap();
     let store = ProviderStore::new(&env.db());
     let counts = futures::future::join_all((0..10).map(|_| store.count_failure())).await;

@@ -6,7 +6,7 @@ use mongodb::change_stream::event::{ChangeStreamEvent, OperationType, ResumeToke
 use poem_openapi::{Enum, Object};
 
 use crate::domain::{MessageStatus, Transition};
-use crate::routes::views::LastErrorView;
+use herald_core::message::LastErrorView;
 
 use herald_core::jobs::JOB_STATE_COLLECTION as JOB_STATE;
 use herald_core::jobs::PROVIDER_STATE_COLLECTION as PROVIDER_STATE;

@@ -6,7 +6,7 @@ pub use herald_core::message::{LastErrorView, MessageView};
 pub use herald_core::worker::{ClaimedMessage, CommitView};
 use poem_openapi::Object;
 
-use crate::domain::{Draft, LastError, MessageDoc, MessageStatus};
+use crate::domain::{Draft, MessageDoc, MessageStatus};
 
 fn utc(at: bson::DateTime) -> DateTime<Utc> {
     at.to_chrono()
@@ -47,17 +47,6 @@ impl NewMessage {
 pub struct NewBatch {
     /// 1 to 1,000 messages.
     pub messages: Vec<NewMessage>,
-}
-
-impl From<LastError> for LastErrorView {
-    fn from(e: LastError) -> Self {
-        Self {
-            kind: e.kind,
-            status: e.status,
-            detail: e.detail,
-            at: utc(e.at),
-        }
-    }
 }
 
 impl From<MessageDoc> for MessageView {

@@ -1,4 +1,5 @@
-//! The worker protocol the Job Scheduler speaks: claim, commit, fail, release.
+//! The worker protocol the Job Scheduler speaks: claim (`get-two`), then the outcomes — many at
+//! once (`outcomes`), or one at a time (`commit`, `fail`, `release`: one-item reports).
 
 use std::sync::Arc;
 
@@ -10,10 +11,11 @@ use poem_openapi::payload::Json;
 use poem_openapi::{ApiResponse, OpenApi};
 
 use super::ApiTags;
-use crate::service::{FailureReport, MessengerService};
+use crate::service::MessengerService;
 use herald_core::message::MessageView;
 use herald_core::worker::{
-    ClaimRequest, ClaimedMessage, CommitRequest, CommitView, FailRequest, OutcomeBatch, OutcomeResults, ReleaseRequest,
+    ClaimRequest, ClaimedMessage, CommitRequest, CommitView, FailRequest, FailedOutcome, Outcome, OutcomeBatch,
+    OutcomeResults, ReleaseRequest, ReleasedOutcome, SentOutcome,
 };
 
 api_errors!(ClaimErrors: 400, 401, 413, 415, 500, 503);
@@ -91,19 +93,14 @@ impl WorkerApi {
         id: Path<String>,
         body: Json<CommitRequest>,
     ) -> Result<CommitResponse, TransitionErrors> {
-        let committed = self
-            .service
-            .commit(
-                &id.0,
-                &body.claim_token,
-                body.webhook_message_id.as_deref(),
-                body.sent_at,
-            )
-            .await
-            .map_err(ApiError::from)?;
+        let outcome = Outcome::Sent(SentOutcome {
+            id: id.0,
+            commit: body.0,
+        });
+        let reported = self.service.report_one(outcome).await.map_err(ApiError::from)?;
         Ok(CommitResponse::Ok(Json(CommitView {
-            message: committed.message.into(),
-            cached: committed.cached,
+            message: reported.message.into(),
+            cached: reported.cached,
         })))
     }
 
@@ -120,19 +117,11 @@ impl WorkerApi {
         id: Path<String>,
         body: Json<FailRequest>,
     ) -> Result<TransitionResponse, TransitionErrors> {
-        let body = body.0;
-        let report = FailureReport {
-            kind: body.error.kind,
-            status: body.error.status.map(i32::from),
-            detail: body.error.detail,
-            retryable: body.retryable,
-            retry_after_seconds: body.retry_after_seconds,
-        };
-        let message = self
-            .service
-            .fail(&id.0, &body.claim_token, report)
-            .await
-            .map_err(ApiError::from)?;
+        let outcome = Outcome::Failed(FailedOutcome {
+            id: id.0,
+            failure: body.0,
+        });
+        let message = self.service.report_one(outcome).await.map_err(ApiError::from)?.message;
         Ok(TransitionResponse::Ok(Json(message.into())))
     }
 
@@ -148,11 +137,11 @@ impl WorkerApi {
         id: Path<String>,
         body: Json<ReleaseRequest>,
     ) -> Result<TransitionResponse, TransitionErrors> {
-        let message = self
-            .service
-            .release(&id.0, &body.claim_token)
-            .await
-            .map_err(ApiError::from)?;
+        let outcome = Outcome::Released(ReleasedOutcome {
+            id: id.0,
+            claim: body.0,
+        });
+        let message = self.service.report_one(outcome).await.map_err(ApiError::from)?.message;
         Ok(TransitionResponse::Ok(Json(message.into())))
     }
 

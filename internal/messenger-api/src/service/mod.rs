@@ -1,19 +1,56 @@
-//! The Messenger API's services, one per concern:
-//! - [`MessengerService`]: messages and their life — validation, the state machine, retry
-//!   policy, and the commit-then-cache order.
-//! - [`JobRemote`]: the sending job, steered through the Job Scheduler (start/stop, run history).
-//! - [`Monitor`]: what an operator watches — stats, readiness and the gauges.
-//! - [`Upkeep`]: the counts reconciliation and the retention sweep, in the background.
+//! The Messenger API's rules, one file per step of a message's life:
+//! - [`messages`]: create (one or a batch), list, get — [`MessengerService`].
+//! - [`worker`]: what a worker does to messages — claim, and report their outcomes (sent,
+//!   failed, released, expired) through one path, whether one at a time or many at once.
+//! - [`requeue`]: an operator sends failed messages back, one or many by filter.
+//! - [`retry_policy`]: where a failed attempt leaves a message.
+//! - [`job`]: the sending job, steered through the Job Scheduler ([`JobRemote`]).
+//! - [`monitor`]: what an operator watches — stats, readiness and the gauges.
+//! - [`upkeep`]: the counts reconciliation, the cache repair and the retention sweep.
 
 mod job;
-mod messenger;
+mod messages;
 mod monitor;
+mod requeue;
+mod retry_policy;
 mod upkeep;
+mod worker;
 
-pub use job::JobRemote;
-pub use messenger::{
-    BulkRequeue, Committed, FailureReport, MessengerService, RequeueFilter, Rules, MAX_BATCH, MAX_CLAIM,
-    MAX_ERROR_DETAIL, MAX_REQUEUE,
-};
+use bson::DateTime;
+
+use crate::cache::SentCache;
+use crate::metrics::MessengerMetrics;
+use crate::store::MessageStore;
+
+pub use crate::store::RequeueFilter;
+pub use job::{JobCommand, JobRemote, SchedulerClient};
+pub use messages::MAX_BATCH;
 pub use monitor::{Monitor, Stats};
+pub use requeue::{BulkRequeue, MAX_REQUEUE};
+pub use retry_policy::{RetryPolicy, MAX_ERROR_DETAIL};
 pub use upkeep::{Upkeep, SWEEP_BATCH, SWEEP_MAX};
+pub use worker::{Reported, MAX_CLAIM};
+
+/// Messages and their life: create, list, claim, report outcomes, re-queue.
+pub struct MessengerService {
+    store: MessageStore,
+    cache: SentCache,
+    policy: RetryPolicy,
+    metrics: MessengerMetrics,
+}
+
+impl MessengerService {
+    /// The service over `store`, caching commits in `cache`.
+    pub fn new(store: MessageStore, cache: SentCache, policy: RetryPolicy, metrics: MessengerMetrics) -> Self {
+        Self {
+            store,
+            cache,
+            policy,
+            metrics,
+        }
+    }
+}
+
+fn now() -> DateTime {
+    DateTime::now()
+}

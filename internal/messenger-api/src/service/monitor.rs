@@ -12,9 +12,8 @@ use mongodb::Database;
 use crate::cache::SentCache;
 use crate::domain::MessageStatus;
 use crate::error::{ServiceError, StoreError};
-use crate::job_view::JobView;
 use crate::metrics::MessengerMetrics;
-use crate::store::MessageStore;
+use crate::store::{JobView, MessageStore};
 
 /// A snapshot for the stats endpoint and the console.
 #[derive(Debug, Clone)]

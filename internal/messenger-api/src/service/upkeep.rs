@@ -8,11 +8,10 @@ use herald_core::settings::RetentionSettings;
 use tokio_util::sync::CancellationToken;
 
 use crate::cache::{CacheError, SentCache, SentEntry};
-use crate::counts::Reconciled;
 use crate::domain::MessageStatus;
 use crate::error::StoreError;
 use crate::metrics::MessengerMetrics;
-use crate::store::MessageStore;
+use crate::store::{MessageStore, Reconciled};
 
 /// Messages removed per delete of the retention sweep.
 pub const SWEEP_BATCH: usize = 1000;

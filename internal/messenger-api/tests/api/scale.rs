@@ -7,9 +7,9 @@ use std::time::Duration;
 use bson::oid::ObjectId;
 use bson::{doc, DateTime};
 use futures::future::join_all;
-use herald_messenger_api::counts::Reconciled;
 use herald_messenger_api::service::Upkeep;
 use herald_messenger_api::store::MessageStore;
+use herald_messenger_api::store::Reconciled;
 use serde_json::{json, Value};
 
 use crate::helpers::{spawn_app, spawn_app_with, TestApp};

@@ -1,13 +1,18 @@
-//! The schedule. tokio-cron-scheduler decides *when*; what a tick does is the callback given to
-//! [`Cron::new`] (in Herald: start a tracked run, which skips itself when one is going or the
-//! job is stopped).
+//! When runs start. tokio-cron-scheduler decides *when* a tick comes ([`Cron`]); a tick, a
+//! Start, or in drain mode an idle poll fires a run through the [`Trigger`], which tracks it
+//! so shutdown waits for it. A run skips itself when one is going or the job is stopped.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use tokio::sync::Mutex;
 use tokio_cron_scheduler::{Job, JobScheduler};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use uuid::Uuid;
+
+use crate::job::SendingJob;
 
 /// A schedule: built (and its expression checked) by [`Cron::new`], ticking after
 /// [`Cron::start`].
@@ -53,5 +58,46 @@ impl Cron {
         if let Err(error) = self.scheduler.lock().await.shutdown().await {
             tracing::warn!(%error, "cron scheduler did not shut down cleanly");
         }
+    }
+}
+
+/// Starts runs of the job on the task tracker, so shutdown can wait for them.
+#[derive(Clone)]
+pub struct Trigger {
+    job: Arc<SendingJob>,
+    tracker: TaskTracker,
+}
+
+impl Trigger {
+    /// A trigger for `job`, tracked by `tracker`.
+    pub fn new(job: Arc<SendingJob>, tracker: TaskTracker) -> Self {
+        Self { job, tracker }
+    }
+
+    /// Starts a run in the background (it skips itself if one is already going).
+    pub fn fire(&self) {
+        if self.tracker.is_closed() {
+            return;
+        }
+        let job = self.job.clone();
+        self.tracker.spawn(async move {
+            job.run_once().await;
+        });
+    }
+
+    /// Drain mode: looks for due messages every `every` while idle (a poll that finds some
+    /// drains them), until `shutdown`.
+    pub fn poll_while_idle(&self, every: Duration, shutdown: CancellationToken) {
+        let job = self.job.clone();
+        self.tracker.spawn(async move {
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    () = tokio::time::sleep(every) => {
+                        job.poll_once().await;
+                    }
+                }
+            }
+        });
     }
 }

@@ -9,7 +9,7 @@
 //! - a window that came back short is followed by one just below it, wider by the density seen
 //!   (×16 when it was empty), until the page is full or the window passes the *floor*: no
 //!   message ever had an older key (the counts document keeps the oldest `_id` and `sent_at`
-//!   ever written: [`crate::counts`]). Without a floor it asks whether anything older matches,
+//!   ever written: [`super::counts`]). Without a floor it asks whether anything older matches,
 //!   which costs a read of everything older on such servers;
 //! - the span a full page needed is remembered per list kind, so the next page starts with a
 //!   window that fits; so is where a first page's newest item lay, and the next first page's

@@ -10,17 +10,17 @@
 //! Checks itself: each page holds exactly the ids the raw driver finds for it, and the counts
 //! equal a full count.
 //!
-//! `cargo build --release --bin herald && cargo run --release -p herald-messenger-api --example
+//! `cargo build --release --bin herald && cargo run --release -p herald --example
 //! scale_bench -- 1000000` (needs the local MongoDB and Redis: `build/local-services.sh up`).
 
 #![allow(clippy::unwrap_used, missing_docs)]
 
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bson::oid::ObjectId;
 use bson::{doc, DateTime, Document};
 use futures::TryStreamExt;
+use herald_core::testing::stack::{machine, release_binary, ProcessStack};
 use mongodb::{Collection, Database};
 use serde_json::{json, Value};
 
@@ -28,41 +28,24 @@ const KEY: &str = "local-dev-api-key";
 const DUE: usize = 1000;
 const REPS: usize = 40;
 
-struct Api(Child);
-
-impl Drop for Api {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+/// A stack running only the Messenger API (the `local` environment, so the local key), on its
+/// own fresh database; the API is started and ready when this returns.
+async fn api_stack() -> ProcessStack {
+    let extra = [
+        ("HERALD_ENV", "local".to_owned()),
+        ("HERALD__TELEMETRY__FILTER", "warn".to_owned()),
+    ];
+    let mut stack = ProcessStack::new(release_binary(), &extra).await;
+    start_api(&mut stack).await;
+    stack
 }
 
-async fn start_api(binary: &str, database: &str, port: u16) -> Api {
-    let api = Api(Command::new(binary)
-        .arg("messenger-api")
-        .env("HERALD_ENV", "local")
-        .env("HERALD__MESSENGER_API__PORT", port.to_string())
-        .env("HERALD__MONGO__DATABASE", database)
-        .env("HERALD__REDIS__KEY_PREFIX", format!("{database}:"))
-        .env("HERALD__TELEMETRY__FILTER", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {binary}: {e} (cargo build --release --bin herald)")));
-    let client = reqwest::Client::new();
-    for _ in 0..300 {
-        if let Ok(r) = client
-            .get(format!("http://127.0.0.1:{port}/messenger/ready"))
-            .send()
-            .await
-        {
-            if r.status().is_success() {
-                return api;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("the API did not get ready");
+/// (Re)starts the stack's API and waits until it is ready.
+async fn start_api(stack: &mut ProcessStack) {
+    stack.kill("api");
+    stack.procs.clear();
+    stack.start("api", &["messenger-api"], &[]);
+    stack.wait_healthy(&format!("{}/messenger/ready", stack.api)).await;
 }
 
 fn percentiles(mut ms: Vec<f64>) -> (f64, f64) {
@@ -148,12 +131,13 @@ fn page_ids(page: &Value) -> Vec<String> {
 /// the plain sorted limit over `filter`, and the best query for the same page (its own id range).
 async fn list_row(
     http: &test_support::Http,
+    base: &str,
     messages: &Collection<Document>,
     what: &'static str,
     query: &str,
     filter: Document,
 ) -> Row {
-    let url = format!("http://127.0.0.1:3391/api/messenger/messages?limit=20{query}");
+    let url = format!("{base}/api/messenger/messages?limit=20{query}");
     let (herald, page) = time(REPS, || http.get_json(&url)).await;
     let (naive, expect) = time(3, || async {
         ids_of(
@@ -206,23 +190,18 @@ struct Row {
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
     let n: usize = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(1_000_000);
-    let binary = std::env::var("HERALD_BIN").unwrap_or_else(|_| "target/release/herald".into());
-    let client = mongodb::Client::with_uri_str("mongodb://127.0.0.1:27017")
-        .await
-        .unwrap();
-    let big_name = format!("herald_scale_bench_{}", std::process::id());
-    let small_name = format!("{big_name}_small");
-    let big = client.database(&big_name);
-    let small = client.database(&small_name);
     // Indexes first (an API start on the empty database), then the data behind its back, then
     // the API again: its start-up reconciliation counts what is there.
-    drop(start_api(&binary, &big_name, 3391).await);
-    drop(start_api(&binary, &small_name, 3392).await);
+    let mut big_stack = api_stack().await;
+    let mut small_stack = api_stack().await;
+    big_stack.kill("api");
+    small_stack.kill("api");
+    let (big, small) = (big_stack.env.db(), small_stack.env.db());
     seed(&big, n).await;
     seed(&small, DUE).await;
     let started = Instant::now();
-    let _api = start_api(&binary, &big_name, 3391).await;
-    let _small_api = start_api(&binary, &small_name, 3392).await;
+    start_api(&mut big_stack).await;
+    start_api(&mut small_stack).await;
     let counts: Collection<Document> = big.collection("message_counts");
     loop {
         let doc = counts.find_one(doc! {}).await.unwrap();
@@ -236,7 +215,7 @@ async fn main() {
         started.elapsed().as_secs_f64()
     );
     let http = test_support::Http::new(KEY);
-    let base = "http://127.0.0.1:3391";
+    let base = big_stack.api.as_str();
     let messages: Collection<Document> = big.collection("messages");
     let mut rows = Vec::new();
 
@@ -248,7 +227,7 @@ async fn main() {
     }
 
     // The first page, a page 90 % deep by cursor, a status-filtered page.
-    rows.push(list_row(&http, &messages, "first list page (20)", "", doc! {}).await);
+    rows.push(list_row(&http, base, &messages, "first list page (20)", "", doc! {}).await);
     let depth = n * 9 / 10;
     let anchor = messages
         .find(doc! {})
@@ -263,6 +242,7 @@ async fn main() {
     rows.push(
         list_row(
             &http,
+            base,
             &messages,
             "page 90 % deep by cursor",
             &format!("&after={cursor}"),
@@ -273,6 +253,7 @@ async fn main() {
     rows.push(
         list_row(
             &http,
+            base,
             &messages,
             "status=failed page (20)",
             "&status=failed",
@@ -338,12 +319,12 @@ async fn main() {
     });
 
     // A claim of 500 beside the million, and on a database holding only the 1,000 due.
-    let claim = |port: u16| {
+    let claim = |base: String| {
         let http = &http;
         async move {
             let claimed: Vec<Value> = http
                 .post_json(
-                    &format!("http://127.0.0.1:{port}/api/messenger/get-two"),
+                    &format!("{base}/api/messenger/get-two"),
                     &json!({"worker": "bench", "limit": 500}),
                 )
                 .await;
@@ -354,10 +335,7 @@ async fn main() {
                 .collect();
             let start = Instant::now();
             let _: Value = http
-                .post_json(
-                    &format!("http://127.0.0.1:{port}/api/messenger/outcomes"),
-                    &json!({"items": items}),
-                )
+                .post_json(&format!("{base}/api/messenger/outcomes"), &json!({"items": items}))
                 .await;
             start.elapsed()
         }
@@ -366,10 +344,10 @@ async fn main() {
     let mut small_ms = Vec::new();
     for _ in 0..REPS {
         let start = Instant::now();
-        let release = claim(3391).await;
+        let release = claim(big_stack.api.clone()).await;
         claim_ms.push((start.elapsed() - release).as_secs_f64() * 1000.0);
         let start = Instant::now();
-        let release = claim(3392).await;
+        let release = claim(small_stack.api.clone()).await;
         small_ms.push((start.elapsed() - release).as_secs_f64() * 1000.0);
     }
     let (herald, small_claim) = (percentiles(claim_ms), percentiles(small_ms));
@@ -437,6 +415,7 @@ async fn main() {
         );
     }
 
+    println!("\n{}", machine());
     println!("\nAt scale: {n} messages (release build; p50 / p99 over {REPS} requests, ms)\n");
     println!("| operation | Herald p50 / p99 | raw best query p50 / p99 | raw plain query p50 | raw query |");
     println!("|---|---:|---:|---:|---|");
@@ -457,6 +436,6 @@ async fn main() {
             row.raw_what
         );
     }
-    big.drop().await.unwrap();
-    small.drop().await.unwrap();
+    big_stack.cleanup().await;
+    small_stack.cleanup().await;
 }

@@ -2,14 +2,14 @@
 //! stats, `/metrics` and the console cost one document read at 1k or 10M messages.
 //!
 //! **How they stay right.** Every write that changes a message's status is followed by an
-//! `$inc` of one document in `message_counts` (the store does it: [`crate::store`]). Writes
+//! `$inc` of one document in `message_counts` (the store does it: [`super`]). Writes
 //! that land together share one `$inc` (a group commit: the first caller writes, the ones
 //! arriving meanwhile join the next write), and each caller returns only once its share is in,
 //! so a client that creates a message and then reads the stats sees it counted.
 //!
 //! **How exact.** The message write and its count write are two writes. A process that dies
 //! between them, or a count write that fails (logged, `herald_message_counts_write_failures_total`),
-//! leaves the counts off by the messages it was moving. [`crate::store::MessageStore::reconcile_counts`]
+//! leaves the counts off by the messages it was moving. [`super::MessageStore::reconcile_counts`]
 //! corrects that: it counts every status, and applies the difference only when no count
 //! write happened while it counted nor in the [`SETTLE`] second after (the document's version
 //! did not move), so a count write still on its way is never mistaken for drift; a busy moment
@@ -46,7 +46,7 @@ fn earliest<T: Ord>(a: Option<T>, b: Option<T>) -> Option<T> {
 }
 
 /// Changes to the counts, one per status in [`MessageStatus::ALL`]'s order, the oldest `_id`
-/// and `sent_at` they brought (the floors list walks stop at: [`crate::window`]) and the
+/// and `sent_at` they brought (the floors list walks stop at: [`super::window`]) and the
 /// newest `_id` (where a first list page starts).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Deltas {
@@ -459,6 +459,32 @@ async fn write(counts: Collection<Document>, metrics: CountMetrics, group: Vec<D
         }
     }
     vec![(); group.len()]
+}
+
+impl super::MessageStore {
+    /// Messages per status, as maintained (this module): one document read. Before the
+    /// counts of this collection were ever reconciled, it counts instead.
+    pub async fn count_by_status(&self) -> Result<Vec<(MessageStatus, u64)>, StoreError> {
+        match self.counts.snapshot().await? {
+            Some(snapshot) if snapshot.exact => Ok(snapshot.by_status()),
+            _ => Ok(MessageStatus::ALL
+                .into_iter()
+                .zip(self.count_exactly().await?)
+                .collect()),
+        }
+    }
+
+    /// Counts every status in the collection (expensive on a large one).
+    pub(super) async fn count_exactly(&self) -> Result<[u64; 5], StoreError> {
+        let counts = futures::future::try_join_all(
+            MessageStatus::ALL
+                .map(|status| async move { self.messages.count_documents(doc! {"status": status.as_str()}).await }),
+        )
+        .await?;
+        let mut exact = [0; 5];
+        exact.copy_from_slice(&counts);
+        Ok(exact)
+    }
 }
 
 #[cfg(test)]

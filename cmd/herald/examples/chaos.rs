@@ -7,7 +7,7 @@
 //! explained by the fault (a late answer Herald never heard, or a send in flight at a kill).
 //!
 //!     cargo build --release --bin herald
-//!     CHAOS_SCALE=1 cargo run -p herald-job-scheduler --example chaos
+//!     CHAOS_SCALE=1 cargo run -p herald --example chaos
 //!
 //! `CHAOS_SCALE` (default 1) scales messages, kills and outage lengths; `make test` runs 0.2.
 //! `CHAOS_ONLY=provider,kills,database,redis,api` picks scenarios.
@@ -15,15 +15,12 @@
 
 #![allow(clippy::unwrap_used, missing_docs)]
 
-#[path = "common/stack.rs"]
-mod stack;
-
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use herald_core::testing::stack::{release_binary as herald_binary, ProcessStack as Stack};
 use herald_core::testing::{seed_messages, TEST_KEY};
 use serde_json::{json, Value};
-use stack::{herald_binary, Stack};
 use test_support::{Http, PrivateDatabase, PrivateRedis};
 
 /// Every scenario's replicas drain: batches of 50, 16 sends at once, idle polls every 100 ms.
@@ -190,7 +187,7 @@ async fn provider_chaos() -> Row {
     // Retry-After, then a probe decides), but no pause lasts over 2 s and a failure streak alone
     // pauses nothing: with 45 % of answers failing, the breaker would rightly hold sending for
     // many minutes. It has its own tests (protection.rs).
-    let mut stack = Stack::start(&draining(&[
+    let mut stack = Stack::api_and_sink(&draining(&[
         ("HERALD__WEBHOOK__PAUSE_AFTER_FAILURES", "0".to_owned()),
         ("HERALD__WEBHOOK__MAX_RETRY_AFTER_SECONDS", "2".to_owned()),
     ]))
@@ -256,7 +253,7 @@ async fn replica_kills() -> Row {
     let kills = scaled(20.0).max(3);
     // A provider answering in 150 ms keeps the drain going long enough (about 300 messages a
     // second) for every kill to land mid-drain.
-    let mut stack = Stack::start(&draining(&[("HERALD__WEBHOOK_SINK__LATENCY_MS", "150".to_owned())])).await;
+    let mut stack = Stack::api_and_sink(&draining(&[("HERALD__WEBHOOK_SINK__LATENCY_MS", "150".to_owned())])).await;
     seed_messages(&Http::new(TEST_KEY), &stack.api, n).await;
     stack.replicas(REPLICAS);
     wait_delivered(&stack, 1).await;
@@ -299,7 +296,7 @@ async fn database_restart() -> Row {
     let n = scaled(3000.0);
     let down = Duration::from_secs_f64((10.0 * scale()).max(3.0));
     let mut db = PrivateDatabase::start().await;
-    let mut stack = Stack::start(&draining(&[("HERALD__MONGO__URI", db.uri())])).await;
+    let mut stack = Stack::api_and_sink(&draining(&[("HERALD__MONGO__URI", db.uri())])).await;
     seed_messages(&Http::new(TEST_KEY), &stack.api, n).await;
     stack.replicas(REPLICAS);
     wait_delivered(&stack, n as u64 / 3).await;
@@ -353,7 +350,7 @@ async fn redis_outage() -> Row {
     let n = scaled(3000.0);
     let down = Duration::from_secs_f64((30.0 * scale()).max(5.0));
     let mut redis = PrivateRedis::start().await;
-    let mut stack = Stack::start(&draining(&[("HERALD__REDIS__URL", redis.url.clone())])).await;
+    let mut stack = Stack::api_and_sink(&draining(&[("HERALD__REDIS__URL", redis.url.clone())])).await;
     let prefix = stack.env.key_prefix.clone();
     let ids = seed_messages(&Http::new(TEST_KEY), &stack.api, n).await;
     stack.replicas(REPLICAS);
@@ -403,14 +400,14 @@ async fn redis_outage() -> Row {
 async fn api_kill() -> Row {
     let n = scaled(3000.0);
     let down = Duration::from_secs_f64((10.0 * scale()).max(3.0));
-    let mut stack = Stack::start(&draining(&[])).await;
+    let mut stack = Stack::api_and_sink(&draining(&[])).await;
     seed_messages(&Http::new(TEST_KEY), &stack.api, n).await;
     stack.replicas(REPLICAS);
     wait_delivered(&stack, n as u64 / 3).await;
     stack.kill("api");
     tokio::time::sleep(down).await;
     stack.restart("api");
-    stack.wait(&format!("{}/messenger/health", stack.api)).await;
+    stack.wait_healthy(&format!("{}/messenger/health", stack.api)).await;
     let recovery = delivery_resumed(&stack, Instant::now()).await;
     let (sent, failed) = settled(&stack, n, Duration::from_secs(300)).await;
     let (lost, repeats, _) = tally(&stack, n, sent, failed).await;
@@ -459,6 +456,7 @@ async fn main() {
         eprintln!("[chaos] {name}: green in {:.0} s", t.elapsed().as_secs_f64());
         rows.push(row);
     }
+    println!("{}\n", herald_core::testing::stack::machine());
     println!("| scenario | messages | faults injected | lost | duplicates | recovery |");
     println!("|---|---:|---|---:|---:|---|");
     for r in &rows {

@@ -1,24 +1,34 @@
-//! One run of the sending job.
+//! The sending job of one replica: a run claims through the Messenger API, delivers each
+//! message, and reports the outcomes back.
+//!
+//! - this file: the run itself — skip or record it, claim, and in drain mode go on batch after
+//!   batch ([`SendingJob::run_once`], which tests call directly).
+//! - [`budget`]: how long after its claim a message may still be sent, and how many to claim.
+//! - [`deliver`]: one message through the provider pause, the rate limit and the webhook.
+//! - [`report`]: outcomes gathered into reports to the Messenger API, retried while it is away.
 
-use std::time::{Duration, Instant};
+mod budget;
+mod deliver;
+mod report;
+
+use std::time::Duration;
 
 use bson::DateTime;
 use futures::StreamExt;
 use herald_core::mongo::after;
-use herald_core::worker::{
-    ClaimedMessage, DeliveryError, ExpiredOutcome, FailedOutcome, Outcome, OutcomeResult, ReleasedOutcome, SentOutcome,
-};
+use herald_core::worker::{ClaimedMessage, Outcome};
 use telemetry::Chain;
 use tokio::sync::{mpsc, Mutex};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
-use webhook_client::{DeliveryFailure, DeliveryOutcome, WebhookClient, WebhookRequest};
+use webhook_client::WebhookClient;
 
 use crate::limiter::RateLimiter;
-use crate::messenger_client::{MessengerClient, MessengerError, CALL_TIMEOUT};
+use crate::messenger_client::{MessengerClient, MessengerError};
 use crate::metrics::SchedulerMetrics;
-use crate::provider::{Admission, Answer, ProviderGate};
+use crate::provider::ProviderGate;
 use crate::store::{JobRunDoc, JobStore};
+use report::OUTCOME_QUEUE;
 
 /// What one run did.
 pub type RunReport = JobRunDoc;
@@ -65,25 +75,8 @@ impl RunResult {
 /// What one claimed message came to, on its way to the Messenger API.
 type Reported = Outcome;
 
-/// Most outcomes in one report.
-const OUTCOMES_PER_REPORT: usize = 250;
-/// Outcomes queued between the sends and the reporter: two reports' worth. When the Messenger
-/// API falls behind, sends wait for room (and a claim that waits too long is given back unsent)
-/// rather than pile up accepted messages whose reports would land after their leases.
-const OUTCOME_QUEUE: usize = 2 * OUTCOMES_PER_REPORT;
-/// Longest an outcome waits for others to share its report.
-const OUTCOME_LINGER: Duration = Duration::from_millis(5);
 /// How often a long (drain) run refreshes its record.
 const HEARTBEAT: Duration = Duration::from_secs(5);
-/// First wait before reporting outcomes again after the Messenger API did not take them.
-const REPORT_RETRY_FIRST: Duration = Duration::from_millis(200);
-/// Longest wait between two such reports.
-const REPORT_RETRY_MAX: Duration = Duration::from_secs(2);
-/// Least time a send leaves between its timeout and its claim's lease end, for the report.
-const SEND_MARGIN: Duration = Duration::from_secs(2);
-/// Longest single sleep while waiting out a provider pause (shutdown and expiry are checked
-/// between sleeps).
-const PAUSE_STEP: Duration = Duration::from_millis(250);
 
 /// A claimed batch and how many were asked for (fewer means the due backlog is drained).
 struct Claimed {
@@ -98,16 +91,6 @@ enum Mode {
     Tick,
     /// A drain-mode idle poll: recorded only when it claimed something.
     Poll,
-}
-
-/// What the Messenger API made of a run's outcomes.
-#[derive(Debug, Default)]
-struct Tally {
-    sent: i32,
-    retried: i32,
-    failed: i32,
-    released: i32,
-    expired: i32,
 }
 
 /// What the sending job talks to.
@@ -278,30 +261,6 @@ impl SendingJob {
         self.finish(report, result).await
     }
 
-    /// How long after its claim a message may still start its send.
-    fn send_budget(&self) -> Duration {
-        self.config
-            .lease
-            .saturating_sub(self.config.webhook_timeout + self.report_reserve())
-    }
-
-    /// Room kept between a send's timeout and its claim's lease end for the outcome to reach
-    /// the Messenger API: queued behind other outcomes, then one report call. Half of what the
-    /// lease leaves beside the webhook timeout, at least [`SEND_MARGIN`] and at most one call's
-    /// timeout. A report that lands after the lease is refused (`claim_lost`), and by then
-    /// another worker may have claimed the message and sent it again.
-    fn report_reserve(&self) -> Duration {
-        let spare = self.config.lease.saturating_sub(self.config.webhook_timeout) / 2;
-        spare.clamp(SEND_MARGIN, CALL_TIMEOUT)
-    }
-
-    /// How many to claim: a batch, or under a rate limit what this replica's share sends in
-    /// time (so waiting for the limit never outlasts a claim).
-    fn claim_size(&self) -> u32 {
-        let cap = self.limiter.claim_cap(self.send_budget());
-        cap.map_or(self.config.batch_size, |cap| cap.min(self.config.batch_size))
-    }
-
     async fn claim(&self, run_id: &str) -> Result<Claimed, MessengerError> {
         let asked = self.claim_size();
         let claimed = self
@@ -363,16 +322,6 @@ impl SendingJob {
         }
     }
 
-    /// The last moment a send of `message` may start: its lease end less a send's timeout and
-    /// the report's reserve, so its outcome is reported while the claim holds.
-    fn send_deadline(&self, message: &ClaimedMessage) -> tokio::time::Instant {
-        let left = (message.lease_until - chrono::Utc::now())
-            .to_std()
-            .unwrap_or_default()
-            .saturating_sub(self.config.webhook_timeout + self.report_reserve());
-        tokio::time::Instant::now() + left
-    }
-
     async fn still_working(&self) -> bool {
         matches!(self.store.state_or_default().await, Ok(state) if state.working)
     }
@@ -385,200 +334,6 @@ impl SendingJob {
                 let _ = outcomes.send(outcome).await;
             })
             .await;
-    }
-
-    /// Waits until the provider may be sent to and the rate allows it, then sends. A message
-    /// whose claim would lapse first, or that is caught by shutdown, is given back unsent; one
-    /// whose `expiresAt` passes first is reported expired.
-    async fn deliver(&self, message: &ClaimedMessage, run_id: &str) -> Reported {
-        let released = || {
-            self.metrics.deliveries.with_label_values(&["released"]).inc();
-            Outcome::Released(ReleasedOutcome {
-                id: message.id.clone(),
-                claim_token: message.claim_token.clone(),
-            })
-        };
-        let expired = || {
-            self.metrics.deliveries.with_label_values(&["expired"]).inc();
-            Outcome::Expired(ExpiredOutcome {
-                id: message.id.clone(),
-                claim_token: message.claim_token.clone(),
-            })
-        };
-        let deadline = self.send_deadline(message);
-        let probe = loop {
-            if self.shutdown.is_cancelled() {
-                // Not started: give it back rather than hold it until the lease runs out.
-                return released();
-            }
-            if message.expired_at(chrono::Utc::now()) {
-                return expired();
-            }
-            match self.gate.admit().await {
-                Admission::Send => break false,
-                Admission::Probe => break true,
-                Admission::Wait(wait) => {
-                    if tokio::time::Instant::now() + wait > deadline {
-                        // The pause outlasts the claim: give it back, the attempt not counted.
-                        return released();
-                    }
-                    tokio::select! {
-                        () = tokio::time::sleep(wait.min(PAUSE_STEP)) => {}
-                        () = self.shutdown.cancelled() => {}
-                    }
-                }
-            }
-        };
-        let paced = tokio::select! {
-            paced = self.limiter.acquire(deadline) => paced.is_ok(),
-            () = self.shutdown.cancelled() => false,
-        };
-        if !paced {
-            if probe {
-                self.gate.abandon_probe().await;
-            }
-            return released();
-        }
-        if message.expired_at(chrono::Utc::now()) {
-            return expired();
-        }
-        if tokio::time::Instant::now() > deadline {
-            // It waited too long for a send slot or for room to report (the provider or the
-            // Messenger API is slow): sent now, its outcome could land after the lease and
-            // another worker send it again. Give it back unsent instead.
-            if probe {
-                self.gate.abandon_probe().await;
-            }
-            tracing::debug!(message_id = %message.id, run_id, "claim too old to send; released");
-            return released();
-        }
-        let started = Instant::now();
-        let outcome = self
-            .webhook
-            .send(
-                &message.id,
-                &WebhookRequest {
-                    to: &message.to,
-                    content: &message.content,
-                },
-            )
-            .await;
-        self.metrics
-            .webhook_latency
-            .with_label_values(&[outcome.label()])
-            .observe(started.elapsed().as_secs_f64());
-        self.metrics.deliveries.with_label_values(&[outcome.label()]).inc();
-        let answer = match &outcome {
-            DeliveryOutcome::Retryable { retry_after, .. } => Answer::Retryable(*retry_after),
-            _ => Answer::Answered,
-        };
-        self.gate.observe(answer, probe).await;
-        tracing::debug!(
-            message_id = %message.id,
-            to = %telemetry::mask_phone(&message.to),
-            attempt = message.attempt,
-            outcome = outcome.label(),
-            run_id,
-            "delivered"
-        );
-        let failed = |failure: DeliveryFailure, retryable, retry_after: Option<Duration>| {
-            Outcome::Failed(FailedOutcome {
-                id: message.id.clone(),
-                claim_token: message.claim_token.clone(),
-                error: DeliveryError {
-                    kind: failure.kind,
-                    status: failure.status,
-                    detail: failure.detail,
-                },
-                retryable,
-                retry_after_seconds: retry_after.map(|d| d.as_secs()),
-            })
-        };
-        match outcome {
-            DeliveryOutcome::Accepted { message_id, .. } => {
-                if message_id.is_none() {
-                    self.metrics.accepted_without_id.inc();
-                }
-                Outcome::Sent(SentOutcome {
-                    id: message.id.clone(),
-                    claim_token: message.claim_token.clone(),
-                    webhook_message_id: message_id,
-                    sent_at: Some(chrono::Utc::now()),
-                })
-            }
-            DeliveryOutcome::Retryable { failure, retry_after } => failed(failure, true, retry_after),
-            DeliveryOutcome::Permanent { failure } => failed(failure, false, None),
-        }
-    }
-
-    /// Reports outcomes as they complete, in small batches: whatever is ready, up to
-    /// [`OUTCOMES_PER_REPORT`], waiting at most [`OUTCOME_LINGER`] for company, so one slow
-    /// provider answer holds back no one.
-    async fn report_outcomes(&self, mut reported: mpsc::Receiver<Reported>, run_id: &str) -> Tally {
-        let mut tally = Tally::default();
-        let mut batch = Vec::with_capacity(OUTCOMES_PER_REPORT);
-        while let Some(first) = reported.recv().await {
-            batch.push(first);
-            let linger = tokio::time::sleep(OUTCOME_LINGER);
-            tokio::pin!(linger);
-            while batch.len() < OUTCOMES_PER_REPORT {
-                tokio::select! {
-                    next = reported.recv() => match next {
-                        Some(outcome) => batch.push(outcome),
-                        None => break,
-                    },
-                    () = &mut linger => break,
-                }
-            }
-            self.flush(std::mem::take(&mut batch), run_id, &mut tally).await;
-        }
-        tally
-    }
-
-    async fn flush(&self, batch: Vec<Reported>, run_id: &str, tally: &mut Tally) {
-        let count = batch.len();
-        // A report that never lands means messages the provider accepted are handed out again
-        // when their lease ends, and sent twice. So while the Messenger API or its database is
-        // away, keep trying for as long as a lease lasts: a late report is always safe (the API
-        // applies it only if the claim still holds), and meanwhile this run sends no more.
-        let give_up = tokio::time::Instant::now() + self.config.lease;
-        let mut wait = REPORT_RETRY_FIRST;
-        let mut answer = self.messenger.report(&batch, run_id).await;
-        while answer.as_ref().is_err_and(worth_retrying)
-            && !self.shutdown.is_cancelled()
-            && tokio::time::Instant::now() + wait < give_up
-        {
-            tokio::select! {
-                () = tokio::time::sleep(wait) => {}
-                () = self.shutdown.cancelled() => {}
-            }
-            answer = self.messenger.report(&batch, run_id).await;
-            wait = (wait * 2).min(REPORT_RETRY_MAX);
-        }
-        match answer {
-            Ok(results) => {
-                for item in results.items {
-                    match item.result {
-                        OutcomeResult::Committed | OutcomeResult::AlreadyCommitted => tally.sent += 1,
-                        OutcomeResult::RetryScheduled => tally.retried += 1,
-                        OutcomeResult::Failed => tally.failed += 1,
-                        OutcomeResult::Released => tally.released += 1,
-                        OutcomeResult::Expired => tally.expired += 1,
-                        OutcomeResult::ClaimLost | OutcomeResult::NotFound | OutcomeResult::InvalidId => {
-                            tracing::warn!(message_id = %item.id, result = ?item.result, "outcome not applied: another worker took over");
-                        }
-                    }
-                }
-            }
-            Err(error) => {
-                self.metrics.messenger_errors.with_label_values(&["outcomes"]).inc();
-                tracing::error!(
-                    messages = count,
-                    error = %Chain(&error),
-                    "could not report outcomes; their leases will hand the messages out again"
-                );
-            }
-        }
     }
 
     async fn skipped(&self, started_at: DateTime, reason: &str, mode: Mode) -> RunReport {
@@ -614,14 +369,5 @@ impl SendingJob {
             tracing::warn!(error = %Chain(&error), "could not record the run");
         }
         report
-    }
-}
-
-/// Whether a failed report may land later: no answer, or a server error (the API or its
-/// database away). A 4xx says the report itself is wrong and would be refused again.
-fn worth_retrying(error: &MessengerError) -> bool {
-    match error {
-        MessengerError::ClaimLost => false,
-        MessengerError::Call(peer) => peer.status().is_none_or(|status| status.is_server_error()),
     }
 }

@@ -1,7 +1,7 @@
 //! Herald benchmark: insert, claim, page and deliver against the real MongoDB-compatible
 //! server and Redis, with the real services in this process. Prints a Markdown table.
 //!
-//!     cargo run --release -p herald-job-scheduler --example bench -- [MESSAGES]
+//!     cargo run --release -p herald --example bench -- [MESSAGES]
 //!
 //! Uses a fresh database and key prefix, dropped at the end.
 
@@ -159,6 +159,7 @@ async fn main() {
         secs,
     ));
 
+    println!("{}\n", herald_core::testing::stack::machine());
     println!("| operation | messages | seconds | messages/s |");
     println!("|---|---:|---:|---:|");
     for (what, count, secs) in rows {

@@ -5,23 +5,20 @@
 //! exactly once.
 //!
 //!     cargo build --release --bin herald
-//!     cargo run --release -p herald-job-scheduler --example soak -- [SECONDS]
+//!     cargo run --release -p herald --example soak -- [SECONDS]
 //!
 //! Needs the local MongoDB-compatible server and Redis (`build/local-services.sh up`).
 
 #![allow(clippy::unwrap_used, missing_docs)]
-
-#[path = "common/stack.rs"]
-mod stack;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use herald_core::testing::stack::{release_binary as herald_binary, rss_mib, ProcessStack as Stack};
 use herald_core::testing::TEST_KEY;
 use serde_json::{json, Value};
-use stack::{herald_binary, rss_mib, Stack};
 
 #[derive(Default)]
 struct Counters {
@@ -34,7 +31,7 @@ struct Counters {
 async fn main() {
     assert!(herald_binary().exists(), "cargo build --release --bin herald first");
     let seconds: u64 = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(300);
-    let mut stack = Stack::start(&[
+    let mut stack = Stack::api_and_sink(&[
         ("HERALD__JOB_SCHEDULER__SCHEDULE", "*/1 * * * * *".to_owned()),
         ("HERALD__JOB_SCHEDULER__BATCH_SIZE", "100".to_owned()),
         ("HERALD__JOB_SCHEDULER__CONCURRENCY", "32".to_owned()),
@@ -113,11 +110,11 @@ async fn main() {
     let rss_end: HashMap<String, f64> = stack.pids().into_iter().map(|(n, p)| (n, rss_mib(p))).collect();
     let ids = created_ids.lock().unwrap().clone();
     let deadline = Instant::now() + Duration::from_secs(120);
-    while stack.delivered(&test_support::Http::new(TEST_KEY)).await < ids.len() as u64 {
+    while stack.delivered().await < ids.len() as u64 {
         assert!(Instant::now() < deadline, "delivery did not catch up");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let received = stack.received().await;
+    let received = stack.received_counts().await;
     let repeats = received.values().filter(|n| **n > 1).count();
     let missing = ids.iter().filter(|id| !received.contains_key(*id)).count();
 
@@ -126,6 +123,7 @@ async fn main() {
         counters.lists.load(Ordering::Relaxed),
         counters.errors.load(Ordering::Relaxed),
     );
+    println!("{}\n", herald_core::testing::stack::machine());
     println!(
         "soak {seconds} s, 64 clients: {creates} creates ({:.0}/s), {lists} list pages ({:.0}/s), {errors} errors; \
          {} delivered, {missing} missing, {repeats} sent more than once",

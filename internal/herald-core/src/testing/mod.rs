@@ -1,10 +1,15 @@
 //! What the integration tests of both services share: settings (the shipped `test`
 //! environment pointed at one test's database and Redis key prefix, plus any overrides), the
-//! test key, and seeding messages through the API.
+//! test key, seeding messages through the API, and [`stack::ProcessStack`] — real `herald`
+//! processes for the CLI tests, the chaos campaign and the benchmarks.
+
+pub mod stack;
 
 use std::path::Path;
 
 use serde_json::{json, Value};
+
+pub use stack::ProcessStack;
 
 use crate::settings::Settings;
 

@@ -6,14 +6,11 @@
 //! itself: each message reaches the provider exactly once, or each claim is unique.
 //!
 //!     cargo build --release --bin herald
-//!     cargo run --release -p herald-job-scheduler --example drain_bench -- [BACKLOG] [POSTS]
+//!     cargo run --release -p herald --example drain_bench -- [BACKLOG] [POSTS]
 //!
 //! Needs the local MongoDB-compatible server and Redis (`build/local-services.sh up`).
 
 #![allow(clippy::unwrap_used, missing_docs)]
-
-#[path = "common/stack.rs"]
-mod stack;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -22,9 +19,9 @@ use std::time::{Duration, Instant};
 use bson::oid::ObjectId;
 use bson::{doc, DateTime, Document};
 use futures::TryStreamExt;
+use herald_core::testing::stack::{cpu_ms, peak_rss_mib, release_binary as herald_binary, ProcessStack as Stack};
 use herald_core::testing::{seed_messages, TEST_KEY};
 use serde_json::{json, Value};
-use stack::{cpu_ms, herald_binary, peak_rss_mib, Stack};
 use test_support::{Http, TestEnv};
 
 const BATCH: i64 = 500;
@@ -236,24 +233,24 @@ async fn raw_ceiling(n: usize) -> (f64, f64) {
 /// Herald draining a stored backlog of `n` with `replicas` scheduler processes.
 async fn herald_drain(n: usize, replicas: usize) -> (f64, f64, f64, String) {
     let http = Http::new(TEST_KEY);
-    let mut stack = Stack::start(&draining()).await;
+    let mut stack = Stack::api_and_sink(&draining()).await;
     seed_messages(&http, &stack.api, n).await;
     let usage = Usage::start(&stack).await;
     let t = Instant::now();
     stack.replicas(replicas);
-    while stack.delivered(&http).await < n as u64 {
+    while stack.delivered().await < n as u64 {
         assert!(t.elapsed() < Duration::from_secs(600), "the drain stalled");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let secs = t.elapsed().as_secs_f64();
     // Delivered is not yet committed: wait for the last reports before checking the store.
-    while stack.sent_count(&http).await < n as u64 {
+    while stack.sent_count().await < n as u64 {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let ops = usage.ops_per_thousand(&stack, n).await;
     let (herald_cpu, db_cpu, detail) = usage.finish(&stack, n);
     let detail = format!("{detail}; database ops per 1k messages: {ops}");
-    let received = stack.received().await;
+    let received = stack.received_counts().await;
     assert_eq!(received.len(), n, "every message reached the provider");
     assert!(received.values().all(|c| *c == 1), "a message was sent twice");
     stack.cleanup().await;
@@ -266,7 +263,7 @@ async fn herald_drain(n: usize, replicas: usize) -> (f64, f64, f64, String) {
 /// a second in all (an open loop: message `i` is posted at `i / pace` s, or at once when late).
 async fn herald_posts(n: usize, pace: Option<f64>) -> (f64, f64, f64, f64, String) {
     let http = Http::new(TEST_KEY);
-    let mut stack = Stack::start(&draining()).await;
+    let mut stack = Stack::api_and_sink(&draining()).await;
     stack.replicas(4);
     tokio::time::sleep(Duration::from_secs(1)).await;
     let usage = Usage::start(&stack).await;
@@ -294,12 +291,12 @@ async fn herald_posts(n: usize, pace: Option<f64>) -> (f64, f64, f64, f64, Strin
     for client in clients {
         accepted_at.extend(client.await.unwrap());
     }
-    while stack.delivered(&http).await < n as u64 {
+    while stack.delivered().await < n as u64 {
         assert!(t.elapsed() < Duration::from_secs(600), "delivery stalled");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let secs = t.elapsed().as_secs_f64();
-    while stack.sent_count(&http).await < n as u64 {
+    while stack.sent_count().await < n as u64 {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let ops = usage.ops_per_thousand(&stack, n).await;
@@ -322,7 +319,7 @@ async fn herald_posts(n: usize, pace: Option<f64>) -> (f64, f64, f64, f64, Strin
     }
     latencies.sort_by(f64::total_cmp);
     assert_eq!(latencies.len(), n, "every posted message was sent");
-    let received = stack.received().await;
+    let received = stack.received_counts().await;
     let repeated: Vec<(&String, &usize)> = received.iter().filter(|(_, c)| **c > 1).collect();
     if !repeated.is_empty() {
         let log = Http::new(TEST_KEY)
@@ -354,7 +351,7 @@ async fn herald_posts(n: usize, pace: Option<f64>) -> (f64, f64, f64, f64, Strin
 /// 16 claimers racing through a backlog of `n` on one API process.
 async fn contended_claims(n: usize) -> f64 {
     let http = Http::new(TEST_KEY);
-    let stack = Stack::start(&draining()).await;
+    let stack = Stack::api_and_sink(&draining()).await;
     seed_messages(&http, &stack.api, n).await;
     let t = Instant::now();
     let api = Arc::new(stack.api.clone());
@@ -397,6 +394,7 @@ async fn main() {
     let wanted = |name: &str| only.is_empty() || only.split(',').any(|o| o.trim() == name);
     let (insert_rate, ceiling) = raw_ceiling(backlog).await;
     let (small_insert, small_ceiling) = raw_ceiling(1000).await;
+    println!("{}\n", herald_core::testing::stack::machine());
     println!("| figure | Herald | raw-driver ceiling | Herald / ceiling |");
     println!("|---|---:|---:|---:|");
     println!("| raw insert, msgs/s ({backlog}) | | {insert_rate:.0} | |");

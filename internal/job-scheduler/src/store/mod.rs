@@ -1,4 +1,10 @@
-//! `job_state` and `job_runs`, the scheduler's own collections.
+//! The scheduler's own collections; all their BSON lives here.
+//! - this file: `job_state` (one document per job) and `job_runs` (TTL-indexed run history).
+//! - [`provider`]: `provider_state`, the provider pause every replica shares.
+
+mod provider;
+
+pub use provider::ProviderStore;
 
 use std::time::Duration;
 

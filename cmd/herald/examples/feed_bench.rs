@@ -2,43 +2,23 @@
 //! the memory of N idle subscribers, and the delay from a commit to its `message.sent` event at
 //! a subscriber (p50/p99 over M messages). Checks itself: every commit's event arrives, once.
 //!
-//! `cargo build --release --bin herald && cargo run --release -p herald-messenger-api --example
+//! `cargo build --release --bin herald && cargo run --release -p herald --example
 //! feed_bench -- 1000 500` (needs the local MongoDB and Redis: `build/local-services.sh up`).
 
 #![allow(clippy::unwrap_used, missing_docs)]
 
 use std::collections::HashMap;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use herald_core::testing::stack::{machine, release_binary, rss_mib, ProcessStack};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const KEY: &str = "local-dev-api-key";
-const PORT: u16 = 3390;
-
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|n| n.parse().ok())
-        .unwrap()
-}
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
-}
-
-struct Api(Child);
-
-impl Drop for Api {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 #[tokio::main]
@@ -46,29 +26,18 @@ async fn main() {
     let args: Vec<String> = std::env::args().collect();
     let messages: usize = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(1000);
     let idle: usize = args.get(2).and_then(|a| a.parse().ok()).unwrap_or(500);
-    let binary = std::env::var("HERALD_BIN").unwrap_or_else(|_| "target/release/herald".into());
-    let database = format!("herald_feed_bench_{}", std::process::id());
-    let api = Api(Command::new(&binary)
-        .arg("messenger-api")
-        .env("HERALD_ENV", "local")
-        .env("HERALD__MESSENGER_API__PORT", PORT.to_string())
-        .env("HERALD__MONGO__DATABASE", &database)
-        .env("HERALD__REDIS__KEY_PREFIX", format!("{database}:"))
-        .env("HERALD__TELEMETRY__FILTER", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {binary}: {e} (cargo build --release --bin herald)")));
-    let base = format!("http://127.0.0.1:{PORT}");
+    let extra = [
+        ("HERALD_ENV", "local".to_owned()),
+        ("HERALD__TELEMETRY__FILTER", "warn".to_owned()),
+    ];
+    let mut stack = ProcessStack::new(release_binary(), &extra).await;
+    stack.start("api", &["messenger-api"], &[]);
+    stack.wait_healthy(&format!("{}/messenger/health", stack.api)).await;
+    let base = stack.api.clone();
+    let port: u16 = stack.vars["HERALD__MESSENGER_API__PORT"].parse().unwrap();
     let keyed = test_support::Http::new(KEY);
     let http = keyed.client.clone();
-    for _ in 0..100 {
-        if http.get(format!("{base}/messenger/health")).send().await.is_ok() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let pid = api.0.id();
+    let pid = stack.procs[0].child.id();
     // Warm up: one subscriber, one message, so lazily built state is not counted as per-subscriber.
     let warm: Value = keyed
         .post_json(
@@ -78,12 +47,12 @@ async fn main() {
         .await;
     let never = warm["id"].as_str().unwrap().to_owned();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let before = rss_kib(pid);
+    let before = rss_mib(pid);
 
     // Idle subscribers: raw connections following a message that never changes again.
     let mut sockets = Vec::with_capacity(idle);
     for _ in 0..idle {
-        let mut socket = tokio::net::TcpStream::connect(("127.0.0.1", PORT)).await.unwrap();
+        let mut socket = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
         socket
             .write_all(
                 format!(
@@ -103,7 +72,7 @@ async fn main() {
         sockets.push(socket);
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let with_idle = rss_kib(pid);
+    let with_idle = rss_mib(pid);
 
     // The measuring subscriber.
     let response = http
@@ -192,8 +161,9 @@ async fn main() {
     }
     assert_eq!(delays.len(), claimed.len(), "every commit's event arrived");
     delays.sort_by(|a, b| a.total_cmp(b));
-    let after = rss_kib(pid);
+    let after = rss_mib(pid);
 
+    println!("{}\n", machine());
     println!("| measure | value |");
     println!("|---|---|");
     println!("| commits measured | {} |", delays.len());
@@ -209,23 +179,16 @@ async fn main() {
         "| commit → `message.sent` at the subscriber, max | {:.1} ms |",
         delays[delays.len() - 1]
     );
-    println!("| API RSS before subscribers | {:.1} MiB |", before as f64 / 1024.0);
-    println!(
-        "| API RSS with {idle} idle subscribers | {:.1} MiB |",
-        with_idle as f64 / 1024.0
-    );
+    println!("| API RSS before subscribers | {:.1} MiB |", before);
+    println!("| API RSS with {idle} idle subscribers | {:.1} MiB |", with_idle);
     println!(
         "| per idle subscriber | {:.1} KiB |",
-        (with_idle.saturating_sub(before)) as f64 / idle.max(1) as f64
+        (with_idle - before).max(0.0) * 1024.0 / idle.max(1) as f64
     );
     println!(
         "| API RSS after the run (all subscribers still open) | {:.1} MiB |",
-        after as f64 / 1024.0
+        after
     );
     drop(sockets);
-    drop(api);
-    let client = mongodb::Client::with_uri_str("mongodb://127.0.0.1:27017")
-        .await
-        .unwrap();
-    client.database(&database).drop().await.unwrap();
+    stack.cleanup().await;
 }

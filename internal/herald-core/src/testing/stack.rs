@@ -1,0 +1,348 @@
+//! Real `herald` processes over one fresh database and Redis key prefix, on free ports: what
+//! the CLI tests, the chaos campaign and every benchmark that runs whole processes start.
+//!
+//! [`ProcessStack::new`] only lays out the environment (every process gets the same
+//! `HERALD__*` variables, nothing inherited from the caller's); [`ProcessStack::spawn`] starts
+//! one process and hands it back, [`ProcessStack::start`] keeps it in the stack by name so it
+//! can be killed and restarted. Processes are killed when dropped. A process's stderr goes to
+//! `<STACK_LOGS>/<name>.log` when `STACK_LOGS` names a directory, else nowhere.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use test_support::{Http, TestEnv};
+
+use super::TEST_KEY;
+
+/// The repository's root folder.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// The release build of `herald` (`cargo build --release --bin herald` makes it).
+pub fn release_binary() -> PathBuf {
+    repo_root().join("target/release/herald")
+}
+
+/// A free TCP port on loopback.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port on 127.0.0.1")
+}
+
+/// What this machine is, for the line above a benchmark's table: cores, CPU model, kernel.
+pub fn machine() -> String {
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".to_owned());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|k| k.trim().to_owned())
+        .unwrap_or_else(|_| "unknown kernel".to_owned());
+    format!("machine: {cores} cores, {cpu}, Linux {kernel}")
+}
+
+/// CPU time (user + system) of a process, in milliseconds.
+pub fn cpu_ms(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after_name = stat.rsplit(')').next().unwrap_or("");
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    let ticks: f64 = fields.get(11).and_then(|u| u.parse().ok()).unwrap_or(0.0)
+        + fields.get(12).and_then(|s| s.parse::<f64>().ok()).unwrap_or(0.0);
+    ticks * 10.0 // 100 ticks per second
+}
+
+/// Peak resident memory of a process, in MiB.
+pub fn peak_rss_mib(pid: u32) -> f64 {
+    status_mib(pid, "VmHWM:")
+}
+
+/// Resident memory of a process now, in MiB.
+pub fn rss_mib(pid: u32) -> f64 {
+    status_mib(pid, "VmRSS:")
+}
+
+/// A kB field of `/proc/<pid>/status`, in MiB (NaN when the process is gone).
+fn status_mib(pid: u32, field: &str) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with(field)).map(str::to_owned))
+        .and_then(|l| l.split_whitespace().nth(1).and_then(|kb| kb.parse::<f64>().ok()))
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(f64::NAN)
+}
+
+/// The pid of the database server on this machine, if one runs.
+pub fn database_pid() -> Option<u32> {
+    let out = Command::new("pgrep").args(["-f", "secantusd|mongod"]).output().ok()?;
+    String::from_utf8_lossy(&out.stdout).lines().next()?.trim().parse().ok()
+}
+
+fn log_to(name: &str) -> Stdio {
+    std::env::var_os("STACK_LOGS")
+        .and_then(|dir| std::fs::File::create(PathBuf::from(dir).join(format!("{name}.log"))).ok())
+        .map_or_else(Stdio::null, Stdio::from)
+}
+
+/// A `herald` process, killed when dropped.
+pub struct Proc {
+    /// Its name in the stack.
+    pub name: String,
+    /// The arguments it was started with (the role first).
+    pub args: Vec<String>,
+    /// The variables it got beside the stack's.
+    pub extra: Vec<(String, String)>,
+    /// The process.
+    pub child: Child,
+}
+
+impl Proc {
+    /// Sends `signal` (`TERM`, `INT`, `KILL`…) with `kill`.
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill -{signal} {}", self.name);
+    }
+
+    /// Waits at most `limit` for it to exit.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One scenario's processes and environment.
+pub struct ProcessStack {
+    /// The database and key prefix every process shares.
+    pub env: TestEnv,
+    /// The `HERALD__*` variables every process gets.
+    pub vars: HashMap<String, String>,
+    /// The Messenger API's base URL.
+    pub api: String,
+    /// The Job Scheduler's base URL (the first replica's port).
+    pub scheduler: String,
+    /// The provider stand-in's base URL.
+    pub sink: String,
+    /// The processes kept by [`ProcessStack::start`].
+    pub procs: Vec<Proc>,
+    /// A plain HTTP client.
+    pub client: reqwest::Client,
+    binary: PathBuf,
+}
+
+impl ProcessStack {
+    /// The environment of a stack running `binary`: a fresh database and key prefix, free
+    /// ports for the API, a scheduler and the sink, the `test` environment, and `extra`.
+    pub async fn new(binary: impl Into<PathBuf>, extra: &[(&str, String)]) -> Self {
+        let env = TestEnv::new().await.expect("run build/local-services.sh up first");
+        let (api_port, scheduler_port, sink_port) = (free_port(), free_port(), free_port());
+        let api = format!("http://127.0.0.1:{api_port}");
+        let scheduler = format!("http://127.0.0.1:{scheduler_port}");
+        let sink = format!("http://127.0.0.1:{sink_port}");
+        let mut vars: HashMap<String, String> = [
+            ("HERALD_ENV", "test".to_owned()),
+            ("HERALD__MONGO__URI", test_support::mongo_uri()),
+            ("HERALD__MONGO__DATABASE", env.database.clone()),
+            ("HERALD__REDIS__URL", test_support::redis_url()),
+            ("HERALD__REDIS__KEY_PREFIX", env.key_prefix.clone()),
+            ("HERALD__MESSENGER_API__PORT", api_port.to_string()),
+            ("HERALD__MESSENGER_API__URL", api.clone()),
+            ("HERALD__JOB_SCHEDULER__PORT", scheduler_port.to_string()),
+            ("HERALD__JOB_SCHEDULER__URL", scheduler.clone()),
+            ("HERALD__WEBHOOK_SINK__PORT", sink_port.to_string()),
+            ("HERALD__WEBHOOK__URL", format!("{sink}/webhook")),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        vars.extend(extra.iter().map(|(k, v)| ((*k).to_owned(), v.clone())));
+        Self {
+            env,
+            vars,
+            api,
+            scheduler,
+            sink,
+            procs: Vec::new(),
+            client: reqwest::Client::new(),
+            binary: binary.into(),
+        }
+    }
+
+    /// The release build with the API and the sink started and answering.
+    pub async fn api_and_sink(extra: &[(&str, String)]) -> Self {
+        let mut vars = vec![("RUST_LOG", "warn".to_owned())];
+        vars.extend(extra.iter().cloned());
+        let mut stack = Self::new(release_binary(), &vars).await;
+        stack.start("api", &["messenger-api"], &[]);
+        stack.start("sink", &["webhook-sink"], &[]);
+        stack.wait_healthy(&format!("{}/messenger/health", stack.api)).await;
+        stack.wait_healthy(&format!("{}/webhook-sink/health", stack.sink)).await;
+        stack
+    }
+
+    /// `herald args…` with the stack's variables and nothing inherited from the caller's
+    /// `HERALD*`, run from the repository root.
+    pub fn command(&self, args: &[&str]) -> Command {
+        herald_command(&self.binary, &self.vars, args)
+    }
+
+    /// Starts `herald args…` with `extra` variables beside the stack's and hands it back.
+    pub fn spawn_with(&self, name: &str, args: &[&str], extra: &[(String, String)]) -> Proc {
+        let mut command = self.command(args);
+        let child = command
+            .envs(extra.iter().cloned())
+            .stdout(Stdio::null())
+            .stderr(log_to(name))
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {name} ({}): {e}", self.binary.display()));
+        Proc {
+            name: name.to_owned(),
+            args: args.iter().map(|a| (*a).to_owned()).collect(),
+            extra: extra.to_vec(),
+            child,
+        }
+    }
+
+    /// Starts `herald args…` and hands it back.
+    pub fn spawn(&self, name: &str, args: &[&str]) -> Proc {
+        self.spawn_with(name, args, &[])
+    }
+
+    /// Starts `herald args…` and keeps it in the stack as `name`.
+    pub fn start(&mut self, name: &str, args: &[&str], extra: &[(String, String)]) {
+        let proc = self.spawn_with(name, args, extra);
+        self.procs.push(proc);
+    }
+
+    /// `n` scheduler replicas, `scheduler-1`…, each on its own port.
+    pub fn replicas(&mut self, n: usize) {
+        for i in 0..n {
+            let port = [("HERALD__JOB_SCHEDULER__PORT".to_owned(), free_port().to_string())];
+            self.start(&format!("scheduler-{}", i + 1), &["job-scheduler"], &port);
+        }
+    }
+
+    /// SIGKILL of the process named `name`; it is gone when this returns.
+    pub fn kill(&mut self, name: &str) {
+        if let Some(proc) = self.procs.iter_mut().find(|p| p.name == name) {
+            let _ = proc.child.kill();
+            let _ = proc.child.wait();
+        }
+    }
+
+    /// Starts the process named `name` again, with the same arguments and settings.
+    pub fn restart(&mut self, name: &str) {
+        let Some(index) = self.procs.iter().position(|p| p.name == name) else {
+            return;
+        };
+        let old = self.procs.remove(index);
+        let (args, extra) = (old.args.clone(), old.extra.clone());
+        drop(old);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.start(name, &args, &extra);
+    }
+
+    /// Waits (at most 20 s) until `url` answers 2xx.
+    pub async fn wait_healthy(&self, url: &str) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if self.client.get(url).send().await.is_ok_and(|r| r.status().is_success()) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{url} never became healthy");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// A GET with the test key, as JSON.
+    pub async fn get_json(&self, url: &str) -> Value {
+        Http::new(TEST_KEY).get_json(url).await
+    }
+
+    /// Every request the provider stand-in received, oldest first.
+    pub async fn received(&self) -> Vec<Value> {
+        let list = Http::new(TEST_KEY)
+            .open_json(&format!("{}/webhook-sink/received", self.sink))
+            .await;
+        list.as_array().cloned().unwrap_or_default()
+    }
+
+    /// Every idempotency key the provider received, with how often.
+    pub async fn received_counts(&self) -> HashMap<String, usize> {
+        let mut counts = HashMap::new();
+        for r in self.received().await {
+            *counts
+                .entry(r["idempotencyKey"].as_str().unwrap_or("").to_owned())
+                .or_insert(0) += 1;
+        }
+        counts
+    }
+
+    /// Requests the provider received so far (polled without loading the database).
+    pub async fn delivered(&self) -> u64 {
+        let count = Http::new(TEST_KEY)
+            .open_json(&format!("{}/webhook-sink/received/count", self.sink))
+            .await;
+        count["count"].as_u64().unwrap_or(0)
+    }
+
+    /// Messages the API counts sent.
+    pub async fn sent_count(&self) -> u64 {
+        let stats = self.get_json(&format!("{}/api/messenger/stats", self.api)).await;
+        stats["counts"]["sent"].as_u64().unwrap_or(0)
+    }
+
+    /// The pids of the stack's processes and of the database server.
+    pub fn pids(&self) -> Vec<(String, u32)> {
+        let mut pids: Vec<(String, u32)> = self.procs.iter().map(|p| (p.name.clone(), p.child.id())).collect();
+        if let Some(db) = database_pid() {
+            pids.push(("database".to_owned(), db));
+        }
+        pids
+    }
+
+    /// Stops every process and drops the database and key prefix.
+    pub async fn cleanup(mut self) {
+        self.procs.clear();
+        self.env.cleanup().await.expect("test database dropped");
+    }
+}
+
+/// `binary args…` with `vars` and nothing inherited from the caller's `HERALD*`, run from the
+/// repository root.
+pub fn herald_command(binary: &Path, vars: &HashMap<String, String>, args: &[&str]) -> Command {
+    let mut command = Command::new(binary);
+    command.current_dir(repo_root()).args(args);
+    for (key, _) in std::env::vars().filter(|(k, _)| k.starts_with("HERALD")) {
+        command.env_remove(key);
+    }
+    command.env("HERALD_ENV", "test").envs(vars);
+    command
+}

@@ -1,0 +1,133 @@
+//! The `provider_state` collection: the provider pause every replica shares (the rules that
+//! decide it are in [`crate::provider`]).
+
+use std::time::Duration;
+
+use bson::{doc, DateTime};
+use herald_core::jobs::{ProviderStateDoc, PROVIDER_ID, PROVIDER_STATE_COLLECTION};
+use herald_core::mongo::{after, StoreError};
+use mongodb::options::{FindOneAndUpdateOptions, ReturnDocument};
+use mongodb::{Collection, Database};
+
+/// The `provider_state` collection.
+#[derive(Clone)]
+pub struct ProviderStore {
+    state: Collection<ProviderStateDoc>,
+}
+
+impl ProviderStore {
+    /// The store over `db.provider_state`.
+    pub fn new(db: &Database) -> Self {
+        Self {
+            state: db.collection(PROVIDER_STATE_COLLECTION),
+        }
+    }
+
+    /// The state (default: open).
+    pub async fn read(&self) -> Result<ProviderStateDoc, StoreError> {
+        Ok(self
+            .state
+            .find_one(doc! {"_id": PROVIDER_ID})
+            .await?
+            .unwrap_or_else(|| ProviderStateDoc {
+                id: PROVIDER_ID.into(),
+                ..Default::default()
+            }))
+    }
+
+    fn upsert_after() -> FindOneAndUpdateOptions {
+        FindOneAndUpdateOptions::builder()
+            .upsert(true)
+            .return_document(ReturnDocument::After)
+            .build()
+    }
+
+    /// Pauses until `until`, or keeps a later pause already set. Returns the state after.
+    pub async fn pause(&self, until: DateTime, reason: &str, now: DateTime) -> Result<ProviderStateDoc, StoreError> {
+        let current = self.read().await?;
+        let until = match current.paused_until {
+            Some(set) if set > until => set,
+            _ => until,
+        };
+        let updated = self
+            .state
+            .find_one_and_update(
+                doc! {"_id": PROVIDER_ID},
+                doc! {
+                    "$set": {"paused_until": until, "paused_at": now, "reason": reason, "failure_streak": 0},
+                    "$unset": {"probe_by": "", "probe_until": ""},
+                    "$inc": {"pauses_in_a_row": 1},
+                },
+            )
+            .with_options(Self::upsert_after())
+            .await?;
+        Ok(updated.unwrap_or(current))
+    }
+
+    /// Takes the probe when the pause is over and nobody holds it. True when this call took it.
+    pub async fn take_probe(&self, worker: &str, now: DateTime, hold: Duration) -> Result<bool, StoreError> {
+        let taken = self
+            .state
+            .find_one_and_update(
+                doc! {
+                    "_id": PROVIDER_ID,
+                    "paused_until": {"$lte": now},
+                    "$or": [{"probe_until": {"$exists": false}}, {"probe_until": {"$lte": now}}],
+                },
+                doc! {"$set": {"probe_by": worker, "probe_until": after(now, hold)}},
+            )
+            .await?;
+        Ok(taken.is_some())
+    }
+
+    /// Opens the provider again (a probe went through).
+    pub async fn resume(&self) -> Result<(), StoreError> {
+        self.state
+            .update_one(
+                doc! {"_id": PROVIDER_ID},
+                doc! {
+                    "$set": {"paused_until": null, "reason": null, "pauses_in_a_row": 0, "failure_streak": 0},
+                    "$unset": {"probe_by": "", "probe_until": ""},
+                },
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Counts one more retryable failure in a row; answers the state after it (the streak,
+    /// and any pause another replica set meanwhile).
+    pub async fn count_failure(&self) -> Result<ProviderStateDoc, StoreError> {
+        let updated = self
+            .state
+            .find_one_and_update(doc! {"_id": PROVIDER_ID}, doc! {"$inc": {"failure_streak": 1}})
+            .with_options(Self::upsert_after())
+            .await?;
+        Ok(updated.unwrap_or_else(|| ProviderStateDoc {
+            id: PROVIDER_ID.into(),
+            failure_streak: 1,
+            ..Default::default()
+        }))
+    }
+
+    /// Gives a probe back unsent, so another sender may take it at once.
+    pub async fn drop_probe(&self, worker: &str) -> Result<(), StoreError> {
+        self.state
+            .update_one(
+                doc! {"_id": PROVIDER_ID, "probe_by": worker},
+                doc! {"$unset": {"probe_by": "", "probe_until": ""}},
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Ends a failure streak.
+    pub async fn end_streak(&self) -> Result<(), StoreError> {
+        self.state
+            .update_one(
+                doc! {"_id": PROVIDER_ID, "failure_streak": {"$gt": 0}},
+                doc! {"$set": {"failure_streak": 0}},
+            )
+            .await?;
+        Ok(())
+    }
+}

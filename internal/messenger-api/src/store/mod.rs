@@ -1,0 +1,165 @@
+//! The repository over the `messages` collection, one file per step of a message's life. BSON
+//! and `doc!` live here and nowhere above (the event feed reads change documents, and
+//! [`job_view`] the scheduler's collections).
+//!
+//! - [`insert`]: creates, grouped into one `insert_many` when they arrive together.
+//! - [`list`]: newest-first pages and the sent list, read through [`window`]s.
+//! - [`claim`]: [`MessageStore::claim_due`] — one claimer per process, reading a bounded
+//!   window of the claim index.
+//! - [`writes`]: every conditional transition of a claimed message, and
+//!   [`MessageStore::apply_outcomes`], many of them in one command.
+//! - [`requeue`]: an operator sending failed messages back to pending.
+//! - [`counts`]: counts by status, maintained as messages change.
+//! - [`upkeep`]: reconciliation, retention and the stats' range reads.
+//!
+//! A due message is `pending` with `next_attempt_at <= now`, or `processing` whose lease has
+//! passed — while a message is processing its `next_attempt_at` *is* its lease end, so one
+//! condition and one index (`{status, next_attempt_at, _id}`) serve both. How each read is
+//! shaped for the SecantusDB test server's planner: `docs/architecture.md`.
+
+pub mod claim;
+pub mod counts;
+pub mod insert;
+pub mod job_view;
+pub mod list;
+pub mod requeue;
+pub mod upkeep;
+pub mod window;
+pub mod writes;
+
+use bson::oid::ObjectId;
+use bson::{doc, DateTime, Document};
+use futures::TryStreamExt;
+use mongodb::options::IndexOptions;
+use mongodb::{Collection, Database, IndexModel};
+
+use crate::domain::{MessageDoc, MessageStatus};
+pub use claim::Claim;
+use claim::Claimer;
+use coalesce::Coalescer;
+pub use counts::{Reconciled, StatusCounts};
+pub use herald_core::mongo::StoreError;
+pub use job_view::JobView;
+pub use requeue::RequeueFilter;
+pub use writes::{ClaimWrite, TransitionOutcome};
+
+/// Name of the collection.
+pub const COLLECTION: &str = "messages";
+
+/// The repository over `messages`: inserts, lists, claims, transitions and counts.
+#[derive(Clone)]
+pub struct MessageStore {
+    db: Database,
+    messages: Collection<MessageDoc>,
+    raw: Collection<Document>,
+    counts: StatusCounts,
+    widths: std::sync::Arc<window::Widths>,
+    /// Single creates arriving together, stored with one `insert_many` ([`insert`]).
+    inserts: Coalescer<MessageDoc, Result<(), StoreError>>,
+    /// Claims arriving together, served by one claimer ([`claim`]).
+    claimer: Claimer,
+}
+
+/// Those of `ids` that are in status `from` and due at `now`. `_id` leads the filter on
+/// purpose: the SecantusDB test server plans by the first field it can use (real MongoDB
+/// plans the same whatever the order).
+fn due_among(ids: &[ObjectId], from: MessageStatus, now: DateTime) -> Document {
+    doc! {"_id": {"$in": ids}, "status": from.as_str(), "next_attempt_at": {"$lte": now}}
+}
+
+impl MessageStore {
+    /// The store over `db.messages`.
+    pub fn new(db: &Database) -> Self {
+        let messages: Collection<MessageDoc> = db.collection(COLLECTION);
+        let raw: Collection<Document> = db.collection(COLLECTION);
+        let counts = StatusCounts::new(db);
+        Self {
+            db: db.clone(),
+            inserts: insert::coalescer(messages.clone(), counts.clone()),
+            claimer: Claimer::new(claim::ClaimSteps::new(messages.clone(), raw.clone(), counts.clone())),
+            messages,
+            raw,
+            counts,
+            widths: std::sync::Arc::default(),
+        }
+    }
+
+    /// The maintained counts by status that every transition here keeps up to date.
+    pub fn counts(&self) -> &StatusCounts {
+        &self.counts
+    }
+
+    /// Creates the indexes (idempotent).
+    pub async fn ensure_indexes(&self) -> Result<(), StoreError> {
+        // (keys, name, unique, sparse)
+        let specs = [
+            (
+                doc! {"status": 1, "next_attempt_at": 1, "_id": 1},
+                "claim",
+                false,
+                false,
+            ),
+            (doc! {"status": 1, "sent_at": -1}, "sent", false, false),
+            (doc! {"status": 1, "_id": -1}, "status_id", false, false),
+            (doc! {"idempotency_key": 1}, "idempotency_key", true, true),
+            (doc! {"to": 1, "_id": -1}, "recipient", false, false),
+            (doc! {"claim_token": 1}, "claim_token", false, true),
+        ];
+        let indexes = specs.into_iter().map(|(keys, name, unique, sparse)| {
+            let options = IndexOptions::builder()
+                .name(name.to_owned())
+                .unique(unique.then_some(true))
+                .sparse(sparse.then_some(true))
+                .build();
+            IndexModel::builder().keys(keys).options(options).build()
+        });
+        self.messages.create_indexes(indexes).await?;
+        Ok(())
+    }
+
+    /// One message by id.
+    pub async fn find(&self, id: ObjectId) -> Result<Option<MessageDoc>, StoreError> {
+        Ok(self.messages.find_one(doc! {"_id": id}).await?)
+    }
+
+    /// One message by idempotency key.
+    pub async fn find_by_idempotency_key(&self, key: &str) -> Result<Option<MessageDoc>, StoreError> {
+        Ok(self.messages.find_one(doc! {"idempotency_key": key}).await?)
+    }
+
+    /// The messages with these ids, in no particular order.
+    pub async fn find_many(&self, ids: &[ObjectId]) -> Result<Vec<MessageDoc>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        Ok(self
+            .messages
+            .find(doc! {"_id": {"$in": ids}})
+            .await?
+            .try_collect()
+            .await?)
+    }
+
+    /// The ids of up to `limit` messages matching `filter`, in `sort` order when given.
+    async fn ids_matching(
+        &self,
+        filter: Document,
+        sort: Option<Document>,
+        limit: usize,
+    ) -> Result<Vec<ObjectId>, StoreError> {
+        let found: Vec<Document> = self
+            .raw
+            .find(filter)
+            .with_options(
+                mongodb::options::FindOptions::builder()
+                    .sort(sort)
+                    .limit(limit as i64)
+                    .projection(doc! {"_id": 1})
+                    .build(),
+            )
+            .await?
+            .try_collect()
+            .await?;
+        Ok(found.iter().filter_map(|d| d.get_object_id("_id").ok()).collect())
+    }
+}

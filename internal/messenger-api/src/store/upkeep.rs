@@ -1,0 +1,107 @@
+//! Upkeep reads and writes: reconciling the maintained counts with a full count, removing
+//! final messages past retention, and the range reads behind the stats.
+
+use bson::{doc, DateTime};
+
+use super::counts::{Deltas, Reconciled};
+use super::{MessageStore, StoreError};
+use crate::domain::{MessageDoc, MessageStatus};
+use futures::TryStreamExt;
+
+impl MessageStore {
+    /// Finds the oldest and newest `_id` and the oldest `sent_at` there are (full reads on
+    /// some servers, like the count beside them) and widens the bounds list walks use to them.
+    async fn widen_bounds(&self) -> Result<(), StoreError> {
+        let end_id = |direction: i32| async move {
+            Ok::<_, StoreError>(
+                self.raw
+                    .find_one(doc! {})
+                    .sort(doc! {"_id": direction})
+                    .projection(doc! {"_id": 1})
+                    .await?
+                    .and_then(|d| d.get_object_id("_id").ok()),
+            )
+        };
+        let (first_id, last_id) = (end_id(1).await?, end_id(-1).await?);
+        let first_sent_at = self
+            .raw
+            .find_one(doc! {"status": MessageStatus::Sent.as_str()})
+            .sort(doc! {"sent_at": 1})
+            .projection(doc! {"sent_at": 1})
+            .await?
+            .and_then(|d| d.get_datetime("sent_at").ok().copied());
+        self.counts.widen_bounds(first_id, first_sent_at, last_id).await
+    }
+
+    /// Compares the maintained counts with a full count and corrects them when no count write
+    /// happened while it counted (see [`super::counts`]).
+    pub async fn reconcile_counts(&self) -> Result<Reconciled, StoreError> {
+        let run = async {
+            // The floors first: on a collection that has messages but no counts document yet
+            // (data from before counts were kept) this write creates it, and it must not land
+            // between the two reads the correction compares.
+            self.widen_bounds().await?;
+            let before = self.counts.snapshot().await?;
+            let actual = self.count_exactly().await?;
+            let mut after = self.counts.snapshot().await?;
+            if after.as_ref().is_none_or(|a| a.differs(&actual)) {
+                // A message written before the count may still have its count write on the
+                // way: give it time to land (and move the version) before calling it drift.
+                tokio::time::sleep(super::counts::SETTLE).await;
+                after = self.counts.snapshot().await?;
+            }
+            self.counts.correct(before, actual, after).await
+        };
+        let outcome = run.await;
+        if outcome.is_err() {
+            self.counts.reconcile_failed();
+        }
+        outcome
+    }
+
+    /// Removes up to `limit` messages that ended in final `status` before `ended_before` (sent
+    /// ones by `sent_at`, failed and expired ones by when they ended, which their
+    /// `next_attempt_at` records); answers how many. Both steps stay within the status's index
+    /// range, and the delete repeats the condition, so a message re-queued meanwhile stays.
+    pub async fn remove_final(
+        &self,
+        status: MessageStatus,
+        ended_before: DateTime,
+        limit: usize,
+    ) -> Result<u64, StoreError> {
+        let field = match status {
+            MessageStatus::Sent => "sent_at",
+            MessageStatus::Failed | MessageStatus::Expired => "next_attempt_at",
+            MessageStatus::Pending | MessageStatus::Processing => return Ok(0),
+        };
+        let filter = doc! {"status": status.as_str(), field: {"$lt": ended_before}};
+        let ids = self.ids_matching(filter.clone(), None, limit).await?;
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        // `_id` first, as in [`due_among`].
+        let mut by_id = doc! {"_id": {"$in": ids}};
+        by_id.extend(filter);
+        let removed = self.messages.delete_many(by_id).await?.deleted_count;
+        self.counts.add(Deltas::removed(status, removed)).await;
+        Ok(removed)
+    }
+
+    /// Sent messages with `from <= sent_at < to`: one bounded range of the `sent` index.
+    pub async fn sent_between(&self, from: DateTime, to: DateTime) -> Result<Vec<MessageDoc>, StoreError> {
+        let filter = doc! {"status": MessageStatus::Sent.as_str(), "sent_at": {"$gte": from, "$lt": to}};
+        Ok(self.messages.find(filter).await?.try_collect().await?)
+    }
+
+    /// How long the most overdue pending message has been due, in seconds (0 when none is).
+    pub async fn oldest_due_age_seconds(&self, now: DateTime) -> Result<f64, StoreError> {
+        let oldest = self
+            .messages
+            .find_one(doc! {"status": MessageStatus::Pending.as_str(), "next_attempt_at": {"$lte": now}})
+            .sort(doc! {"next_attempt_at": 1})
+            .await?;
+        Ok(oldest
+            .map(|m| (now.timestamp_millis() - m.next_attempt_at.timestamp_millis()).max(0) as f64 / 1000.0)
+            .unwrap_or(0.0))
+    }
+}

@@ -7,7 +7,7 @@
 SHELL := /bin/bash
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: run test services services-down fmt-check lint unit-tests newman fuzz console-test compose-check compose-up-test chaos chaos-short openapi bench bench-feed bench-scale
+.PHONY: run test services services-down fmt-check lint unit-tests newman fuzz console-test screenshots compose-check compose-up-test chaos chaos-short openapi bench bench-feed bench-scale
 
 run:
 	build/run-local.sh
@@ -42,6 +42,10 @@ fuzz:
 
 console-test:
 	build/console-test.sh
+
+# The console test, saving its screenshots as the README's pictures (docs/screenshots/).
+screenshots:
+	CONSOLE_SCREENSHOTS=$(CURDIR)/docs/screenshots build/console-test.sh
 
 compose-check:
 	build/check-compose.sh

@@ -14,8 +14,9 @@
 #     against the published ports (127.0.0.1 only);
 #  5. tears everything down with `down -v` and checks no container, network or volume is left.
 #
-# Environment: DEBIAN_MIRROR (debootstrap's mirror), COMPOSE_TEST_TIMEOUT (seconds to wait for
-# each stage, default 180), KEEP_DOCKERD=1 leaves an engine this script started running.
+# Environment: DEBIAN_MIRROR (debootstrap's mirror; default: the one apt's sources name),
+# COMPOSE_TEST_TIMEOUT (seconds to wait for each stage, default 180), KEEP_DOCKERD=1 leaves an
+# engine this script started running.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -28,7 +29,15 @@ LOCAL_BASE=herald-local/bookworm:12-slim
 MONGO_IMAGE=herald-local/secantus:test
 REDIS_IMAGE=herald-local/redis:test
 HERALD_IMAGE=herald:local
-DEBIAN_MIRROR="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
+# The Debian mirror this machine's apt already uses (its sources name it), unless overridden.
+apt_mirror() {
+  local uri
+  uri="$(grep -hsE '^URIs:' /etc/apt/sources.list.d/*.sources | awk '{print $2}' | grep -v security | head -n 1)"
+  [ -n "$uri" ] || uri="$(grep -hsE '^deb ' /etc/apt/sources.list /etc/apt/sources.list.d/*.list |
+    awk '{for (i = 2; i <= NF; i++) if ($i ~ /^https?:/) {print $i; exit}}' | grep -v security | head -n 1)"
+  echo "${uri:-http://deb.debian.org/debian}"
+}
+DEBIAN_MIRROR="${DEBIAN_MIRROR:-$(apt_mirror)}"
 TIMEOUT="${COMPOSE_TEST_TIMEOUT:-180}"
 API_KEY=local-dev-api-key
 mkdir -p "$STATE"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The operator console in a real headless Chromium (Debian's `chromium`, driven by
 # `playwright-core` from npm; both installed here when missing) against a live stack on ports
-# 3200/3201/8290 that sends every second. Screenshots go to docs/screenshots/.
+# 3200/3201/8290 that sends every second. Screenshots go to .local/screenshots/ (ignored), or
+# to $CONSOLE_SCREENSHOTS: `make screenshots` refreshes the README's pictures in docs/screenshots/.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -26,5 +27,5 @@ export HERALD__JOB_SCHEDULER__CONCURRENCY=4
 start_stack console 3200 3201 8290
 
 export CONSOLE_API=http://127.0.0.1:3200 CONSOLE_SCHEDULER=http://127.0.0.1:3201 CONSOLE_SINK=http://127.0.0.1:8290
-export CONSOLE_KEY=local-dev-api-key CONSOLE_SCREENSHOTS="$ROOT/docs/screenshots"
+export CONSOLE_KEY=local-dev-api-key CONSOLE_SCREENSHOTS="${CONSOLE_SCREENSHOTS:-$ROOT/.local/screenshots}"
 node --test --test-reporter=spec build/console.test.mjs

@@ -33,9 +33,10 @@ fuzz() { # name url [extra args]
   local name=$1 url=$2
   shift 2
   echo "[fuzz] $name: $url ($EXAMPLES cases per operation, seed $SEED)"
-  "$ST" run "$url" -H "Authorization: Bearer $KEY" --checks "$CHECKS" --max-examples "$EXAMPLES" \
+  # Run from .local/ so schemathesis keeps its cache (.schemathesis/) in the ignored folder.
+  (cd .local && "$ST" run "$url" -H "Authorization: Bearer $KEY" --checks "$CHECKS" --max-examples "$EXAMPLES" \
     --seed "$SEED" --phases examples,coverage,fuzzing --workers 2 --no-color \
-    --request-timeout 10 "$@" >".local/fuzz-$name.log" 2>&1 &&
+    --request-timeout 10 "$@") >".local/fuzz-$name.log" 2>&1 &&
     { grep -E "test cases|passed|generated" ".local/fuzz-$name.log" | tail -2; return 0; }
   cat ".local/fuzz-$name.log" >&2
   echo "[fuzz] $name: findings above (full log .local/fuzz-$name.log; replay with FUZZ_SEED=$SEED)" >&2

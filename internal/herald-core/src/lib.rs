@@ -7,13 +7,15 @@
 //! - [`http`]: binding (port 0 = any free port), the middleware stack every server wears,
 //!   graceful serving, and the `/metrics` endpoint.
 //! - [`probes`]: health and readiness bodies and the MongoDB ping.
-//! - [`mongo`]: connecting to MongoDB with bounded waits.
+//! - [`mongo`]: connecting to MongoDB with bounded waits; the store error both services map.
+//! - [`redis_conn`]: a lazily connecting Redis connection with bounded waits.
 //! - [`pagination`]: `limit`/`offset`/`after` page requests and the page they answer with.
 //! - [`message`]: a message's status, failure kind and public view.
 //! - [`worker`]: the worker contract between the Job Scheduler and the Messenger API.
 //! - [`peer`]: one service calling the other, with the key and the correlation id.
 //! - [`jobs`]: the sending job's state as both services speak of it.
-//! - `testing` (feature `testing`): settings, the key and seeding for integration tests.
+//! - `testing` (feature `testing`): settings, the key and seeding for integration tests, and
+//!   the one `ProcessStack` of real `herald` processes for the CLI tests, chaos and benches.
 
 #![forbid(unsafe_code)]
 

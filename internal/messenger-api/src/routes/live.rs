@@ -72,7 +72,7 @@ pub fn parse_filter(statuses: &[String], ids: &[String]) -> Result<EventFilter, 
             MessageStatus::parse(s).ok_or_else(|| {
                 ApiError::new(
                     ErrorCode::InvalidStatusFilter,
-                    "status must be pending, processing, sent or failed",
+                    "status must be pending, processing, sent, failed or expired",
                 )
             })
         })
@@ -108,7 +108,8 @@ impl LiveApi {
     async fn events(
         &self,
         _auth: BearerAuth,
-        /// Only message events of these statuses (repeatable): pending, processing, sent, failed.
+        /// Only message events of these statuses (repeatable): pending, processing, sent, failed,
+        /// expired.
         status: Query<Vec<String>>,
         /// Only events of these message ids (repeatable).
         id: Query<Vec<String>>,

@@ -117,12 +117,11 @@ impl WorkerApi {
         id: Path<String>,
         body: Json<FailRequest>,
     ) -> Result<TransitionResponse, TransitionErrors> {
-        let outcome = Outcome::Failed(FailedOutcome {
+        self.transition(Outcome::Failed(FailedOutcome {
             id: id.0,
             failure: body.0,
-        });
-        let message = self.service.report_one(outcome).await.map_err(ApiError::from)?.message;
-        Ok(TransitionResponse::Ok(Json(message.into())))
+        }))
+        .await
     }
 
     /// Release an unsent claim
@@ -137,22 +136,22 @@ impl WorkerApi {
         id: Path<String>,
         body: Json<ReleaseRequest>,
     ) -> Result<TransitionResponse, TransitionErrors> {
-        let outcome = Outcome::Released(ReleasedOutcome {
+        self.transition(Outcome::Released(ReleasedOutcome {
             id: id.0,
             claim: body.0,
-        });
-        let message = self.service.report_one(outcome).await.map_err(ApiError::from)?.message;
-        Ok(TransitionResponse::Ok(Json(message.into())))
+        }))
+        .await
     }
 
     /// Report many outcomes
     ///
     /// Applies the outcomes of up to 1,000 claimed messages at once — `sent` (commit), `failed`
-    /// (retry per the schedule, or fail) and `released` — with one bulk write in which each
+    /// (retry per the schedule, or fail), `released` and `expired` — with one bulk write in which each
     /// update stays conditional on its claim, and one Redis pipeline for the commits. Answers a
     /// result per outcome (`committed`, `already_committed`, `retry_scheduled`, `failed`,
-    /// `released`, `claim_lost`, `not_found`, `invalid_id`); a repeated report answers what the
-    /// first one did.
+    /// `released`, `expired`, `claim_lost`, `not_found`, `invalid_id`); a repeated report
+    /// answers what the first one did. The single `commit`, `fail` and `release` are one-item
+    /// reports on the same path.
     #[oai(path = "/api/messenger/outcomes", method = "post", operation_id = "reportOutcomes")]
     async fn outcomes(&self, _auth: BearerAuth, body: Json<OutcomeBatch>) -> Result<OutcomesResponse, OutcomeErrors> {
         let results = self
@@ -161,5 +160,13 @@ impl WorkerApi {
             .await
             .map_err(ApiError::from)?;
         Ok(OutcomesResponse::Ok(Json(results)))
+    }
+}
+
+impl WorkerApi {
+    /// A one-item report answered with the message as it is after it.
+    async fn transition(&self, outcome: Outcome) -> Result<TransitionResponse, TransitionErrors> {
+        let reported = self.service.report_one(outcome).await.map_err(ApiError::from)?;
+        Ok(TransitionResponse::Ok(Json(reported.message.into())))
     }
 }

@@ -1,22 +1,14 @@
 //! Counts by status, maintained as messages change instead of recounted per request, so the
 //! stats, `/metrics` and the console cost one document read at 1k or 10M messages.
 //!
-//! **How they stay right.** Every write that changes a message's status is followed by an
-//! `$inc` of one document in `message_counts` (the store does it: [`super`]). Writes
-//! that land together share one `$inc` (a group commit: the first caller writes, the ones
-//! arriving meanwhile join the next write), and each caller returns only once its share is in,
-//! so a client that creates a message and then reads the stats sees it counted.
-//!
-//! **How exact.** The message write and its count write are two writes. A process that dies
-//! between them, or a count write that fails (logged, `herald_message_counts_write_failures_total`),
-//! leaves the counts off by the messages it was moving. [`super::MessageStore::reconcile_counts`]
-//! corrects that: it counts every status, and applies the difference only when no count
-//! write happened while it counted nor in the [`SETTLE`] second after (the document's version
-//! did not move), so a count write still on its way is never mistaken for drift; a busy moment
-//! is tried again later. A count write delayed by more than that (a stalled process that then
-//! resumes) can still be off by its messages until the next reconciliation. It runs at start-up and every `messenger_api.count_reconcile_seconds`.
-//! Until the first reconciliation on a collection the counts are not known to be exact, and
-//! readers count instead ([`Snapshot::exact`]).
+//! Every write that changes a message's status is followed by an `$inc` of one document in
+//! `message_counts` (the store does it: [`super`]); writes that land together share one `$inc`
+//! (a group commit), and each caller returns once its share is in. The message write and its
+//! count write are two writes, so a crash between them leaves drift:
+//! [`super::MessageStore::reconcile_counts`] corrects it at start-up and every
+//! `messenger_api.count_reconcile_seconds`, only when no count write moved the document while
+//! it counted nor in the [`SETTLE`] second after. Until the first reconciliation the counts are
+//! not known to be exact ([`Snapshot::exact`]). More: `docs/architecture.md`.
 
 use std::sync::Arc;
 

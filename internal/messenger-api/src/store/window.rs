@@ -1,24 +1,13 @@
 //! Newest-first list pages that read about a page's worth of the index at any depth.
 //!
-//! Real MongoDB stops a sorted, limited index scan after `limit` entries. Some servers (the
-//! SecantusDB test server among them) read the whole matching range first, so "the newest 21
-//! before this cursor" costs as much as everything before the cursor. A [`Walk`] therefore asks
-//! for a *window* of the list's order key — `[lower, upper)` — sized to hold about one page,
-//! and widens it only when the page is not full yet and something older exists:
-//!
-//! - a window that came back short is followed by one just below it, wider by the density seen
-//!   (×16 when it was empty), until the page is full or the window passes the *floor*: no
-//!   message ever had an older key (the counts document keeps the oldest `_id` and `sent_at`
-//!   ever written: [`super::counts`]). Without a floor it asks whether anything older matches,
-//!   which costs a read of everything older on such servers;
-//! - the span a full page needed is remembered per list kind, so the next page starts with a
-//!   window that fits; so is where a first page's newest item lay, and the next first page's
-//!   window (open above) reaches a page-width below it: it reads what arrived since plus
-//!   about a page, however long ago the newest item was written.
-//!
-//! The windows partition the order key, so a walk never repeats or skips an item, whatever the
-//! widths. The key is `_id` (its 12 bytes read as one number, so a window can be narrower than
-//! the second its timestamp counts) or `sent_at` in milliseconds.
+//! A [`Walk`] asks for a *window* of the list's order key — `[lower, upper)` — sized to hold
+//! about one page, because some servers (the SecantusDB test server among them) read a whole
+//! sorted range before limiting it. A window that came back short is followed by a wider one
+//! just below it, until the page is full or the window passes the *floor* (the oldest key ever
+//! written, kept in [`super::counts`]); the span a full page needed is remembered per list
+//! kind. The windows partition the order key, so a walk never repeats or skips an item. The
+//! key is `_id` (its 12 bytes read as one number) or `sent_at` in milliseconds. More:
+//! `docs/architecture.md` ("Counts and lists at scale").
 
 use std::collections::HashMap;
 use std::sync::Mutex;

@@ -73,13 +73,11 @@ struct Seen {
 }
 
 async fn provider_record(stack: &Stack) -> (HashMap<String, Seen>, HashMap<u64, usize>, usize) {
-    let list = Http::new(TEST_KEY)
-        .open_json(&format!("{}/webhook-sink/received", stack.sink))
-        .await;
+    let list = stack.received().await;
     let mut by_key: HashMap<String, Seen> = HashMap::new();
     let mut by_status: HashMap<u64, usize> = HashMap::new();
     let mut slow = 0;
-    for r in list.as_array().unwrap() {
+    for r in &list {
         let key = r["idempotencyKey"].as_str().unwrap_or("").to_owned();
         let status = r["status"].as_u64().unwrap();
         let at: chrono::DateTime<chrono::Utc> = r["receivedAt"].as_str().unwrap().parse().unwrap();
@@ -128,18 +126,9 @@ async fn settled(stack: &Stack, n: usize, limit: Duration) -> (usize, usize) {
     }
 }
 
-/// Requests the provider has answered so far.
-async fn delivered(stack: &Stack) -> u64 {
-    Http::new(TEST_KEY)
-        .open_json(&format!("{}/webhook-sink/received/count", stack.sink))
-        .await["count"]
-        .as_u64()
-        .unwrap_or(0)
-}
-
 async fn wait_delivered(stack: &Stack, at_least: u64) {
     let deadline = Instant::now() + Duration::from_secs(120);
-    while delivered(stack).await < at_least {
+    while stack.delivered().await < at_least {
         assert!(Instant::now() < deadline, "delivery never reached {at_least}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -147,9 +136,9 @@ async fn wait_delivered(stack: &Stack, at_least: u64) {
 
 /// How long after `since` the provider saw its next request.
 async fn delivery_resumed(stack: &Stack, since: Instant) -> Duration {
-    let before = delivered(stack).await;
+    let before = stack.delivered().await;
     let deadline = Instant::now() + Duration::from_secs(120);
-    while delivered(stack).await <= before {
+    while stack.delivered().await <= before {
         assert!(Instant::now() < deadline, "delivery never resumed");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -259,7 +248,7 @@ async fn replica_kills() -> Row {
     wait_delivered(&stack, 1).await;
     let mut done_kills = 0;
     for k in 0..kills {
-        if delivered(&stack).await >= n as u64 {
+        if stack.delivered().await >= n as u64 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(300 + (k as u64 * 137) % 500)).await;
@@ -356,9 +345,9 @@ async fn redis_outage() -> Row {
     stack.replicas(REPLICAS);
     wait_delivered(&stack, n as u64 / 4).await;
     redis.kill();
-    let before = delivered(&stack).await;
+    let before = stack.delivered().await;
     tokio::time::sleep(down).await;
-    let during = delivered(&stack).await - before;
+    let during = stack.delivered().await - before;
     redis.restart().await;
     let back = Instant::now();
     let (sent, failed) = settled(&stack, n, Duration::from_secs(300)).await;

@@ -193,8 +193,8 @@ async fn main() {
     // Indexes first (an API start on the empty database), then the data behind its back, then
     // the API again: its start-up reconciliation counts what is there.
     let mut big_stack = api_stack().await;
-    let mut small_stack = api_stack().await;
     big_stack.kill("api");
+    let mut small_stack = api_stack().await;
     small_stack.kill("api");
     let (big, small) = (big_stack.env.db(), small_stack.env.db());
     seed(&big, n).await;

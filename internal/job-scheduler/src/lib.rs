@@ -33,12 +33,12 @@
 
 pub mod control;
 pub mod job;
-pub mod limiter;
-pub mod messenger_client;
-pub mod metrics;
-pub mod provider;
-pub mod routes;
-pub mod schedule;
+mod limiter;
+mod messenger_client;
+mod metrics;
+mod provider;
+mod routes;
+mod schedule;
 pub mod startup;
 pub mod store;
 

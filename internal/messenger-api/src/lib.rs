@@ -31,12 +31,12 @@
 
 pub mod cache;
 pub mod domain;
-pub mod error;
-pub mod events;
+mod error;
+mod events;
 pub mod metrics;
-pub mod routes;
+mod routes;
 pub mod service;
-pub mod startup;
+mod startup;
 pub mod store;
 
 pub use startup::{openapi_json, Application};

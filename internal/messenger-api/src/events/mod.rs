@@ -10,5 +10,5 @@
 pub mod feed;
 pub mod model;
 
-pub use feed::{EventFeed, FeedMetrics, SharedFilter, Subscription};
+pub use feed::{EventFeed, FeedMetrics};
 pub use model::{EventFilter, EventType, FeedEvent};

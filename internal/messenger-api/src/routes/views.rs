@@ -2,8 +2,8 @@
 //! Job Scheduler also speaks live in [`herald_core::worker`] and [`herald_core::message`].
 
 use chrono::{DateTime, Utc};
-pub use herald_core::message::{LastErrorView, MessageView};
-pub use herald_core::worker::{ClaimedMessage, CommitView};
+pub use herald_core::message::MessageView;
+use herald_core::worker::ClaimedMessage;
 use poem_openapi::Object;
 
 use crate::domain::{Draft, MessageDoc, MessageStatus};

@@ -6,20 +6,20 @@
 //!   claims through the Messenger API (and in drain mode goes on batch after batch),
 //!   `job/budget.rs` says how long a claim leaves to send, `job/deliver.rs` sends one message
 //!   through the provider pause and the rate limit, `job/report.rs` reports the outcomes.
-//! - [`schedule`]: *when* runs start — the cron tick, a Start, the drain-mode idle poll — on a
+//! - `schedule`: *when* runs start — the cron tick, a Start, the drain-mode idle poll — on a
 //!   tracked trigger, so shutdown waits for them. What tokio-cron-scheduler lacks is added
 //!   here and in the run: no overlap (a try-lock per replica, held for the whole run) and a
 //!   pause (the persisted `working` flag, read at every run).
 //! - [`control`]: the service the routes call — start, stop (waiting for runs in flight on every
 //!   replica), status, run history, readiness.
-//! - [`provider`]: the rules of the provider pause every replica shares (Retry-After, failure
+//! - `provider`: the rules of the provider pause every replica shares (Retry-After, failure
 //!   streaks, one probe to resume).
-//! - [`limiter`]: the send rate every replica shares, a GCRA in one Redis script, with an
+//! - `limiter`: the send rate every replica shares, a GCRA in one Redis script, with an
 //!   in-process share of it while Redis is away.
-//! - [`messenger_client`]: the Messenger API's worker contract over HTTP.
+//! - `messenger_client`: the Messenger API's worker contract over HTTP.
 //! - [`store`]: all the BSON — `job_state`, `job_runs` (TTL-indexed history) and
 //!   `provider_state`.
-//! - [`routes`]: start, stop, is-working, run history, probes.
+//! - `routes`: start, stop, is-working, run history, probes.
 //! - [`startup::Application`] wires it all to a bound port.
 //!
 //! # The walk of one message

@@ -3,7 +3,7 @@
 //! # Layout
 //!
 //! Three layers, one way down, each with one file per step of a message's life:
-//! - [`routes`]: poem-openapi operations — `messages`, `worker`, `job`, `live`, `socket`,
+//! - `routes`: poem-openapi operations — `messages`, `worker`, `job`, `live`, `socket`,
 //!   `console`, `probes`, and the `views` they answer; they parse, authorise, and map a
 //!   service error to the catalogue once.
 //! - [`service`]: the rules — `messages` (create, list), `worker` (claim, outcomes),
@@ -13,8 +13,8 @@
 //!   `list` (through `window`), `claim`, `writes`, `requeue`, `counts`, `upkeep`, `job_view`.
 //!
 //! Beside them: [`domain`] (the message document and its validation), [`cache`] (the Redis
-//! sent-message cache, never the source of truth), [`events`] (the live feed from the change
-//! stream), [`metrics`], [`error`] and [`startup::Application`], which wires it all to a port.
+//! sent-message cache, never the source of truth), `events` (the live feed from the change
+//! stream), [`metrics`], `error` and [`startup::Application`], which wires it all to a port.
 //!
 //! # The walk of one message
 //!

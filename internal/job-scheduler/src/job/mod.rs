@@ -3,9 +3,9 @@
 //!
 //! - this file: the run itself — skip or record it, claim, and in drain mode go on batch after
 //!   batch ([`SendingJob::run_once`], which tests call directly).
-//! - [`budget`]: how long after its claim a message may still be sent, and how many to claim.
-//! - [`deliver`]: one message through the provider pause, the rate limit and the webhook.
-//! - [`report`]: outcomes gathered into reports to the Messenger API, retried while it is away.
+//! - `budget`: how long after its claim a message may still be sent, and how many to claim.
+//! - `deliver`: one message through the provider pause, the rate limit and the webhook.
+//! - `report`: outcomes gathered into reports to the Messenger API, retried while it is away.
 
 mod budget;
 mod deliver;

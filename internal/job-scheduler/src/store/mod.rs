@@ -1,6 +1,6 @@
 //! The scheduler's own collections; all their BSON lives here.
 //! - this file: `job_state` (one document per job) and `job_runs` (TTL-indexed run history).
-//! - [`provider`]: `provider_state`, the provider pause every replica shares.
+//! - `provider`: `provider_state`, the provider pause every replica shares.
 
 mod provider;
 

@@ -1,12 +1,12 @@
 //! The Messenger API's rules, one file per step of a message's life:
-//! - [`messages`]: create (one or a batch), list, get — [`MessengerService`].
-//! - [`worker`]: what a worker does to messages — claim, and report their outcomes (sent,
+//! - `messages`: create (one or a batch), list, get — [`MessengerService`].
+//! - `worker`: what a worker does to messages — claim, and report their outcomes (sent,
 //!   failed, released, expired) through one path, whether one at a time or many at once.
-//! - [`requeue`]: an operator sends failed messages back, one or many by filter.
-//! - [`retry_policy`]: where a failed attempt leaves a message.
-//! - [`job`]: the sending job, steered through the Job Scheduler ([`JobRemote`]).
-//! - [`monitor`]: what an operator watches — stats, readiness and the gauges.
-//! - [`upkeep`]: the counts reconciliation, the cache repair and the retention sweep.
+//! - `requeue`: an operator sends failed messages back, one or many by filter.
+//! - `retry_policy`: where a failed attempt leaves a message.
+//! - `job`: the sending job, steered through the Job Scheduler ([`JobRemote`]).
+//! - `monitor`: what an operator watches — stats, readiness and the gauges.
+//! - `upkeep`: the counts reconciliation, the cache repair and the retention sweep.
 
 mod job;
 mod messages;

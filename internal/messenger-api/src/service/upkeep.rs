@@ -59,7 +59,7 @@ impl Upkeep {
     }
 
     /// Runs the loops until `stop` is cancelled: a reconciliation now and every period, the
-    /// cache repair every [`REPAIR_EVERY`], and (when any retention is set) a sweep every
+    /// cache repair every `REPAIR_EVERY`, and (when any retention is set) a sweep every
     /// `retention.sweep_seconds`.
     pub fn spawn(&self, stop: CancellationToken) {
         let repair = self.clone();
@@ -127,7 +127,7 @@ impl Upkeep {
     /// One cache repair pass: when commits could not write their Redis entries, and Redis
     /// answers again, writes the entries of the sent messages from the earliest miss onwards
     /// that are still missing (`SET … NX`, with the time they have left), a second of `sent_at`
-    /// at a time and at most [`REPAIR_WINDOWS`] of them; answers how many it wrote. Idempotent:
+    /// at a time and at most `REPAIR_WINDOWS` of them; answers how many it wrote. Idempotent:
     /// an entry that is there is left alone, so replicas and repeated passes do no harm.
     pub async fn repair_cache(&self, now: DateTime) -> Result<u64, RepairError> {
         let seen = self.cache.missed();

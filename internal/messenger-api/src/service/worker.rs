@@ -91,7 +91,7 @@ impl MessengerService {
 
     /// Reports one outcome (the single `commit`, `fail` and `release` routes) and answers the
     /// message as it is after it: a repeated report answers what the first one did; a claim no
-    /// longer held is [`ServiceError::ClaimLost`].
+    /// longer held is `ServiceError::ClaimLost`.
     pub async fn report_one(&self, outcome: Outcome) -> Result<Reported, ServiceError> {
         let id = domain::parse_id(outcome.id())?;
         let results = self.report_outcomes(vec![outcome]).await?;

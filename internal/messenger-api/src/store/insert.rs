@@ -77,7 +77,7 @@ async fn insert_group(
 
 impl MessageStore {
     /// Inserts one message; a taken idempotency key gives [`StoreError::AlreadyExists`].
-    /// Creates that arrive together share one write (group commit, [`insert_group`]): each
+    /// Creates that arrive together share one write (group commit, `insert_group`): each
     /// still succeeds or fails on its own, and a lone one is written at once.
     pub async fn insert(&self, message: &MessageDoc) -> Result<(), StoreError> {
         self.inserts

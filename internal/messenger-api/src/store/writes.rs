@@ -1,7 +1,7 @@
 //! Writes to claimed messages: every transition a worker's outcome makes (sent, a failed
 //! attempt, released, expired), each conditional on the claim it reports under. Many outcomes
 //! go in one unordered `update` command ([`MessageStore::apply_outcomes`]); an operator's
-//! single re-queue goes through the same conditional [`MessageStore::transition`].
+//! single re-queue goes through the same conditional `MessageStore::transition`.
 
 use bson::oid::ObjectId;
 use bson::{doc, DateTime, Document};

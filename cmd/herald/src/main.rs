@@ -71,6 +71,20 @@ struct SinkArgs {
     /// Bind port (overrides webhook_sink.port; 0 = any free port).
     #[arg(long)]
     port: Option<u16>,
+    /// Which provider to stand in for: herald, twilio, vonage, infobip or whatsapp.
+    #[arg(long, default_value = "herald", value_parser = parse_sink_format)]
+    format: herald_webhook_sink::SinkFormat,
+    /// The key (token, password) it expects (default: webhook.auth_key).
+    #[arg(long, env = "HERALD_SINK_AUTH_KEY", hide_env_values = true)]
+    auth_key: Option<String>,
+    /// The user it expects with basic auth (twilio, vonage).
+    #[arg(long, default_value = "herald")]
+    auth_user: String,
+}
+
+fn parse_sink_format(name: &str) -> Result<herald_webhook_sink::SinkFormat, String> {
+    herald_webhook_sink::SinkFormat::parse(name)
+        .ok_or_else(|| "one of herald, twilio, vonage, infobip, whatsapp".to_owned())
 }
 
 #[derive(Debug, Args)]
@@ -130,10 +144,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             settings.validate()?;
             let s = &settings.webhook_sink;
             let sink = herald_webhook_sink::WebhookSink::build(herald_webhook_sink::SinkConfig {
+                format: args.format,
+                auth_user: args.auth_user.clone(),
                 host: s.host.clone(),
                 port: s.port,
                 auth_header: settings.webhook.auth_header.clone(),
-                auth_key: settings.webhook.auth_key.clone(),
+                auth_key: args
+                    .auth_key
+                    .clone()
+                    .map_or_else(|| settings.webhook.auth_key.clone(), herald_core::settings::SecretString::from),
                 latency: std::time::Duration::from_millis(s.latency_ms),
                 fail_rate: s.fail_rate,
                 fail_status: s.status,

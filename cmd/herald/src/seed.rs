@@ -62,6 +62,7 @@ pub async fn run(settings: &Settings, count: u64) -> anyhow::Result<()> {
                 content,
                 send_at: None,
                 expires_at: None,
+                provider: None,
             })
             .collect();
         service

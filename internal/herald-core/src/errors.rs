@@ -57,6 +57,7 @@ error_codes! {
     InvalidSendAt = 400015,
     InvalidExpiresAt = 400016,
     InvalidRequeueFilter = 400017,
+    UnknownProvider = 400018,
     Unauthorized = 401001,
     MessageNotFound = 404001,
     RouteNotFound = 404002,

@@ -23,11 +23,16 @@ pub struct JobStatus {
     /// When this replica's scheduler fires next.
     #[oai(nullable)]
     pub next_run_at: Option<DateTime<Utc>>,
-    /// Whether the provider may be sent to: open, paused until a time, or waiting for a probe
-    /// (open when a scheduler of an earlier version leaves it out).
+    /// Whether the first configured provider may be sent to: open, paused until a time,
+    /// misconfigured, or waiting for a probe (open when a scheduler of an earlier version
+    /// leaves it out). Every provider is in `providers`.
     #[serde(default = "ProviderStatus::open")]
     #[oai(default = "ProviderStatus::open")]
     pub provider: ProviderStatus,
+    /// Every configured provider's state, in configuration order.
+    #[serde(default)]
+    #[oai(default)]
+    pub providers: Vec<ProviderStatus>,
 }
 
 /// Collection of the job's state: one document per job (owned by the Job Scheduler).
@@ -88,8 +93,6 @@ pub struct RunView {
 
 /// Collection of the provider's pause state: one document (owned by the Job Scheduler).
 pub const PROVIDER_STATE_COLLECTION: &str = "provider_state";
-/// Id of the one provider there is.
-pub const PROVIDER_ID: &str = "webhook";
 
 /// The provider's pause state as stored: shared by every scheduler replica.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -118,6 +121,9 @@ pub struct ProviderStateDoc {
     /// Until when that replica holds the probe.
     #[serde(default)]
     pub probe_until: Option<mongodb::bson::DateTime>,
+    /// The pause is because the provider refused Herald's credentials (401/403).
+    #[serde(default)]
+    pub misconfigured: bool,
 }
 
 /// Whether Herald may send to the provider.
@@ -131,6 +137,9 @@ pub enum ProviderState {
     Paused,
     /// The pause is over; one probe send decides whether sending resumes.
     Probing,
+    /// Paused because it refused Herald's credentials (401/403): fix its key; a probe after
+    /// the pause tries again.
+    Misconfigured,
 }
 
 /// The provider's pause state as the services answer it.
@@ -138,7 +147,11 @@ pub enum ProviderState {
 #[oai(rename_all = "camelCase")]
 #[serde(rename_all = "camelCase")]
 pub struct ProviderStatus {
-    /// open, paused or probing.
+    /// The provider's name (`default` for `[webhook]`).
+    #[serde(default = "default_name")]
+    #[oai(default = "default_name")]
+    pub name: String,
+    /// open, paused, misconfigured or probing.
     pub state: ProviderState,
     /// No sends before this time.
     #[oai(nullable)]
@@ -146,7 +159,7 @@ pub struct ProviderStatus {
     /// When the pause was set or last extended.
     #[oai(nullable)]
     pub paused_at: Option<DateTime<Utc>>,
-    /// Why it paused (a Retry-After, a failure streak, a failed probe).
+    /// Why it paused (a Retry-After, a failure streak, refused credentials, a failed probe).
     #[oai(nullable)]
     pub reason: Option<String>,
     /// Retryable failures in a row, across replicas.
@@ -156,7 +169,13 @@ pub struct ProviderStatus {
 impl ProviderStatus {
     /// Open, as before any pause.
     pub fn open() -> Self {
+        Self::open_named(&default_name())
+    }
+
+    /// Provider `name`, open.
+    pub fn open_named(name: &str) -> Self {
         Self {
+            name: name.to_owned(),
             state: ProviderState::Open,
             paused_until: None,
             paused_at: None,
@@ -164,6 +183,10 @@ impl ProviderStatus {
             failure_streak: 0,
         }
     }
+}
+
+fn default_name() -> String {
+    "default".to_owned()
 }
 
 fn utc(at: mongodb::bson::DateTime) -> DateTime<Utc> {
@@ -175,8 +198,10 @@ impl ProviderStateDoc {
     pub fn status(&self, now: DateTime<Utc>) -> ProviderStatus {
         let until = self.paused_until.map(utc);
         ProviderStatus {
+            name: self.id.clone(),
             state: match until {
                 None => ProviderState::Open,
+                Some(at) if at > now && self.misconfigured => ProviderState::Misconfigured,
                 Some(at) if at > now => ProviderState::Paused,
                 Some(_) => ProviderState::Probing,
             },
@@ -196,7 +221,7 @@ mod tests {
     fn a_pause_reads_paused_then_probing_and_no_pause_open() {
         let now = Utc::now();
         let mut doc = ProviderStateDoc {
-            id: PROVIDER_ID.into(),
+            id: "default".into(),
             ..Default::default()
         };
         assert_eq!(doc.status(now).state, ProviderState::Open);

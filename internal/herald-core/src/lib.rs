@@ -14,6 +14,7 @@
 //! - [`worker`]: the worker contract between the Job Scheduler and the Messenger API.
 //! - [`peer`]: one service calling the other, with the key and the correlation id.
 //! - [`jobs`]: the sending job's state as both services speak of it.
+//! - [`providers`]: the providers and routes in effect, and the order a message tries them.
 //! - `testing` (feature `testing`): settings, the key and seeding for integration tests, and
 //!   the one `ProcessStack` of real `herald` processes for the CLI tests, chaos and benches.
 
@@ -28,6 +29,7 @@ pub mod mongo;
 pub mod pagination;
 pub mod peer;
 pub mod probes;
+pub mod providers;
 pub mod redis_conn;
 pub mod settings;
 #[cfg(feature = "testing")]

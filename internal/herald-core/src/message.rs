@@ -106,11 +106,56 @@ pub struct MessageView {
     /// The client's idempotency key, if given.
     #[oai(nullable)]
     pub idempotency_key: Option<String>,
+    /// The provider it is pinned to (while unsent), or the provider that accepted it (sent).
+    #[oai(nullable)]
+    pub provider: Option<String>,
+    /// Its last 10 requests to providers, oldest first.
+    pub attempts_log: Vec<AttemptRecord>,
+    /// Every provider of its route is paused: it waits for one (see the stats).
+    pub waiting_for_provider: bool,
     /// Creation time.
     pub created_at: DateTime<Utc>,
     /// Last change.
     pub updated_at: DateTime<Utc>,
 }
+
+/// What came of one request to a provider.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Enum, Serialize, Deserialize)]
+#[oai(rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
+pub enum AttemptKind {
+    /// Accepted.
+    Accepted,
+    /// Failed; worth trying again (on the next provider).
+    Retryable,
+    /// Refused for good.
+    Permanent,
+    /// The provider refused Herald's credentials (401/403): it is paused as misconfigured and
+    /// the message went on to the next provider.
+    Misconfigured,
+}
+
+/// One request to a provider, as the message's `attemptsLog` keeps it (the last 10).
+#[derive(Debug, Clone, PartialEq, Eq, Object, Serialize, Deserialize)]
+#[oai(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
+pub struct AttemptRecord {
+    /// When the request was made.
+    pub at: DateTime<Utc>,
+    /// Which provider (`[[providers]].name`).
+    pub provider: String,
+    /// What came of it.
+    pub kind: AttemptKind,
+    /// The provider's HTTP status, when it answered.
+    #[oai(nullable)]
+    #[serde(default)]
+    pub status: Option<u16>,
+    /// How long the request took, in milliseconds.
+    pub latency_ms: u64,
+}
+
+/// How many attempts a message's log keeps.
+pub const ATTEMPTS_LOG_LEN: usize = 10;
 
 #[cfg(test)]
 mod tests {

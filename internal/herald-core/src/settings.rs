@@ -3,9 +3,11 @@
 use std::path::Path;
 use std::time::Duration;
 
-pub use layered_config::Source;
-use layered_config::{ExposeSecret, Layers, SecretString};
+pub use layered_config::{SecretString, Source};
+use layered_config::{ExposeSecret, Layers};
 use serde::{Deserialize, Serialize, Serializer};
+
+use crate::providers::{ProviderSettings, RouteSettings, Routing};
 
 /// Environment-variable prefix: `HERALD__SECTION__KEY`.
 pub const ENV_PREFIX: &str = "HERALD";
@@ -41,6 +43,12 @@ pub struct Settings {
     pub events: EventsSettings,
     /// How long final messages are kept.
     pub retention: RetentionSettings,
+    /// Providers (`[[providers]]`); none means `[webhook]` is the one provider, `default`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub providers: Vec<ProviderSettings>,
+    /// Routes by destination prefix (`[[routes]]`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<RouteSettings>,
 }
 
 /// `[mongo]`
@@ -318,21 +326,37 @@ impl Settings {
         Ok((settings, sources))
     }
 
-    /// The effective configuration as TOML, every secret redacted.
+    /// The effective configuration as TOML, every secret redacted, followed by the effective
+    /// providers and routes as comments (`[webhook]` alone shows as provider `default`).
     pub fn to_redacted_toml(&self) -> String {
         // Every field is a plain value, a list or a table: this cannot fail.
-        toml::to_string(self).unwrap_or_else(|error| format!("# cannot print the configuration: {error}\n"))
+        let mut text =
+            toml::to_string(self).unwrap_or_else(|error| format!("# cannot print the configuration: {error}\n"));
+        if let Ok(routing) = Routing::from_settings(self) {
+            text.push_str("\n# Effective providers and routes (longest prefix first):\n");
+            for provider in routing.providers() {
+                let line = serde_json::to_string(&provider.summary()).unwrap_or_default();
+                text.push_str(&format!("# provider {line}\n"));
+            }
+            for route in routing.routes() {
+                let line = serde_json::to_string(route).unwrap_or_default();
+                text.push_str(&format!("# route {line}\n"));
+            }
+        }
+        text
     }
 
     /// Checks every cross-field and range rule.
     pub fn validate(&self) -> Result<(), InvalidSettings> {
         let fail = |msg: String| Err(InvalidSettings(msg));
         let js = &self.job_scheduler;
-        if js.lease_seconds * 1000 <= self.webhook.timeout_ms + 5000 {
+        let routing = Routing::from_settings(self)?;
+        let longest = routing.longest_timeout().as_millis() as u64;
+        if js.lease_seconds * 1000 <= longest + 5000 {
             return fail(format!(
                 "job_scheduler.lease_seconds must exceed webhook.timeout_ms + 5 s ({} s is not more than {} ms)",
                 js.lease_seconds,
-                self.webhook.timeout_ms + 5000
+                longest + 5000
             ));
         }
         if !(1..=500).contains(&js.batch_size) {
@@ -470,10 +494,20 @@ impl Settings {
                 "auth.api_keys still holds the development key; set HERALD__AUTH__API_KEYS".into(),
             ));
         }
-        if self.webhook.auth_key.expose_secret().starts_with("local-dev-") {
+        if self.providers.is_empty() && self.webhook.auth_key.expose_secret().starts_with("local-dev-") {
             return Err(InvalidSettings(
                 "webhook.auth_key still holds the development key; set HERALD__WEBHOOK__AUTH_KEY".into(),
             ));
+        }
+        if let Some((i, p)) = self.providers.iter().enumerate().find(|(_, p)| {
+            p.auth_key
+                .as_ref()
+                .is_some_and(|k| k.expose_secret().starts_with("local-dev-"))
+        }) {
+            return Err(InvalidSettings(format!(
+                "providers[{i}].auth_key (provider {:?}) still holds a development key",
+                p.name
+            )));
         }
         Ok(())
     }
@@ -482,7 +516,18 @@ impl Settings {
     /// claim's lease, one send's timeout and a margin. By then every claim such a run holds has
     /// lapsed, so waiting longer would protect nothing.
     pub fn stop_wait(&self) -> Duration {
-        Duration::from_secs(self.job_scheduler.lease_seconds) + self.webhook.timeout() + STOP_MARGIN
+        Duration::from_secs(self.job_scheduler.lease_seconds) + self.longest_send() + STOP_MARGIN
+    }
+
+    /// The longest one send may take: the largest timeout of any provider.
+    pub fn longest_send(&self) -> Duration {
+        Routing::from_settings(self).map_or_else(|_| self.webhook.timeout(), |r| r.longest_timeout())
+    }
+
+    /// The providers and routes in effect (validated at load: this only fails on settings
+    /// built by hand).
+    pub fn routing(&self) -> Result<Routing, InvalidSettings> {
+        Routing::from_settings(self)
     }
 
     /// How long the Messenger API's toggle waits for the Job Scheduler: the whole stop wait and

@@ -5,6 +5,7 @@ use chrono::{DateTime, Utc};
 use poem_openapi::{Enum, Object, Union};
 use serde::{Deserialize, Serialize};
 
+pub use crate::message::{AttemptKind, AttemptRecord, ATTEMPTS_LOG_LEN};
 use crate::message::{FailureKind, MessageStatus, MessageView};
 
 /// Path of the claim operation.
@@ -45,7 +46,16 @@ pub struct ClaimedMessage {
     /// Never send it after this time: report it `expired` instead.
     #[oai(nullable)]
     pub expires_at: Option<DateTime<Utc>>,
+    /// The provider it is pinned to, when its creator chose one.
+    #[oai(nullable)]
+    #[serde(default)]
+    pub provider: Option<String>,
+    /// The provider of its last failed attempt: a retry goes to the next one of its route.
+    #[oai(nullable)]
+    #[serde(default)]
+    pub last_provider: Option<String>,
 }
+
 
 impl ClaimedMessage {
     /// Whether it must no longer be sent at `now`.
@@ -67,6 +77,14 @@ pub struct CommitRequest {
     /// When the provider accepted it (default: now).
     #[oai(nullable)]
     pub sent_at: Option<DateTime<Utc>>,
+    /// The provider that accepted it.
+    #[oai(nullable)]
+    #[serde(default)]
+    pub provider: Option<String>,
+    /// Every request this claim made, in order (the accepted one last), for `attemptsLog`.
+    #[oai(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub attempts: Vec<AttemptRecord>,
 }
 
 /// The committed message and whether its Redis entry was written.
@@ -106,6 +124,10 @@ pub struct FailRequest {
     /// Not before this many seconds (the provider's Retry-After; capped).
     #[oai(nullable)]
     pub retry_after_seconds: Option<u64>,
+    /// Every request this claim made, in order, for `attemptsLog`.
+    #[oai(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub attempts: Vec<AttemptRecord>,
 }
 
 /// The claim a message is held under: the body of `release/{id}`, and of a `released` or
@@ -116,6 +138,11 @@ pub struct FailRequest {
 pub struct ReleaseRequest {
     /// The token from get-two.
     pub claim_token: String,
+    /// Released because every provider it may go to is paused: not due again for this many
+    /// seconds (1..=3600), and counted as waiting for a provider until claimed again.
+    #[oai(nullable)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wait_seconds: Option<u64>,
 }
 
 /// Path of the batched outcome report.
@@ -205,6 +232,15 @@ impl Outcome {
             Self::Failed(o) => &o.failure.claim_token,
             Self::Released(o) => &o.claim.claim_token,
             Self::Expired(o) => &o.claim.claim_token,
+        }
+    }
+
+    /// The requests to providers it reports (none for a release or an expiry).
+    pub fn attempts(&self) -> &[AttemptRecord] {
+        match self {
+            Self::Sent(o) => &o.commit.attempts,
+            Self::Failed(o) => &o.failure.attempts,
+            Self::Released(_) | Self::Expired(_) => &[],
         }
     }
 }

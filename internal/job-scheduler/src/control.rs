@@ -6,14 +6,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bson::DateTime;
-use herald_core::jobs::{JobStatus, RunView};
+use herald_core::jobs::{JobStatus, ProviderStatus, RunView};
 use herald_core::pagination::{Page, PageRequest};
 use herald_core::probes::{self, ReadyResponse};
 
 use crate::job::SendingJob;
 use crate::messenger_client::MessengerClient;
 use crate::metrics::SchedulerMetrics;
-use crate::provider::ProviderGate;
+use crate::lanes::Lanes;
 use crate::schedule::{Cron, Trigger};
 use crate::store::{JobStore, StoreError};
 
@@ -45,8 +45,8 @@ pub struct ControlParts {
     pub cron: Cron,
     /// The Messenger API, for readiness.
     pub messenger: MessengerClient,
-    /// The provider pause, for the status.
-    pub gate: Arc<ProviderGate>,
+    /// The providers, for their states in the status.
+    pub lanes: Arc<Lanes>,
     /// Run once at once when started.
     pub run_on_start: bool,
     /// Longest a Stop waits for in-flight runs of other replicas.
@@ -132,7 +132,14 @@ impl JobControl {
         let store = &self.parts.store;
         let state = store.state_or_default().await?;
         let last = store.last_run_at().await?;
-        let provider = self.parts.gate.status().await?;
+        let mut providers = Vec::with_capacity(self.parts.lanes.all().len());
+        for lane in self.parts.lanes.all() {
+            providers.push(lane.gate.status().await?);
+        }
+        let provider = providers
+            .first()
+            .cloned()
+            .unwrap_or_else(|| ProviderStatus::open_named(&self.parts.lanes.first().name));
         let next = if state.working {
             self.parts.cron.next_tick().await
         } else {
@@ -146,6 +153,7 @@ impl JobControl {
             last_run_at: last.map(|d| d.to_chrono()),
             next_run_at: next,
             provider,
+            providers,
         })
     }
 

@@ -12,8 +12,10 @@
 //!   pause (the persisted `working` flag, read at every run).
 //! - [`control`]: the service the routes call — start, stop (waiting for runs in flight on every
 //!   replica), status, run history, readiness.
-//! - `provider`: the rules of the provider pause every replica shares (Retry-After, failure
-//!   streaks, one probe to resume).
+//! - `lanes`: one lane per configured provider (its client, pause and rate limit) and the
+//!   routes that order the lanes a message may take.
+//! - `provider`: the rules of a provider's pause every replica shares (Retry-After, failure
+//!   streaks, 401/403 as misconfigured, one probe to resume).
 //! - `limiter`: the send rate every replica shares, a GCRA in one Redis script, with an
 //!   in-process share of it while Redis is away.
 //! - `messenger_client`: the Messenger API's worker contract over HTTP.
@@ -33,6 +35,7 @@
 
 pub mod control;
 pub mod job;
+mod lanes;
 mod limiter;
 mod messenger_client;
 mod metrics;

@@ -120,11 +120,13 @@ fn gcra(tat: Instant, now: Instant, interval: Duration, tolerance: Duration) -> 
 }
 
 impl RateLimiter {
-    /// A limiter for `worker`, keyed under `prefix`; off when the rate is 0.
+    /// A limiter of provider `provider` for `worker`, keyed under `prefix`; off when the rate
+    /// is 0.
     pub fn new(
         limit: RateLimit,
         redis: ConnectionManager,
         prefix: &str,
+        provider: &str,
         worker: &str,
         timeout: Duration,
         metrics: LimiterMetrics,
@@ -136,8 +138,9 @@ impl RateLimiter {
             inner: Some(Inner {
                 redis,
                 script: redis::Script::new(SCRIPT),
-                tat_key: format!("{prefix}ratelimit:webhook:tat"),
-                replicas_key: format!("{prefix}ratelimit:webhook:replicas"),
+                // One hash tag per provider: both keys of its script live in one cluster slot.
+                tat_key: format!("{prefix}ratelimit:{{{provider}}}:tat"),
+                replicas_key: format!("{prefix}ratelimit:{{{provider}}}:replicas"),
                 worker: worker.to_owned(),
                 limit,
                 timeout,

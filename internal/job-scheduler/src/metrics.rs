@@ -1,6 +1,6 @@
 //! The Job Scheduler's Prometheus metrics.
 
-use prometheus::{Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
 /// Every metric of the service, in its own registry.
 #[derive(Clone)]
@@ -13,8 +13,16 @@ pub struct SchedulerMetrics {
     pub deliveries: IntCounterVec,
     /// Provider answers that accepted without a parsable `messageId`.
     pub accepted_without_id: IntCounter,
-    /// Webhook latency by outcome.
+    /// Webhook latency by provider and outcome.
     pub webhook_latency: HistogramVec,
+    /// Requests to providers by provider and outcome (accepted, retryable, permanent,
+    /// misconfigured).
+    pub provider_requests: IntCounterVec,
+    /// Messages sent on to the next provider of their route, by the provider they left and why
+    /// (paused, misconfigured, unreachable).
+    pub failovers: IntCounterVec,
+    /// Messages given back to wait because every provider they may go to is paused.
+    pub waiting_for_provider: IntCounter,
     /// Runs by result: completed, skipped, error.
     pub runs: IntCounterVec,
     /// Unix time of the last run that was not skipped.
@@ -42,7 +50,22 @@ impl SchedulerMetrics {
         let webhook_latency = HistogramVec::new(
             HistogramOpts::new("webhook_latency_seconds", "Provider webhook latency.")
                 .buckets(vec![0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]),
-            &["outcome"],
+            &["provider", "outcome"],
+        )?;
+        let provider_requests = IntCounterVec::new(
+            Opts::new("provider_requests_total", "Requests to providers, by provider and outcome."),
+            &["provider", "outcome"],
+        )?;
+        let failovers = IntCounterVec::new(
+            Opts::new(
+                "provider_failovers_total",
+                "Messages sent on to the next provider of their route, by the provider they left and why.",
+            ),
+            &["provider", "reason"],
+        )?;
+        let waiting_for_provider = IntCounter::new(
+            "messages_waiting_for_provider_total",
+            "Messages given back to wait because every provider they may go to is paused.",
         )?;
         let runs = IntCounterVec::new(Opts::new("job_runs_total", "Job runs by result."), &["result"])?;
         let last_run = Gauge::new(
@@ -58,20 +81,23 @@ impl SchedulerMetrics {
             &["operation"],
         )?;
         let pause = crate::provider::PauseMetrics {
-            paused: IntGauge::new("provider_paused", "1 while this replica sees the provider paused.")?,
+            paused: IntGaugeVec::new(
+                Opts::new("provider_paused", "1 while this replica sees the provider paused."),
+                &["provider"],
+            )?,
             pauses: IntCounterVec::new(
                 Opts::new(
                     "provider_pauses_total",
-                    "Provider pauses this replica set, by reason: retry_after, failures, probe_failed.",
+                    "Provider pauses this replica set, by provider and reason: retry_after, failures, probe_failed, misconfigured.",
                 ),
-                &["reason"],
+                &["provider", "reason"],
             )?,
             probes: IntCounterVec::new(
                 Opts::new(
                     "provider_probes_total",
-                    "Probe sends after a pause, by result: open (sending resumed), paused (paused again).",
+                    "Probe sends after a pause, by provider and result: open (sending resumed), paused (paused again).",
                 ),
-                &["result"],
+                &["provider", "result"],
             )?,
         };
         let limiter = crate::limiter::LimiterMetrics {
@@ -97,6 +123,9 @@ impl SchedulerMetrics {
         registry.register(Box::new(deliveries.clone()))?;
         registry.register(Box::new(accepted_without_id.clone()))?;
         registry.register(Box::new(webhook_latency.clone()))?;
+        registry.register(Box::new(provider_requests.clone()))?;
+        registry.register(Box::new(failovers.clone()))?;
+        registry.register(Box::new(waiting_for_provider.clone()))?;
         registry.register(Box::new(runs.clone()))?;
         registry.register(Box::new(last_run.clone()))?;
         registry.register(Box::new(working.clone()))?;
@@ -107,6 +136,9 @@ impl SchedulerMetrics {
             deliveries,
             accepted_without_id,
             webhook_latency,
+            provider_requests,
+            failovers,
+            waiting_for_provider,
             runs,
             last_run,
             working,

@@ -1,4 +1,9 @@
-//! The provider pause, shared by every replica through MongoDB (`provider_state`).
+//! A provider's pause, shared by every replica through MongoDB (`provider_state`, one
+//! document per provider). Each provider has its own gate: one pausing never slows another.
+//!
+//! **Misconfigured.** A 401 or 403 says the provider refuses Herald's credentials, not the
+//! message: the provider pauses for `max_retry_after_seconds` as *misconfigured* (its own state
+//! and event) and its messages go on to the next provider of their route.
 //!
 //! **When it pauses.** A 429 or 503 that carries `Retry-After` pauses all sending until then
 //! (capped by `webhook.max_retry_after_seconds`). Retryable failures without one (5xx,
@@ -72,6 +77,8 @@ pub enum Answer {
     Answered,
     /// Retryable, with the provider's `Retry-After` when it gave one.
     Retryable(Option<Duration>),
+    /// It refused Herald's credentials (401/403).
+    Misconfigured(u16),
 }
 
 /// Why the provider paused (the `reason` label of `herald_provider_pauses_total`).
@@ -80,6 +87,7 @@ enum PauseCause {
     RetryAfter,
     Failures,
     ProbeFailed,
+    Misconfigured,
 }
 
 impl PauseCause {
@@ -88,18 +96,19 @@ impl PauseCause {
             Self::RetryAfter => "retry_after",
             Self::Failures => "failures",
             Self::ProbeFailed => "probe_failed",
+            Self::Misconfigured => "misconfigured",
         }
     }
 }
 
-/// The pause's metrics.
+/// The pause's metrics, labelled by provider.
 #[derive(Clone)]
 pub struct PauseMetrics {
     /// 1 while this replica sees the provider paused.
-    pub paused: prometheus::IntGauge,
-    /// Pauses this replica set, by reason.
+    pub paused: prometheus::IntGaugeVec,
+    /// Pauses this replica set, by provider and reason.
     pub pauses: prometheus::IntCounterVec,
-    /// Probes this replica sent, by result: open, paused.
+    /// Probes this replica sent, by provider and result: open, paused.
     pub probes: prometheus::IntCounterVec,
 }
 
@@ -113,8 +122,9 @@ struct Known {
     probing: bool,
 }
 
-/// One replica's view of the shared pause, and the rules that change it.
+/// One replica's view of one provider's shared pause, and the rules that change it.
 pub struct ProviderGate {
+    name: String,
     store: ProviderStore,
     worker: String,
     rules: PauseRules,
@@ -124,9 +134,10 @@ pub struct ProviderGate {
 }
 
 impl ProviderGate {
-    /// The gate of replica `worker`.
-    pub fn new(store: ProviderStore, worker: &str, rules: PauseRules, metrics: PauseMetrics) -> Self {
+    /// The gate of provider `name` on replica `worker`.
+    pub fn new(name: &str, store: ProviderStore, worker: &str, rules: PauseRules, metrics: PauseMetrics) -> Self {
         Self {
+            name: name.to_owned(),
             store,
             worker: worker.to_owned(),
             rules,
@@ -134,6 +145,24 @@ impl ProviderGate {
             refreshing: tokio::sync::Mutex::new(()),
             metrics,
         }
+    }
+
+    /// The provider's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn set_paused_gauge(&self, paused: bool) {
+        self.metrics.paused.with_label_values(&[&self.name]).set(i64::from(paused));
+    }
+
+    fn count_probe(&self, result: &str) {
+        self.metrics.probes.with_label_values(&[&self.name, result]).inc();
+    }
+
+    /// When this replica last saw the pause end (`None`: open or probing, as last seen).
+    pub fn paused_until_seen(&self) -> Option<chrono::DateTime<Utc>> {
+        self.known().paused_until.filter(|until| *until > Utc::now())
     }
 
     fn known(&self) -> std::sync::MutexGuard<'_, Known> {
@@ -167,7 +196,7 @@ impl ProviderGate {
         if known.paused_until.is_none() {
             known.probing = false;
         }
-        self.metrics.paused.set(i64::from(known.paused_until.is_some()));
+        self.set_paused_gauge(known.paused_until.is_some());
     }
 
     /// When sending is paused until, as this replica sees it (read fresh). `None` when it may
@@ -213,7 +242,7 @@ impl ProviderGate {
                     return Admission::Wait(PROBE_POLL);
                 }
                 known.probing = true;
-                tracing::info!(worker = %self.worker, "provider pause is over: sending one probe");
+                tracing::info!(provider = %self.name, worker = %self.worker, "provider pause is over: sending one probe");
                 Admission::Probe
             }
             Ok(false) => {
@@ -248,9 +277,10 @@ impl ProviderGate {
                 known.pauses_in_a_row = 0;
                 known.failure_streak = 0;
                 known.probing = false;
-                self.metrics.paused.set(0);
-                self.metrics.probes.with_label_values(&["open"]).inc();
-                tracing::info!("provider answered the probe: sending resumes");
+                drop(known);
+                self.set_paused_gauge(false);
+                self.count_probe("open");
+                tracing::info!(provider = %self.name, "provider answered the probe: sending resumes");
             }
             Answer::Answered => {
                 let streak = std::mem::take(&mut self.known().failure_streak);
@@ -269,14 +299,25 @@ impl ProviderGate {
                 )
                 .await;
                 if probe {
-                    self.metrics.probes.with_label_values(&["paused"]).inc();
+                    self.count_probe("paused");
+                }
+            }
+            Answer::Misconfigured(status) => {
+                self.pause(
+                    self.rules.max,
+                    PauseCause::Misconfigured,
+                    format!("provider refused Herald's credentials (HTTP {status}): check its auth settings"),
+                )
+                .await;
+                if probe {
+                    self.count_probe("paused");
                 }
             }
             Answer::Retryable(None) if probe => {
                 let wait = self.rules.streak_pause(self.known().pauses_in_a_row);
                 self.pause(wait, PauseCause::ProbeFailed, "the probe send failed".into())
                     .await;
-                self.metrics.probes.with_label_values(&["paused"]).inc();
+                self.count_probe("paused");
             }
             Answer::Retryable(None) => {
                 if self.rules.after_failures == 0 {
@@ -312,9 +353,10 @@ impl ProviderGate {
     async fn pause(&self, wait: Duration, cause: PauseCause, reason: String) {
         let now = Utc::now();
         let until = now + chrono::Duration::from_std(wait).unwrap_or(chrono::Duration::MAX);
+        let misconfigured = cause == PauseCause::Misconfigured;
         let stored = self
             .store
-            .pause(DateTime::from_chrono(until), &reason, DateTime::from_chrono(now))
+            .pause(DateTime::from_chrono(until), &reason, misconfigured, DateTime::from_chrono(now))
             .await;
         let mut known = self.known();
         match stored {
@@ -331,9 +373,10 @@ impl ProviderGate {
         known.failure_streak = 0;
         known.probing = false;
         known.read_at = Some(Instant::now());
-        self.metrics.paused.set(1);
-        self.metrics.pauses.with_label_values(&[cause.label()]).inc();
-        tracing::warn!(until = %until.to_rfc3339(), %reason, "provider paused: no replica sends until then");
+        drop(known);
+        self.set_paused_gauge(true);
+        self.metrics.pauses.with_label_values(&[&self.name, cause.label()]).inc();
+        tracing::warn!(provider = %self.name, until = %until.to_rfc3339(), %reason, "provider paused: no replica sends to it until then");
     }
 }
 

@@ -10,24 +10,21 @@ use anyhow::Context;
 use herald_core::auth::ApiKeys;
 use herald_core::http::{self, Bound};
 use herald_core::settings::Settings;
-use layered_config::ExposeSecret;
 use poem::endpoint::BoxEndpoint;
 use poem::{EndpointExt, Response, Route};
 use poem_openapi::OpenApiService;
 use telemetry::Chain;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use webhook_client::{WebhookClient, WebhookConfig};
 
 use crate::control::{ControlParts, JobControl};
 use crate::job::{JobConfig, JobParts, SendingJob};
-use crate::limiter::{RateLimit, RateLimiter};
+use crate::lanes::{LaneParts, Lanes};
 use crate::messenger_client::MessengerClient;
 use crate::metrics::SchedulerMetrics;
-use crate::provider::{PauseRules, ProviderGate};
 use crate::routes::{JobApi, ProbesApi};
 use crate::schedule::{Cron, Trigger};
-use crate::store::{JobStore, ProviderStore};
+use crate::store::JobStore;
 
 /// How long in-flight HTTP requests may take after a shutdown signal (a Stop may be waiting
 /// for a run).
@@ -70,22 +67,14 @@ async fn parts(settings: &Settings) -> anyhow::Result<Parts> {
     let db = herald_core::mongo::connect(&settings.mongo, "herald-job-scheduler").await?;
     let messenger = MessengerClient::new(&settings.messenger_api.url, settings.service_key().clone())
         .context("Failed to build the Messenger API client")?;
-    let webhook = WebhookClient::new(WebhookConfig {
-        url: settings.webhook.url.clone(),
-        auth_header: settings.webhook.auth_header.clone(),
-        auth_key: settings.webhook.auth_key.clone(),
-        timeout: settings.webhook.timeout(),
-        connect_timeout: Duration::from_millis(settings.webhook.connect_timeout_ms),
-        user_agent: herald_core::USER_AGENT.to_owned(),
-    })
-    .context("Failed to build the webhook client")?;
+    let routing = settings.routing()?;
     let js = &settings.job_scheduler;
     let config = JobConfig {
         worker_id: worker_id(settings),
         batch_size: js.batch_size,
         concurrency: js.concurrency as usize,
         lease: Duration::from_secs(js.lease_seconds),
-        webhook_timeout: settings.webhook.timeout(),
+        webhook_timeout: routing.longest_timeout(),
         drain: js.drain,
     };
     let stop_wait = settings.stop_wait();
@@ -93,38 +82,24 @@ async fn parts(settings: &Settings) -> anyhow::Result<Parts> {
     let store = JobStore::new(&db);
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
-    let gate = Arc::new(ProviderGate::new(
-        ProviderStore::new(&db),
-        &config.worker_id,
-        PauseRules {
-            after_failures: settings.webhook.pause_after_failures,
-            pause: Duration::from_secs(settings.webhook.pause_seconds),
-            max: Duration::from_secs(settings.webhook.max_retry_after_seconds),
-            probe_hold: config.webhook_timeout + Duration::from_secs(5),
-        },
-        metrics.pause.clone(),
-    ));
-    // The limiter answers fast or steps aside: a slow Redis must not stall the sends.
+    // The limiters answer fast or step aside: a slow Redis must not stall the sends.
     let limiter_timeout = Duration::from_millis(settings.redis.timeout_ms.min(250));
-    let limiter = RateLimiter::new(
-        RateLimit {
-            per_second: settings.webhook.rate_limit_per_second,
-            burst: settings.webhook.rate_limit_burst,
-            fallback_replicas: settings.webhook.rate_limit_fallback_replicas,
+    let lanes = Arc::new(Lanes::new(
+        routing,
+        &LaneParts {
+            db: &db,
+            redis: herald_core::redis_conn::lazy_connection(&settings.redis, limiter_timeout)?,
+            key_prefix: &settings.redis.key_prefix,
+            worker: &config.worker_id,
+            limiter_timeout,
+            metrics: &metrics,
         },
-        herald_core::redis_conn::lazy_connection(&settings.redis, limiter_timeout)?,
-        &settings.redis.key_prefix,
-        &config.worker_id,
-        limiter_timeout,
-        metrics.limiter.clone(),
-    );
+    )?);
     let job = Arc::new(SendingJob::new(
         JobParts {
             store: store.clone(),
             messenger: messenger.clone(),
-            webhook,
-            gate: gate.clone(),
-            limiter,
+            lanes: lanes.clone(),
         },
         config,
         metrics.clone(),
@@ -140,7 +115,7 @@ async fn parts(settings: &Settings) -> anyhow::Result<Parts> {
         trigger,
         cron,
         messenger,
-        gate,
+        lanes,
         run_on_start: js.run_on_start,
         stop_wait,
     }));
@@ -216,8 +191,10 @@ impl Application {
             address = %bound.addr,
             worker,
             schedule = %settings.job_scheduler.schedule,
-            webhook = %settings.webhook.url,
-            auth_key_set = !settings.webhook.auth_key.expose_secret().is_empty(),
+            providers = %settings
+                .routing()
+                .map(|r| r.providers().iter().map(|p| format!("{} ({})", p.name, p.webhook.url)).collect::<Vec<_>>().join(", "))
+                .unwrap_or_default(),
             "job scheduler listening; Swagger UI at /job-scheduler/swagger"
         );
         let api = api_service(&control);

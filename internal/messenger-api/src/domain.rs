@@ -4,7 +4,7 @@ use bson::oid::ObjectId;
 use bson::DateTime;
 use serde::{Deserialize, Serialize};
 
-pub use herald_core::message::{FailureKind, MessageStatus};
+pub use herald_core::message::{AttemptKind, AttemptRecord, FailureKind, MessageStatus};
 use herald_core::ErrorCode;
 
 /// Input that broke a rule: which one (a code from the catalogue) and what to fix.
@@ -137,10 +137,61 @@ pub struct MessageDoc {
     /// Client idempotency key (unique, sparse: absent when not given).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idempotency_key: Option<String>,
+    /// The provider it is pinned to; once sent, the provider that accepted it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider: Option<String>,
+    /// Its last [`herald_core::worker::ATTEMPTS_LOG_LEN`] requests to providers, oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub attempts_log: Vec<AttemptDoc>,
+    /// True while it waits because every provider it may go to is paused; absent otherwise
+    /// (cleared when it is claimed again). Sparse-indexed, so the waiting are counted without
+    /// a scan.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub waiting_for_provider: bool,
     /// Creation time.
     pub created_at: DateTime,
     /// Last change.
     pub updated_at: DateTime,
+}
+
+/// One request to a provider, as stored in `attempts_log`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttemptDoc {
+    /// When.
+    pub at: DateTime,
+    /// Which provider.
+    pub provider: String,
+    /// What came of it.
+    pub kind: AttemptKind,
+    /// HTTP status, when it answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<i32>,
+    /// Milliseconds it took.
+    pub latency_ms: i64,
+}
+
+impl From<&AttemptRecord> for AttemptDoc {
+    fn from(a: &AttemptRecord) -> Self {
+        Self {
+            at: DateTime::from_chrono(a.at),
+            provider: a.provider.clone(),
+            kind: a.kind,
+            status: a.status.map(i32::from),
+            latency_ms: i64::try_from(a.latency_ms).unwrap_or(i64::MAX),
+        }
+    }
+}
+
+impl From<AttemptDoc> for AttemptRecord {
+    fn from(a: AttemptDoc) -> Self {
+        Self {
+            at: a.at.to_chrono(),
+            provider: a.provider,
+            kind: a.kind,
+            status: a.status.and_then(|s| u16::try_from(s).ok()),
+            latency_ms: u64::try_from(a.latency_ms).unwrap_or_default(),
+        }
+    }
 }
 
 /// A validated new message.
@@ -152,6 +203,8 @@ pub struct ValidMessage {
     pub content: String,
     /// When it may be sent and until when.
     pub schedule: Schedule,
+    /// The provider it is pinned to.
+    pub provider: Option<String>,
 }
 
 /// When a message may be sent: not before `send_at`, never after `expires_at`.
@@ -174,15 +227,19 @@ pub struct Draft<'a> {
     pub send_at: Option<chrono::DateTime<chrono::Utc>>,
     /// Never after.
     pub expires_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// Pinned provider.
+    pub provider: Option<&'a str>,
 }
 
 /// The limits a draft is checked against.
 #[derive(Debug, Clone, Copy)]
-pub struct Limits {
+pub struct Limits<'a> {
     /// Content limit in characters.
     pub max_chars: usize,
     /// Furthest `send_at`, from now.
     pub max_schedule: std::time::Duration,
+    /// The configured provider names a message may pin.
+    pub providers: &'a [String],
 }
 
 impl MessageDoc {
@@ -206,6 +263,9 @@ impl MessageDoc {
             send_at: message.schedule.send_at,
             expires_at: message.schedule.expires_at,
             idempotency_key,
+            provider: message.provider,
+            attempts_log: Vec::new(),
+            waiting_for_provider: false,
             created_at: now,
             updated_at: now,
         }
@@ -281,16 +341,33 @@ pub fn validate_schedule(
     })
 }
 
+/// Checks a pinned provider is one of `known`.
+pub fn validate_provider(provider: Option<&str>, known: &[String]) -> Result<Option<String>, ValidationError> {
+    match provider.map(str::trim) {
+        None => Ok(None),
+        Some(name) if known.iter().any(|k| k == name) => Ok(Some(name.to_owned())),
+        Some(name) => Err(ValidationError::new(
+            ErrorCode::UnknownProvider,
+            format!(
+                "provider {:?} is not configured; known: {}",
+                name.chars().take(40).collect::<String>(),
+                known.join(", ")
+            ),
+        )),
+    }
+}
+
 /// Validates every field of a draft at `now`.
 pub fn validate(
     draft: Draft<'_>,
-    limits: Limits,
+    limits: Limits<'_>,
     now: chrono::DateTime<chrono::Utc>,
 ) -> Result<ValidMessage, ValidationError> {
     Ok(ValidMessage {
         to: validate_phone(draft.to)?,
         content: validate_content(draft.content, limits.max_chars)?,
         schedule: validate_schedule(draft.send_at, draft.expires_at, now, limits.max_schedule)?,
+        provider: validate_provider(draft.provider, limits.providers)?,
     })
 }
 
@@ -396,6 +473,7 @@ mod tests {
                 send_at,
                 expires_at: None,
             },
+            provider: None,
         };
         assert_eq!(
             MessageDoc::new_pending(message(Some(later)), None, now).next_attempt_at,

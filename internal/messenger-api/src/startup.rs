@@ -86,15 +86,23 @@ impl Services {
             Duration::from_secs(settings.messenger_api.count_reconcile_seconds),
             metrics.clone(),
         );
+        let policy = RetryPolicy::from_settings(settings);
+        let providers = policy.providers.clone();
         Ok(Self {
             messenger: Arc::new(MessengerService::new(
                 store.clone(),
                 cache.clone(),
-                RetryPolicy::from_settings(settings),
+                policy,
                 metrics.clone(),
             )),
             job: Arc::new(JobRemote::new(scheduler)),
-            monitor: Arc::new(Monitor::new(db.clone(), store.clone(), cache, metrics.clone())),
+            monitor: Arc::new(Monitor::new(
+                db.clone(),
+                store.clone(),
+                cache,
+                metrics.clone(),
+                providers,
+            )),
             feed: EventFeed::new(db, settings.events.subscriber_buffer, metrics.feed.clone()),
             store,
             upkeep,

@@ -6,6 +6,11 @@
 //! each `Idempotency-Key`), so tests and people can count deliveries;
 //! `PUT /webhook-sink/behaviour {"failRate", "status", "retryAfterSeconds"?, "failNext"?}`
 //! changes how it answers while it runs (`failNext`: fail exactly the next n requests).
+//!
+//! It speaks one provider's shape ([`SinkFormat`]): Herald's own contract, or the request and
+//! answer of Twilio's Messages API, Vonage's Messages API, Infobip's SMS API or WhatsApp Cloud
+//! API — each with that provider's auth — so several stand-ins run side by side, one per
+//! configured provider.
 
 #![forbid(unsafe_code)]
 
@@ -24,9 +29,191 @@ use rand::Rng;
 use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
 
+/// Which provider the sink pretends to be: how it checks auth, reads the body and answers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SinkFormat {
+    /// Herald's contract: `{"to","content"}`, the key in a named header, `202 {"messageId"}`.
+    #[default]
+    Herald,
+    /// Twilio Messages API: a form with `To`/`From`/`Body`, basic auth, `201 {"sid"}`.
+    Twilio,
+    /// Vonage Messages API: JSON `{"to","from","text","channel":"sms"}`, basic auth,
+    /// `202 {"message_uuid"}`.
+    Vonage,
+    /// Infobip SMS: JSON `{"messages":[{"destinations":[{"to"}],"text"}]}`,
+    /// `Authorization: App <key>`, `200 {"messages":[{"messageId"}]}`.
+    Infobip,
+    /// WhatsApp Cloud API: JSON `{"to","type":"text","text":{"body"}}`, a bearer token,
+    /// `200 {"messages":[{"id"}]}`.
+    Whatsapp,
+}
+
+impl SinkFormat {
+    /// Every format.
+    pub const ALL: [SinkFormat; 5] = [Self::Herald, Self::Twilio, Self::Vonage, Self::Infobip, Self::Whatsapp];
+
+    /// Its name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Herald => "herald",
+            Self::Twilio => "twilio",
+            Self::Vonage => "vonage",
+            Self::Infobip => "infobip",
+            Self::Whatsapp => "whatsapp",
+        }
+    }
+
+    /// The format named `name`.
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|f| f.as_str() == name)
+    }
+
+    /// Whether `req` carries `key` (and, for basic auth, user `user`) the way this provider
+    /// expects it; compared in constant time.
+    fn authorised(self, req: &Request, config: &SinkConfig) -> bool {
+        let header = |name: &str| req.headers().get(name).map(|v| v.as_bytes()).unwrap_or_default();
+        let key = config.auth_key.expose_secret();
+        let expected = match self {
+            Self::Herald => return bool::from(header(&config.auth_header).ct_eq(key.as_bytes())),
+            Self::Twilio | Self::Vonage => {
+                use base64::Engine as _;
+                let pair = format!("{}:{key}", config.auth_user);
+                format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(pair))
+            }
+            Self::Infobip => format!("App {key}"),
+            Self::Whatsapp => format!("Bearer {key}"),
+        };
+        bool::from(header("authorization").ct_eq(expected.as_bytes()))
+    }
+
+    /// The recipient and text of a request body in this shape.
+    fn read(self, body: &[u8]) -> Option<Incoming> {
+        let json = || serde_json::from_slice::<serde_json::Value>(body).ok();
+        let text = |v: &serde_json::Value, pointer: &str| v.pointer(pointer).and_then(|s| s.as_str()).map(str::to_owned);
+        match self {
+            Self::Herald => serde_json::from_slice(body).ok(),
+            Self::Twilio => {
+                let form: Vec<(String, String)> = url_decoded(body)?;
+                let field = |name: &str| form.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+                Some(Incoming {
+                    to: field("To")?,
+                    content: field("Body")?,
+                })
+            }
+            Self::Vonage => {
+                let v = json()?;
+                (text(&v, "/channel")? == "sms").then_some(())?;
+                Some(Incoming {
+                    to: text(&v, "/to")?,
+                    content: text(&v, "/text")?,
+                })
+            }
+            Self::Infobip => {
+                let v = json()?;
+                Some(Incoming {
+                    to: text(&v, "/messages/0/destinations/0/to")?,
+                    content: text(&v, "/messages/0/text")?,
+                })
+            }
+            Self::Whatsapp => {
+                let v = json()?;
+                (text(&v, "/messaging_product")? == "whatsapp").then_some(())?;
+                Some(Incoming {
+                    to: text(&v, "/to")?,
+                    content: text(&v, "/text/body")?,
+                })
+            }
+        }
+    }
+
+    /// What the body should have been, for a 400.
+    fn expected_body(self) -> &'static str {
+        match self {
+            Self::Herald => "Body must be {\"to\", \"content\"}",
+            Self::Twilio => "Body must be a form with To and Body",
+            Self::Vonage => "Body must be {\"channel\": \"sms\", \"to\", \"text\"}",
+            Self::Infobip => "Body must be {\"messages\": [{\"destinations\": [{\"to\"}], \"text\"}]}",
+            Self::Whatsapp => "Body must be {\"messaging_product\": \"whatsapp\", \"to\", \"text\": {\"body\"}}",
+        }
+    }
+
+    /// A fresh id in this provider's style.
+    fn new_id(self) -> String {
+        let uuid = uuid::Uuid::new_v4();
+        match self {
+            Self::Twilio => format!("SM{}", uuid.simple()),
+            Self::Whatsapp => format!("wamid.{}", uuid.simple()),
+            _ => uuid.to_string(),
+        }
+    }
+
+    /// The accepted answer carrying `id` for a message to `to`.
+    fn accepted(self, id: &str, to: &str) -> Response {
+        let (status, body) = match self {
+            Self::Herald => (StatusCode::ACCEPTED, serde_json::json!({"message": "Accepted", "messageId": id})),
+            Self::Twilio => (
+                StatusCode::CREATED,
+                serde_json::json!({"sid": id, "status": "queued", "to": to, "error_code": null}),
+            ),
+            Self::Vonage => (StatusCode::ACCEPTED, serde_json::json!({"message_uuid": id})),
+            Self::Infobip => (
+                StatusCode::OK,
+                serde_json::json!({
+                    "bulkId": format!("bulk-{id}"),
+                    "messages": [{"messageId": id, "to": to, "status": {"groupName": "PENDING", "name": "PENDING_ACCEPTED"}}]
+                }),
+            ),
+            Self::Whatsapp => (
+                StatusCode::OK,
+                serde_json::json!({
+                    "messaging_product": "whatsapp",
+                    "contacts": [{"input": to, "wa_id": to.trim_start_matches('+')}],
+                    "messages": [{"id": id}]
+                }),
+            ),
+        };
+        Json(body).with_status(status).into_response()
+    }
+}
+
+/// A form body as name/value pairs (`application/x-www-form-urlencoded`).
+fn url_decoded(body: &[u8]) -> Option<Vec<(String, String)>> {
+    let text = std::str::from_utf8(body).ok()?;
+    let decode = |part: &str| -> Option<String> {
+        let bytes = part.as_bytes();
+        let mut out = Vec::with_capacity(bytes.len());
+        let mut i = 0;
+        while i < bytes.len() {
+            match bytes[i] {
+                b'+' => out.push(b' '),
+                b'%' => {
+                    let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+                    out.push(u8::from_str_radix(hex, 16).ok()?);
+                    i += 2;
+                }
+                b => out.push(b),
+            }
+            i += 1;
+        }
+        String::from_utf8(out).ok()
+    };
+    text.split('&')
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| {
+            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+            Some((decode(name)?, decode(value)?))
+        })
+        .collect()
+}
+
 /// How the sink behaves.
 #[derive(Debug, Clone)]
 pub struct SinkConfig {
+    /// Which provider it pretends to be.
+    pub format: SinkFormat,
+    /// For basic auth (Twilio, Vonage): the expected user.
+    pub auth_user: String,
     /// Bind address.
     pub host: String,
     /// Bind port (0 = any free port).
@@ -47,6 +234,8 @@ impl SinkConfig {
     /// A sink on a free loopback port expecting `x-ins-auth-key: <key>` (tests, benchmarks).
     pub fn local(key: &str, latency_ms: u64, fail_rate: f64) -> Self {
         Self {
+            format: SinkFormat::Herald,
+            auth_user: String::new(),
             host: "127.0.0.1".into(),
             port: 0,
             auth_header: "x-ins-auth-key".into(),
@@ -191,19 +380,15 @@ fn message(status: StatusCode, text: &str) -> Response {
 #[handler]
 async fn receive(req: &Request, body: poem::Body, state: Data<&State>) -> Response {
     let config = &state.config;
-    let presented = req
-        .headers()
-        .get(config.auth_header.as_str())
-        .map(|v| v.as_bytes())
-        .unwrap_or_default();
-    if !bool::from(presented.ct_eq(config.auth_key.expose_secret().as_bytes())) {
+    let format = config.format;
+    if !format.authorised(req, config) {
         return message(StatusCode::UNAUTHORIZED, "Missing or wrong auth key");
     }
     let Ok(bytes) = body.into_bytes_limit(64 * 1024).await else {
         return message(StatusCode::PAYLOAD_TOO_LARGE, "Body too large");
     };
-    let Ok(incoming) = serde_json::from_slice::<Incoming>(&bytes) else {
-        return message(StatusCode::BAD_REQUEST, "Body must be {\"to\", \"content\"}");
+    let Some(incoming) = format.read(&bytes) else {
+        return message(StatusCode::BAD_REQUEST, format.expected_body());
     };
     let (answer, behaviour) = match state.behaviour.lock() {
         Ok(mut behaviour) => (behaviour.next_answer(), *behaviour),
@@ -215,7 +400,8 @@ async fn receive(req: &Request, body: poem::Body, state: Data<&State>) -> Respon
         Answer::Throttle => 429,
     };
     let accepted = matches!(answer, Answer::Accept | Answer::AcceptSlowly);
-    let message_id = accepted.then(|| uuid::Uuid::new_v4().to_string());
+    let message_id = accepted.then(|| format.new_id());
+    let to = incoming.to.clone();
     let idempotency_key = req
         .headers()
         .get("idempotency-key")
@@ -245,9 +431,7 @@ async fn receive(req: &Request, body: poem::Body, state: Data<&State>) -> Respon
     }
     let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     match message_id {
-        Some(id) => Json(serde_json::json!({"message": "Accepted", "messageId": id}))
-            .with_status(StatusCode::ACCEPTED)
-            .into_response(),
+        Some(id) => format.accepted(&id, &to),
         None if answer == Answer::Throttle => {
             let mut response = message(StatusCode::TOO_MANY_REQUESTS, "Injected throttle");
             response
@@ -316,6 +500,7 @@ impl WebhookSink {
         let bound = http::bind(&config.host, config.port).await?;
         tracing::info!(
             address = %bound.addr,
+            format = config.format.as_str(),
             latency_ms = config.latency.as_millis() as u64,
             fail_rate = config.fail_rate,
             fail_status = config.fail_status,

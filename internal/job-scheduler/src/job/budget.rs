@@ -33,7 +33,7 @@ impl SendingJob {
     /// How many to claim: a batch, or under a rate limit what this replica's share sends in
     /// time (so waiting for the limit never outlasts a claim).
     pub(super) fn claim_size(&self) -> u32 {
-        let cap = self.limiter.claim_cap(self.send_budget());
+        let cap = self.lanes.claim_cap(self.send_budget());
         cap.map_or(self.config.batch_size, |cap| cap.min(self.config.batch_size))
     }
     /// The last moment a send of `message` may start: its lease end less a send's timeout and

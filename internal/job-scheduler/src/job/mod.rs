@@ -21,12 +21,10 @@ use telemetry::Chain;
 use tokio::sync::{mpsc, Mutex};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
-use webhook_client::WebhookClient;
 
-use crate::limiter::RateLimiter;
+use crate::lanes::Lanes;
 use crate::messenger_client::{MessengerClient, MessengerError};
 use crate::metrics::SchedulerMetrics;
-use crate::provider::ProviderGate;
 use crate::store::{JobRunDoc, JobStore};
 use report::OUTCOME_QUEUE;
 
@@ -44,7 +42,7 @@ pub struct JobConfig {
     pub concurrency: usize,
     /// Claim lease.
     pub lease: Duration,
-    /// Webhook total timeout (bounds a run's sends).
+    /// The longest provider's total timeout (bounds a run's sends).
     pub webhook_timeout: Duration,
     /// Go on after a full batch without waiting for the next tick.
     pub drain: bool,
@@ -99,23 +97,16 @@ pub struct JobParts {
     pub store: JobStore,
     /// The Messenger API.
     pub messenger: MessengerClient,
-    /// The provider.
-    pub webhook: WebhookClient,
-    /// The shared provider pause.
-    pub gate: std::sync::Arc<ProviderGate>,
-    /// The shared send rate.
-    pub limiter: RateLimiter,
+    /// The providers, each with its shared pause and rate limit, and the routes.
+    pub lanes: std::sync::Arc<Lanes>,
 }
 
 /// The sending job of one replica.
 pub struct SendingJob {
     store: JobStore,
     messenger: MessengerClient,
-    webhook: WebhookClient,
-    /// The provider pause shared by every replica.
-    gate: std::sync::Arc<ProviderGate>,
-    /// The send rate shared by every replica.
-    limiter: RateLimiter,
+    /// The providers, each with its pause and send rate shared by every replica.
+    lanes: std::sync::Arc<Lanes>,
     config: JobConfig,
     metrics: SchedulerMetrics,
     /// Held for the whole of a run: a run never overlaps the previous one on this replica.
@@ -126,19 +117,11 @@ pub struct SendingJob {
 impl SendingJob {
     /// Wires the parts.
     pub fn new(parts: JobParts, config: JobConfig, metrics: SchedulerMetrics, shutdown: CancellationToken) -> Self {
-        let JobParts {
-            store,
-            messenger,
-            webhook,
-            gate,
-            limiter,
-        } = parts;
+        let JobParts { store, messenger, lanes } = parts;
         Self {
             store,
             messenger,
-            webhook,
-            gate,
-            limiter,
+            lanes,
             config,
             metrics,
             run_lock: Mutex::new(()),
@@ -185,8 +168,8 @@ impl SendingJob {
         if mode == Mode::Poll && !self.still_working().await {
             return self.skipped(started_at, "job is stopped", mode).await;
         }
-        if let Some(until) = self.gate.paused_until().await {
-            let reason = format!("provider paused until {}", until.to_rfc3339());
+        if let Some(until) = self.lanes.all_paused_until().await {
+            let reason = format!("every provider paused, the first until {}", until.to_rfc3339());
             return self.skipped(started_at, &reason, mode).await;
         }
         let span = tracing::info_span!("run", worker = %self.config.worker_id, run_id = tracing::field::Empty);
@@ -291,7 +274,7 @@ impl SendingJob {
         loop {
             report.claimed += current.messages.len() as i32;
             let full = current.messages.len() == current.asked as usize;
-            let go_on = self.config.drain && full && !self.shutdown.is_cancelled() && !self.gate.is_paused();
+            let go_on = self.config.drain && full && !self.shutdown.is_cancelled() && !self.lanes.all_paused();
             let go_on = go_on && self.still_working().await;
             let send = self.send_batch(current.messages, &outcomes, run_id);
             let next = async {

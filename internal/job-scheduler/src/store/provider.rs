@@ -1,25 +1,28 @@
-//! The `provider_state` collection: the provider pause every replica shares (the rules that
-//! decide it are in [`crate::provider`]).
+//! The `provider_state` collection: each provider's pause, shared by every replica, one
+//! document per provider named by its `_id` (the rules that decide it are in
+//! [`crate::provider`]).
 
 use std::time::Duration;
 
 use bson::{doc, DateTime};
-use herald_core::jobs::{ProviderStateDoc, PROVIDER_ID, PROVIDER_STATE_COLLECTION};
+use herald_core::jobs::{ProviderStateDoc, PROVIDER_STATE_COLLECTION};
 use herald_core::mongo::{after, StoreError};
 use mongodb::options::{FindOneAndUpdateOptions, ReturnDocument};
 use mongodb::{Collection, Database};
 
-/// The `provider_state` collection.
+/// One provider's document of the `provider_state` collection.
 #[derive(Clone)]
 pub struct ProviderStore {
     state: Collection<ProviderStateDoc>,
+    name: String,
 }
 
 impl ProviderStore {
-    /// The store over `db.provider_state`.
-    pub fn new(db: &Database) -> Self {
+    /// The store of provider `name` over `db.provider_state`.
+    pub fn new(db: &Database, name: &str) -> Self {
         Self {
             state: db.collection(PROVIDER_STATE_COLLECTION),
+            name: name.to_owned(),
         }
     }
 
@@ -27,10 +30,10 @@ impl ProviderStore {
     pub async fn read(&self) -> Result<ProviderStateDoc, StoreError> {
         Ok(self
             .state
-            .find_one(doc! {"_id": PROVIDER_ID})
+            .find_one(doc! {"_id": &self.name})
             .await?
             .unwrap_or_else(|| ProviderStateDoc {
-                id: PROVIDER_ID.into(),
+                id: self.name.clone(),
                 ..Default::default()
             }))
     }
@@ -42,8 +45,15 @@ impl ProviderStore {
             .build()
     }
 
-    /// Pauses until `until`, or keeps a later pause already set. Returns the state after.
-    pub async fn pause(&self, until: DateTime, reason: &str, now: DateTime) -> Result<ProviderStateDoc, StoreError> {
+    /// Pauses until `until`, or keeps a later pause already set; `misconfigured` when the
+    /// provider refused Herald's credentials. Returns the state after.
+    pub async fn pause(
+        &self,
+        until: DateTime,
+        reason: &str,
+        misconfigured: bool,
+        now: DateTime,
+    ) -> Result<ProviderStateDoc, StoreError> {
         let current = self.read().await?;
         let until = match current.paused_until {
             Some(set) if set > until => set,
@@ -52,9 +62,9 @@ impl ProviderStore {
         let updated = self
             .state
             .find_one_and_update(
-                doc! {"_id": PROVIDER_ID},
+                doc! {"_id": &self.name},
                 doc! {
-                    "$set": {"paused_until": until, "paused_at": now, "reason": reason, "failure_streak": 0},
+                    "$set": {"paused_until": until, "paused_at": now, "reason": reason, "failure_streak": 0, "misconfigured": misconfigured},
                     "$unset": {"probe_by": "", "probe_until": ""},
                     "$inc": {"pauses_in_a_row": 1},
                 },
@@ -70,7 +80,7 @@ impl ProviderStore {
             .state
             .find_one_and_update(
                 doc! {
-                    "_id": PROVIDER_ID,
+                    "_id": &self.name,
                     "paused_until": {"$lte": now},
                     "$or": [{"probe_until": {"$exists": false}}, {"probe_until": {"$lte": now}}],
                 },
@@ -84,9 +94,9 @@ impl ProviderStore {
     pub async fn resume(&self) -> Result<(), StoreError> {
         self.state
             .update_one(
-                doc! {"_id": PROVIDER_ID},
+                doc! {"_id": &self.name},
                 doc! {
-                    "$set": {"paused_until": null, "reason": null, "pauses_in_a_row": 0, "failure_streak": 0},
+                    "$set": {"paused_until": null, "reason": null, "pauses_in_a_row": 0, "failure_streak": 0, "misconfigured": false},
                     "$unset": {"probe_by": "", "probe_until": ""},
                 },
             )
@@ -99,11 +109,11 @@ impl ProviderStore {
     pub async fn count_failure(&self) -> Result<ProviderStateDoc, StoreError> {
         let updated = self
             .state
-            .find_one_and_update(doc! {"_id": PROVIDER_ID}, doc! {"$inc": {"failure_streak": 1}})
+            .find_one_and_update(doc! {"_id": &self.name}, doc! {"$inc": {"failure_streak": 1}})
             .with_options(Self::upsert_after())
             .await?;
         Ok(updated.unwrap_or_else(|| ProviderStateDoc {
-            id: PROVIDER_ID.into(),
+            id: self.name.clone(),
             failure_streak: 1,
             ..Default::default()
         }))
@@ -113,7 +123,7 @@ impl ProviderStore {
     pub async fn drop_probe(&self, worker: &str) -> Result<(), StoreError> {
         self.state
             .update_one(
-                doc! {"_id": PROVIDER_ID, "probe_by": worker},
+                doc! {"_id": &self.name, "probe_by": worker},
                 doc! {"$unset": {"probe_by": "", "probe_until": ""}},
             )
             .await?;
@@ -124,7 +134,7 @@ impl ProviderStore {
     pub async fn end_streak(&self) -> Result<(), StoreError> {
         self.state
             .update_one(
-                doc! {"_id": PROVIDER_ID, "failure_streak": {"$gt": 0}},
+                doc! {"_id": &self.name, "failure_streak": {"$gt": 0}},
                 doc! {"$set": {"failure_streak": 0}},
             )
             .await?;

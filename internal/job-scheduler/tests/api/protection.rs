@@ -281,11 +281,11 @@ async fn ten_retryable_failures_in_a_row_pause_all_replicas_until_a_probe_goes_t
     let metrics = stack.http.open_text(&format!("{}/metrics", first.url)).await
         + &stack.http.open_text(&format!("{}/metrics", second.url)).await;
     assert!(
-        metrics.contains("herald_provider_pauses_total{reason=\"failures\"} 1"),
+        metrics.contains("herald_provider_pauses_total{provider=\"default\",reason=\"failures\"} 1"),
         "{metrics}"
     );
     assert!(
-        metrics.contains("herald_provider_probes_total{result=\"open\"} 1"),
+        metrics.contains("herald_provider_probes_total{provider=\"default\",result=\"open\"} 1"),
         "{metrics}"
     );
     first.shutdown().await.unwrap();
@@ -409,7 +409,7 @@ async fn messages_whose_expiry_passes_during_a_pause_expire_and_never_reach_the_
 async fn the_shared_pause_state_counts_pauses_probes_once_and_resumes() {
     use herald_job_scheduler::store::ProviderStore;
     let env = test_support::TestEnv::new().await.unwrap();
-    let store = ProviderStore::new(&env.db());
+    let store = ProviderStore::new(&env.db(), "default");
     let counts = futures::future::join_all((0..10).map(|_| store.count_failure())).await;
     let mut counts: Vec<i32> = counts.into_iter().map(|c| c.unwrap().failure_streak).collect();
     counts.sort();
@@ -420,11 +420,11 @@ async fn the_shared_pause_state_counts_pauses_probes_once_and_resumes() {
     );
     let now = bson::DateTime::now();
     let soon = bson::DateTime::from_millis(now.timestamp_millis() + 300);
-    let paused = store.pause(soon, "test", now).await.unwrap();
+    let paused = store.pause(soon, "test", false, now).await.unwrap();
     assert_eq!((paused.failure_streak, paused.pauses_in_a_row), (0, 1));
     let earlier = bson::DateTime::from_millis(now.timestamp_millis() + 100);
     assert_eq!(
-        store.pause(earlier, "shorter", now).await.unwrap().paused_until,
+        store.pause(earlier, "shorter", false, now).await.unwrap().paused_until,
         Some(soon),
         "a pause never shortens"
     );

@@ -50,6 +50,9 @@ pub enum EventType {
     /// Sending to the provider resumed.
     #[oai(rename = "provider.resumed")]
     ProviderResumed,
+    /// The provider refused Herald's credentials (401/403) and was paused as misconfigured.
+    #[oai(rename = "provider.misconfigured")]
+    ProviderMisconfigured,
     /// The feed no longer holds the position asked for: events were missed, re-read a snapshot.
     #[oai(rename = "reset")]
     Reset,
@@ -74,6 +77,7 @@ impl EventType {
             Self::JobStopped => "job.stopped",
             Self::ProviderPaused => "provider.paused",
             Self::ProviderResumed => "provider.resumed",
+            Self::ProviderMisconfigured => "provider.misconfigured",
             Self::Reset => "reset",
             Self::Dropped => "dropped",
         }
@@ -133,10 +137,12 @@ pub struct JobEvent {
     pub changed_by: Option<String>,
 }
 
-/// The provider's pause as an event carries it.
+/// A provider's pause as an event carries it.
 #[derive(Debug, Clone, PartialEq, Object)]
 #[oai(rename_all = "camelCase")]
 pub struct ProviderEvent {
+    /// Which provider (`default` for `[webhook]`).
+    pub name: String,
     /// No sends before this time (absent when resumed).
     #[oai(nullable)]
     pub paused_until: Option<DateTime<Utc>>,
@@ -286,15 +292,16 @@ pub fn from_change(change: &ChangeStreamEvent<Document>) -> Option<FeedEvent> {
             }
             Some(FeedEvent {
                 id,
-                kind: if paused_until.is_some() {
-                    EventType::ProviderPaused
-                } else {
-                    EventType::ProviderResumed
+                kind: match paused_until {
+                    Some(_) if state.get_bool("misconfigured").unwrap_or(false) => EventType::ProviderMisconfigured,
+                    Some(_) => EventType::ProviderPaused,
+                    None => EventType::ProviderResumed,
                 },
                 at,
                 message: None,
                 job: None,
                 provider: Some(ProviderEvent {
+                    name: state.get_str("_id").unwrap_or("default").to_owned(),
                     paused_until,
                     reason: state
                         .get_str("reason")

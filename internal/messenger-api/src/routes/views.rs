@@ -6,7 +6,7 @@ pub use herald_core::message::MessageView;
 use herald_core::worker::ClaimedMessage;
 use poem_openapi::Object;
 
-use crate::domain::{Draft, MessageDoc, MessageStatus};
+use crate::domain::{AttemptKind, Draft, MessageDoc, MessageStatus};
 
 fn utc(at: bson::DateTime) -> DateTime<Utc> {
     at.to_chrono()
@@ -28,6 +28,9 @@ pub struct NewMessage {
     /// unsent when it comes due past it becomes `expired`.
     #[oai(nullable)]
     pub expires_at: Option<DateTime<Utc>>,
+    /// Send only through this provider (a `[[providers]]` name), whatever its route.
+    #[oai(nullable)]
+    pub provider: Option<String>,
 }
 
 impl NewMessage {
@@ -38,6 +41,7 @@ impl NewMessage {
             content: &self.content,
             send_at: self.send_at,
             expires_at: self.expires_at,
+            provider: self.provider.as_deref(),
         }
     }
 }
@@ -66,6 +70,9 @@ impl From<MessageDoc> for MessageView {
             send_at: m.send_at.map(utc),
             expires_at: m.expires_at.map(utc),
             idempotency_key: m.idempotency_key,
+            provider: m.provider,
+            attempts_log: m.attempts_log.into_iter().map(Into::into).collect(),
+            waiting_for_provider: m.waiting_for_provider,
             created_at: utc(m.created_at),
             updated_at: utc(m.updated_at),
         }
@@ -89,6 +96,12 @@ impl From<MessageDoc> for ClaimedMessage {
             attempt: m.attempts,
             lease_until: utc(m.lease_until.unwrap_or(m.next_attempt_at)),
             expires_at: m.expires_at.map(utc),
+            last_provider: m
+                .attempts_log
+                .last()
+                .filter(|a| a.kind != AttemptKind::Accepted)
+                .map(|a| a.provider.clone()),
+            provider: m.provider,
         }
     }
 }
@@ -134,8 +147,66 @@ pub struct StatsView {
     /// The sending job (absent before any scheduler has started).
     #[oai(nullable)]
     pub job: Option<herald_core::jobs::JobStatus>,
+    /// Every configured provider: its state and its requests since `providerWindowStart`.
+    pub providers: Vec<ProviderStatsView>,
+    /// Start of the providers' window: the start of the previous clock hour.
+    pub provider_window_start: DateTime<Utc>,
+    /// Pending messages waiting because every provider they may go to is paused (counted up to
+    /// 10,000).
+    pub waiting_for_provider: u64,
     /// When the snapshot was taken.
     pub generated_at: DateTime<Utc>,
+}
+
+/// The last failed request to a provider.
+#[derive(Debug, Clone, Object)]
+#[oai(rename_all = "camelCase")]
+pub struct ProviderFailureView {
+    /// When.
+    pub at: DateTime<Utc>,
+    /// What came of it: retryable, permanent or misconfigured.
+    pub kind: herald_core::worker::AttemptKind,
+    /// The provider's HTTP status, when it answered.
+    #[oai(nullable)]
+    pub status: Option<u16>,
+}
+
+/// One provider in the stats.
+#[derive(Debug, Clone, Object)]
+#[oai(rename_all = "camelCase")]
+pub struct ProviderStatsView {
+    /// Its name, state and pause.
+    #[oai(flatten)]
+    pub status: herald_core::jobs::ProviderStatus,
+    /// Requests it accepted in the window.
+    pub sent: u64,
+    /// Requests that failed in the window (retryable, permanent or misconfigured).
+    pub failed: u64,
+    /// Median request latency in the window, in milliseconds (the upper bound of its bucket).
+    #[oai(nullable)]
+    pub p50_ms: Option<u64>,
+    /// 99th percentile request latency in the window, in milliseconds (the same way).
+    #[oai(nullable)]
+    pub p99_ms: Option<u64>,
+    /// The last failed request in the window.
+    #[oai(nullable)]
+    pub last_failure: Option<ProviderFailureView>,
+}
+
+impl From<crate::service::ProviderReport> for ProviderStatsView {
+    fn from(report: crate::service::ProviderReport) -> Self {
+        let window = report.window;
+        Self {
+            status: report.status,
+            sent: window.accepted,
+            failed: window.failed,
+            p50_ms: window.p50_ms,
+            p99_ms: window.p99_ms,
+            last_failure: window
+                .last_failure
+                .map(|(at, kind, status)| ProviderFailureView { at, kind, status }),
+        }
+    }
 }
 
 impl From<crate::service::Stats> for StatsView {
@@ -167,6 +238,9 @@ impl From<crate::service::Stats> for StatsView {
             sent_last_hour: sent_per_minute.iter().map(|m| m.sent).sum(),
             sent_per_minute,
             job: stats.job,
+            providers: stats.providers.into_iter().map(Into::into).collect(),
+            provider_window_start: stats.provider_window_start,
+            waiting_for_provider: stats.waiting_for_provider,
             generated_at: Utc::now(),
         }
     }

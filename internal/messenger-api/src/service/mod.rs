@@ -25,7 +25,7 @@ use crate::store::MessageStore;
 pub use crate::store::RequeueFilter;
 pub use job::{JobCommand, JobRemote, SchedulerClient};
 pub use messages::MAX_BATCH;
-pub use monitor::{Monitor, Stats};
+pub use monitor::{Monitor, ProviderReport, Stats, WAITING_COUNT_CAP};
 pub use requeue::{BulkRequeue, MAX_REQUEUE};
 pub use retry_policy::{RetryPolicy, MAX_ERROR_DETAIL};
 pub use upkeep::{Upkeep, SWEEP_BATCH, SWEEP_MAX};

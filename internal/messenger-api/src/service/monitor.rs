@@ -13,7 +13,19 @@ use crate::cache::SentCache;
 use crate::domain::MessageStatus;
 use crate::error::{ServiceError, StoreError};
 use crate::metrics::MessengerMetrics;
-use crate::store::{JobView, MessageStore};
+use crate::store::{JobView, MessageStore, ProviderWindow};
+
+/// The stats count messages waiting for a provider up to this many.
+pub const WAITING_COUNT_CAP: u64 = 10_000;
+
+/// One provider as the stats show it: its shared state and what it did over the window.
+#[derive(Debug, Clone)]
+pub struct ProviderReport {
+    /// Its pause state (with its name).
+    pub status: herald_core::jobs::ProviderStatus,
+    /// Its requests since [`Stats::provider_window_start`].
+    pub window: ProviderWindow,
+}
 
 /// A snapshot for the stats endpoint and the console.
 #[derive(Debug, Clone)]
@@ -28,6 +40,13 @@ pub struct Stats {
     pub sent_per_minute: Vec<u64>,
     /// The sending job, when a scheduler has ever started.
     pub job: Option<JobStatus>,
+    /// Every configured provider, in configuration order.
+    pub providers: Vec<ProviderReport>,
+    /// Where the providers' window starts (the start of the previous clock hour).
+    pub provider_window_start: chrono::DateTime<Utc>,
+    /// Pending messages waiting because every provider they may go to is paused (up to
+    /// [`WAITING_COUNT_CAP`]).
+    pub waiting_for_provider: u64,
 }
 
 /// Stats, readiness and gauges.
@@ -44,11 +63,18 @@ fn now() -> DateTime {
 }
 
 impl Monitor {
-    /// Watches `db`'s messages (through `store`) and job state, and the cache's counters.
-    pub fn new(db: Database, store: MessageStore, cache: SentCache, metrics: MessengerMetrics) -> Self {
+    /// Watches `db`'s messages (through `store`), job state and the states of the providers
+    /// `providers`, and the cache's counters.
+    pub fn new(
+        db: Database,
+        store: MessageStore,
+        cache: SentCache,
+        metrics: MessengerMetrics,
+        providers: Vec<String>,
+    ) -> Self {
         Self {
             store,
-            jobs: JobView::new(&db),
+            jobs: JobView::new(&db, providers),
             db,
             cache,
             metrics,
@@ -58,11 +84,22 @@ impl Monitor {
     /// Counts by status, the delivery lag, sends per minute over the last hour and the job.
     pub async fn stats(&self) -> Result<Stats, ServiceError> {
         let stamp = now();
-        let (counts, age, job) = tokio::join!(
+        let (counts, age, job, states, windows, waiting) = tokio::join!(
             self.store.count_by_status(),
             self.store.oldest_due_age_seconds(stamp),
             self.jobs.status(),
+            self.jobs.providers(),
+            self.store.provider_stats().window(stamp.to_chrono()),
+            self.store.count_waiting_for_provider(WAITING_COUNT_CAP),
         );
+        let mut windows = windows?;
+        let providers = states?
+            .into_iter()
+            .map(|status| ProviderReport {
+                window: windows.remove(&status.name).unwrap_or_default(),
+                status,
+            })
+            .collect();
         let last_minute = stamp.timestamp_millis().div_euclid(60_000);
         let sent_per_minute = match self.cache.sent_per_minute(last_minute, 60).await {
             Ok(counts) => counts,
@@ -77,6 +114,9 @@ impl Monitor {
             last_minute: chrono::DateTime::from_timestamp(last_minute * 60, 0).unwrap_or_default(),
             sent_per_minute,
             job: job?,
+            providers,
+            provider_window_start: crate::store::provider_stats::window_start(stamp.to_chrono()),
+            waiting_for_provider: waiting?,
         })
     }
 

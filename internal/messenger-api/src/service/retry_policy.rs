@@ -31,6 +31,8 @@ pub struct RetryPolicy {
     pub max_retry_after: u64,
     /// Furthest `sendAt`, from now.
     pub max_schedule: Duration,
+    /// The configured provider names (a message may pin one).
+    pub providers: Vec<String>,
 }
 
 impl RetryPolicy {
@@ -43,14 +45,19 @@ impl RetryPolicy {
             jitter_percent: settings.delivery.jitter_percent,
             max_retry_after: settings.webhook.max_retry_after_seconds,
             max_schedule: Duration::from_secs(settings.message.max_schedule_days * 86_400),
+            providers: settings
+                .routing()
+                .map(|r| r.providers().iter().map(|p| p.name.clone()).collect())
+                .unwrap_or_default(),
         }
     }
 
     /// The limits a new message is checked against.
-    pub fn limits(&self) -> domain::Limits {
+    pub fn limits(&self) -> domain::Limits<'_> {
         domain::Limits {
             max_chars: self.max_chars,
             max_schedule: self.max_schedule,
+            providers: &self.providers,
         }
     }
 
@@ -132,6 +139,7 @@ mod tests {
             jitter_percent: jitter,
             max_retry_after: 3600,
             max_schedule: Duration::from_secs(30 * 86_400),
+            providers: vec!["default".into()],
         }
     }
 

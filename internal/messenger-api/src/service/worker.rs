@@ -12,14 +12,37 @@ use std::time::Duration;
 
 use bson::oid::ObjectId;
 use bson::DateTime;
-use herald_core::worker::{Outcome, OutcomeReport, OutcomeResult, OutcomeResults, MAX_OUTCOMES};
+use herald_core::worker::{AttemptRecord, Outcome, OutcomeReport, OutcomeResult, OutcomeResults, MAX_OUTCOMES};
 use herald_core::ErrorCode;
 
 use super::{now, MessengerService};
 use crate::cache::SentEntry;
 use crate::domain::{self, MessageDoc, MessageStatus};
 use crate::error::ServiceError;
-use crate::store::ClaimWrite;
+use crate::store::{Accepted, ClaimWrite};
+
+/// Longest a release may hold a message back for a paused provider.
+pub const MAX_WAIT_SECONDS: u64 = 3600;
+
+/// The attempts as stored, the last [`herald_core::worker::ATTEMPTS_LOG_LEN`] at most.
+fn attempt_docs(attempts: &[herald_core::worker::AttemptRecord]) -> Vec<domain::AttemptDoc> {
+    let keep = attempts.len().saturating_sub(herald_core::worker::ATTEMPTS_LOG_LEN);
+    attempts[keep..].iter().map(Into::into).collect()
+}
+
+/// When a release that waits for a provider makes the message due again.
+fn wait_until(wait_seconds: Option<u64>, stamp: DateTime) -> Result<Option<DateTime>, ServiceError> {
+    match wait_seconds {
+        None => Ok(None),
+        Some(s) if (1..=MAX_WAIT_SECONDS).contains(&s) => {
+            Ok(Some(herald_core::mongo::after(stamp, Duration::from_secs(s))))
+        }
+        Some(_) => Err(ServiceError::invalid(
+            ErrorCode::InvalidOutcomes,
+            format!("waitSeconds must be 1..={MAX_WAIT_SECONDS}"),
+        )),
+    }
+}
 
 /// Most messages in one claim.
 pub const MAX_CLAIM: u32 = 500;
@@ -181,6 +204,7 @@ impl MessengerService {
             HashMap::new()
         };
         let mut cache_writes: Vec<CacheWrite> = Vec::new();
+        let mut attempts: Vec<AttemptRecord> = Vec::new();
         for plan in planned {
             let report = &mut reports[plan.index];
             let current = now_held.get(&plan.id);
@@ -195,6 +219,7 @@ impl MessengerService {
                 (true, Some((status, result, commit)), _) => {
                     report.status = Some(status);
                     report.result = result;
+                    attempts.extend(plan.outcome.attempts().iter().cloned());
                     self.count_outcome(&plan.outcome, status, result);
                     if let Some(entry) = commit {
                         let minute = chrono::DateTime::parse_from_rfc3339(&entry.sent_at)
@@ -224,10 +249,17 @@ impl MessengerService {
                 }
             }
         }
-        Ok(OutcomeResults {
-            cached: self.cache_commits(&cache_writes, stamp).await,
-            items: reports,
-        })
+        let (cached, ()) = tokio::join!(self.cache_commits(&cache_writes, stamp), self.record_attempts(&attempts));
+        Ok(OutcomeResults { cached, items: reports })
+    }
+
+    /// Adds the attempts of applied outcomes to the per-provider statistics (a failure there is
+    /// logged: the outcomes stand).
+    async fn record_attempts(&self, attempts: &[AttemptRecord]) {
+        let refs: Vec<&AttemptRecord> = attempts.iter().collect();
+        if let Err(error) = self.store.provider_stats().record(&refs).await {
+            tracing::warn!(error = %telemetry::Chain(&error), "could not add attempts to the provider statistics");
+        }
     }
 
     /// The write one outcome makes, with the status and result it gives and, for a commit, the
@@ -248,12 +280,18 @@ impl MessengerService {
                     .as_deref()
                     .map(str::trim)
                     .filter(|m| !m.is_empty());
-                let write = ClaimWrite::sent(id, &o.commit.claim_token, mid, sent_at, stamp);
+                let accepted = Accepted {
+                    webhook_message_id: mid,
+                    sent_at,
+                    provider: o.commit.provider.as_deref(),
+                };
+                let attempts = attempt_docs(&o.commit.attempts);
+                let write = ClaimWrite::sent(id, &o.commit.claim_token, accepted, &attempts, stamp)?;
                 let entry = sent_entry(mid, sent_at);
                 (write, MessageStatus::Sent, OutcomeResult::Committed, Some(entry))
             }
             Outcome::Released(o) => (
-                ClaimWrite::release(id, &o.claim.claim_token, stamp),
+                ClaimWrite::release(id, &o.claim.claim_token, wait_until(o.claim.wait_seconds, stamp)?, stamp),
                 MessageStatus::Pending,
                 OutcomeResult::Released,
                 None,
@@ -278,7 +316,7 @@ impl MessengerService {
                     _ => OutcomeResult::RetryScheduled,
                 };
                 (
-                    ClaimWrite::failure(id, token, status, next, &error, stamp)?,
+                    ClaimWrite::failure(id, token, status, next, &error, &attempt_docs(&o.failure.attempts), stamp)?,
                     status,
                     result,
                     None,

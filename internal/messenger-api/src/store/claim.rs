@@ -142,6 +142,7 @@ impl ClaimSteps {
                 "updated_at": now,
                 "last_transition": Transition::Claimed.as_str(),
             },
+            "$unset": {"waiting_for_provider": ""},
             "$inc": {"attempts": 1},
         };
         // Pending ones first, then (only when some are left) those whose lease ran out: the

@@ -11,6 +11,7 @@
 //! - [`requeue`]: an operator sending failed messages back to pending.
 //! - [`counts`]: counts by status, maintained as messages change.
 //! - [`upkeep`]: reconciliation, retention and the stats' range reads.
+//! - [`provider_stats`]: what each provider did with Herald's requests, per hour.
 //!
 //! A due message is `pending` with `next_attempt_at <= now`, or `processing` whose lease has
 //! passed — while a message is processing its `next_attempt_at` *is* its lease end, so one
@@ -22,6 +23,7 @@ pub mod counts;
 pub mod insert;
 pub mod job_view;
 pub mod list;
+pub mod provider_stats;
 pub mod requeue;
 pub mod upkeep;
 pub mod window;
@@ -40,8 +42,9 @@ use coalesce::Coalescer;
 pub use counts::{Reconciled, StatusCounts};
 pub use herald_core::mongo::StoreError;
 pub use job_view::JobView;
+pub use provider_stats::{ProviderStats, ProviderWindow};
 pub use requeue::RequeueFilter;
-pub use writes::{ClaimWrite, TransitionOutcome};
+pub use writes::{Accepted, ClaimWrite, TransitionOutcome};
 
 /// Name of the collection.
 pub const COLLECTION: &str = "messages";
@@ -58,6 +61,8 @@ pub struct MessageStore {
     inserts: Coalescer<MessageDoc, Result<(), StoreError>>,
     /// Claims arriving together, served by one claimer ([`claim`]).
     claimer: Claimer,
+    /// Per-provider request counts and latencies.
+    providers: ProviderStats,
 }
 
 /// Those of `ids` that are in status `from` and due at `now`. `_id` leads the filter on
@@ -81,7 +86,23 @@ impl MessageStore {
             raw,
             counts,
             widths: std::sync::Arc::default(),
+            providers: ProviderStats::new(db),
         }
+    }
+
+    /// The per-provider statistics.
+    pub fn provider_stats(&self) -> &ProviderStats {
+        &self.providers
+    }
+
+    /// How many pending messages wait because every provider they may go to is paused,
+    /// counted up to `cap` (an index count over those alone, bounded).
+    pub async fn count_waiting_for_provider(&self, cap: u64) -> Result<u64, StoreError> {
+        Ok(self
+            .messages
+            .count_documents(doc! {"waiting_for_provider": true})
+            .limit(cap)
+            .await?)
     }
 
     /// The maintained counts by status that every transition here keeps up to date.
@@ -104,6 +125,7 @@ impl MessageStore {
             (doc! {"idempotency_key": 1}, "idempotency_key", true, true),
             (doc! {"to": 1, "_id": -1}, "recipient", false, false),
             (doc! {"claim_token": 1}, "claim_token", false, true),
+            (doc! {"waiting_for_provider": 1}, "waiting_for_provider", false, true),
         ];
         let indexes = specs.into_iter().map(|(keys, name, unique, sparse)| {
             let options = IndexOptions::builder()
@@ -114,6 +136,7 @@ impl MessageStore {
             IndexModel::builder().keys(keys).options(options).build()
         });
         self.messages.create_indexes(indexes).await?;
+        self.providers.ensure_indexes().await?;
         Ok(())
     }
 

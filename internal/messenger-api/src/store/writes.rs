@@ -9,7 +9,22 @@ use mongodb::options::{FindOneAndUpdateOptions, ReturnDocument};
 
 use super::counts::Deltas;
 use super::{MessageStore, StoreError, COLLECTION};
-use crate::domain::{LastError, MessageDoc, MessageStatus, Transition};
+use crate::domain::{AttemptDoc, LastError, MessageDoc, MessageStatus, Transition};
+use herald_core::worker::ATTEMPTS_LOG_LEN;
+
+/// Adds `attempts` to `update`: pushed onto `attempts_log`, which keeps the last
+/// [`ATTEMPTS_LOG_LEN`].
+fn push_attempts(update: &mut Document, attempts: &[AttemptDoc]) -> Result<(), StoreError> {
+    if attempts.is_empty() {
+        return Ok(());
+    }
+    let each = attempts.iter().map(bson::to_bson).collect::<Result<Vec<_>, _>>()?;
+    update.insert(
+        "$push",
+        doc! {"attempts_log": {"$each": each, "$slice": -(ATTEMPTS_LOG_LEN as i32)}},
+    );
+    Ok(())
+}
 
 /// The outcome of one conditional transition.
 #[derive(Debug)]
@@ -20,6 +35,17 @@ pub enum TransitionOutcome {
     Conflict(MessageDoc),
     /// No such message.
     NotFound,
+}
+
+/// What a commit says about the accepted send.
+#[derive(Debug, Clone, Copy)]
+pub struct Accepted<'a> {
+    /// The provider's id for it.
+    pub webhook_message_id: Option<&'a str>,
+    /// When it was accepted.
+    pub sent_at: DateTime,
+    /// Which provider accepted it.
+    pub provider: Option<&'a str>,
 }
 
 /// A conditional write to a message: it applies only while its filter holds (for a worker's
@@ -43,24 +69,35 @@ impl ClaimWrite {
         doc! {"_id": id, "status": MessageStatus::Processing.as_str(), "claim_token": token}
     }
 
-    /// Sent: the provider accepted it at `sent_at`.
-    pub fn sent(id: ObjectId, token: &str, webhook_message_id: Option<&str>, sent_at: DateTime, now: DateTime) -> Self {
+    /// Sent: `provider` accepted it at `sent_at`, after `attempts`.
+    pub fn sent(
+        id: ObjectId,
+        token: &str,
+        accepted: Accepted<'_>,
+        attempts: &[AttemptDoc],
+        now: DateTime,
+    ) -> Result<Self, StoreError> {
         let mut set = doc! {
             "status": MessageStatus::Sent.as_str(),
-            "sent_at": sent_at,
+            "sent_at": accepted.sent_at,
             "updated_at": now,
             "last_transition": Transition::Sent.as_str(),
         };
-        if let Some(mid) = webhook_message_id {
+        if let Some(mid) = accepted.webhook_message_id {
             set.insert("webhook_message_id", mid);
         }
-        Self {
+        if let Some(provider) = accepted.provider {
+            set.insert("provider", provider);
+        }
+        let mut update = doc! {"$set": set, "$unset": {"lease_until": ""}};
+        push_attempts(&mut update, attempts)?;
+        Ok(Self {
             id,
             filter: Self::claimed(id, token),
-            update: doc! {"$set": set, "$unset": {"lease_until": ""}},
+            update,
             to: MessageStatus::Sent,
-            sent_at: Some(sent_at),
-        }
+            sent_at: Some(accepted.sent_at),
+        })
     }
 
     /// A failed attempt: `status` pending (due at `next_attempt_at`), failed, or expired.
@@ -70,6 +107,7 @@ impl ClaimWrite {
         status: MessageStatus,
         next_attempt_at: DateTime,
         error: &LastError,
+        attempts: &[AttemptDoc],
         now: DateTime,
     ) -> Result<Self, StoreError> {
         let transition = match status {
@@ -77,19 +115,21 @@ impl ClaimWrite {
             MessageStatus::Expired => Transition::Expired,
             _ => Transition::RetryScheduled,
         };
+        let mut update = doc! {
+            "$set": {
+                "status": status.as_str(),
+                "next_attempt_at": next_attempt_at,
+                "last_error": bson::to_bson(error)?,
+                "updated_at": now,
+                "last_transition": transition.as_str(),
+            },
+            "$unset": {"lease_until": ""},
+        };
+        push_attempts(&mut update, attempts)?;
         Ok(Self {
             id,
             filter: Self::claimed(id, token),
-            update: doc! {
-                "$set": {
-                    "status": status.as_str(),
-                    "next_attempt_at": next_attempt_at,
-                    "last_error": bson::to_bson(error)?,
-                    "updated_at": now,
-                    "last_transition": transition.as_str(),
-                },
-                "$unset": {"lease_until": ""},
-            },
+            update,
             to: status,
             sent_at: None,
         })
@@ -123,18 +163,23 @@ impl ClaimWrite {
         }
     }
 
-    /// Given back unsent: pending, due now, the attempt not counted.
-    pub fn release(id: ObjectId, token: &str, now: DateTime) -> Self {
+    /// Given back unsent: pending, the attempt not counted; due now, or — when it waits for
+    /// a paused provider — at `wait_until`, marked waiting for a provider.
+    pub fn release(id: ObjectId, token: &str, wait_until: Option<DateTime>, now: DateTime) -> Self {
+        let mut set = doc! {
+            "status": MessageStatus::Pending.as_str(),
+            "next_attempt_at": wait_until.unwrap_or(now),
+            "updated_at": now,
+            "last_transition": Transition::Released.as_str(),
+        };
+        if wait_until.is_some() {
+            set.insert("waiting_for_provider", true);
+        }
         Self {
             id,
             filter: Self::claimed(id, token),
             update: doc! {
-                "$set": {
-                    "status": MessageStatus::Pending.as_str(),
-                    "next_attempt_at": now,
-                    "updated_at": now,
-                    "last_transition": Transition::Released.as_str(),
-                },
+                "$set": set,
                 "$unset": {"lease_until": ""},
                 "$inc": {"attempts": -1},
             },

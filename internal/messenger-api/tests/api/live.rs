@@ -247,13 +247,13 @@ async fn provider_pauses_and_resumes_are_events_and_shown_in_the_stats() {
     .unwrap();
     // What the scheduler writes: a failure count (no event), a pause, a resume.
     state
-        .insert_one(bson::doc! {"_id": "webhook", "failure_streak": 1})
+        .insert_one(bson::doc! {"_id": "default", "failure_streak": 1})
         .await
         .unwrap();
     let until = bson::DateTime::from_millis(bson::DateTime::now().timestamp_millis() + 60_000);
     state
         .update_one(
-            bson::doc! {"_id": "webhook"},
+            bson::doc! {"_id": "default"},
             bson::doc! {"$set": {"paused_until": until, "reason": "provider asked to wait 60s (Retry-After)", "failure_streak": 0}},
         )
         .await
@@ -262,7 +262,7 @@ async fn provider_pauses_and_resumes_are_events_and_shown_in_the_stats() {
     assert_eq!(stats["job"]["provider"]["state"], "paused", "{stats}");
     state
         .update_one(
-            bson::doc! {"_id": "webhook"},
+            bson::doc! {"_id": "default"},
             bson::doc! {"$set": {"paused_until": null, "reason": null}},
         )
         .await
@@ -284,6 +284,7 @@ async fn provider_pauses_and_resumes_are_events_and_shown_in_the_stats() {
         .contains("Retry-After"));
     assert!(kinds[0].data["provider"]["pausedUntil"].is_string());
     assert_eq!(kinds[1].data["provider"]["pausedUntil"], Value::Null);
+    assert_eq!(kinds[0].data["provider"]["name"], "default");
     assert_eq!(
         app.get_json("/api/messenger/stats").await["job"]["provider"]["state"],
         "open"

@@ -39,6 +39,25 @@ pub fn test_settings(
     }
 }
 
+/// `settings` with the `[[providers]]` and `[[routes]]` of the TOML `fragment` (environment
+/// variables cannot carry tables of arrays), validated.
+pub fn with_providers(mut settings: Settings, fragment: &str) -> Settings {
+    #[derive(serde::Deserialize)]
+    struct Fragment {
+        #[serde(default)]
+        providers: Vec<crate::providers::ProviderSettings>,
+        #[serde(default)]
+        routes: Vec<crate::providers::RouteSettings>,
+    }
+    let parsed: Fragment = toml::from_str(fragment).unwrap_or_else(|e| panic!("providers fragment: {e}"));
+    settings.providers = parsed.providers;
+    settings.routes = parsed.routes;
+    if let Err(error) = settings.validate() {
+        panic!("providers fragment: {error}");
+    }
+    settings
+}
+
 /// Test settings on `env`'s database and key prefix, on the test servers, with overrides.
 pub fn settings_for(env: &test_support::TestEnv, extra: &[(&str, &str)]) -> Settings {
     test_settings(

@@ -33,7 +33,20 @@ use herald_core::testing::settings_for as settings;
 impl Stack {
     pub async fn start(extra: &[(&str, &str)]) -> Self {
         let env = TestEnv::new().await.expect("test servers");
-        let api = herald_messenger_api::Application::build(&settings(&env, extra))
+        let settings = settings(&env, extra);
+        Self::start_with(env, settings).await
+    }
+
+    /// The API knowing the `[[providers]]` and `[[routes]]` of `providers` (TOML), so messages
+    /// may pin one and the stats show each.
+    pub async fn start_routed(providers: &str, extra: &[(&str, &str)]) -> Self {
+        let env = TestEnv::new().await.expect("test servers");
+        let settings = herald_core::testing::with_providers(settings(&env, extra), providers);
+        Self::start_with(env, settings).await
+    }
+
+    async fn start_with(env: TestEnv, settings: herald_core::Settings) -> Self {
+        let api = herald_messenger_api::Application::build(&settings)
             .await
             .expect("messenger api");
         let api_url = format!("http://127.0.0.1:{}", api.port());
@@ -58,7 +71,23 @@ impl Stack {
             ("HERALD__JOB_SCHEDULER__SCHEDULE", NEVER),
         ];
         all.extend_from_slice(extra);
-        let app = herald_job_scheduler::Application::build(&settings(&self.env, &all))
+        self.scheduler_with(settings(&self.env, &all)).await
+    }
+
+    /// A scheduler replica wired to this stack's API, sending to the `[[providers]]` and
+    /// `[[routes]]` of `providers` (TOML).
+    pub async fn routed_scheduler(&self, providers: &str, extra: &[(&str, &str)]) -> Scheduler {
+        let mut all = vec![
+            ("HERALD__MESSENGER_API__URL", self.api_url.as_str()),
+            ("HERALD__JOB_SCHEDULER__SCHEDULE", NEVER),
+        ];
+        all.extend_from_slice(extra);
+        let settings = herald_core::testing::with_providers(settings(&self.env, &all), providers);
+        self.scheduler_with(settings).await
+    }
+
+    async fn scheduler_with(&self, settings: herald_core::Settings) -> Scheduler {
+        let app = herald_job_scheduler::Application::build(&settings)
             .await
             .expect("scheduler");
         let url = format!("http://127.0.0.1:{}", app.port());
@@ -119,6 +148,14 @@ pub async fn sink(latency_ms: u64, fail_rate: f64) -> (String, ReceivedLog) {
     WebhookSink::spawn(SinkConfig::local("local-dev-webhook-key", latency_ms, fail_rate))
         .await
         .unwrap()
+}
+
+/// A stand-in speaking `format` with key `key` (user `herald` for basic auth) on a free port.
+pub async fn shaped_sink(format: herald_webhook_sink::SinkFormat, key: &str) -> (String, ReceivedLog) {
+    let mut config = SinkConfig::local(key, 0, 0.0);
+    config.format = format;
+    config.auth_user = "herald".into();
+    WebhookSink::spawn(config).await.unwrap()
 }
 
 /// Changes how a sink at `webhook_url` answers (`PUT /webhook-sink/behaviour`).

@@ -8,3 +8,4 @@ mod delivery;
 mod helpers;
 mod protection;
 mod replicas;
+mod routing;

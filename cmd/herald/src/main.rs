@@ -149,10 +149,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 host: s.host.clone(),
                 port: s.port,
                 auth_header: settings.webhook.auth_header.clone(),
-                auth_key: args
-                    .auth_key
-                    .clone()
-                    .map_or_else(|| settings.webhook.auth_key.clone(), herald_core::settings::SecretString::from),
+                auth_key: args.auth_key.clone().map_or_else(
+                    || settings.webhook.auth_key.clone(),
+                    herald_core::settings::SecretString::from,
+                ),
                 latency: std::time::Duration::from_millis(s.latency_ms),
                 fail_rate: s.fail_rate,
                 fail_status: s.status,

@@ -227,7 +227,9 @@ impl Provider {
         };
         match (&shape.format, &p.body) {
             (Format::Herald, Some(_)) => return fail("body", "is only used with format = \"json\" or \"form\"".into()),
-            (Format::Json | Format::Form, None) => return fail("body", "must be set for format = \"json\" or \"form\"".into()),
+            (Format::Json | Format::Form, None) => {
+                return fail("body", "must be set for format = \"json\" or \"form\"".into())
+            }
             _ => {}
         }
         if let Err(why) = shape.check() {
@@ -238,7 +240,10 @@ impl Provider {
             .clone()
             .unwrap_or_else(|| HERALD_MESSAGE_ID_POINTER.into());
         if !(pointer.is_empty() || pointer.starts_with('/')) {
-            return fail("message_id_pointer", format!("({pointer:?}) must be a JSON pointer such as \"/sid\""));
+            return fail(
+                "message_id_pointer",
+                format!("({pointer:?}) must be a JSON pointer such as \"/sid\""),
+            );
         }
         let timeout_ms = p.timeout_ms.unwrap_or(defaults.timeout_ms);
         let connect_timeout_ms = p.connect_timeout_ms.unwrap_or(defaults.connect_timeout_ms);
@@ -247,7 +252,10 @@ impl Provider {
         }
         let rate = p.rate_limit_per_second.unwrap_or(defaults.rate_limit_per_second);
         if !(0.0..=1_000_000.0).contains(&rate) {
-            return fail("rate_limit_per_second", format!("({rate}) must be 0 (off) up to 1000000"));
+            return fail(
+                "rate_limit_per_second",
+                format!("({rate}) must be 0 (off) up to 1000000"),
+            );
         }
         let burst = p.rate_limit_burst.unwrap_or(defaults.rate_limit_burst);
         if !(1..=100_000).contains(&burst) {
@@ -287,7 +295,10 @@ impl Provider {
 
 /// `[a-z0-9-]{1,32}`.
 pub fn valid_name(name: &str) -> bool {
-    (1..=32).contains(&name.len()) && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    (1..=32).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
 
 /// One resolved route.
@@ -323,7 +334,9 @@ impl Routing {
             vec![Provider::from_webhook(&settings.webhook, agent)]
         } else {
             if settings.providers.len() > MAX_PROVIDERS {
-                return Err(InvalidSettings(format!("providers: at most {MAX_PROVIDERS} may be configured")));
+                return Err(InvalidSettings(format!(
+                    "providers: at most {MAX_PROVIDERS} may be configured"
+                )));
             }
             settings
                 .providers
@@ -341,13 +354,16 @@ impl Routing {
             }
         }
         if settings.routes.len() > MAX_ROUTES {
-            return Err(InvalidSettings(format!("routes: at most {MAX_ROUTES} may be configured")));
+            return Err(InvalidSettings(format!(
+                "routes: at most {MAX_ROUTES} may be configured"
+            )));
         }
         let mut routes = Vec::with_capacity(settings.routes.len() + 1);
         for (i, r) in settings.routes.iter().enumerate() {
             let fail = |why: String| Err(InvalidSettings(format!("routes[{i}].{why}")));
             let digits = r.prefix.strip_prefix('+').unwrap_or("");
-            if !(r.prefix.is_empty() || (1..=15).contains(&digits.len()) && digits.bytes().all(|b| b.is_ascii_digit())) {
+            if !(r.prefix.is_empty() || (1..=15).contains(&digits.len()) && digits.bytes().all(|b| b.is_ascii_digit()))
+            {
                 return fail(format!(
                     "prefix ({:?}) must be \"\" (the default) or '+' and 1 to 15 digits",
                     r.prefix
@@ -372,7 +388,9 @@ impl Routing {
             if r.weights.len() > indexes.len() || r.weights.len() == 1 {
                 return fail("weights must have 2 up to as many entries as providers".into());
             }
-            if !r.weights.is_empty() && (r.weights.contains(&0) || r.weights.iter().map(|w| u64::from(*w)).sum::<u64>() > 1_000_000) {
+            if !r.weights.is_empty()
+                && (r.weights.contains(&0) || r.weights.iter().map(|w| u64::from(*w)).sum::<u64>() > 1_000_000)
+            {
                 return fail("weights must be positive and add up to at most 1000000".into());
             }
             routes.push(Route {
@@ -433,7 +451,10 @@ impl Routing {
         let route = self.route_for(to);
         let order = &route.providers;
         let start = match last_failed.and_then(|name| self.index_of(name)) {
-            Some(last) if order.len() > 1 => order.iter().position(|i| *i == last).map_or(0, |p| (p + 1) % order.len()),
+            Some(last) if order.len() > 1 => order
+                .iter()
+                .position(|i| *i == last)
+                .map_or(0, |p| (p + 1) % order.len()),
             _ if !route.weights.is_empty() => weighted(&route.weights, id),
             _ => 0,
         };
@@ -539,7 +560,10 @@ weights = [3, 1]
         let names = |plan: Vec<usize>| plan.iter().map(|i| r.providers()[*i].name.clone()).collect::<Vec<_>>();
         assert_eq!(names(r.plan("+905551111111", None, "x", None)), ["gamma"]);
         assert_eq!(names(r.plan("+905321111111", None, "x", None)), ["beta", "alpha"]);
-        assert_eq!(names(r.plan("+905321111111", None, "x", Some("beta"))), ["alpha", "beta"]);
+        assert_eq!(
+            names(r.plan("+905321111111", None, "x", Some("beta"))),
+            ["alpha", "beta"]
+        );
         assert_eq!(names(r.plan("+905321111111", Some("gamma"), "x", None)), ["gamma"]);
         let beta = &r.providers()[1];
         assert_eq!(beta.webhook.message_id_pointer, "/sid");
@@ -570,13 +594,28 @@ weights = [3, 1]
     #[test]
     fn broken_providers_and_routes_are_refused_naming_the_key() {
         let cases = [
-            (THREE.replace("name = \"gamma\"", "name = \"Gamma!\""), "providers[2].name"),
-            (THREE.replace("name = \"gamma\"", "name = \"alpha\""), "providers[2].name"),
-            (THREE.replace("[\"gamma\"]", "[\"delta\"]"), "routes[1].providers names unknown provider \"delta\""),
+            (
+                THREE.replace("name = \"gamma\"", "name = \"Gamma!\""),
+                "providers[2].name",
+            ),
+            (
+                THREE.replace("name = \"gamma\"", "name = \"alpha\""),
+                "providers[2].name",
+            ),
+            (
+                THREE.replace("[\"gamma\"]", "[\"delta\"]"),
+                "routes[1].providers names unknown provider \"delta\"",
+            ),
             (THREE.replace("{{from}}", "{{sender}}"), "providers[1].body"),
             (THREE.replace("auth_user = \"AC1\"", ""), "providers[1].auth_user"),
-            (THREE.replace("prefix = \"+9055\"", "prefix = \"90\""), "routes[1].prefix"),
-            (THREE.replace("weights = [3, 1]", "weights = [3, 0]"), "routes[2].weights"),
+            (
+                THREE.replace("prefix = \"+9055\"", "prefix = \"90\""),
+                "routes[1].prefix",
+            ),
+            (
+                THREE.replace("weights = [3, 1]", "weights = [3, 0]"),
+                "routes[2].weights",
+            ),
             (THREE.replace("auth_key = \"kc\"", "auth_keys = \"kc\""), "auth_keys"),
         ];
         for (text, named) in cases {

@@ -3,8 +3,8 @@
 use std::path::Path;
 use std::time::Duration;
 
-pub use layered_config::{SecretString, Source};
 use layered_config::{ExposeSecret, Layers};
+pub use layered_config::{SecretString, Source};
 use serde::{Deserialize, Serialize, Serializer};
 
 use crate::providers::{ProviderSettings, RouteSettings, Routing};

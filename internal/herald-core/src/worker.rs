@@ -56,7 +56,6 @@ pub struct ClaimedMessage {
     pub last_provider: Option<String>,
 }
 
-
 impl ClaimedMessage {
     /// Whether it must no longer be sent at `now`.
     pub fn expired_at(&self, now: DateTime<Utc>) -> bool {

@@ -11,9 +11,9 @@ use herald_core::pagination::{Page, PageRequest};
 use herald_core::probes::{self, ReadyResponse};
 
 use crate::job::SendingJob;
+use crate::lanes::Lanes;
 use crate::messenger_client::MessengerClient;
 use crate::metrics::SchedulerMetrics;
-use crate::lanes::Lanes;
 use crate::schedule::{Cron, Trigger};
 use crate::store::{JobStore, StoreError};
 

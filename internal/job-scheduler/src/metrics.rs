@@ -1,6 +1,8 @@
 //! The Job Scheduler's Prometheus metrics.
 
-use prometheus::{Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use prometheus::{
+    Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
 
 /// Every metric of the service, in its own registry.
 #[derive(Clone)]
@@ -53,7 +55,10 @@ impl SchedulerMetrics {
             &["provider", "outcome"],
         )?;
         let provider_requests = IntCounterVec::new(
-            Opts::new("provider_requests_total", "Requests to providers, by provider and outcome."),
+            Opts::new(
+                "provider_requests_total",
+                "Requests to providers, by provider and outcome.",
+            ),
             &["provider", "outcome"],
         )?;
         let failovers = IntCounterVec::new(

@@ -153,7 +153,10 @@ impl ProviderGate {
     }
 
     fn set_paused_gauge(&self, paused: bool) {
-        self.metrics.paused.with_label_values(&[&self.name]).set(i64::from(paused));
+        self.metrics
+            .paused
+            .with_label_values(&[&self.name])
+            .set(i64::from(paused));
     }
 
     fn count_probe(&self, result: &str) {
@@ -356,7 +359,12 @@ impl ProviderGate {
         let misconfigured = cause == PauseCause::Misconfigured;
         let stored = self
             .store
-            .pause(DateTime::from_chrono(until), &reason, misconfigured, DateTime::from_chrono(now))
+            .pause(
+                DateTime::from_chrono(until),
+                &reason,
+                misconfigured,
+                DateTime::from_chrono(now),
+            )
             .await;
         let mut known = self.known();
         match stored {
@@ -375,7 +383,10 @@ impl ProviderGate {
         known.read_at = Some(Instant::now());
         drop(known);
         self.set_paused_gauge(true);
-        self.metrics.pauses.with_label_values(&[&self.name, cause.label()]).inc();
+        self.metrics
+            .pauses
+            .with_label_values(&[&self.name, cause.label()])
+            .inc();
         tracing::warn!(provider = %self.name, until = %until.to_rfc3339(), %reason, "provider paused: no replica sends to it until then");
     }
 }

@@ -90,7 +90,8 @@ impl SinkFormat {
     /// The recipient and text of a request body in this shape.
     fn read(self, body: &[u8]) -> Option<Incoming> {
         let json = || serde_json::from_slice::<serde_json::Value>(body).ok();
-        let text = |v: &serde_json::Value, pointer: &str| v.pointer(pointer).and_then(|s| s.as_str()).map(str::to_owned);
+        let text =
+            |v: &serde_json::Value, pointer: &str| v.pointer(pointer).and_then(|s| s.as_str()).map(str::to_owned);
         match self {
             Self::Herald => serde_json::from_slice(body).ok(),
             Self::Twilio => {
@@ -151,7 +152,10 @@ impl SinkFormat {
     /// The accepted answer carrying `id` for a message to `to`.
     fn accepted(self, id: &str, to: &str) -> Response {
         let (status, body) = match self {
-            Self::Herald => (StatusCode::ACCEPTED, serde_json::json!({"message": "Accepted", "messageId": id})),
+            Self::Herald => (
+                StatusCode::ACCEPTED,
+                serde_json::json!({"message": "Accepted", "messageId": id}),
+            ),
             Self::Twilio => (
                 StatusCode::CREATED,
                 serde_json::json!({"sid": id, "status": "queued", "to": to, "error_code": null}),

@@ -697,7 +697,10 @@ mod tests {
         });
         let body = fields.render(&template);
         assert_eq!(body["messages"][0]["destinations"][0]["to"], "+14155550100");
-        assert_eq!(body["messages"][0]["text"], "say \"hi\" {{to}}", "content is not rendered again");
+        assert_eq!(
+            body["messages"][0]["text"], "say \"hi\" {{to}}",
+            "content is not rendered again"
+        );
         assert_eq!(body["ref"], "herald-65f0");
         assert_eq!(body["n"], 1);
         let shape = |format, template| Shape { format, template };
@@ -752,8 +755,12 @@ mod tests {
         let server = MockServer::start().await;
         Mock::given(method("POST"))
             .and(header("authorization", "Bearer wa-token"))
-            .and(body_json(serde_json::json!({"to": "+905551111111", "text": {"body": "hello"}})))
-            .respond_with(ResponseTemplate::new(200).set_body_json(serde_json::json!({"messages": [{"id": "wamid.1"}]})))
+            .and(body_json(
+                serde_json::json!({"to": "+905551111111", "text": {"body": "hello"}}),
+            ))
+            .respond_with(
+                ResponseTemplate::new(200).set_body_json(serde_json::json!({"messages": [{"id": "wamid.1"}]})),
+            )
             .expect(1)
             .mount(&server)
             .await;
@@ -770,7 +777,10 @@ mod tests {
         })
         .unwrap();
         let outcome = send(&whatsapp, "m1").await;
-        assert!(matches!(outcome, DeliveryOutcome::Accepted { message_id: Some(ref id), .. } if id == "wamid.1"), "{outcome:?}");
+        assert!(
+            matches!(outcome, DeliveryOutcome::Accepted { message_id: Some(ref id), .. } if id == "wamid.1"),
+            "{outcome:?}"
+        );
     }
 
     #[test]

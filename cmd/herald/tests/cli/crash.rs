@@ -92,3 +92,126 @@ async fn killed_scheduler_loses_nothing(drain: &str) {
     assert!(counts.values().all(|n| *n <= 2));
     stack.cleanup().await;
 }
+
+/// The primary provider's process is SIGKILLed mid-drain: its messages go on through the
+/// secondary (a refused connection moves on at once, then the streak pauses the primary), none
+/// is lost, and the secondary takes each message at most once.
+#[tokio::test]
+async fn a_killed_primary_provider_fails_over_mid_drain_and_loses_nothing() {
+    let (primary_port, secondary_port) = (crate::helpers::free_port(), crate::helpers::free_port());
+    let config_dir = std::env::temp_dir().join(format!("herald-failover-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&config_dir).unwrap();
+    let provider = |name: &str, port: u16| {
+        format!(
+            "[[providers]]\nname = \"{name}\"\nurl = \"http://127.0.0.1:{port}/webhook\"\nauth_key = \"local-dev-webhook-key\"\npause_after_failures = 3\npause_seconds = 2\n"
+        )
+    };
+    std::fs::write(
+        config_dir.join("test.toml"),
+        provider("primary", primary_port)
+            + &provider("secondary", secondary_port)
+            + "[[routes]]\nprefix = \"\"\nproviders = [\"primary\", \"secondary\"]\n",
+    )
+    .unwrap();
+    let dir = config_dir.to_string_lossy().into_owned();
+    let stack = stack(&[
+        ("HERALD_CONFIG_DIR", dir.as_str()),
+        ("HERALD__JOB_SCHEDULER__DRAIN", "true"),
+        ("HERALD__JOB_SCHEDULER__IDLE_POLL_MS", "50"),
+        ("HERALD__JOB_SCHEDULER__BATCH_SIZE", "100"),
+        ("HERALD__JOB_SCHEDULER__CONCURRENCY", "8"),
+        ("HERALD__JOB_SCHEDULER__RUN_ON_START", "true"),
+    ])
+    .await;
+    let sink = |port: u16| {
+        stack.spawn_with(
+            &format!("sink-{port}"),
+            &["webhook-sink", "--latency-ms", "2"],
+            &[("HERALD__WEBHOOK_SINK__PORT".to_owned(), port.to_string())],
+        )
+    };
+    let mut primary = sink(primary_port);
+    let _secondary = sink(secondary_port);
+    let _api = stack.spawn("messenger-api", &["messenger-api"]);
+    stack.wait_healthy(&format!("{}/messenger/health", stack.api)).await;
+    for port in [primary_port, secondary_port] {
+        stack
+            .wait_healthy(&format!("http://127.0.0.1:{port}/webhook-sink/health"))
+            .await;
+    }
+    assert!(stack
+        .command(&["seed", "--count", "3000"])
+        .output()
+        .unwrap()
+        .status
+        .success());
+    let _scheduler = stack.spawn("job-scheduler", &["job-scheduler"]);
+    let count = |port: u16| {
+        let client = stack.client.clone();
+        async move {
+            let body: serde_json::Value = client
+                .get(format!("http://127.0.0.1:{port}/webhook-sink/received/count"))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            body["count"].as_u64().unwrap()
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while count(primary_port).await < 300 {
+        assert!(Instant::now() < deadline, "the primary never got 300");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    primary.signal("KILL");
+    primary.wait_exit(Duration::from_secs(5)).expect("killed");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while stack.sent_count().await < 3000 {
+        assert!(
+            Instant::now() < deadline,
+            "only {} of 3000 sent",
+            stack.sent_count().await
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let received: Vec<serde_json::Value> = stack
+        .client
+        .get(format!("http://127.0.0.1:{secondary_port}/webhook-sink/received"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let mut by_secondary: HashMap<String, usize> = HashMap::new();
+    for r in &received {
+        *by_secondary
+            .entry(r["idempotencyKey"].as_str().unwrap().to_owned())
+            .or_default() += 1;
+    }
+    let messages = stack.env.db().collection::<bson::Document>("messages");
+    let on = |name: &'static str| {
+        let messages = messages.clone();
+        async move {
+            messages
+                .count_documents(bson::doc! {"status": "sent", "provider": name})
+                .await
+                .unwrap()
+        }
+    };
+    let (via_primary, via_secondary) = (on("primary").await, on("secondary").await);
+    let moved = messages
+        .count_documents(bson::doc! {"provider": "secondary", "attempts_log.provider": "primary"})
+        .await
+        .unwrap();
+    println!(
+        "primary killed after 300: {via_primary} committed through the primary, {via_secondary} through the secondary ({moved} of them after a failed request to the primary)"
+    );
+    assert_eq!(via_primary + via_secondary, 3000, "0 lost");
+    assert!(by_secondary.values().all(|n| *n == 1), "the secondary took none twice");
+    assert_eq!(by_secondary.len() as u64, via_secondary);
+    assert!(via_primary >= 300 && moved >= 1);
+    let _ = std::fs::remove_dir_all(&config_dir);
+}

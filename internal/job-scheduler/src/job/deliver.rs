@@ -196,7 +196,10 @@ impl SendingJob {
             .webhook_latency
             .with_label_values(&[&lane.name, outcome.label()])
             .observe(latency.as_secs_f64());
-        self.metrics.provider_requests.with_label_values(&[&lane.name, label]).inc();
+        self.metrics
+            .provider_requests
+            .with_label_values(&[&lane.name, label])
+            .inc();
         let status = match &outcome {
             DeliveryOutcome::Accepted { status, .. } => Some(*status),
             DeliveryOutcome::Retryable { failure, .. } | DeliveryOutcome::Permanent { failure } => failure.status,
@@ -242,7 +245,8 @@ impl SendingJob {
             }
             DeliveryOutcome::Permanent { failure } if misconfigured => Step::Next(failure, None),
             DeliveryOutcome::Retryable { failure, retry_after } => {
-                let throttled = matches!(failure.status, Some(429)) || (failure.status == Some(503) && retry_after.is_some());
+                let throttled =
+                    matches!(failure.status, Some(429)) || (failure.status == Some(503) && retry_after.is_some());
                 if failure.unsent || throttled {
                     Step::Next(failure, retry_after)
                 } else {

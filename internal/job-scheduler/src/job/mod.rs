@@ -117,7 +117,11 @@ pub struct SendingJob {
 impl SendingJob {
     /// Wires the parts.
     pub fn new(parts: JobParts, config: JobConfig, metrics: SchedulerMetrics, shutdown: CancellationToken) -> Self {
-        let JobParts { store, messenger, lanes } = parts;
+        let JobParts {
+            store,
+            messenger,
+            lanes,
+        } = parts;
         Self {
             store,
             messenger,

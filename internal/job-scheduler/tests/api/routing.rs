@@ -102,9 +102,16 @@ providers = ["wa"]
     );
     let stack = Stack::start_routed(&providers, &[]).await;
     let mut expected: HashMap<String, (&str, String)> = HashMap::new();
-    for (i, to) in ["+905551110001", "+905551110002", "+905321110001", "+905321110002", "+14155550101", "+14155550102"]
-        .iter()
-        .enumerate()
+    for (i, to) in [
+        "+905551110001",
+        "+905551110002",
+        "+905321110001",
+        "+905321110002",
+        "+14155550101",
+        "+14155550102",
+    ]
+    .iter()
+    .enumerate()
     {
         let id = create(&stack, json!({"to": to, "content": format!("hello {i}")})).await;
         let provider = match &to[..5] {
@@ -114,7 +121,11 @@ providers = ["wa"]
         };
         expected.insert(id, (provider, to.to_string()));
     }
-    let pinned = create(&stack, json!({"to": "+14155550103", "content": "pinned", "provider": "tw"})).await;
+    let pinned = create(
+        &stack,
+        json!({"to": "+14155550103", "content": "pinned", "provider": "tw"}),
+    )
+    .await;
     expected.insert(pinned.clone(), ("tw", "+14155550103".into()));
     let unknown = stack
         .client
@@ -164,7 +175,10 @@ providers = ["wa"]
                 (&wa_seen, to.clone())
             }
         };
-        assert!(seen.contains(&(id.clone(), shown_to)), "{provider} should have {id} to {to}: {seen:?}");
+        assert!(
+            seen.contains(&(id.clone(), shown_to)),
+            "{provider} should have {id} to {to}: {seen:?}"
+        );
     }
     scheduler.shutdown().await.unwrap();
     stack.cleanup().await;
@@ -216,16 +230,44 @@ async fn a_primary_answering_503_fails_over_and_every_message_is_delivered_once(
         let log = message["attemptsLog"].as_array().unwrap();
         if log.len() == 2 {
             moved += 1;
-            assert_eq!((log[0]["provider"].as_str(), log[0]["kind"].as_str(), log[0]["status"].as_u64()), (Some("primary"), Some("retryable"), Some(503)));
+            assert_eq!(
+                (
+                    log[0]["provider"].as_str(),
+                    log[0]["kind"].as_str(),
+                    log[0]["status"].as_u64()
+                ),
+                (Some("primary"), Some("retryable"), Some(503))
+            );
             assert_eq!(log[1]["provider"], "secondary");
-            assert_eq!(message["attempts"], 2, "a 503 may have been delivered: it is an attempt");
+            assert_eq!(
+                message["attempts"], 2,
+                "a 503 may have been delivered: it is an attempt"
+            );
         }
     }
-    assert!(moved >= 1 && moved <= failed_on_primary, "{moved} retried on the secondary");
-    let stats = stack.http.get_json(&format!("{}/api/messenger/stats", stack.api_url)).await;
-    let by_name = |name: &str| stats["providers"].as_array().unwrap().iter().find(|p| p["name"] == name).cloned().unwrap();
+    assert!(
+        moved >= 1 && moved <= failed_on_primary,
+        "{moved} retried on the secondary"
+    );
+    let stats = stack
+        .http
+        .get_json(&format!("{}/api/messenger/stats", stack.api_url))
+        .await;
+    let by_name = |name: &str| {
+        stats["providers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == name)
+            .cloned()
+            .unwrap()
+    };
     assert_eq!(by_name("secondary")["sent"], 40, "{stats}");
-    assert_eq!(by_name("primary")["failed"].as_u64(), Some(failed_on_primary as u64), "{stats}");
+    assert_eq!(
+        by_name("primary")["failed"].as_u64(),
+        Some(failed_on_primary as u64),
+        "{stats}"
+    );
     assert_eq!(by_name("primary")["lastFailure"]["status"], 503, "{stats}");
     assert!(by_name("secondary")["p99Ms"].as_u64().is_some(), "{stats}");
     scheduler.shutdown().await.unwrap();
@@ -247,23 +289,46 @@ async fn a_429_moves_traffic_at_once_without_an_attempt_and_it_comes_back_after_
     let stack = Stack::start_routed(&providers, &[]).await;
     let first = stack.seed(10).await;
     let scheduler = stack
-        .routed_scheduler(&providers, &[("HERALD__JOB_SCHEDULER__BATCH_SIZE", "10"), ("HERALD__JOB_SCHEDULER__CONCURRENCY", "1")])
+        .routed_scheduler(
+            &providers,
+            &[
+                ("HERALD__JOB_SCHEDULER__BATCH_SIZE", "10"),
+                ("HERALD__JOB_SCHEDULER__CONCURRENCY", "1"),
+            ],
+        )
         .await;
     send_all(&stack, &scheduler, 10, Duration::from_secs(20)).await;
     let throttled = stack.message(&first[0]).await;
     let log = throttled["attemptsLog"].as_array().unwrap();
     assert_eq!(log.len(), 2, "{throttled}");
-    assert_eq!((log[0]["provider"].as_str(), log[0]["status"].as_u64()), (Some("primary"), Some(429)));
+    assert_eq!(
+        (log[0]["provider"].as_str(), log[0]["status"].as_u64()),
+        (Some("primary"), Some(429))
+    );
     assert_eq!(log[1]["provider"], "secondary");
     assert_eq!(throttled["attempts"], 1, "moving on from a 429 is no new attempt");
-    assert_eq!(per_message(&s).len(), 10, "the rest went to the secondary while the primary was paused");
-    let status = stack.http.get_json(&format!("{}/job-scheduler/messenger/is-working", scheduler.url)).await;
+    assert_eq!(
+        per_message(&s).len(),
+        10,
+        "the rest went to the secondary while the primary was paused"
+    );
+    let status = stack
+        .http
+        .get_json(&format!("{}/job-scheduler/messenger/is-working", scheduler.url))
+        .await;
     assert_eq!(status["providers"][0]["state"], "paused", "{status}");
     tokio::time::sleep(Duration::from_millis(2200)).await;
     stack.seed(10).await;
     send_all(&stack, &scheduler, 20, Duration::from_secs(20)).await;
-    assert_eq!(per_message(&p).len(), 10, "after the probe the primary takes its traffic back");
-    let status = stack.http.get_json(&format!("{}/job-scheduler/messenger/is-working", scheduler.url)).await;
+    assert_eq!(
+        per_message(&p).len(),
+        10,
+        "after the probe the primary takes its traffic back"
+    );
+    let status = stack
+        .http
+        .get_json(&format!("{}/job-scheduler/messenger/is-working", scheduler.url))
+        .await;
     assert_eq!(status["providers"][0]["state"], "open", "{status}");
     scheduler.shutdown().await.unwrap();
     stack.cleanup().await;
@@ -273,23 +338,36 @@ async fn a_429_moves_traffic_at_once_without_an_attempt_and_it_comes_back_after_
 async fn a_401_pauses_the_provider_as_misconfigured_and_its_messages_go_on() {
     let (p_url, p) = sink(0, 0.0).await;
     let (s_url, s) = sink(0, 0.0).await;
-    let providers = format!(
-        "[[providers]]\nname = \"primary\"\nurl = \"{p_url}\"\nauth_key = \"a-wrong-key\"\n"
-    ) + &herald_provider("secondary", &s_url, "")
+    let providers = format!("[[providers]]\nname = \"primary\"\nurl = \"{p_url}\"\nauth_key = \"a-wrong-key\"\n")
+        + &herald_provider("secondary", &s_url, "")
         + "[[routes]]\nprefix = \"\"\nproviders = [\"primary\", \"secondary\"]\n";
     let stack = Stack::start_routed(&providers, &[]).await;
     let ids = stack.seed(5).await;
     let scheduler = stack
-        .routed_scheduler(&providers, &[("HERALD__JOB_SCHEDULER__BATCH_SIZE", "5"), ("HERALD__JOB_SCHEDULER__CONCURRENCY", "1")])
+        .routed_scheduler(
+            &providers,
+            &[
+                ("HERALD__JOB_SCHEDULER__BATCH_SIZE", "5"),
+                ("HERALD__JOB_SCHEDULER__CONCURRENCY", "1"),
+            ],
+        )
         .await;
     send_all(&stack, &scheduler, 5, Duration::from_secs(20)).await;
     assert_eq!(p.snapshot().len(), 0, "the sink answers 401 before it records");
     assert_eq!(per_message(&s).len(), 5);
     let first = stack.message(&ids[0]).await;
-    let kinds: Vec<&str> = first["attemptsLog"].as_array().unwrap().iter().map(|a| a["kind"].as_str().unwrap()).collect();
+    let kinds: Vec<&str> = first["attemptsLog"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["kind"].as_str().unwrap())
+        .collect();
     assert_eq!(kinds, ["misconfigured", "accepted"], "{first}");
     assert_eq!(first["attempts"], 1);
-    let stats = stack.http.get_json(&format!("{}/api/messenger/stats", stack.api_url)).await;
+    let stats = stack
+        .http
+        .get_json(&format!("{}/api/messenger/stats", stack.api_url))
+        .await;
     let primary = &stats["providers"][0];
     assert_eq!(primary["name"], "primary");
     assert_eq!(primary["state"], "misconfigured", "{stats}");
@@ -329,11 +407,86 @@ async fn each_provider_keeps_its_own_rate_limit_across_three_replicas() {
         let times: Vec<_> = log.snapshot().iter().map(|r| r.received_at).collect();
         let most = busiest(&times, window);
         let allowed = most_allowed(rate, burst, window);
-        println!("provider {name}: {} requests, at most {most} in {window:?} (allowed {allowed})", times.len());
+        println!(
+            "provider {name}: {} requests, at most {most} in {window:?} (allowed {allowed})",
+            times.len()
+        );
         assert!(most <= allowed, "{name}: saw {most} in {window:?}, allowed {allowed}");
     }
     let (to_a, to_b) = (per_message(&a), per_message(&b));
     assert_eq!(to_a.len() + to_b.len(), 300);
     assert!(to_a.values().chain(to_b.values()).all(|n| *n == 1));
     stack.cleanup().await;
+}
+
+/// Each preset of `configs/providers/` loads as it ships and, pointed at a stand-in speaking its
+/// provider's shape with its credentials, gets its message accepted and its id read.
+#[tokio::test]
+async fn every_shipped_provider_preset_speaks_its_providers_shape() {
+    let dir = herald_core::testing::configs_dir().join("providers");
+    for (file, format, user, key, id_prefix) in [
+        (
+            "twilio.toml",
+            SinkFormat::Twilio,
+            "ACXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXX",
+            "your-twilio-auth-token",
+            "SM",
+        ),
+        (
+            "vonage.toml",
+            SinkFormat::Vonage,
+            "your-vonage-api-key",
+            "your-vonage-api-secret",
+            "",
+        ),
+        ("infobip.toml", SinkFormat::Infobip, "", "your-infobip-api-key", ""),
+        (
+            "whatsapp.toml",
+            SinkFormat::Whatsapp,
+            "",
+            "your-whatsapp-access-token",
+            "wamid.",
+        ),
+    ] {
+        let text = std::fs::read_to_string(dir.join(file)).unwrap();
+        let mut config = herald_webhook_sink::SinkConfig::local(key, 0, 0.0);
+        config.format = format;
+        config.auth_user = user.into();
+        let (url, log) = herald_webhook_sink::WebhookSink::spawn(config).await.unwrap();
+        let local: String = text
+            .lines()
+            .map(|line| {
+                if line.starts_with("url = ") {
+                    format!("url = \"{url}\"")
+                } else {
+                    line.to_owned()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let env = test_support::TestEnv::new().await.unwrap();
+        let settings = herald_core::testing::with_providers(
+            herald_core::testing::settings_for(&env, &[("HERALD__JOB_SCHEDULER__LEASE_SECONDS", "30")]),
+            &local,
+        );
+        let routing = settings.routing().unwrap();
+        let provider = &routing.providers()[0];
+        let client = webhook_client::WebhookClient::new(provider.webhook.clone()).unwrap();
+        let outcome = client
+            .send("65f0c0de0000000000000001", "+905551234567", "hello from a preset")
+            .await;
+        let webhook_client::DeliveryOutcome::Accepted {
+            message_id: Some(id), ..
+        } = outcome
+        else {
+            panic!("{file}: {outcome:?}");
+        };
+        assert!(id.starts_with(id_prefix), "{file}: {id}");
+        let seen = log.snapshot();
+        assert_eq!(seen.len(), 1, "{file}");
+        assert_eq!(seen[0].content, "hello from a preset", "{file}");
+        assert!(seen[0].to.ends_with("905551234567"), "{file}: {}", seen[0].to);
+        assert_eq!(seen[0].message_id.as_deref(), Some(id.as_str()), "{file}");
+        env.cleanup().await.unwrap();
+    }
 }

@@ -249,7 +249,10 @@ impl MessengerService {
                 }
             }
         }
-        let (cached, ()) = tokio::join!(self.cache_commits(&cache_writes, stamp), self.record_attempts(&attempts));
+        let (cached, ()) = tokio::join!(
+            self.cache_commits(&cache_writes, stamp),
+            self.record_attempts(&attempts)
+        );
         Ok(OutcomeResults { cached, items: reports })
     }
 
@@ -291,7 +294,12 @@ impl MessengerService {
                 (write, MessageStatus::Sent, OutcomeResult::Committed, Some(entry))
             }
             Outcome::Released(o) => (
-                ClaimWrite::release(id, &o.claim.claim_token, wait_until(o.claim.wait_seconds, stamp)?, stamp),
+                ClaimWrite::release(
+                    id,
+                    &o.claim.claim_token,
+                    wait_until(o.claim.wait_seconds, stamp)?,
+                    stamp,
+                ),
                 MessageStatus::Pending,
                 OutcomeResult::Released,
                 None,
@@ -316,7 +324,15 @@ impl MessengerService {
                     _ => OutcomeResult::RetryScheduled,
                 };
                 (
-                    ClaimWrite::failure(id, token, status, next, &error, &attempt_docs(&o.failure.attempts), stamp)?,
+                    ClaimWrite::failure(
+                        id,
+                        token,
+                        status,
+                        next,
+                        &error,
+                        &attempt_docs(&o.failure.attempts),
+                        stamp,
+                    )?,
                     status,
                     result,
                     None,

@@ -4,11 +4,11 @@
 //! console show the job even while no scheduler replica is up.
 
 use bson::{doc, Document};
+use futures::TryStreamExt;
 use herald_core::jobs::{
     JobStateDoc, JobStatus, ProviderStateDoc, ProviderStatus, JOB_ID, JOB_RUNS_COLLECTION, JOB_STATE_COLLECTION,
     PROVIDER_STATE_COLLECTION,
 };
-use futures::TryStreamExt;
 use mongodb::{Collection, Database};
 
 use crate::error::StoreError;

@@ -161,7 +161,10 @@ impl ProviderStats {
     }
 
     /// Each provider's window: this clock hour and the last (from the start of the last).
-    pub async fn window(&self, now: chrono::DateTime<chrono::Utc>) -> Result<BTreeMap<String, ProviderWindow>, StoreError> {
+    pub async fn window(
+        &self,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Result<BTreeMap<String, ProviderWindow>, StoreError> {
         let start = window_start(now);
         let docs: Vec<Document> = self
             .stats

@@ -289,6 +289,26 @@ async fn provider_pauses_and_resumes_are_events_and_shown_in_the_stats() {
         app.get_json("/api/messenger/stats").await["job"]["provider"]["state"],
         "open"
     );
+    // A provider that refuses Herald's credentials is paused as misconfigured: its own event.
+    state
+        .update_one(
+            bson::doc! {"_id": "default"},
+            bson::doc! {"$set": {"paused_until": until, "reason": "provider refused Herald's credentials (HTTP 401)", "misconfigured": true}},
+        )
+        .await
+        .unwrap();
+    let mut misconfigured = None;
+    while let Some(event) = feed.next(Duration::from_secs(5)).await {
+        if event.event.starts_with("provider.") {
+            misconfigured = Some(event);
+            break;
+        }
+    }
+    let misconfigured = misconfigured.expect("a provider event");
+    assert_eq!(misconfigured.event, "provider.misconfigured");
+    assert_eq!(misconfigured.data["provider"]["name"], "default");
+    let stats = app.get_json("/api/messenger/stats").await;
+    assert_eq!(stats["providers"][0]["state"], "misconfigured", "{stats}");
     app.cleanup().await;
 }
 

@@ -150,11 +150,14 @@ test("a provider pause shows live, and failed messages are re-queued in bulk", a
   // The provider asks to wait: every replica pauses, and the console shows it as it happens.
   await call(`${SINK}/webhook-sink/behaviour`, "PUT", { failRate: 0, status: 429, retryAfterSeconds: 3, failNext: 1 });
   await createMessage("+905550000004", "Meets a 429");
-  await page.locator("#provider-state", { hasText: "Paused" }).waitFor({ timeout: 10000 });
+  await page.locator('#providers li[data-provider="default"] .provider-state', { hasText: "Paused" }).waitFor({ timeout: 10000 });
   await page.locator('#feed li[data-type="provider.paused"]').first().waitFor();
   await page.screenshot({ path: `${SHOTS}/console-paused.png` });
+  await page.locator(".providers-card").screenshot({ path: `${SHOTS}/console-providers.png` });
   await page.locator('#feed li[data-type="provider.resumed"]').first().waitFor({ timeout: 15000 });
-  await page.locator("#provider-state", { hasText: "Open" }).waitFor({ timeout: 5000 });
+  await page.locator('#providers li[data-provider="default"] .provider-state', { hasText: "Open" }).waitFor({ timeout: 5000 });
+  await page.locator('#providers li[data-provider="default"] .live-badge', { hasText: "live" }).waitFor();
+  await page.locator('#providers li[data-provider="default"] .provider-figures', { hasText: "sent" }).waitFor();
   // Bulk re-queue of the failed ones to that number: a dry run, a confirmation, the real call.
   page.once("dialog", (dialog) => dialog.accept());
   await page.fill("#search", "+905550000003");

@@ -409,7 +409,7 @@ impl Routing {
                 weights: Vec::new(),
             });
         }
-        routes.sort_by(|a, b| b.prefix.len().cmp(&a.prefix.len()));
+        routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
         Ok(Self { providers, routes })
     }
 

@@ -164,6 +164,95 @@ async function refreshStats() {
   $("sent-hour").textContent = stats.sentLastHour.toLocaleString();
   drawChart(stats.sentPerMinute);
   showJob(stats.job);
+  showProviders(stats);
+}
+
+/** One card per configured provider: state (kept live by provider.* events), the window's
+ * sent/failed and latency, the last failure. */
+function showProviders(stats) {
+  const list = $("providers");
+  $("providers-window").textContent = `since ${time(stats.providerWindowStart)}`;
+  $("providers-waiting").textContent = stats.waitingForProvider
+    ? `${stats.waitingForProvider.toLocaleString()} message(s) waiting: every provider of their route is paused`
+    : "";
+  list.replaceChildren(
+    ...stats.providers.map((p) => {
+      const item = document.createElement("li");
+      item.className = "provider";
+      item.dataset.provider = p.name;
+      const head = document.createElement("div");
+      head.className = "provider-head";
+      const name = document.createElement("strong");
+      name.textContent = p.name;
+      const pill = document.createElement("span");
+      pill.className = "pill provider-state";
+      const live = document.createElement("span");
+      live.className = "live-badge";
+      live.title = "updated live from the event feed";
+      if (liveProviders.has(p.name)) {
+        live.textContent = "live";
+        live.classList.add("on");
+      }
+      head.append(name, pill, live);
+      const figures = document.createElement("p");
+      figures.className = "provider-figures";
+      const latency = p.p50Ms == null ? "no requests" : `p50 ≤ ${p.p50Ms} ms · p99 ≤ ${p.p99Ms} ms`;
+      figures.textContent = `${p.sent.toLocaleString()} sent · ${p.failed.toLocaleString()} failed · ${latency}`;
+      const detail = document.createElement("p");
+      detail.className = "provider-detail muted";
+      item.append(head, figures, detail);
+      setProviderState(item, p);
+      if (p.lastFailure) {
+        const failure = document.createElement("p");
+        failure.className = "muted";
+        const status = p.lastFailure.status ? ` ${p.lastFailure.status}` : "";
+        failure.textContent = `last failure ${time(p.lastFailure.at)}: ${p.lastFailure.kind}${status}`;
+        item.append(failure);
+      }
+      return item;
+    }),
+  );
+}
+
+/** Shows a provider's state on its card. */
+function setProviderState(item, provider) {
+  const pill = item.querySelector(".provider-state");
+  const detail = item.querySelector(".provider-detail");
+  const paused = provider.pausedUntil && new Date(provider.pausedUntil) > new Date();
+  const shown =
+    provider.state === "open" || !provider.pausedUntil
+      ? "open"
+      : provider.state === "misconfigured" && paused
+        ? "misconfigured"
+        : paused
+          ? "paused"
+          : "probing";
+  const words = { open: "Open", paused: "Paused", misconfigured: "Misconfigured", probing: "Probing" };
+  pill.textContent = words[shown];
+  pill.className = `pill provider-state ${shown === "misconfigured" ? "paused" : shown}`;
+  detail.textContent =
+    shown === "paused" || shown === "misconfigured"
+      ? `until ${time(provider.pausedUntil)}${provider.reason ? ` · ${provider.reason}` : ""}`
+      : shown === "probing"
+        ? "one send decides"
+        : provider.failureStreak
+          ? `${provider.failureStreak} failure(s) in a row`
+          : "";
+}
+
+/** Providers whose state an event has changed since the page opened. */
+const liveProviders = new Set();
+
+/** A provider.* event: the card of that provider changes at once, marked live. */
+function showProviderEvent(type, provider) {
+  liveProviders.add(provider.name);
+  const item = document.querySelector(`#providers li[data-provider="${CSS.escape(provider.name)}"]`);
+  if (!item) return;
+  const state = type === "provider.misconfigured" ? "misconfigured" : provider.pausedUntil ? "paused" : "open";
+  setProviderState(item, { ...provider, state });
+  const badge = item.querySelector(".live-badge");
+  badge.textContent = "live";
+  badge.classList.add("on");
 }
 
 function drawChart(minutes) {
@@ -203,30 +292,6 @@ function showJob(job) {
   $("job-last-run").textContent = dateTime(job.lastRunAt);
   $("job-start").disabled = job.working;
   $("job-stop").disabled = !job.working;
-  showProvider(job.provider);
-}
-
-function showProvider(provider) {
-  const badge = $("provider-state");
-  const detail = $("provider-detail");
-  if (!provider) {
-    badge.textContent = "–";
-    badge.className = "pill";
-    detail.textContent = "";
-    return;
-  }
-  const paused = provider.pausedUntil && new Date(provider.pausedUntil) > new Date();
-  const shown = provider.state === "open" ? "open" : paused ? "paused" : "probing";
-  badge.textContent = shown === "open" ? "Open" : shown === "paused" ? "Paused" : "Probing";
-  badge.className = `pill ${shown}`;
-  detail.textContent =
-    shown === "paused"
-      ? `until ${time(provider.pausedUntil)}${provider.reason ? ` · ${provider.reason}` : ""}`
-      : shown === "probing"
-        ? "one send decides"
-        : provider.failureStreak
-          ? `${provider.failureStreak} failure(s) in a row`
-          : "";
 }
 
 async function requeueFailed() {
@@ -460,7 +525,7 @@ function onFrame(event) {
   scheduleStats();
   if (event.message) updateRow(event.message);
   if (event.job) showJobEvent(event.job);
-  if (event.provider) showProvider({ ...event.provider, state: event.provider.pausedUntil ? "paused" : "open" });
+  if (event.provider) showProviderEvent(event.type, event.provider);
 }
 
 function addToFeed(event) {
@@ -474,7 +539,7 @@ function addToFeed(event) {
         ? `by ${event.job.changedBy}`
         : ""
       : p
-        ? p.reason || ""
+        ? `${p.name}${p.reason ? `: ${p.reason}` : ""}`
         : "";
   const kind = event.type.replace(/^message\./, "");
   const status = m ? m.status : event.job ? (event.job.working ? "sent" : "failed") : p ? (p.pausedUntil ? "paused" : "open") : "";

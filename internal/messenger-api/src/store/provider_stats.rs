@@ -129,7 +129,7 @@ impl ProviderStats {
         }
         let updates: Vec<Document> = deltas
             .into_iter()
-            .map(|((provider, hour), delta)| {
+            .flat_map(|((provider, hour), delta)| {
                 let mut inc = doc! {"accepted": delta.accepted, "failed": delta.failed};
                 for (i, n) in delta.buckets.iter().enumerate().filter(|(_, n)| **n > 0) {
                     inc.insert(format!("latency.{i}"), *n);
@@ -151,7 +151,6 @@ impl ProviderStats {
                 }
                 vec![doc! {"q": {"_id": format!("{provider}:{hour}")}, "u": update, "upsert": true}]
             })
-            .flatten()
             .collect();
         // Ordered: each failure's `$set` follows the upsert that made its document.
         self.db

@@ -1,6 +1,7 @@
 //! The chaos campaign: real `herald` processes (one Messenger API, three draining Job Scheduler
 //! replicas, the webhook sink as the independent provider) under faults injected from outside —
-//! a provider that fails, throttles and answers too late, replicas killed with SIGKILL, the
+//! a provider that fails, throttles and answers too late, one of two providers killed with
+//! SIGKILL, two providers failing in turn, replicas killed with SIGKILL, the
 //! database server and Redis killed and restarted on their data, the API killed. Each scenario
 //! is checked afterwards against the provider's own record and the database (through the API):
 //! every message ends `sent` or `failed`, none lost, and every repeat the provider saw is
@@ -10,7 +11,7 @@
 //!     CHAOS_SCALE=1 cargo run -p herald --example chaos
 //!
 //! `CHAOS_SCALE` (default 1) scales messages, kills and outage lengths; `make test` runs 0.2.
-//! `CHAOS_ONLY=provider,kills,database,redis,api` picks scenarios.
+//! `CHAOS_ONLY=provider,kills,database,redis,api,provider-dies,providers-flap` picks scenarios.
 //! Needs the local MongoDB-compatible server, `secantusd-rs` and `redis-server` on PATH.
 
 #![allow(clippy::unwrap_used, missing_docs)]
@@ -423,12 +424,160 @@ async fn api_kill() -> Row {
     }
 }
 
+/// Two providers on one route, primary first: the stack's own stand-in and a second one.
+async fn two_providers(extra: &[(&'static str, String)]) -> (Stack, String) {
+    Stack::api_and_two_providers(&draining(extra), false).await
+}
+
+/// Accepted requests per idempotency key in one stand-in's record.
+fn accepted_keys(list: &[Value]) -> HashMap<String, usize> {
+    let mut keys = HashMap::new();
+    for r in list.iter().filter(|r| r["messageId"].is_string()) {
+        *keys
+            .entry(r["idempotencyKey"].as_str().unwrap_or("").to_owned())
+            .or_default() += 1;
+    }
+    keys
+}
+
+/// The primary provider's process is SIGKILLed mid-drain and stays dead: everything goes on
+/// through the secondary.
+async fn provider_dies() -> Row {
+    let n = scaled(4000.0);
+    let (mut stack, secondary) = two_providers(&[]).await;
+    seed_messages(&Http::new(TEST_KEY), &stack.api, n).await;
+    stack.replicas(REPLICAS);
+    wait_delivered(&stack, (n / 4) as u64).await;
+    // What the primary accepted (and answered) before it dies: none of it may be sent again.
+    let before = accepted_keys(&stack.received().await);
+    stack.kill("sink");
+    let killed = Instant::now();
+    let resumed = {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let start = stack.received_at(&secondary).await.len();
+        while stack.received_at(&secondary).await.len() <= start {
+            assert!(Instant::now() < deadline, "the secondary never took over");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        killed.elapsed()
+    };
+    let (sent, failed) = settled(&stack, n, Duration::from_secs(300)).await;
+    let lost = n - (sent + failed).min(n);
+    let after = accepted_keys(&stack.received_at(&secondary).await);
+    let twice_on_secondary: usize = after.values().map(|c| c - 1).sum();
+    let resent_after_accepted = before.keys().filter(|k| after.contains_key(*k)).count();
+    let moved = all_messages(&stack)
+        .await
+        .iter()
+        .filter(|m| {
+            m["provider"] == "secondary"
+                && m["attemptsLog"]
+                    .as_array()
+                    .is_some_and(|l| l.iter().any(|a| a["provider"] == "primary"))
+        })
+        .count();
+    assert_eq!((lost, failed), (0, 0), "lost or failed messages");
+    assert_eq!(twice_on_secondary, 0, "the secondary took a message twice");
+    assert_eq!(
+        resent_after_accepted, 0,
+        "a message the primary had accepted was sent again"
+    );
+    stack.cleanup().await;
+    Row {
+        scenario: "one provider dies: SIGKILL of the primary's process mid-drain, 2 providers on one route",
+        messages: n,
+        faults: format!(
+            "1 SIGKILL after {} accepted by the primary; {moved} messages moved after a failed request to it",
+            before.len()
+        ),
+        lost,
+        duplicates: twice_on_secondary + resent_after_accepted,
+        recovery: format!(
+            "the secondary took over {:.2} s after the kill; all sent",
+            resumed.as_secs_f64()
+        ),
+    }
+}
+
+/// Two providers fail in turn (all 503, or 429 with Retry-After), never both at once.
+async fn providers_flap() -> Row {
+    let n = scaled(4000.0);
+    let flips = scaled(20.0).max(4);
+    let (mut stack, secondary) = two_providers(&[("HERALD__WEBHOOK_SINK__LATENCY_MS", "20".to_owned())]).await;
+    seed_messages(&Http::new(TEST_KEY), &stack.api, n).await;
+    let primary = stack.sink.clone();
+    let client = reqwest::Client::new();
+    let behave = |base: String, body: Value| {
+        let client = client.clone();
+        async move {
+            let put = client
+                .put(format!("{base}/webhook-sink/behaviour"))
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            assert!(put.status().is_success());
+        }
+    };
+    let healthy = json!({"failRate": 0.0, "status": 500});
+    let t = Instant::now();
+    stack.replicas(REPLICAS);
+    wait_delivered(&stack, 1).await;
+    for flip in 0..flips {
+        let (down, up) = if flip % 2 == 0 {
+            (&primary, &secondary)
+        } else {
+            (&secondary, &primary)
+        };
+        behave(up.clone(), healthy.clone()).await;
+        let fault = if flip % 4 < 2 {
+            json!({"failRate": 1.0, "status": 503})
+        } else {
+            json!({"failRate": 1.0, "status": 429, "retryAfterSeconds": 1})
+        };
+        behave(down.clone(), fault).await;
+        tokio::time::sleep(Duration::from_millis(700)).await;
+    }
+    behave(primary.clone(), healthy.clone()).await;
+    behave(secondary.clone(), healthy).await;
+    let (sent, failed) = settled(&stack, n, Duration::from_secs(300)).await;
+    let took = t.elapsed();
+    let lost = n - (sent + failed).min(n);
+    let mut accepted = accepted_keys(&stack.received().await);
+    for (key, count) in accepted_keys(&stack.received_at(&secondary).await) {
+        *accepted.entry(key).or_default() += count;
+    }
+    let repeats: usize = accepted.values().map(|c| c - 1).sum();
+    let refused =
+        stack.received().await.len() + stack.received_at(&secondary).await.len() - accepted.values().sum::<usize>();
+    assert_eq!(lost, 0, "lost messages");
+    assert_eq!(repeats, 0, "a message accepted twice");
+    assert_eq!(accepted.len(), sent, "every sent message accepted once by one provider");
+    stack.cleanup().await;
+    Row {
+        scenario: "providers flap: two providers on one route fail in turn (503, then 429 + Retry-After), 0.7 s each",
+        messages: n,
+        faults: format!("{flips} flips, {refused} refused requests; ended {sent} sent, {failed} failed"),
+        lost,
+        duplicates: repeats,
+        recovery: format!("drained in {:.0} s", took.as_secs_f64()),
+    }
+}
+
 #[tokio::main]
 async fn main() {
     assert!(herald_binary().exists(), "cargo build --release --bin herald first");
     let started = Instant::now();
     let mut rows = Vec::new();
-    for (name, scenario) in [("provider", 0), ("kills", 1), ("database", 2), ("redis", 3), ("api", 4)] {
+    for (name, scenario) in [
+        ("provider", 0),
+        ("provider-dies", 5),
+        ("providers-flap", 6),
+        ("kills", 1),
+        ("database", 2),
+        ("redis", 3),
+        ("api", 4),
+    ] {
         let only = std::env::var("CHAOS_ONLY").unwrap_or_default();
         if !only.is_empty() && !only.split(',').any(|o| o == name) {
             continue;
@@ -440,6 +589,8 @@ async fn main() {
             1 => replica_kills().await,
             2 => database_restart().await,
             3 => redis_outage().await,
+            5 => provider_dies().await,
+            6 => providers_flap().await,
             _ => api_kill().await,
         };
         eprintln!("[chaos] {name}: green in {:.0} s", t.elapsed().as_secs_f64());

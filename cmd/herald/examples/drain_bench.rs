@@ -1,5 +1,6 @@
 //! Throughput benchmark with real processes: the raw driver's ceiling for the database work of
-//! a drain, Herald draining a stored backlog with 1, 2 and 4 scheduler replicas, one-message
+//! a drain, Herald draining a stored backlog with 1, 2 and 4 scheduler replicas (and with 4 to
+//! one provider against two providers splitting one route, in one sitting), one-message
 //! POSTs from 64 clients → delivered (rate and accept → sent latency), and 16 contended
 //! claimers. CPU ms per delivered message and peak RSS are read from /proc for every process
 //! (the API, each replica, the provider stand-in and the database server). Every step checks
@@ -257,6 +258,39 @@ async fn herald_drain(n: usize, replicas: usize) -> (f64, f64, f64, String) {
     (n as f64 / secs, herald_cpu, db_cpu, detail)
 }
 
+/// Herald draining a stored backlog of `n` with 4 scheduler processes to two providers that
+/// split the route evenly (each a stand-in process of its own).
+async fn herald_drain_two_providers(n: usize) -> f64 {
+    let http = Http::new(TEST_KEY);
+    let (mut stack, secondary) = Stack::api_and_two_providers(&draining(), true).await;
+    seed_messages(&http, &stack.api, n).await;
+    let t = Instant::now();
+    stack.replicas(4);
+    while stack.delivered().await + stack.delivered_at(&secondary).await < n as u64 {
+        assert!(t.elapsed() < Duration::from_secs(600), "the drain stalled");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let secs = t.elapsed().as_secs_f64();
+    while stack.sent_count().await < n as u64 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut received = stack.received_counts().await;
+    let to_primary = received.len();
+    for r in stack.received_at(&secondary).await {
+        *received
+            .entry(r["idempotencyKey"].as_str().unwrap_or("").to_owned())
+            .or_insert(0) += 1;
+    }
+    assert_eq!(received.len(), n, "every message reached a provider");
+    assert!(received.values().all(|c| *c == 1), "a message was sent twice");
+    assert!(
+        to_primary > n / 3 && to_primary < 2 * n / 3,
+        "an even split, got {to_primary} of {n}"
+    );
+    stack.cleanup().await;
+    n as f64 / secs
+}
+
 /// 64 clients POSTing one message at a time while 4 draining replicas deliver: as fast as they
 /// can (`pace` `None`: the accept rate is whatever the API takes, so on a machine where that
 /// outruns delivery a backlog builds and the latency measures it), or paced to `pace` messages
@@ -389,7 +423,7 @@ async fn main() {
     let posts = args.get(1).copied().unwrap_or(20_000);
     assert!(herald_binary().exists(), "cargo build --release --bin herald first");
 
-    // BENCH_ONLY=drain,posts,claims picks scenarios (the ceilings always run: ratios need them).
+    // BENCH_ONLY=drain,routes,posts,claims picks scenarios (the ceilings always run: ratios need them).
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
     let wanted = |name: &str| only.is_empty() || only.split(',').any(|o| o.trim() == name);
     let (insert_rate, ceiling) = raw_ceiling(backlog).await;
@@ -416,6 +450,19 @@ async fn main() {
                 "drain {n} R={replicas}: Herald {cpu:.3} CPU ms/msg, database {db_cpu:.3}; {detail}"
             ));
         }
+    }
+    if wanted("routes") {
+        // One sitting: the same backlog to one provider, then split over two.
+        let (one, ..) = herald_drain(backlog, 4).await;
+        let two = herald_drain_two_providers(backlog).await;
+        println!(
+            "| drain of a stored {backlog} backlog, R=4, one provider, msgs/s | {one:.0} | {ceiling:.0} | {:.0} % |",
+            100.0 * one / ceiling
+        );
+        println!(
+            "| the same, two providers on one route (weights 1:1), msgs/s | {two:.0} | {ceiling:.0} | {:.0} % |",
+            100.0 * two / ceiling
+        );
     }
     if wanted("posts") {
         let (rate, p50, p99, cpu, detail) = herald_posts(posts, None).await;

@@ -99,23 +99,12 @@ async fn killed_scheduler_loses_nothing(drain: &str) {
 #[tokio::test]
 async fn a_killed_primary_provider_fails_over_mid_drain_and_loses_nothing() {
     let (primary_port, secondary_port) = (crate::helpers::free_port(), crate::helpers::free_port());
-    let config_dir = std::env::temp_dir().join(format!("herald-failover-{}", uuid::Uuid::new_v4().simple()));
-    std::fs::create_dir_all(&config_dir).unwrap();
     let provider = |name: &str, port: u16| {
         format!(
             "[[providers]]\nname = \"{name}\"\nurl = \"http://127.0.0.1:{port}/webhook\"\nauth_key = \"local-dev-webhook-key\"\npause_after_failures = 3\npause_seconds = 2\n"
         )
     };
-    std::fs::write(
-        config_dir.join("test.toml"),
-        provider("primary", primary_port)
-            + &provider("secondary", secondary_port)
-            + "[[routes]]\nprefix = \"\"\nproviders = [\"primary\", \"secondary\"]\n",
-    )
-    .unwrap();
-    let dir = config_dir.to_string_lossy().into_owned();
-    let stack = stack(&[
-        ("HERALD_CONFIG_DIR", dir.as_str()),
+    let mut stack = stack(&[
         ("HERALD__JOB_SCHEDULER__DRAIN", "true"),
         ("HERALD__JOB_SCHEDULER__IDLE_POLL_MS", "50"),
         ("HERALD__JOB_SCHEDULER__BATCH_SIZE", "100"),
@@ -123,6 +112,11 @@ async fn a_killed_primary_provider_fails_over_mid_drain_and_loses_nothing() {
         ("HERALD__JOB_SCHEDULER__RUN_ON_START", "true"),
     ])
     .await;
+    stack.use_providers(
+        &(provider("primary", primary_port)
+            + &provider("secondary", secondary_port)
+            + "[[routes]]\nprefix = \"\"\nproviders = [\"primary\", \"secondary\"]\n"),
+    );
     let sink = |port: u16| {
         stack.spawn_with(
             &format!("sink-{port}"),
@@ -176,15 +170,7 @@ async fn a_killed_primary_provider_fails_over_mid_drain_and_loses_nothing() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let received: Vec<serde_json::Value> = stack
-        .client
-        .get(format!("http://127.0.0.1:{secondary_port}/webhook-sink/received"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let received = stack.received_at(&format!("http://127.0.0.1:{secondary_port}")).await;
     let mut by_secondary: HashMap<String, usize> = HashMap::new();
     for r in &received {
         *by_secondary
@@ -213,5 +199,6 @@ async fn a_killed_primary_provider_fails_over_mid_drain_and_loses_nothing() {
     assert!(by_secondary.values().all(|n| *n == 1), "the secondary took none twice");
     assert_eq!(by_secondary.len() as u64, via_secondary);
     assert!(via_primary >= 300 && moved >= 1);
-    let _ = std::fs::remove_dir_all(&config_dir);
+    drop((primary, _secondary, _api, _scheduler));
+    stack.cleanup().await;
 }

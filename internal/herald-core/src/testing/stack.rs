@@ -207,6 +207,48 @@ impl ProcessStack {
         stack
     }
 
+    /// The release build with the API and two provider stand-ins up: `primary` (the stack's
+    /// own sink) and `secondary` (a second sink process on its own port, named
+    /// `sink-secondary`), on one route — primary first, or split evenly with `split`. Each
+    /// provider pauses after 3 failures for 1 s, at most 2 s. Answers the secondary's base URL.
+    pub async fn api_and_two_providers(extra: &[(&str, String)], split: bool) -> (Self, String) {
+        let mut vars = vec![("RUST_LOG", "warn".to_owned())];
+        vars.extend(extra.iter().cloned());
+        let mut stack = Self::new(release_binary(), &vars).await;
+        let secondary_port = free_port();
+        let secondary = format!("http://127.0.0.1:{secondary_port}");
+        let provider = |name: &str, base: &str| {
+            format!(
+                "[[providers]]\nname = \"{name}\"\nurl = \"{base}/webhook\"\nauth_key = \"local-dev-webhook-key\"\npause_after_failures = 3\npause_seconds = 1\nmax_retry_after_seconds = 2\n"
+            )
+        };
+        let weights = if split { "weights = [1, 1]\n" } else { "" };
+        let fragment = provider("primary", &stack.sink)
+            + &provider("secondary", &secondary)
+            + "[[routes]]\nprefix = \"\"\nproviders = [\"primary\", \"secondary\"]\n"
+            + weights;
+        stack.use_providers(&fragment);
+        stack.start("api", &["messenger-api"], &[]);
+        stack.start("sink", &["webhook-sink"], &[]);
+        stack.start(
+            "sink-secondary",
+            &["webhook-sink"],
+            &[("HERALD__WEBHOOK_SINK__PORT".to_owned(), secondary_port.to_string())],
+        );
+        stack.wait_healthy(&format!("{}/messenger/health", stack.api)).await;
+        stack.wait_healthy(&format!("{}/webhook-sink/health", stack.sink)).await;
+        stack.wait_healthy(&format!("{secondary}/webhook-sink/health")).await;
+        (stack, secondary)
+    }
+
+    /// Requests the stand-in at `base` received so far (cheap to poll).
+    pub async fn delivered_at(&self, base: &str) -> u64 {
+        let count = Http::new(TEST_KEY)
+            .open_json(&format!("{base}/webhook-sink/received/count"))
+            .await;
+        count["count"].as_u64().unwrap_or(0)
+    }
+
     /// `herald args…` with the stack's variables and nothing inherited from the caller's
     /// `HERALD*`, run from the repository root.
     pub fn command(&self, args: &[&str]) -> Command {
@@ -288,10 +330,7 @@ impl ProcessStack {
 
     /// Every request the provider stand-in received, oldest first.
     pub async fn received(&self) -> Vec<Value> {
-        let list = Http::new(TEST_KEY)
-            .open_json(&format!("{}/webhook-sink/received", self.sink))
-            .await;
-        list.as_array().cloned().unwrap_or_default()
+        self.received_at(&self.sink).await
     }
 
     /// Every idempotency key the provider received, with how often.
@@ -307,10 +346,7 @@ impl ProcessStack {
 
     /// Requests the provider received so far (polled without loading the database).
     pub async fn delivered(&self) -> u64 {
-        let count = Http::new(TEST_KEY)
-            .open_json(&format!("{}/webhook-sink/received/count", self.sink))
-            .await;
-        count["count"].as_u64().unwrap_or(0)
+        self.delivered_at(&self.sink).await
     }
 
     /// Messages the API counts sent.
@@ -328,9 +364,33 @@ impl ProcessStack {
         pids
     }
 
+    /// Points every process started from now on at the `[[providers]]` and `[[routes]]` of
+    /// the TOML `fragment` (a `test.toml` in a folder of this stack's own, laid over the
+    /// built-in files: environment variables cannot carry arrays of tables).
+    pub fn use_providers(&mut self, fragment: &str) {
+        let dir = self.config_dir();
+        std::fs::create_dir_all(&dir).expect("stack config folder");
+        std::fs::write(dir.join("test.toml"), fragment).expect("stack test.toml");
+        self.vars
+            .insert("HERALD_CONFIG_DIR".to_owned(), dir.to_string_lossy().into_owned());
+    }
+
+    fn config_dir(&self) -> PathBuf {
+        std::env::temp_dir().join(format!("herald-stack-{}", self.env.database))
+    }
+
+    /// Requests the stand-in at `base` (`http://127.0.0.1:port`) received, oldest first.
+    pub async fn received_at(&self, base: &str) -> Vec<Value> {
+        let list = Http::new(TEST_KEY)
+            .open_json(&format!("{base}/webhook-sink/received"))
+            .await;
+        list.as_array().cloned().unwrap_or_default()
+    }
+
     /// Stops every process and drops the database and key prefix.
     pub async fn cleanup(mut self) {
         self.procs.clear();
+        let _ = std::fs::remove_dir_all(self.config_dir());
         self.env.cleanup().await.expect("test database dropped");
     }
 }

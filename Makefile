@@ -3,16 +3,17 @@
 #   make test   the whole test suite: format, lints, every test against real servers, the
 #               Postman collection with newman against a live stack, schemathesis fuzzing of both
 #               APIs, the operator console in headless Chromium, compose validation, the
-#               compose stack run for real, and the chaos campaign (shortened)
+#               Kubernetes manifests rendered and schema-validated, the compose stack run
+#               for real, and the chaos campaign (shortened)
 SHELL := /bin/bash
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: run test services services-down fmt-check lint unit-tests newman fuzz console-test screenshots compose-check compose-up-test chaos chaos-short openapi bench bench-feed bench-scale
+.PHONY: run test services services-down fmt-check lint unit-tests newman fuzz console-test screenshots compose-check k8s-check compose-up-test chaos chaos-short openapi bench bench-feed bench-scale
 
 run:
 	build/run-local.sh
 
-test: services fmt-check lint unit-tests newman fuzz console-test compose-check compose-up-test chaos-short
+test: services fmt-check lint unit-tests newman fuzz console-test compose-check k8s-check compose-up-test chaos-short
 
 services:
 	build/local-services.sh up
@@ -49,6 +50,10 @@ screenshots:
 
 compose-check:
 	build/check-compose.sh
+
+# The Kubernetes manifests: every overlay rendered and validated strictly, offline.
+k8s-check:
+	build/k8s-check.sh
 
 # The chaos campaign with real processes (docs/reliability.md); make test runs it shortened.
 chaos: services

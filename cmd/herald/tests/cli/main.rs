@@ -5,4 +5,5 @@
 
 mod crash;
 mod helpers;
+mod kubernetes;
 mod lifecycle;

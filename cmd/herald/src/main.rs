@@ -48,6 +48,10 @@ enum Command {
     /// Inspect the configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Check what this configuration points at: MongoDB (a replica set whose change streams
+    /// open, majority writes), Redis, the other role, the providers. Exits non-zero on a
+    /// failure.
+    Doctor,
 }
 
 #[derive(Debug, Subcommand)]
@@ -119,7 +123,10 @@ async fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let (mut settings, sources) = Settings::load_traced(&cli.global.config_dir, &cli.global.env, std::env::vars())?;
-    let quiet = matches!(cli.command, Command::Seed(_) | Command::Openapi(_) | Command::Config(_));
+    let quiet = matches!(
+        cli.command,
+        Command::Seed(_) | Command::Openapi(_) | Command::Config(_) | Command::Doctor
+    );
     let filter = if quiet {
         "warn".to_owned()
     } else {
@@ -163,6 +170,27 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Seed(args) => seed::run(&settings, args.count).await?,
         Command::Openapi(args) => openapi(&settings, args).await?,
         Command::Config(ConfigCommand::Check) => print_config(&cli.global.env, &sources, &settings),
+        Command::Doctor => doctor(&settings, &cli.global.env).await?,
+    }
+    Ok(())
+}
+
+/// `herald doctor`: one line per check; an error (exit 1) when one failed.
+async fn doctor(settings: &Settings, env: &str) -> anyhow::Result<()> {
+    use herald_core::doctor::{examine, Level};
+    println!("# herald doctor, environment {env:?}");
+    let findings = examine(settings, env).await;
+    for f in &findings {
+        println!("[{}] {:<14} {}", f.level.tag(), f.subject, f.detail);
+    }
+    let failed = findings.iter().filter(|f| f.level == Level::Fail).count();
+    let warned = findings.iter().filter(|f| f.level == Level::Warn).count();
+    println!(
+        "# {failed} failed, {warned} warnings, {} ok",
+        findings.len() - failed - warned
+    );
+    if failed > 0 {
+        anyhow::bail!("{failed} check(s) failed");
     }
     Ok(())
 }

@@ -4,6 +4,7 @@
 //! - [`errors`]: the catalogue of 6-digit internal codes (`configs/errors.toml`) and the one
 //!   JSON error body every failure answers with.
 //! - [`auth`]: bearer API keys, compared in constant time.
+//! - [`doctor`]: `herald doctor`'s checks of what a deployment points at.
 //! - [`http`]: binding (port 0 = any free port), the middleware stack every server wears,
 //!   graceful serving, and the `/metrics` endpoint.
 //! - [`probes`]: health and readiness bodies and the MongoDB ping.
@@ -21,6 +22,7 @@
 #![forbid(unsafe_code)]
 
 pub mod auth;
+pub mod doctor;
 pub mod errors;
 pub mod http;
 pub mod jobs;

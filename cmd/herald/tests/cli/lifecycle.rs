@@ -209,3 +209,42 @@ fn every_service_subcommand_has_ide_run_configurations() {
         assert!(help.status.success(), "herald {sub} --help");
     }
 }
+
+/// `herald doctor` against the test servers: MongoDB reachable with change streams, Redis, the
+/// API answering once it runs; and a MongoDB that is not there fails it, within its bounds.
+#[tokio::test]
+async fn doctor_checks_what_the_configuration_points_at() {
+    let stack = stack(&[]).await;
+    let doctor = |extra: &[(&str, &str)]| {
+        let mut command = stack.command(&["doctor"]);
+        command.envs(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        command.output().unwrap()
+    };
+    let before = doctor(&[]);
+    let text = String::from_utf8_lossy(&before.stdout).into_owned();
+    assert!(before.status.success(), "{text}");
+    assert!(
+        text.contains("[ok  ] mongodb") && text.contains("change streams open"),
+        "{text}"
+    );
+    assert!(text.contains("[ok  ] redis"), "{text}");
+    assert!(text.contains("[warn] messenger-api"), "not started yet: {text}");
+    assert!(text.contains("[ok  ] routes         (default) → default"), "{text}");
+
+    let _api = stack.spawn("messenger-api", &["messenger-api"]);
+    stack.wait_healthy(&format!("{}/messenger/health", stack.api)).await;
+    let text = String::from_utf8_lossy(&doctor(&[]).stdout).into_owned();
+    assert!(text.contains("[ok  ] messenger-api"), "{text}");
+
+    let closed = format!("mongodb://127.0.0.1:{}", crate::helpers::free_port());
+    let started = std::time::Instant::now();
+    let broken = doctor(&[
+        ("HERALD__MONGO__URI", closed.as_str()),
+        ("HERALD__MONGO__SERVER_SELECTION_TIMEOUT_MS", "500"),
+    ]);
+    let text = String::from_utf8_lossy(&broken.stdout).into_owned();
+    assert!(!broken.status.success(), "{text}");
+    assert!(text.contains("[FAIL] mongodb"), "{text}");
+    assert!(started.elapsed() < Duration::from_secs(15), "bounded");
+    stack.cleanup().await;
+}

@@ -1,0 +1,254 @@
+//! `herald doctor`: what a deployment needs from what it points at, checked from where Herald
+//! runs — MongoDB reachable, a replica set whose change streams open (the live feed needs
+//! them), majority writes (a commit survives a failover), Redis reachable, the other role
+//! answering, and the providers as configured. Each check is bounded in time; the verdict is
+//! one line per check.
+
+use std::time::{Duration, Instant};
+
+use layered_config::ExposeSecret;
+use mongodb::bson::{doc, Document};
+use mongodb::options::ClientOptions;
+
+use crate::settings::Settings;
+
+/// How bad a finding is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Level {
+    /// As it should be.
+    Ok,
+    /// Works, but not as a deployment should.
+    Warn,
+    /// Herald cannot work like this.
+    Fail,
+}
+
+impl Level {
+    /// The tag printed before the line.
+    pub fn tag(self) -> &'static str {
+        match self {
+            Self::Ok => "ok  ",
+            Self::Warn => "warn",
+            Self::Fail => "FAIL",
+        }
+    }
+}
+
+/// One finding.
+#[derive(Debug, Clone)]
+pub struct Finding {
+    /// How bad.
+    pub level: Level,
+    /// What was checked (`mongodb`, `redis`, `messenger-api`…).
+    pub subject: &'static str,
+    /// What was found, and what to do when it is not ok.
+    pub detail: String,
+}
+
+fn finding(level: Level, subject: &'static str, detail: impl Into<String>) -> Finding {
+    Finding {
+        level,
+        subject,
+        detail: detail.into(),
+    }
+}
+
+/// The longest any one check waits.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Runs every check against what `settings` point at.
+pub async fn examine(settings: &Settings, env: &str) -> Vec<Finding> {
+    let mut findings = Vec::new();
+    findings.extend(mongodb(settings).await);
+    findings.extend(redis(settings).await);
+    for (subject, url) in [
+        (
+            "messenger-api",
+            format!("{}/messenger/health", settings.messenger_api.url),
+        ),
+        (
+            "job-scheduler",
+            format!("{}/job-scheduler/health", settings.job_scheduler.url),
+        ),
+    ] {
+        findings.push(peer(subject, &url).await);
+    }
+    findings.extend(providers(settings, env));
+    findings
+}
+
+async fn mongodb(settings: &Settings) -> Vec<Finding> {
+    let mut out = Vec::new();
+    let options = match ClientOptions::parse(settings.mongo.uri.expose_secret()).await {
+        Ok(options) => options,
+        Err(error) => {
+            return vec![finding(
+                Level::Fail,
+                "mongodb",
+                format!("mongo.uri cannot be read: {error}"),
+            )]
+        }
+    };
+    let majority = options
+        .write_concern
+        .as_ref()
+        .and_then(|w| w.w.as_ref())
+        .is_some_and(|w| matches!(w, mongodb::options::Acknowledgment::Majority));
+    let db = match crate::mongo::connect(&settings.mongo, "herald-doctor").await {
+        Ok(db) => db,
+        Err(error) => return vec![finding(Level::Fail, "mongodb", format!("cannot connect: {error:#}"))],
+    };
+    let started = Instant::now();
+    let hello = tokio::time::timeout(CHECK_TIMEOUT, db.run_command(doc! {"hello": 1})).await;
+    let hello: Document = match hello {
+        Ok(Ok(answer)) => answer,
+        Ok(Err(error)) => {
+            return vec![finding(Level::Fail, "mongodb", format!("not reachable: {error}"))];
+        }
+        Err(_) => return vec![finding(Level::Fail, "mongodb", "no answer within 3 s")],
+    };
+    out.push(finding(
+        Level::Ok,
+        "mongodb",
+        format!(
+            "reachable, database {:?} ({} ms)",
+            settings.mongo.database,
+            started.elapsed().as_millis()
+        ),
+    ));
+    let set = hello.get_str("setName").ok().map(str::to_owned);
+    let messages = db.collection::<Document>("messages");
+    let stream = tokio::time::timeout(CHECK_TIMEOUT, messages.watch()).await;
+    match stream {
+        Ok(Ok(_)) => out.push(finding(
+            Level::Ok,
+            "mongodb",
+            match &set {
+                Some(name) => format!("replica set {name:?}: change streams open (the live feed works)"),
+                None => "change streams open (the live feed works)".to_owned(),
+            },
+        )),
+        Ok(Err(error)) => out.push(finding(
+            Level::Fail,
+            "mongodb",
+            format!(
+                "change streams cannot open ({error}): the live feed (SSE, WebSocket, console) needs a replica set; run mongod with --replSet (a one-member set will do) and add replicaSet=… to mongo.uri"
+            ),
+        )),
+        Err(_) => out.push(finding(Level::Fail, "mongodb", "opening a change stream took over 3 s")),
+    }
+    let members = hello.get_array("hosts").map(|h| h.len()).unwrap_or(0);
+    if set.is_some() && members > 1 && !majority {
+        out.push(finding(
+            Level::Warn,
+            "mongodb",
+            format!("{members} members but writes are not w=majority: a commit acknowledged by one member can be lost in a failover; add w=majority to mongo.uri"),
+        ));
+    } else if majority {
+        out.push(finding(Level::Ok, "mongodb", "writes are w=majority"));
+    }
+    out
+}
+
+async fn redis(settings: &Settings) -> Vec<Finding> {
+    let connection = match crate::redis_conn::lazy_connection(&settings.redis, CHECK_TIMEOUT) {
+        Ok(connection) => connection,
+        Err(error) => {
+            return vec![finding(
+                Level::Fail,
+                "redis",
+                format!("redis.url cannot be read: {error:#}"),
+            )]
+        }
+    };
+    let mut connection = connection;
+    let started = Instant::now();
+    let info: Result<String, _> = tokio::time::timeout(
+        CHECK_TIMEOUT,
+        redis::cmd("INFO").arg("server").query_async(&mut connection),
+    )
+    .await
+    .map_err(|_| "no answer within 3 s".to_owned())
+    .and_then(|r| r.map_err(|e| e.to_string()));
+    match info {
+        Ok(info) => {
+            let field = |name: &str| {
+                info.lines()
+                    .find_map(|l| l.strip_prefix(&format!("{name}:")))
+                    .map(|v| v.trim().to_owned())
+                    .unwrap_or_else(|| "?".into())
+            };
+            // Redis degrades Herald (the cache, the shared rate limit), it does not stop it.
+            vec![finding(
+                Level::Ok,
+                "redis",
+                format!(
+                    "reachable, version {}, mode {} ({} ms)",
+                    field("redis_version"),
+                    field("redis_mode"),
+                    started.elapsed().as_millis()
+                ),
+            )]
+        }
+        Err(error) => vec![finding(
+            Level::Warn,
+            "redis",
+            format!("not reachable ({error}): sending goes on, but the sent cache and the shared rate limit fall back"),
+        )],
+    }
+}
+
+async fn peer(subject: &'static str, url: &str) -> Finding {
+    let client = match reqwest::Client::builder().timeout(CHECK_TIMEOUT).build() {
+        Ok(client) => client,
+        Err(error) => return finding(Level::Warn, subject, format!("cannot build an HTTP client: {error}")),
+    };
+    match client.get(url).send().await {
+        Ok(response) if response.status().is_success() => finding(Level::Ok, subject, format!("answers at {url}")),
+        Ok(response) => finding(Level::Warn, subject, format!("{url} answered {}", response.status())),
+        Err(_) => finding(
+            Level::Warn,
+            subject,
+            format!("no answer at {url} (not started yet, or the URL this role is given is wrong)"),
+        ),
+    }
+}
+
+fn providers(settings: &Settings, env: &str) -> Vec<Finding> {
+    let routing = match settings.routing() {
+        Ok(routing) => routing,
+        Err(error) => return vec![finding(Level::Fail, "providers", error.to_string())],
+    };
+    let mut out = Vec::new();
+    for provider in routing.providers() {
+        let url = &provider.webhook.url;
+        let level = if env == "production" && url.starts_with("http://") {
+            Level::Warn
+        } else {
+            Level::Ok
+        };
+        let note = if level == Level::Warn {
+            " — plain http in production: the key travels unencrypted"
+        } else {
+            ""
+        };
+        out.push(finding(
+            level,
+            "providers",
+            format!("{} → {url} ({:?}){note}", provider.name, provider.webhook.shape.format),
+        ));
+    }
+    for route in routing.routes() {
+        let prefix = if route.prefix.is_empty() {
+            "(default)"
+        } else {
+            &route.prefix
+        };
+        out.push(finding(
+            Level::Ok,
+            "routes",
+            format!("{prefix} → {}", route.names.join(", ")),
+        ));
+    }
+    out
+}

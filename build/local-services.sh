@@ -9,6 +9,7 @@
 # `mongod` on PATH; else the MongoDB-wire-compatible SecantusDB server `secantusd-rs`
 # (installed with cmake + cargo when missing), falling back to `secantusd-py` (pip).
 # Redis: one already answering on REDIS_PORT wins; else `redis-server` (from apt when missing).
+# HAProxy (the balancer test starts its own) is installed from apt when missing.
 # Data and logs live under .local/ (git-ignored).
 set -euo pipefail
 
@@ -102,6 +103,8 @@ case "${1:-}" in
     mkdir -p "$STATE"
     mongo_up
     redis_up
+    # The balancer test runs HAProxy in front of two API processes (it starts its own).
+    command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || apt_install haproxy
     log "ready: mongodb://127.0.0.1:$MONGO_PORT  redis://127.0.0.1:$REDIS_PORT"
     ;;
   down)

@@ -3,6 +3,7 @@
 
 #![allow(clippy::unwrap_used, missing_docs)]
 
+mod balancer;
 mod crash;
 mod helpers;
 mod kubernetes;

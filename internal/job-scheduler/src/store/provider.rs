@@ -107,11 +107,17 @@ impl ProviderStore {
     /// Counts one more retryable failure in a row; answers the state after it (the streak,
     /// and any pause another replica set meanwhile).
     pub async fn count_failure(&self) -> Result<ProviderStateDoc, StoreError> {
-        let updated = self
-            .state
-            .find_one_and_update(doc! {"_id": &self.name}, doc! {"$inc": {"failure_streak": 1}})
-            .with_options(Self::upsert_after())
-            .await?;
+        let count = || {
+            self.state
+                .find_one_and_update(doc! {"_id": &self.name}, doc! {"$inc": {"failure_streak": 1}})
+                .with_options(Self::upsert_after())
+        };
+        let updated = match count().await.map_err(StoreError::from) {
+            // Replicas counting the first failure at once race to create the document: the
+            // losers' upsert meets the winner's key, and their `$inc` applies to it now.
+            Err(StoreError::AlreadyExists) => count().await?,
+            other => other?,
+        };
         Ok(updated.unwrap_or_else(|| ProviderStateDoc {
             id: self.name.clone(),
             failure_streak: 1,

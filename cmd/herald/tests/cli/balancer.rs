@@ -1,0 +1,221 @@
+//! Two Messenger API processes behind a real HAProxy: the scheduler and a live-feed subscriber
+//! go through the balancer; one API process is SIGKILLed mid-drain. Sending goes on through the
+//! other, the subscriber reconnects through the balancer with `Last-Event-ID` and misses no
+//! event, nothing is lost and nothing is sent twice.
+
+use std::collections::HashSet;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+
+use crate::helpers::{free_port, repo_root, stack};
+
+/// A running HAProxy, stopped when dropped.
+struct Balancer(Child);
+
+impl Drop for Balancer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn haproxy(port: u16, backends: &[u16]) -> Option<Balancer> {
+    let binary = ["/usr/sbin/haproxy", "/usr/bin/haproxy"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())?;
+    let template = std::fs::read_to_string(repo_root().join("build/haproxy/haproxy.cfg.template")).unwrap();
+    let servers: String = backends
+        .iter()
+        .enumerate()
+        .map(|(i, p)| format!("    server api{} 127.0.0.1:{p} check\n", i + 1))
+        .collect();
+    let config = template
+        .replace("@BIND@", &format!("127.0.0.1:{port}"))
+        .replace("@SERVERS@", &servers);
+    let path = std::env::temp_dir().join(format!("herald-haproxy-{port}.cfg"));
+    std::fs::write(&path, config).unwrap();
+    let child = Command::new(binary)
+        .args(["-db", "-f"])
+        .arg(&path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    Some(Balancer(child))
+}
+
+/// What the subscriber saw: the messages it saw sent, the replica of each connection.
+#[derive(Default)]
+struct Seen {
+    sent: HashSet<String>,
+    backends: Vec<String>,
+}
+
+/// Reads the live feed through `url`, reconnecting with `Last-Event-ID` whenever it breaks,
+/// and collects the ids of the messages it saw sent into `seen`, until `stop`.
+async fn subscribe(url: String, key: String, seen: Arc<Mutex<Seen>>, stop: tokio_util::sync::CancellationToken) {
+    let client = reqwest::Client::new();
+    let mut last_id: Option<String> = None;
+    while !stop.is_cancelled() {
+        let mut request = client.get(&url).bearer_auth(&key).header("accept", "text/event-stream");
+        if let Some(id) = &last_id {
+            request = request.header("Last-Event-ID", id);
+        }
+        let Ok(response) = request.send().await else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        if !response.status().is_success() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        }
+        let backend = response
+            .headers()
+            .get("x-herald-backend")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("?")
+            .to_owned();
+        seen.lock().unwrap().backends.push(backend);
+        let mut body = response.bytes_stream();
+        let mut buffer = String::new();
+        let (mut id, mut event, mut data) = (String::new(), String::new(), String::new());
+        loop {
+            let chunk = tokio::select! {
+                chunk = body.next() => chunk,
+                () = stop.cancelled() => return,
+            };
+            let Some(Ok(chunk)) = chunk else { break };
+            buffer.push_str(&String::from_utf8_lossy(&chunk));
+            while let Some(end) = buffer.find('\n') {
+                let line = buffer[..end].trim_end_matches('\r').to_owned();
+                buffer.drain(..=end);
+                if line.is_empty() {
+                    if event == "message.sent" {
+                        let value: serde_json::Value = serde_json::from_str(&data).unwrap_or_default();
+                        if let Some(message) = value["message"]["id"].as_str() {
+                            seen.lock().unwrap().sent.insert(message.to_owned());
+                        }
+                    }
+                    if !id.is_empty() {
+                        last_id = Some(id.clone());
+                    }
+                    (id, event, data) = (String::new(), String::new(), String::new());
+                } else if let Some(v) = line.strip_prefix("id:") {
+                    id = v.trim().to_owned();
+                } else if let Some(v) = line.strip_prefix("event:") {
+                    event = v.trim().to_owned();
+                } else if let Some(v) = line.strip_prefix("data:") {
+                    data.push_str(v.trim_start());
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_api_replica_killed_behind_haproxy_mid_drain_loses_nothing_and_the_feed_misses_no_event() {
+    let balancer_port = free_port();
+    let balanced = format!("http://127.0.0.1:{balancer_port}");
+    let stack = stack(&[
+        ("HERALD__MESSENGER_API__URL", balanced.as_str()),
+        ("HERALD__JOB_SCHEDULER__DRAIN", "true"),
+        ("HERALD__JOB_SCHEDULER__IDLE_POLL_MS", "50"),
+        ("HERALD__JOB_SCHEDULER__BATCH_SIZE", "100"),
+        ("HERALD__JOB_SCHEDULER__CONCURRENCY", "8"),
+        ("HERALD__WEBHOOK_SINK__LATENCY_MS", "5"),
+    ])
+    .await;
+    let first_port: u16 = stack.api.rsplit(':').next().unwrap().parse().unwrap();
+    let second_port = free_port();
+    let first = stack.spawn("messenger-api-1", &["messenger-api"]);
+    let second = stack.spawn_with(
+        "messenger-api-2",
+        &["messenger-api"],
+        &[("HERALD__MESSENGER_API__PORT".to_owned(), second_port.to_string())],
+    );
+    let _sink = stack.spawn("webhook-sink", &["webhook-sink"]);
+    stack.wait_healthy(&format!("{}/messenger/health", stack.api)).await;
+    stack
+        .wait_healthy(&format!("http://127.0.0.1:{second_port}/messenger/health"))
+        .await;
+    stack.wait_healthy(&format!("{}/webhook-sink/health", stack.sink)).await;
+    let Some(_balancer) = haproxy(balancer_port, &[first_port, second_port]) else {
+        panic!("haproxy is needed (Debian package haproxy; build/local-services.sh up installs it)");
+    };
+    stack.wait_healthy(&format!("{balanced}/messenger/health")).await;
+
+    let stop = tokio_util::sync::CancellationToken::new();
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let subscriber = tokio::spawn(subscribe(
+        format!("{balanced}/api/messenger/events?status=sent"),
+        herald_core::testing::TEST_KEY.to_owned(),
+        seen.clone(),
+        stop.clone(),
+    ));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while seen.lock().unwrap().backends.is_empty() {
+        assert!(Instant::now() < deadline, "the subscriber never connected");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Kill the replica the subscriber is on: it must reconnect through the balancer.
+    let on = seen.lock().unwrap().backends[0].clone();
+    let mut doomed = if on == "api1" { first } else { second };
+    let n = 3000;
+    let http = test_support::Http::new(herald_core::testing::TEST_KEY);
+    let ids: HashSet<String> = herald_core::testing::seed_messages(&http, &balanced, n)
+        .await
+        .into_iter()
+        .collect();
+    let _scheduler = stack.spawn("job-scheduler", &["job-scheduler"]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while stack.delivered().await < 600 {
+        assert!(Instant::now() < deadline, "the drain never reached 600");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    doomed.signal("KILL");
+    doomed.wait_exit(Duration::from_secs(5)).expect("killed");
+    let killed_at = stack.delivered().await;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let stats = http.get_json(&format!("{balanced}/api/messenger/stats")).await;
+        if stats["counts"]["sent"].as_u64() == Some(n as u64) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not all sent: {}", stats["counts"]);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The feed catches up through the surviving replica.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while seen.lock().unwrap().sent.len() < n && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.cancel();
+    subscriber.await.unwrap();
+    let seen = std::mem::take(&mut *seen.lock().unwrap());
+    let received = stack.received_counts().await;
+    let repeats: usize = received.values().map(|c| c - 1).sum();
+    println!(
+        "API replica {on} (the subscriber's) killed after {killed_at} delivered: {} delivered, {repeats} repeats; the subscriber saw {} of {n} sent events over connections to {:?}",
+        received.len(),
+        seen.sent.len(),
+        seen.backends
+    );
+    assert_eq!(received.len(), n, "every message reached the provider");
+    assert_eq!(repeats, 0, "none sent twice");
+    let missed: Vec<&String> = ids.iter().filter(|id| !seen.sent.contains(*id)).take(5).collect();
+    assert!(missed.is_empty(), "the feed missed sent events, e.g. {missed:?}");
+    assert!(
+        seen.backends.len() >= 2,
+        "the subscriber reconnected: {:?}",
+        seen.backends
+    );
+    assert_ne!(
+        seen.backends.last(),
+        Some(&on),
+        "and now reads from the surviving replica"
+    );
+    stack.cleanup().await;
+}

@@ -56,10 +56,11 @@ fn finding(level: Level, subject: &'static str, detail: impl Into<String>) -> Fi
 /// The longest any one check waits.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// Runs every check against what `settings` point at.
-pub async fn examine(settings: &Settings, env: &str) -> Vec<Finding> {
+/// Runs every check against what `settings` point at; `indexes` are the names the Messenger
+/// API creates on `messages`.
+pub async fn examine(settings: &Settings, env: &str, indexes: &[&str]) -> Vec<Finding> {
     let mut findings = Vec::new();
-    findings.extend(mongodb(settings).await);
+    findings.extend(mongodb(settings, indexes).await);
     findings.extend(redis(settings).await);
     for (subject, url) in [
         (
@@ -73,11 +74,11 @@ pub async fn examine(settings: &Settings, env: &str) -> Vec<Finding> {
     ] {
         findings.push(peer(subject, &url).await);
     }
-    findings.extend(providers(settings, env));
+    findings.extend(providers(settings, env).await);
     findings
 }
 
-async fn mongodb(settings: &Settings) -> Vec<Finding> {
+async fn mongodb(settings: &Settings, indexes: &[&str]) -> Vec<Finding> {
     let mut out = Vec::new();
     let options = match ClientOptions::parse(settings.mongo.uri.expose_secret()).await {
         Ok(options) => options,
@@ -107,16 +108,32 @@ async fn mongodb(settings: &Settings) -> Vec<Finding> {
         }
         Err(_) => return vec![finding(Level::Fail, "mongodb", "no answer within 3 s")],
     };
+    let latency = started.elapsed().as_millis();
+    let version = match tokio::time::timeout(CHECK_TIMEOUT, db.run_command(doc! {"buildInfo": 1})).await {
+        Ok(Ok(info)) => info.get_str("version").unwrap_or("?").to_owned(),
+        _ => "?".to_owned(),
+    };
     out.push(finding(
         Level::Ok,
         "mongodb",
         format!(
-            "reachable, database {:?} ({} ms)",
-            settings.mongo.database,
-            started.elapsed().as_millis()
+            "reachable, server {version}, database {:?} ({latency} ms)",
+            settings.mongo.database
         ),
     ));
     let set = hello.get_str("setName").ok().map(str::to_owned);
+    if let Some(name) = &set {
+        let hosts: Vec<String> = hello
+            .get_array("hosts")
+            .map(|h| h.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect())
+            .unwrap_or_default();
+        out.push(finding(
+            Level::Ok,
+            "mongodb",
+            format!("replica set {name:?}, members: {}", hosts.join(", ")),
+        ));
+    }
+    out.push(index_check(&db, indexes).await);
     let messages = db.collection::<Document>("messages");
     let stream = tokio::time::timeout(CHECK_TIMEOUT, messages.watch()).await;
     match stream {
@@ -148,6 +165,48 @@ async fn mongodb(settings: &Settings) -> Vec<Finding> {
         out.push(finding(Level::Ok, "mongodb", "writes are w=majority"));
     }
     out
+}
+
+/// Whether `messages` holds every index the Messenger API creates.
+async fn index_check(db: &mongodb::Database, expected: &[&str]) -> Finding {
+    let names = tokio::time::timeout(CHECK_TIMEOUT, db.collection::<Document>("messages").list_index_names()).await;
+    match names {
+        Ok(Ok(names)) => {
+            let missing: Vec<&&str> = expected.iter().filter(|e| !names.iter().any(|n| n == **e)).collect();
+            if missing.is_empty() {
+                finding(
+                    Level::Ok,
+                    "mongodb",
+                    format!("indexes of messages present: {}", expected.join(", ")),
+                )
+            } else {
+                finding(
+                    Level::Warn,
+                    "mongodb",
+                    format!(
+                        "indexes of messages missing: {} (the Messenger API creates them at start; claims and lists read whole ranges without them)",
+                        missing.iter().map(|m| **m).collect::<Vec<_>>().join(", ")
+                    ),
+                )
+            }
+        }
+        // A fresh database has no collection yet: nothing to read, nothing wrong.
+        Ok(Err(error))
+            if error.to_string().contains("NamespaceNotFound") || error.to_string().contains("ns does not exist") =>
+        {
+            finding(
+                Level::Warn,
+                "mongodb",
+                "no messages collection yet: the Messenger API creates it and its indexes at start",
+            )
+        }
+        Ok(Err(error)) => finding(
+            Level::Warn,
+            "mongodb",
+            format!("cannot list the indexes of messages: {error}"),
+        ),
+        Err(_) => finding(Level::Warn, "mongodb", "listing the indexes took over 3 s"),
+    }
 }
 
 async fn redis(settings: &Settings) -> Vec<Finding> {
@@ -214,7 +273,32 @@ async fn peer(subject: &'static str, url: &str) -> Finding {
     }
 }
 
-fn providers(settings: &Settings, env: &str) -> Vec<Finding> {
+/// Whether the host of `url` resolves (a name the resolver cannot find fails every send).
+async fn resolves(url: &str) -> Result<(), String> {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let authority = rest.split(['/', '?']).next().unwrap_or(rest);
+    let authority = authority.rsplit_once('@').map_or(authority, |(_, host)| host);
+    let with_port = if authority
+        .rsplit_once(':')
+        .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+    {
+        authority.to_owned()
+    } else if url.starts_with("https://") {
+        format!("{authority}:443")
+    } else {
+        format!("{authority}:80")
+    };
+    match tokio::time::timeout(CHECK_TIMEOUT, tokio::net::lookup_host(with_port)).await {
+        Ok(Ok(mut addresses)) => match addresses.next() {
+            Some(_) => Ok(()),
+            None => Err("resolves to no address".into()),
+        },
+        Ok(Err(error)) => Err(error.to_string()),
+        Err(_) => Err("no answer from the resolver within 3 s".into()),
+    }
+}
+
+async fn providers(settings: &Settings, env: &str) -> Vec<Finding> {
     let routing = match settings.routing() {
         Ok(routing) => routing,
         Err(error) => return vec![finding(Level::Fail, "providers", error.to_string())],
@@ -222,15 +306,16 @@ fn providers(settings: &Settings, env: &str) -> Vec<Finding> {
     let mut out = Vec::new();
     for provider in routing.providers() {
         let url = &provider.webhook.url;
-        let level = if env == "production" && url.starts_with("http://") {
-            Level::Warn
-        } else {
-            Level::Ok
-        };
-        let note = if level == Level::Warn {
-            " — plain http in production: the key travels unencrypted"
-        } else {
-            ""
+        let (level, note) = match resolves(url).await {
+            Err(why) => (
+                Level::Fail,
+                format!(" — its host does not resolve ({why}): every send would fail"),
+            ),
+            Ok(()) if env == "production" && url.starts_with("http://") => (
+                Level::Warn,
+                " — plain http in production: the key travels unencrypted".to_owned(),
+            ),
+            Ok(()) => (Level::Ok, String::new()),
         };
         out.push(finding(
             level,

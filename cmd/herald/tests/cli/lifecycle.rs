@@ -229,12 +229,22 @@ async fn doctor_checks_what_the_configuration_points_at() {
     );
     assert!(text.contains("[ok  ] redis"), "{text}");
     assert!(text.contains("[warn] messenger-api"), "not started yet: {text}");
+    assert!(text.contains("no messages collection yet"), "a fresh database: {text}");
     assert!(text.contains("[ok  ] routes         (default) → default"), "{text}");
 
     let _api = stack.spawn("messenger-api", &["messenger-api"]);
     stack.wait_healthy(&format!("{}/messenger/health", stack.api)).await;
     let text = String::from_utf8_lossy(&doctor(&[]).stdout).into_owned();
     assert!(text.contains("[ok  ] messenger-api"), "{text}");
+    assert!(
+        text.contains("[ok  ] mongodb        indexes of messages present: claim,"),
+        "the API made them: {text}"
+    );
+    assert!(text.contains("members: "), "{text}");
+    assert!(
+        text.contains("[ok  ] providers      default → http://127.0.0.1:"),
+        "resolves: {text}"
+    );
 
     let closed = format!("mongodb://127.0.0.1:{}", crate::helpers::free_port());
     let started = std::time::Instant::now();

@@ -49,6 +49,18 @@ pub use writes::{Accepted, ClaimWrite, TransitionOutcome};
 /// Name of the collection.
 pub const COLLECTION: &str = "messages";
 
+/// The indexes [`MessageStore::ensure_indexes`] creates on `messages`, by name (`herald doctor`
+/// checks they are there).
+pub const INDEX_NAMES: [&str; 7] = [
+    "claim",
+    "sent",
+    "status_id",
+    "idempotency_key",
+    "recipient",
+    "claim_token",
+    "waiting_for_provider",
+];
+
 /// The repository over `messages`: inserts, lists, claims, transitions and counts.
 #[derive(Clone)]
 pub struct MessageStore {
@@ -110,10 +122,10 @@ impl MessageStore {
         &self.counts
     }
 
-    /// Creates the indexes (idempotent).
+    /// Creates the indexes (idempotent); their names are [`INDEX_NAMES`].
     pub async fn ensure_indexes(&self) -> Result<(), StoreError> {
         // (keys, name, unique, sparse)
-        let specs = [
+        let specs: [(Document, &str, bool, bool); INDEX_NAMES.len()] = [
             (
                 doc! {"status": 1, "next_attempt_at": 1, "_id": 1},
                 "claim",

@@ -1,14 +1,16 @@
-//! Two Messenger API processes behind a real HAProxy: the scheduler and a live-feed subscriber
-//! go through the balancer; one API process is SIGKILLed mid-drain. Sending goes on through the
-//! other, the subscriber reconnects through the balancer with `Last-Event-ID` and misses no
-//! event, nothing is lost and nothing is sent twice.
+//! Two Messenger API processes behind a real HAProxy: the scheduler and two live-feed
+//! subscribers (SSE and WebSocket) go through the balancer; the API process they are on is
+//! SIGKILLed mid-drain. Sending goes on through the other, each subscriber reconnects through
+//! the balancer with its last event id and misses no event, nothing is lost and nothing is
+//! sent twice.
 
 use std::collections::HashSet;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
+use futures::{SinkExt, StreamExt};
+use tokio_tungstenite::tungstenite::Message as WsMessage;
 
 use crate::helpers::{free_port, repo_root, stack};
 
@@ -115,6 +117,67 @@ async fn subscribe(url: String, key: String, seen: Arc<Mutex<Seen>>, stop: tokio
     }
 }
 
+/// The same over the WebSocket: `{"auth", "lastEventId"}` first, then a `subscribe` to sent
+/// messages; reconnects after a break. The first connection is made to the replica `on`
+/// (HAProxy alternates, so a connection on the other one is closed and made again).
+async fn subscribe_ws(
+    url: String,
+    key: String,
+    on: String,
+    seen: Arc<Mutex<Seen>>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let mut last_id: Option<String> = None;
+    while !stop.is_cancelled() {
+        let Ok((mut socket, response)) = tokio_tungstenite::connect_async(url.as_str()).await else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let backend = response
+            .headers()
+            .get("x-herald-backend")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("?")
+            .to_owned();
+        if seen.lock().unwrap().backends.is_empty() && backend != on {
+            let _ = socket.close(None).await;
+            continue;
+        }
+        seen.lock().unwrap().backends.push(backend);
+        let mut login = serde_json::json!({"auth": key});
+        if let Some(id) = &last_id {
+            login["lastEventId"] = serde_json::Value::String(id.clone());
+        }
+        let subscribe = serde_json::json!({"subscribe": {"status": ["sent"]}});
+        if socket.send(WsMessage::text(login.to_string())).await.is_err()
+            || socket.send(WsMessage::text(subscribe.to_string())).await.is_err()
+        {
+            continue;
+        }
+        loop {
+            let frame = tokio::select! {
+                frame = socket.next() => frame,
+                () = stop.cancelled() => return,
+            };
+            match frame {
+                Some(Ok(WsMessage::Text(text))) => {
+                    let event: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+                    if event["type"] == "message.sent" {
+                        if let Some(message) = event["message"]["id"].as_str() {
+                            seen.lock().unwrap().sent.insert(message.to_owned());
+                        }
+                    }
+                    if let Some(id) = event["id"].as_str().filter(|id| !id.is_empty()) {
+                        last_id = Some(id.to_owned());
+                    }
+                }
+                Some(Ok(_)) => {}
+                _ => break,
+            }
+        }
+    }
+}
+
 #[tokio::test]
 async fn an_api_replica_killed_behind_haproxy_mid_drain_loses_nothing_and_the_feed_misses_no_event() {
     let balancer_port = free_port();
@@ -160,8 +223,27 @@ async fn an_api_replica_killed_behind_haproxy_mid_drain_loses_nothing_and_the_fe
         assert!(Instant::now() < deadline, "the subscriber never connected");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    // Kill the replica the subscriber is on: it must reconnect through the balancer.
+    // Kill the replica the subscriber is on: it must reconnect through the balancer. The
+    // WebSocket subscriber is made to connect to the same one.
     let on = seen.lock().unwrap().backends[0].clone();
+    let ws_seen = Arc::new(Mutex::new(Seen::default()));
+    let ws_subscriber = tokio::spawn(subscribe_ws(
+        format!("ws://127.0.0.1:{balancer_port}/api/messenger/ws"),
+        herald_core::testing::TEST_KEY.to_owned(),
+        on.clone(),
+        ws_seen.clone(),
+        stop.clone(),
+    ));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while ws_seen.lock().unwrap().backends.is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the WebSocket subscriber never connected to {on}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Let its login and subscription land before the first event.
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let mut doomed = if on == "api1" { first } else { second };
     let n = 3000;
     let http = test_support::Http::new(herald_core::testing::TEST_KEY);
@@ -189,12 +271,14 @@ async fn an_api_replica_killed_behind_haproxy_mid_drain_loses_nothing_and_the_fe
     }
     // The feed catches up through the surviving replica.
     let deadline = Instant::now() + Duration::from_secs(30);
-    while seen.lock().unwrap().sent.len() < n && Instant::now() < deadline {
+    while (seen.lock().unwrap().sent.len() < n || ws_seen.lock().unwrap().sent.len() < n) && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     stop.cancel();
     subscriber.await.unwrap();
+    ws_subscriber.await.unwrap();
     let seen = std::mem::take(&mut *seen.lock().unwrap());
+    let ws_seen = std::mem::take(&mut *ws_seen.lock().unwrap());
     let received = stack.received_counts().await;
     let repeats: usize = received.values().map(|c| c - 1).sum();
     println!(
@@ -217,5 +301,21 @@ async fn an_api_replica_killed_behind_haproxy_mid_drain_loses_nothing_and_the_fe
         Some(&on),
         "and now reads from the surviving replica"
     );
+    println!(
+        "the WebSocket subscriber saw {} of {n} sent events over connections to {:?}",
+        ws_seen.sent.len(),
+        ws_seen.backends
+    );
+    let ws_missed: Vec<&String> = ids.iter().filter(|id| !ws_seen.sent.contains(*id)).take(5).collect();
+    assert!(
+        ws_missed.is_empty(),
+        "the WebSocket feed missed sent events, e.g. {ws_missed:?}"
+    );
+    assert!(
+        ws_seen.backends.len() >= 2 && ws_seen.backends[0] == on,
+        "{:?}",
+        ws_seen.backends
+    );
+    assert_ne!(ws_seen.backends.last(), Some(&on));
     stack.cleanup().await;
 }

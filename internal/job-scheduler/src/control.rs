@@ -136,10 +136,8 @@ impl JobControl {
         for lane in self.parts.lanes.all() {
             providers.push(lane.gate.status().await?);
         }
-        let provider = providers
-            .first()
-            .cloned()
-            .unwrap_or_else(|| ProviderStatus::open_named(&self.parts.lanes.first().name));
+        // The first configured provider (there is always one).
+        let provider = providers.first().cloned().unwrap_or_else(ProviderStatus::open);
         let next = if state.working {
             self.parts.cron.next_tick().await
         } else {

@@ -108,11 +108,6 @@ impl Lanes {
         &self.lanes[index]
     }
 
-    /// The first configured provider's lane (its state is the job status's `provider`).
-    pub fn first(&self) -> &Lane {
-        &self.lanes[0]
-    }
-
     /// The lanes `message` may take, in the order to try them (see [`Routing::plan`]).
     /// A pin naming a provider this replica does not know (configurations differ between
     /// replicas) is ignored: the message takes its route.

@@ -163,11 +163,6 @@ impl ProviderGate {
         self.metrics.probes.with_label_values(&[&self.name, result]).inc();
     }
 
-    /// When this replica last saw the pause end (`None`: open or probing, as last seen).
-    pub fn paused_until_seen(&self) -> Option<chrono::DateTime<Utc>> {
-        self.known().paused_until.filter(|until| *until > Utc::now())
-    }
-
     fn known(&self) -> std::sync::MutexGuard<'_, Known> {
         self.known.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }

@@ -95,8 +95,11 @@ impl SinkFormat {
         match self {
             Self::Herald => serde_json::from_slice(body).ok(),
             Self::Twilio => {
-                let form: Vec<(String, String)> = url_decoded(body)?;
-                let field = |name: &str| form.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+                let field = |name: &str| {
+                    form_urlencoded::parse(body)
+                        .find(|(k, _)| k == name)
+                        .map(|(_, v)| v.into_owned())
+                };
                 Some(Incoming {
                     to: field("To")?,
                     content: field("Body")?,
@@ -179,36 +182,6 @@ impl SinkFormat {
         };
         Json(body).with_status(status).into_response()
     }
-}
-
-/// A form body as name/value pairs (`application/x-www-form-urlencoded`).
-fn url_decoded(body: &[u8]) -> Option<Vec<(String, String)>> {
-    let text = std::str::from_utf8(body).ok()?;
-    let decode = |part: &str| -> Option<String> {
-        let bytes = part.as_bytes();
-        let mut out = Vec::with_capacity(bytes.len());
-        let mut i = 0;
-        while i < bytes.len() {
-            match bytes[i] {
-                b'+' => out.push(b' '),
-                b'%' => {
-                    let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
-                    out.push(u8::from_str_radix(hex, 16).ok()?);
-                    i += 2;
-                }
-                b => out.push(b),
-            }
-            i += 1;
-        }
-        String::from_utf8(out).ok()
-    };
-    text.split('&')
-        .filter(|pair| !pair.is_empty())
-        .map(|pair| {
-            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-            Some((decode(name)?, decode(value)?))
-        })
-        .collect()
 }
 
 /// How the sink behaves.

@@ -49,6 +49,15 @@ fn haproxy(port: u16, backends: &[u16]) -> Option<Balancer> {
     Some(Balancer(child))
 }
 
+/// The replica that answered (HAProxy's `X-Herald-Backend`).
+fn backend_of(headers: &reqwest::header::HeaderMap) -> String {
+    headers
+        .get("x-herald-backend")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("?")
+        .to_owned()
+}
+
 /// What the subscriber saw: the messages it saw sent, the replica of each connection.
 #[derive(Default)]
 struct Seen {
@@ -74,12 +83,7 @@ async fn subscribe(url: String, key: String, seen: Arc<Mutex<Seen>>, stop: tokio
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         }
-        let backend = response
-            .headers()
-            .get("x-herald-backend")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("?")
-            .to_owned();
+        let backend = backend_of(response.headers());
         seen.lock().unwrap().backends.push(backend);
         let mut body = response.bytes_stream();
         let mut buffer = String::new();
@@ -133,12 +137,7 @@ async fn subscribe_ws(
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         };
-        let backend = response
-            .headers()
-            .get("x-herald-backend")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("?")
-            .to_owned();
+        let backend = backend_of(response.headers());
         if seen.lock().unwrap().backends.is_empty() && backend != on {
             let _ = socket.close(None).await;
             continue;

@@ -84,16 +84,22 @@ impl Monitor {
     /// Counts by status, the delivery lag, sends per minute over the last hour and the job.
     pub async fn stats(&self) -> Result<Stats, ServiceError> {
         let stamp = now();
-        let (counts, age, job, states, windows, waiting) = tokio::join!(
+        let (counts, age, job, windows, waiting) = tokio::join!(
             self.store.count_by_status(),
             self.store.oldest_due_age_seconds(stamp),
             self.jobs.status(),
-            self.jobs.providers(),
             self.store.provider_stats().window(stamp.to_chrono()),
             self.store.count_waiting_for_provider(WAITING_COUNT_CAP),
         );
+        let job = job?;
+        // The job's status carries every provider's state; before any scheduler started there
+        // is no job, and the states are read alone.
+        let states = match &job {
+            Some(job) => job.providers.clone(),
+            None => self.jobs.providers().await?,
+        };
         let mut windows = windows?;
-        let providers = states?
+        let providers = states
             .into_iter()
             .map(|status| ProviderReport {
                 window: windows.remove(&status.name).unwrap_or_default(),
@@ -113,7 +119,7 @@ impl Monitor {
             oldest_due_age_seconds: age?,
             last_minute: chrono::DateTime::from_timestamp(last_minute * 60, 0).unwrap_or_default(),
             sent_per_minute,
-            job: job?,
+            job,
             providers,
             provider_window_start: crate::store::provider_stats::window_start(stamp.to_chrono()),
             waiting_for_provider: waiting?,

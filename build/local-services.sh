@@ -9,7 +9,8 @@
 # `mongod` on PATH; else the MongoDB-wire-compatible SecantusDB server `secantusd-rs`
 # (installed with cmake + cargo when missing), falling back to `secantusd-py` (pip).
 # Redis: one already answering on REDIS_PORT wins; else `redis-server` (from apt when missing).
-# HAProxy (the balancer test starts its own) is installed from apt when missing.
+# HAProxy (the balancer test starts its own) and redis-server/redis-cli (the Sentinel and
+# Cluster tests start their own) are installed from apt when missing.
 # Data and logs live under .local/ (git-ignored).
 set -euo pipefail
 
@@ -105,6 +106,9 @@ case "${1:-}" in
     redis_up
     # The balancer test runs HAProxy in front of two API processes (it starts its own).
     command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || apt_install haproxy
+    # The Redis Sentinel and Cluster tests start their own redis-server processes and create
+    # the cluster with redis-cli, whoever runs the shared Redis.
+    command -v redis-server >/dev/null && command -v redis-cli >/dev/null || apt_install redis-server redis-tools
     log "ready: mongodb://127.0.0.1:$MONGO_PORT  redis://127.0.0.1:$REDIS_PORT"
     ;;
   down)

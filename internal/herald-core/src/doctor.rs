@@ -10,7 +10,7 @@ use layered_config::ExposeSecret;
 use mongodb::bson::{doc, Document};
 use mongodb::options::ClientOptions;
 
-use crate::settings::Settings;
+use crate::settings::{RedisMode, Settings};
 
 /// How bad a finding is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -149,7 +149,8 @@ async fn mongodb(settings: &Settings, indexes: &[&str]) -> Vec<Finding> {
             Level::Fail,
             "mongodb",
             format!(
-                "change streams cannot open ({error}): the live feed (SSE, WebSocket, console) needs a replica set; run mongod with --replSet (a one-member set will do) and add replicaSet=… to mongo.uri"
+                "change streams cannot open ({}): the live feed (SSE, WebSocket, console) needs a replica set; run mongod with --replSet (a one-member set will do) and add replicaSet=… to mongo.uri",
+                server_said(&error)
             ),
         )),
         Err(_) => out.push(finding(Level::Fail, "mongodb", "opening a change stream took over 3 s")),
@@ -165,6 +166,15 @@ async fn mongodb(settings: &Settings, indexes: &[&str]) -> Vec<Finding> {
         out.push(finding(Level::Ok, "mongodb", "writes are w=majority"));
     }
     out
+}
+
+/// What the server answered to a failed command (`Location40573: The $changeStream stage is
+/// only supported on replica sets`), else the driver's error.
+fn server_said(error: &mongodb::error::Error) -> String {
+    match &*error.kind {
+        mongodb::error::ErrorKind::Command(command) => format!("{}: {}", command.code_name, command.message),
+        _ => error.to_string(),
+    }
 }
 
 /// Whether `messages` holds every index the Messenger API creates.
@@ -210,7 +220,8 @@ async fn index_check(db: &mongodb::Database, expected: &[&str]) -> Finding {
 }
 
 async fn redis(settings: &Settings) -> Vec<Finding> {
-    let connection = match crate::redis_conn::lazy_connection(&settings.redis, CHECK_TIMEOUT) {
+    let mode = settings.redis.mode;
+    let mut connection = match crate::redis_conn::lazy_connection(&settings.redis, CHECK_TIMEOUT) {
         Ok(connection) => connection,
         Err(error) => {
             return vec![finding(
@@ -220,41 +231,93 @@ async fn redis(settings: &Settings) -> Vec<Finding> {
             )]
         }
     };
-    let mut connection = connection;
     let started = Instant::now();
-    let info: Result<String, _> = tokio::time::timeout(
-        CHECK_TIMEOUT,
-        redis::cmd("INFO").arg("server").query_async(&mut connection),
-    )
-    .await
-    .map_err(|_| "no answer within 3 s".to_owned())
-    .and_then(|r| r.map_err(|e| e.to_string()));
-    match info {
-        Ok(info) => {
-            let field = |name: &str| {
-                info.lines()
-                    .find_map(|l| l.strip_prefix(&format!("{name}:")))
-                    .map(|v| v.trim().to_owned())
-                    .unwrap_or_else(|| "?".into())
+    let info = match ask(&mut connection, redis::cmd("INFO").arg("server").arg("replication")).await {
+        Ok(info) => info,
+        // Redis degrades Herald (the cache, the shared rate limit), it does not stop it.
+        Err(error) => {
+            return vec![finding(
+                Level::Warn,
+                "redis",
+                format!("not reachable in mode {mode:?} ({error}): sending goes on, but the sent cache and the shared rate limit fall back"),
+            )]
+        }
+    };
+    let field = |text: &str, name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}:")))
+            .map(|v| v.trim().to_owned())
+            .unwrap_or_else(|| "?".into())
+    };
+    let server_mode = field(&info, "redis_mode");
+    let reached = format!(
+        "reachable, version {}, server mode {server_mode} ({} ms)",
+        field(&info, "redis_version"),
+        started.elapsed().as_millis()
+    );
+    match mode {
+        RedisMode::Standalone if server_mode == "cluster" => vec![finding(
+            Level::Fail,
+            "redis",
+            format!("{reached}: the server is a cluster node, set redis.mode = \"cluster\""),
+        )],
+        RedisMode::Standalone => vec![finding(
+            Level::Ok,
+            "redis",
+            format!("{reached}, role {}", field(&info, "role")),
+        )],
+        RedisMode::Sentinel => {
+            let level = if field(&info, "role") == "master" {
+                Level::Ok
+            } else {
+                Level::Fail
             };
-            // Redis degrades Herald (the cache, the shared rate limit), it does not stop it.
             vec![finding(
-                Level::Ok,
+                level,
                 "redis",
                 format!(
-                    "reachable, version {}, mode {} ({} ms)",
-                    field("redis_version"),
-                    field("redis_mode"),
-                    started.elapsed().as_millis()
+                    "{reached}; the Sentinels name master \"{}\" with role {} and {} connected replica(s)",
+                    settings.redis.sentinel_master,
+                    field(&info, "role"),
+                    field(&info, "connected_slaves")
                 ),
             )]
         }
-        Err(error) => vec![finding(
-            Level::Warn,
-            "redis",
-            format!("not reachable ({error}): sending goes on, but the sent cache and the shared rate limit fall back"),
-        )],
+        RedisMode::Cluster => match ask(&mut connection, redis::cmd("CLUSTER").arg("INFO")).await {
+            Ok(cluster) => {
+                let state = field(&cluster, "cluster_state");
+                let level = if state == "ok" { Level::Ok } else { Level::Fail };
+                vec![finding(
+                    level,
+                    "redis",
+                    format!(
+                        "{reached}; cluster state {state}, {} master(s) serving slots, {} of 16384 slots assigned",
+                        field(&cluster, "cluster_size"),
+                        field(&cluster, "cluster_slots_assigned")
+                    ),
+                )]
+            }
+            Err(error) => vec![finding(
+                Level::Fail,
+                "redis",
+                format!("{reached}, but CLUSTER INFO failed ({error}): is redis.url a cluster?"),
+            )],
+        },
     }
+}
+
+/// One bounded text-answering command. A cluster answers `INFO` from every master, keyed by
+/// node: the first node's answer stands for them all (they share a version and a mode).
+async fn ask(connection: &mut crate::redis_conn::RedisConn, cmd: &redis::Cmd) -> Result<String, String> {
+    let value: redis::Value = tokio::time::timeout(CHECK_TIMEOUT, cmd.query_async(connection))
+        .await
+        .map_err(|_| "no answer within 3 s".to_owned())?
+        .map_err(|e| e.to_string())?;
+    let value = match value {
+        redis::Value::Map(mut by_node) if !by_node.is_empty() => by_node.swap_remove(0).1,
+        other => other,
+    };
+    redis::from_redis_value::<String>(value).map_err(|e| e.to_string())
 }
 
 async fn peer(subject: &'static str, url: &str) -> Finding {

@@ -68,15 +68,47 @@ pub struct MongoSettings {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RedisSettings {
-    /// Connection URL; secret because it may carry a password.
+    /// How Redis is deployed: one node, a master watched by Sentinels, or a Cluster.
+    pub mode: RedisMode,
+    /// Connection URL; with `sentinel` or `cluster`, comma-separated URLs of the Sentinels or of
+    /// some cluster nodes. Secret because it may carry a password.
     #[serde(serialize_with = "redact_url")]
     pub url: SecretString,
+    /// The master's name as the Sentinels know it (`sentinel monitor <name> …`).
+    pub sentinel_master: String,
     /// Prefix of every key.
     pub key_prefix: String,
     /// TTL of the sent-message cache entry, in seconds.
     pub sent_ttl_seconds: u64,
     /// Connect and response timeout, in milliseconds.
     pub timeout_ms: u64,
+}
+
+/// `redis.mode`
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RedisMode {
+    /// One Redis server at `redis.url`.
+    #[default]
+    Standalone,
+    /// The master the Sentinels at `redis.url` name `redis.sentinel_master`, followed through
+    /// failovers.
+    Sentinel,
+    /// A Redis Cluster reached through the nodes at `redis.url`.
+    Cluster,
+}
+
+impl RedisSettings {
+    /// The URLs in `redis.url` (one, or comma-separated with `sentinel` and `cluster`).
+    pub fn urls(&self) -> Vec<String> {
+        self.url
+            .expose_secret()
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .map(str::to_owned)
+            .collect()
+    }
 }
 
 /// `[messenger_api]`
@@ -266,7 +298,8 @@ fn redact_all<S: Serializer>(secrets: &[SecretString], serializer: S) -> Result<
 
 /// A connection string with any password in it replaced: the host stays readable.
 fn redact_url<S: Serializer>(url: &SecretString, serializer: S) -> Result<S::Ok, S::Error> {
-    serializer.serialize_str(&redacted_url(url.expose_secret()))
+    let each: Vec<String> = url.expose_secret().split(',').map(redacted_url).collect();
+    serializer.serialize_str(&each.join(","))
 }
 
 fn redacted_url(url: &str) -> String {
@@ -475,6 +508,22 @@ impl Settings {
         }
         if self.redis.sent_ttl_seconds == 0 {
             return fail("redis.sent_ttl_seconds must be positive".into());
+        }
+        let urls = self.redis.urls();
+        if urls.is_empty() {
+            return fail("redis.url must name at least one server".into());
+        }
+        if self.redis.mode == RedisMode::Standalone && urls.len() > 1 {
+            return fail("redis.url lists several servers: set redis.mode to \"sentinel\" or \"cluster\"".into());
+        }
+        if self.redis.key_prefix.contains(['{', '}']) {
+            return fail(
+                "redis.key_prefix must not contain { or }: Herald's own hash tags place keys in Redis Cluster slots"
+                    .into(),
+            );
+        }
+        if self.redis.mode == RedisMode::Sentinel && self.redis.sentinel_master.trim().is_empty() {
+            return fail("redis.sentinel_master must name the master the Sentinels watch".into());
         }
         if self.messenger_api.max_body_bytes < 1024 {
             return fail("messenger_api.max_body_bytes must be at least 1024".into());
@@ -724,6 +773,62 @@ mod tests {
         );
         // Printed, it loads again as a configuration file.
         assert!(text.parse::<toml::Table>().is_ok());
+    }
+
+    #[test]
+    fn redis_modes_name_their_servers_and_each_url_is_redacted() {
+        let sentinel = Settings::load_with_env(
+            &configs(),
+            "local",
+            vars(&[
+                ("HERALD__REDIS__MODE", "sentinel"),
+                (
+                    "HERALD__REDIS__URL",
+                    "redis://:zq-a@s1:26379, redis://:zq-a@s2:26379,redis://:zq-a@s3:26379",
+                ),
+                ("HERALD__REDIS__SENTINEL_MASTER", "herald-main"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(sentinel.redis.mode, RedisMode::Sentinel);
+        assert_eq!(sentinel.redis.urls().len(), 3);
+        let text = sentinel.to_redacted_toml();
+        assert!(!text.contains("zq-"), "{text}");
+        assert!(
+            text.contains("redis://:<redacted>@s1:26379, redis://:<redacted>@s2:26379,redis://:<redacted>@s3:26379"),
+            "{text}"
+        );
+        for (vars_given, named) in [
+            (
+                vec![("HERALD__REDIS__URL", "redis://a:6379,redis://b:6379")],
+                "set redis.mode",
+            ),
+            (vec![("HERALD__REDIS__MODE", "replicated")], "redis.mode"),
+            (vec![("HERALD__REDIS__URL", " , ")], "redis.url must name"),
+            (vec![("HERALD__REDIS__KEY_PREFIX", "herald:{a}:")], "redis.key_prefix"),
+            (
+                vec![
+                    ("HERALD__REDIS__MODE", "sentinel"),
+                    ("HERALD__REDIS__SENTINEL_MASTER", " "),
+                ],
+                "redis.sentinel_master",
+            ),
+        ] {
+            let err = Settings::load_with_env(&configs(), "local", vars(&vars_given))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(named), "{vars_given:?}: {err}");
+        }
+        let cluster = Settings::load_with_env(
+            &configs(),
+            "local",
+            vars(&[
+                ("HERALD__REDIS__MODE", "cluster"),
+                ("HERALD__REDIS__URL", "redis://a:7000,redis://b:7001"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(cluster.redis.mode, RedisMode::Cluster);
     }
 
     #[test]

@@ -5,9 +5,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use herald_core::providers::{Provider, Routing};
+use herald_core::redis_conn::RedisConn;
 use herald_core::worker::ClaimedMessage;
 use mongodb::Database;
-use redis::aio::ConnectionManager;
 use webhook_client::WebhookClient;
 
 use crate::limiter::{RateLimit, RateLimiter};
@@ -38,7 +38,7 @@ pub struct LaneParts<'a> {
     /// The database holding `provider_state`.
     pub db: &'a Database,
     /// Redis, for the limiters.
-    pub redis: ConnectionManager,
+    pub redis: RedisConn,
     /// Prefix of every Redis key.
     pub key_prefix: &'a str,
     /// This replica.

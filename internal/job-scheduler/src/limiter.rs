@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
+use herald_core::redis_conn::RedisConn;
 use tokio::time::Instant;
 
 /// Longest wait a reservation may carry: further slots are left to later calls, so a
@@ -78,7 +78,7 @@ pub struct RateLimiter {
 }
 
 struct Inner {
-    redis: ConnectionManager,
+    redis: RedisConn,
     script: redis::Script,
     tat_key: String,
     replicas_key: String,
@@ -124,7 +124,7 @@ impl RateLimiter {
     /// is 0.
     pub fn new(
         limit: RateLimit,
-        redis: ConnectionManager,
+        redis: RedisConn,
         prefix: &str,
         provider: &str,
         worker: &str,

@@ -9,8 +9,8 @@
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use herald_core::redis_conn::RedisConn;
 use herald_core::settings::RedisSettings;
-use redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};
 
 /// How long a per-minute sent counter is kept, in seconds (the stats show the last hour).
@@ -43,7 +43,7 @@ pub struct SentEntry {
 /// The cache client. Connects lazily, so a service starts while Redis is down.
 #[derive(Clone)]
 pub struct SentCache {
-    connection: ConnectionManager,
+    connection: RedisConn,
     prefix: String,
     ttl_seconds: u64,
     timeout: Duration,

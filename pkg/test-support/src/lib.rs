@@ -13,6 +13,8 @@
 
 #![forbid(unsafe_code)]
 
+pub mod redis_topologies;
+
 use std::future::Future;
 use std::time::{Duration, Instant};
 

@@ -5,6 +5,7 @@
 
 mod balancer;
 mod crash;
+mod doctor;
 mod helpers;
 mod kubernetes;
 mod lifecycle;

@@ -7,5 +7,6 @@ mod control;
 mod delivery;
 mod helpers;
 mod protection;
+mod redis_modes;
 mod replicas;
 mod routing;

@@ -9,7 +9,7 @@
 #     get, fed by a release binary built here (HERALD_BUILD=prebuilt);
 #  4. `docker-compose up` of docker-compose.yml plus build/compose-test/docker-compose.override.yml
 #     (which only swaps those two images), waits for every service to be healthy by its own
-#     HEALTHCHECK, checks the one-shot seed exited 0, that the scheduler delivered the first
+#     HEALTHCHECK, checks the one-shot doctor and seed exited 0, that the scheduler delivered the first
 #     messages to the sink container, and runs the Postman collection with the docker environment
 #     against the published ports (127.0.0.1 only);
 #  5. tears everything down with `down -v` and checks no container, network or volume is left.
@@ -180,6 +180,11 @@ for service in mongo redis webhook-sink messenger-api job-scheduler; do
 done
 stage_done "up until every service is healthy"
 
+doctor="$(container doctor)"
+[ -n "$doctor" ] || die "the doctor container was never created"
+doctor_rc="$(dk inspect --format '{{.State.ExitCode}}' "$doctor")"
+[ "$doctor_rc" = 0 ] || die "herald doctor exited with $doctor_rc: $(dk logs "$doctor" 2>&1 | tail -n 20)"
+log "herald doctor passed: $(dk logs "$doctor" 2>&1 | tail -n 1)"
 seed="$(container seed)"
 [ -n "$seed" ] || die "the seed container was never created"
 deadline=$((SECONDS + TIMEOUT))

@@ -2,7 +2,8 @@
 //! replicas, the webhook sink as the independent provider) under faults injected from outside —
 //! a provider that fails, throttles and answers too late, one of two providers killed with
 //! SIGKILL, two providers failing in turn, replicas killed with SIGKILL, the
-//! database server and Redis killed and restarted on their data, the API killed. Each scenario
+//! database server and Redis killed and restarted on their data, the master of a Redis Sentinel
+//! set and of a Redis Cluster killed for a failover, the API killed. Each scenario
 //! is checked afterwards against the provider's own record and the database (through the API):
 //! every message ends `sent` or `failed`, none lost, and every repeat the provider saw is
 //! explained by the fault (a late answer Herald never heard, or a send in flight at a kill).
@@ -11,7 +12,8 @@
 //!     CHAOS_SCALE=1 cargo run -p herald --example chaos
 //!
 //! `CHAOS_SCALE` (default 1) scales messages, kills and outage lengths; `make test` runs 0.2.
-//! `CHAOS_ONLY=provider,kills,database,redis,api,provider-dies,providers-flap` picks scenarios.
+//! `CHAOS_ONLY=provider,kills,database,redis,redis-sentinel,redis-cluster,api,provider-dies,providers-flap`
+//! picks scenarios.
 //! Needs the local MongoDB-compatible server, `secantusd-rs` and `redis-server` on PATH.
 
 #![allow(clippy::unwrap_used, missing_docs)]
@@ -387,6 +389,115 @@ async fn redis_outage() -> Row {
     }
 }
 
+/// Every message's `sent:<id>` entry, read through Herald's own connection in `redis`'s mode;
+/// answers how many are still missing after up to a minute of repair.
+async fn missing_cache_entries(stack: &Stack, redis: &[(&'static str, String)], ids: &[String]) -> usize {
+    let vars: Vec<(&str, &str)> = redis.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let settings = herald_core::testing::settings_for(&stack.env, &vars);
+    let mut conn = herald_core::redis_conn::lazy_connection(&settings.redis, Duration::from_secs(2)).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut missing = 0;
+        for id in ids {
+            let key = format!("{}sent:{id}", stack.env.key_prefix);
+            let value: Option<String> = match redis::cmd("GET").arg(&key).query_async(&mut conn).await {
+                Ok(value) => value,
+                Err(error) => {
+                    eprintln!("[chaos] GET {key}: {error}");
+                    None
+                }
+            };
+            missing += usize::from(value.is_none());
+        }
+        if missing == 0 || Instant::now() > deadline {
+            return missing;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Redis deployed for failover (`sentinel` or `cluster`); the master holding the limiter's key
+/// SIGKILLed mid-drain, three replicas sending through a shared limit of 300/s.
+async fn redis_failover(mode: &'static str) -> Row {
+    use test_support::redis_topologies::{RedisCluster, RedisSentinels};
+    let n = scaled(3000.0);
+    let mut sentinels = None;
+    let mut cluster = None;
+    let redis: Vec<(&'static str, String)> = if mode == "sentinel" {
+        let set = RedisSentinels::start().await;
+        let vars = vec![
+            ("HERALD__REDIS__MODE", "sentinel".to_owned()),
+            ("HERALD__REDIS__URL", set.url()),
+            ("HERALD__REDIS__SENTINEL_MASTER", set.master_name.clone()),
+        ];
+        sentinels = Some(set);
+        vars
+    } else {
+        let nodes = RedisCluster::start().await;
+        let vars = vec![
+            ("HERALD__REDIS__MODE", "cluster".to_owned()),
+            ("HERALD__REDIS__URL", nodes.url()),
+        ];
+        cluster = Some(nodes);
+        vars
+    };
+    let mut vars = redis.clone();
+    vars.push(("HERALD__WEBHOOK__RATE_LIMIT_PER_SECOND", "300".to_owned()));
+    vars.push(("HERALD__WEBHOOK__RATE_LIMIT_BURST", "30".to_owned()));
+    let mut stack = Stack::api_and_sink(&draining(&vars)).await;
+    let ids = seed_messages(&Http::new(TEST_KEY), &stack.api, n).await;
+    stack.replicas(REPLICAS);
+    wait_delivered(&stack, n as u64 / 4).await;
+    let killed = Instant::now();
+    let before = stack.delivered().await;
+    if let Some(set) = sentinels.as_mut() {
+        set.kill_master();
+        set.wait_failover(Duration::from_secs(60)).await;
+    }
+    if let Some(nodes) = cluster.as_mut() {
+        let key = format!("{}ratelimit:{{default}}:tat", stack.env.key_prefix);
+        let doomed = nodes.master_of(&key).await.expect("the limiter's master");
+        nodes.kill(doomed);
+        nodes.wait_failover(doomed, Duration::from_secs(60)).await;
+    }
+    let failover = killed.elapsed();
+    let during = stack.delivered().await - before;
+    let (sent, failed) = settled(&stack, n, Duration::from_secs(300)).await;
+    let (lost, repeats, _) = tally(&stack, n, sent, failed).await;
+    assert_eq!((lost, failed), (0, 0), "lost or failed messages");
+    assert!(during > 0, "sending stopped during the failover");
+    let settled_at = killed.elapsed();
+    let missing = missing_cache_entries(&stack, &redis, &ids).await;
+    if missing > 0 {
+        let metrics = Http::new(TEST_KEY).open_text(&format!("{}/metrics", stack.api)).await;
+        for line in metrics.lines().filter(|l| l.contains("redis") && !l.starts_with('#')) {
+            eprintln!("[chaos] {line}");
+        }
+    }
+    assert_eq!(missing, 0, "sent messages without their cache entry");
+    let repaired = killed.elapsed();
+    stack.cleanup().await;
+    Row {
+        scenario: if mode == "sentinel" {
+            "Redis Sentinel: the master SIGKILLed mid-drain (1 replica, 3 Sentinels), limit 300/s shared"
+        } else {
+            "Redis Cluster: the limiter's master SIGKILLed mid-drain (3 masters + 3 replicas), limit 300/s shared"
+        },
+        messages: n,
+        faults: format!(
+            "replica promoted {:.1} s after the kill; {during} sends went on meanwhile",
+            failover.as_secs_f64()
+        ),
+        lost,
+        duplicates: repeats,
+        recovery: format!(
+            "all sent {:.1} s after the kill; every sent:<id> entry present at {:.1} s",
+            settled_at.as_secs_f64(),
+            repaired.as_secs_f64()
+        ),
+    }
+}
+
 async fn api_kill() -> Row {
     let n = scaled(3000.0);
     let down = Duration::from_secs_f64((10.0 * scale()).max(3.0));
@@ -576,6 +687,8 @@ async fn main() {
         ("kills", 1),
         ("database", 2),
         ("redis", 3),
+        ("redis-sentinel", 7),
+        ("redis-cluster", 8),
         ("api", 4),
     ] {
         let only = std::env::var("CHAOS_ONLY").unwrap_or_default();
@@ -591,6 +704,8 @@ async fn main() {
             3 => redis_outage().await,
             5 => provider_dies().await,
             6 => providers_flap().await,
+            7 => redis_failover("sentinel").await,
+            8 => redis_failover("cluster").await,
             _ => api_kill().await,
         };
         eprintln!("[chaos] {name}: green in {:.0} s", t.elapsed().as_secs_f64());

@@ -5,9 +5,10 @@
 //! - `standalone`: the `redis` crate's [`ConnectionManager`].
 //! - `sentinel`: the master the Sentinels name, asked again whenever the connection breaks or
 //!   the server answers `READONLY` (it was demoted by a failover; hibiken/asynq #959).
-//! - `cluster`: the crate's cluster connection, which follows `MOVED`/`ASK` and refreshes its
-//!   slot map after a failover. A pipeline whose keys span slots is sent as separate commands
-//!   (concurrently, on the same multiplexed connections); a script's keys share a hash tag.
+//! - `cluster`: the crate's cluster connection, which follows `MOVED`/`ASK`; built again from
+//!   the configured nodes after an error that says a node is gone (a failover). A pipeline
+//!   whose keys span slots is sent as separate commands (concurrently, on the same multiplexed
+//!   connections); a script's keys share a hash tag.
 
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -34,7 +35,7 @@ pub struct RedisConn(Kind);
 enum Kind {
     Standalone(ConnectionManager),
     Sentinel(Arc<SentinelConn>),
-    Cluster(ClusterConnection),
+    Cluster(Arc<ClusterConn>),
 }
 
 impl RedisConn {
@@ -103,9 +104,12 @@ pub fn lazy_connection(settings: &RedisSettings, timeout: Duration) -> anyhow::R
             let config = ClusterConfig::new()
                 .set_connection_timeout(timeout)
                 .set_response_timeout(timeout);
-            Ok(RedisConn(Kind::Cluster(
-                client.get_pending_async_connection_with_config(config),
-            )))
+            let connection = client.get_pending_async_connection_with_config(config.clone());
+            Ok(RedisConn(Kind::Cluster(Arc::new(ClusterConn {
+                client,
+                config,
+                current: Mutex::new((connection, std::time::Instant::now())),
+            }))))
         }
     }
 }
@@ -192,25 +196,82 @@ fn is_read_only(value: &Value) -> bool {
     matches!(value, Value::ServerError(e) if e.kind() == Some(redis::ServerErrorKind::ReadOnly))
 }
 
-/// Sends a pipeline whose commands may live in different cluster slots: as it is when they
-/// share one (or it is a transaction, which must), else command by command, concurrently.
-async fn cluster_pipeline(
-    connection: &ClusterConnection,
-    pipeline: &Pipeline,
-    offset: usize,
-    count: usize,
-) -> RedisResult<Vec<Value>> {
-    let slots: std::collections::HashSet<Option<Slot>> = pipeline.cmd_iter().map(slot_of).collect();
-    if pipeline.is_transaction() || slots.len() <= 1 {
-        return connection.clone().req_packed_commands(pipeline, offset, count).await;
+/// The cluster connection, built again from the configured nodes when it fails in a way that
+/// says the topology changed. The crate's connection follows `MOVED` and `ASK`, but after a
+/// master is SIGKILLed it kept failing every command for the slots that moved until the
+/// process restarted (measured in the chaos campaign); a fresh connection asks the live nodes
+/// for the slot map.
+struct ClusterConn {
+    client: redis::cluster::ClusterClient,
+    config: ClusterConfig,
+    current: Mutex<(ClusterConnection, std::time::Instant)>,
+}
+
+/// The fastest a broken cluster connection is built again.
+const CLUSTER_REBUILD_INTERVAL: Duration = Duration::from_millis(500);
+
+impl ClusterConn {
+    fn connection(&self) -> ClusterConnection {
+        self.current.lock().unwrap_or_else(PoisonError::into_inner).0.clone()
     }
-    let answers = futures::future::join_all(pipeline.cmd_iter().map(|cmd| {
-        let mut connection = connection.clone();
-        async move { connection.req_packed_command(cmd).await }
-    }))
-    .await;
-    let values = answers.into_iter().collect::<RedisResult<Vec<Value>>>()?;
-    Ok(values.into_iter().skip(offset).take(count).collect())
+
+    /// After an error that says a node is gone or the slots are moving, starts a new
+    /// connection (at most every [`CLUSTER_REBUILD_INTERVAL`]).
+    fn after_error(&self, error: &RedisError) {
+        let topology = matches!(
+            error.kind(),
+            ErrorKind::Server(
+                redis::ServerErrorKind::ClusterDown
+                    | redis::ServerErrorKind::MasterDown
+                    | redis::ServerErrorKind::TryAgain
+                    | redis::ServerErrorKind::ReadOnly
+            )
+        );
+        let broken =
+            error.is_io_error() || error.is_connection_dropped() || error.is_connection_refusal() || error.is_timeout();
+        if !(topology || broken) {
+            return;
+        }
+        let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
+        if current.1.elapsed() >= CLUSTER_REBUILD_INTERVAL {
+            *current = (
+                self.client
+                    .get_pending_async_connection_with_config(self.config.clone()),
+                std::time::Instant::now(),
+            );
+        }
+    }
+
+    async fn command(&self, cmd: &Cmd) -> RedisResult<Value> {
+        self.connection()
+            .req_packed_command(cmd)
+            .await
+            .inspect_err(|e| self.after_error(e))
+    }
+
+    /// Sends a pipeline whose commands may live in different slots: as it is when they share
+    /// one (or it is a transaction, which must), else command by command, concurrently.
+    async fn pipeline(&self, pipeline: &Pipeline, offset: usize, count: usize) -> RedisResult<Vec<Value>> {
+        let connection = self.connection();
+        let slots: std::collections::HashSet<Option<Slot>> = pipeline.cmd_iter().map(slot_of).collect();
+        if pipeline.is_transaction() || slots.len() <= 1 {
+            return connection
+                .clone()
+                .req_packed_commands(pipeline, offset, count)
+                .await
+                .inspect_err(|e| self.after_error(e));
+        }
+        let answers = futures::future::join_all(pipeline.cmd_iter().map(|cmd| {
+            let mut connection = connection.clone();
+            async move { connection.req_packed_command(cmd).await }
+        }))
+        .await;
+        let values = answers
+            .into_iter()
+            .collect::<RedisResult<Vec<Value>>>()
+            .inspect_err(|e| self.after_error(e))?;
+        Ok(values.into_iter().skip(offset).take(count).collect())
+    }
 }
 
 /// The cluster slot of a command's first key (after the script and key count of `EVAL` and
@@ -238,7 +299,7 @@ impl ConnectionLike for RedisConn {
         match &mut self.0 {
             Kind::Standalone(manager) => manager.req_packed_command(cmd),
             Kind::Sentinel(sentinel) => async move { sentinel.command(cmd).await }.boxed(),
-            Kind::Cluster(cluster) => cluster.req_packed_command(cmd),
+            Kind::Cluster(cluster) => async move { cluster.command(cmd).await }.boxed(),
         }
     }
 
@@ -251,7 +312,7 @@ impl ConnectionLike for RedisConn {
         match &mut self.0 {
             Kind::Standalone(manager) => manager.req_packed_commands(pipeline, offset, count),
             Kind::Sentinel(sentinel) => async move { sentinel.pipeline(pipeline, offset, count).await }.boxed(),
-            Kind::Cluster(cluster) => async move { cluster_pipeline(cluster, pipeline, offset, count).await }.boxed(),
+            Kind::Cluster(cluster) => async move { cluster.pipeline(pipeline, offset, count).await }.boxed(),
         }
     }
 

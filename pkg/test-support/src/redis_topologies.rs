@@ -278,6 +278,10 @@ impl RedisCluster {
                 "",
                 "--appendonly",
                 "no",
+                // A replica's first full sync starts at once, not 5 s later: a replica that
+                // never synced cannot take over.
+                "--repl-diskless-sync-delay",
+                "0",
                 "--cluster-enabled",
                 "yes",
                 "--cluster-node-timeout",
@@ -307,19 +311,25 @@ impl RedisCluster {
             .expect("redis-cli (Debian's redis-tools)");
         assert!(status.success(), "redis-cli --cluster create failed");
         let cluster = Self { nodes, dir };
-        eventually(Duration::from_secs(30), "every cluster node is ok", || async {
-            for node in &cluster.nodes {
-                let ok = ask(node.port, &["CLUSTER", "INFO"])
-                    .await
-                    .and_then(|i| info_field(&i, "cluster_state"))
-                    .as_deref()
-                    == Some("ok");
-                if !ok {
-                    return false;
+        cluster.wait_ok(Duration::from_secs(30)).await;
+        eventually(
+            Duration::from_secs(30),
+            "every replica is in sync with its master",
+            || async {
+                for node in &cluster.nodes {
+                    let Some(info) = ask(node.port, &["INFO", "replication"]).await else {
+                        return false;
+                    };
+                    let role = info_field(&info, "role");
+                    if role.as_deref() == Some("slave")
+                        && info_field(&info, "master_link_status").as_deref() != Some("up")
+                    {
+                        return false;
+                    }
                 }
-            }
-            true
-        })
+                true
+            },
+        )
         .await;
         cluster
     }
@@ -375,7 +385,26 @@ impl RedisCluster {
         }
     }
 
-    /// Waits until every live node says the cluster is ok again (a replica took over).
+    /// Waits until the cluster has noticed the node on `killed` failed, and every live node
+    /// says the cluster is ok again (its replica took over its slots).
+    pub async fn wait_failover(&self, killed: u16, limit: Duration) {
+        eventually(limit, "the cluster marks the killed master failed", || async {
+            let nodes = ask(self.live_port(), &["CLUSTER", "NODES"]).await.unwrap_or_default();
+            nodes.lines().any(|line| {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                fields
+                    .get(1)
+                    .is_some_and(|a| a.starts_with(&format!("127.0.0.1:{killed}@")))
+                    && fields
+                        .get(2)
+                        .is_some_and(|f| f.contains("fail") && !f.contains("fail?"))
+            })
+        })
+        .await;
+        self.wait_ok(limit).await;
+    }
+
+    /// Waits until every live node says the cluster is ok.
     pub async fn wait_ok(&self, limit: Duration) {
         eventually(limit, "the cluster is ok again", || async {
             for node in self.nodes.iter().filter(|n| n.child.is_some()) {

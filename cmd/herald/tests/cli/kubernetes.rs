@@ -126,6 +126,25 @@ fn every_overlay_renders_and_matches_the_services_it_deploys() {
                 "{overlay} {role}: {printed}"
             );
 
+            // The doctor runs first, with exactly the role's configuration and mounts.
+            let doctor = &pod["initContainers"][0];
+            assert_eq!(doctor["args"][0], "doctor", "{overlay} {role}: herald doctor first");
+            assert_eq!(doctor["image"], container["image"], "{overlay} {role}");
+            assert_eq!(
+                variables(doctor, &secrets),
+                vars,
+                "{overlay} {role}: the doctor checks what the role uses"
+            );
+            assert_eq!(doctor["volumeMounts"], container["volumeMounts"], "{overlay} {role}");
+            assert_eq!(doctor["securityContext"]["readOnlyRootFilesystem"], true);
+            if overlay == "production" {
+                assert_eq!(
+                    vars["HERALD__REDIS__MODE"], "sentinel",
+                    "production follows a Sentinel-watched master"
+                );
+                assert!(printed.contains("mode = \"sentinel\""), "{printed}");
+            }
+
             // The grace period outlasts the stop wait: lease + longest send + 10 s.
             let lease = toml_value(&printed, "lease_seconds");
             let send_ms = toml_value_in(&printed, "[webhook]", "timeout_ms");

@@ -188,7 +188,7 @@ async fn on_a_cluster_keys_spread_over_the_masters_and_a_master_killed_mid_drain
     let doomed = cluster.master_of(&limiter_key).await.expect("a master for the limiter");
     let outcome = drain_through(&stack, &drain(&redis), || async {
         cluster.kill(doomed);
-        cluster.wait_ok(Duration::from_secs(30)).await;
+        cluster.wait_failover(doomed, Duration::from_secs(30)).await;
     })
     .await;
     assert_drained(&outcome, "cluster, the limiter's master SIGKILLed");

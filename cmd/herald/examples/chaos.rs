@@ -3,7 +3,8 @@
 //! a provider that fails, throttles and answers too late, one of two providers killed with
 //! SIGKILL, two providers failing in turn, replicas killed with SIGKILL, the
 //! database server and Redis killed and restarted on their data, the master of a Redis Sentinel
-//! set and of a Redis Cluster killed for a failover, the API killed. Each scenario
+//! set and of a Redis Cluster killed for a failover, the API killed alone and as one of two
+//! behind HAProxy. Each scenario
 //! is checked afterwards against the provider's own record and the database (through the API):
 //! every message ends `sent` or `failed`, none lost, and every repeat the provider saw is
 //! explained by the fault (a late answer Herald never heard, or a send in flight at a kill).
@@ -12,7 +13,7 @@
 //!     CHAOS_SCALE=1 cargo run -p herald --example chaos
 //!
 //! `CHAOS_SCALE` (default 1) scales messages, kills and outage lengths; `make test` runs 0.2.
-//! `CHAOS_ONLY=provider,kills,database,redis,redis-sentinel,redis-cluster,api,provider-dies,providers-flap`
+//! `CHAOS_ONLY=provider,kills,database,redis,redis-sentinel,redis-cluster,balancer,api,provider-dies,providers-flap`
 //! picks scenarios.
 //! Needs the local MongoDB-compatible server, `secantusd-rs` and `redis-server` on PATH.
 
@@ -498,6 +499,58 @@ async fn redis_failover(mode: &'static str) -> Row {
     }
 }
 
+/// Two API processes behind HAProxy, the three replicas reaching the API through it; the
+/// second API process SIGKILLed mid-drain and left dead.
+async fn balancer_kill() -> Row {
+    use herald_core::testing::stack::{free_port, haproxy};
+    let n = scaled(3000.0);
+    let balancer_port = free_port();
+    let balanced = format!("http://127.0.0.1:{balancer_port}");
+    let mut stack = Stack::api_and_sink(&draining(&[("HERALD__MESSENGER_API__URL", balanced.clone())])).await;
+    let first_port: u16 = stack.api.rsplit(':').next().unwrap().parse().unwrap();
+    let second_port = free_port();
+    stack.start(
+        "api-2",
+        &["messenger-api"],
+        &[("HERALD__MESSENGER_API__PORT".to_owned(), second_port.to_string())],
+    );
+    let second = format!("http://127.0.0.1:{second_port}");
+    stack.wait_healthy(&format!("{second}/messenger/health")).await;
+    let _balancer = haproxy(balancer_port, &[first_port, second_port]).expect("haproxy (build/local-services.sh up installs it)");
+    stack.wait_healthy(&format!("{balanced}/messenger/health")).await;
+    seed_messages(&Http::new(TEST_KEY), &balanced, n).await;
+    stack.replicas(REPLICAS);
+    wait_delivered(&stack, n as u64 / 4).await;
+    stack.kill("api-2");
+    let killed = Instant::now();
+    let recovery = delivery_resumed(&stack, killed).await;
+    // Stats through the surviving replica (the stack's own API URL is the first process).
+    let (sent, failed) = settled(&stack, n, Duration::from_secs(300)).await;
+    let (lost, repeats, _) = tally(&stack, n, sent, failed).await;
+    assert_eq!((lost, failed), (0, 0), "lost or failed messages");
+    let messages = all_messages(&stack).await;
+    let retried = messages.iter().filter(|m| m["attempts"].as_i64().unwrap() > 1).count();
+    let bound = REPLICAS as u64 * IN_FLIGHT_PER_REPLICA;
+    assert!(
+        retried as u64 <= bound && repeats as u64 <= bound,
+        "{retried} retried, {repeats} repeats"
+    );
+    let all_sent = killed.elapsed();
+    stack.cleanup().await;
+    Row {
+        scenario: "one of two API replicas behind HAProxy SIGKILLed mid-drain (schedulers go through the balancer)",
+        messages: n,
+        faults: format!("1 SIGKILL, the replica left dead; {retried} messages needed a second attempt"),
+        lost,
+        duplicates: repeats,
+        recovery: format!(
+            "delivery went on {:.2} s after the kill; all sent {:.1} s after it",
+            recovery.as_secs_f64(),
+            all_sent.as_secs_f64()
+        ),
+    }
+}
+
 async fn api_kill() -> Row {
     let n = scaled(3000.0);
     let down = Duration::from_secs_f64((10.0 * scale()).max(3.0));
@@ -689,6 +742,7 @@ async fn main() {
         ("redis", 3),
         ("redis-sentinel", 7),
         ("redis-cluster", 8),
+        ("balancer", 9),
         ("api", 4),
     ] {
         let only = std::env::var("CHAOS_ONLY").unwrap_or_default();
@@ -706,6 +760,7 @@ async fn main() {
             6 => providers_flap().await,
             7 => redis_failover("sentinel").await,
             8 => redis_failover("cluster").await,
+            9 => balancer_kill().await,
             _ => api_kill().await,
         };
         eprintln!("[chaos] {name}: green in {:.0} s", t.elapsed().as_secs_f64());

@@ -5,49 +5,15 @@
 //! sent twice.
 
 use std::collections::HashSet;
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
-use crate::helpers::{free_port, repo_root, stack};
+use herald_core::testing::stack::haproxy;
 
-/// A running HAProxy, stopped when dropped.
-struct Balancer(Child);
-
-impl Drop for Balancer {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn haproxy(port: u16, backends: &[u16]) -> Option<Balancer> {
-    let binary = ["/usr/sbin/haproxy", "/usr/bin/haproxy"]
-        .into_iter()
-        .find(|p| std::path::Path::new(p).exists())?;
-    let template = std::fs::read_to_string(repo_root().join("build/haproxy/haproxy.cfg.template")).unwrap();
-    let servers: String = backends
-        .iter()
-        .enumerate()
-        .map(|(i, p)| format!("    server api{} 127.0.0.1:{p} check\n", i + 1))
-        .collect();
-    let config = template
-        .replace("@BIND@", &format!("127.0.0.1:{port}"))
-        .replace("@SERVERS@", &servers);
-    let path = std::env::temp_dir().join(format!("herald-haproxy-{port}.cfg"));
-    std::fs::write(&path, config).unwrap();
-    let child = Command::new(binary)
-        .args(["-db", "-f"])
-        .arg(&path)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    Some(Balancer(child))
-}
+use crate::helpers::{free_port, stack};
 
 /// The replica that answered (HAProxy's `X-Herald-Backend`).
 fn backend_of(headers: &reqwest::header::HeaderMap) -> String {

@@ -35,6 +35,45 @@ pub fn free_port() -> u16 {
         .expect("a free port on 127.0.0.1")
 }
 
+/// A running HAProxy (Debian's package) in front of Messenger API processes, stopped when
+/// dropped.
+pub struct Balancer(Child);
+
+impl Drop for Balancer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// HAProxy on `127.0.0.1:port` balancing over the API processes on `backends` (loopback
+/// ports), with the project's own configuration (`build/haproxy/haproxy.cfg.template`); `None`
+/// when HAProxy is not installed.
+pub fn haproxy(port: u16, backends: &[u16]) -> Option<Balancer> {
+    let binary = ["/usr/sbin/haproxy", "/usr/bin/haproxy"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())?;
+    let template = std::fs::read_to_string(repo_root().join("build/haproxy/haproxy.cfg.template")).ok()?;
+    let servers: String = backends
+        .iter()
+        .enumerate()
+        .map(|(i, p)| format!("    server api{} 127.0.0.1:{p} check\n", i + 1))
+        .collect();
+    let config = template
+        .replace("@BIND@", &format!("127.0.0.1:{port}"))
+        .replace("@SERVERS@", &servers);
+    let path = std::env::temp_dir().join(format!("herald-haproxy-{port}.cfg"));
+    std::fs::write(&path, config).ok()?;
+    let child = Command::new(binary)
+        .args(["-db", "-f"])
+        .arg(&path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    Some(Balancer(child))
+}
+
 /// What this machine is, for the line above a benchmark's table: cores, CPU model, kernel.
 pub fn machine() -> String {
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());

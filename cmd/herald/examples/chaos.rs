@@ -516,7 +516,8 @@ async fn balancer_kill() -> Row {
     );
     let second = format!("http://127.0.0.1:{second_port}");
     stack.wait_healthy(&format!("{second}/messenger/health")).await;
-    let _balancer = haproxy(balancer_port, &[first_port, second_port]).expect("haproxy (build/local-services.sh up installs it)");
+    let _balancer =
+        haproxy(balancer_port, &[first_port, second_port]).expect("haproxy (build/local-services.sh up installs it)");
     stack.wait_healthy(&format!("{balanced}/messenger/health")).await;
     seed_messages(&Http::new(TEST_KEY), &balanced, n).await;
     stack.replicas(REPLICAS);

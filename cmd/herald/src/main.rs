@@ -179,7 +179,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 async fn doctor(settings: &Settings, env: &str) -> anyhow::Result<()> {
     use herald_core::doctor::{examine, Level};
     println!("# herald doctor, environment {env:?}");
-    let findings = examine(settings, env, &herald_messenger_api::store::INDEX_NAMES).await;
+    let findings = examine(settings, env, &herald_messenger_api::store::index_specs()).await;
     for f in &findings {
         println!("[{}] {:<14} {}", f.level.tag(), f.subject, f.detail);
     }

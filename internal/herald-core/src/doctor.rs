@@ -10,6 +10,7 @@ use layered_config::ExposeSecret;
 use mongodb::bson::{doc, Document};
 use mongodb::options::ClientOptions;
 
+use crate::mongo::IndexSpec;
 use crate::settings::{RedisMode, Settings};
 
 /// How bad a finding is.
@@ -58,7 +59,7 @@ const CHECK_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Runs every check against what `settings` point at; `indexes` are the names the Messenger
 /// API creates on `messages`.
-pub async fn examine(settings: &Settings, env: &str, indexes: &[&str]) -> Vec<Finding> {
+pub async fn examine(settings: &Settings, env: &str, indexes: &[IndexSpec]) -> Vec<Finding> {
     let mut findings = Vec::new();
     findings.extend(mongodb(settings, indexes).await);
     findings.extend(redis(settings).await);
@@ -78,7 +79,7 @@ pub async fn examine(settings: &Settings, env: &str, indexes: &[&str]) -> Vec<Fi
     findings
 }
 
-async fn mongodb(settings: &Settings, indexes: &[&str]) -> Vec<Finding> {
+async fn mongodb(settings: &Settings, indexes: &[IndexSpec]) -> Vec<Finding> {
     let mut out = Vec::new();
     let options = match ClientOptions::parse(settings.mongo.uri.expose_secret()).await {
         Ok(options) => options,
@@ -177,17 +178,51 @@ fn server_said(error: &mongodb::error::Error) -> String {
     }
 }
 
-/// Whether `messages` holds every index the Messenger API creates.
-async fn index_check(db: &mongodb::Database, expected: &[&str]) -> Finding {
-    let names = tokio::time::timeout(CHECK_TIMEOUT, db.collection::<Document>("messages").list_index_names()).await;
-    match names {
-        Ok(Ok(names)) => {
-            let missing: Vec<&&str> = expected.iter().filter(|e| !names.iter().any(|n| n == **e)).collect();
-            if missing.is_empty() {
+/// Whether `messages` holds every index the Messenger API creates, with the same keys.
+async fn index_check(db: &mongodb::Database, expected: &[IndexSpec]) -> Finding {
+    let listed = tokio::time::timeout(CHECK_TIMEOUT, async {
+        use futures::TryStreamExt;
+        db.collection::<Document>("messages")
+            .list_indexes()
+            .await?
+            .try_collect::<Vec<mongodb::IndexModel>>()
+            .await
+    })
+    .await;
+    match listed {
+        Ok(Ok(found)) => {
+            let named = |name: &str| {
+                found
+                    .iter()
+                    .find(|f| f.options.as_ref().and_then(|o| o.name.as_deref()) == Some(name))
+            };
+            let missing: Vec<&str> = expected
+                .iter()
+                .filter(|e| named(e.name).is_none())
+                .map(|e| e.name)
+                .collect();
+            let different: Vec<String> = expected
+                .iter()
+                .filter_map(|e| {
+                    let found = named(e.name)?;
+                    (!e.matches(found)).then(|| format!("{} has {} (expected {})", e.name, found.keys, e.keys))
+                })
+                .collect();
+            let names: Vec<&str> = expected.iter().map(|e| e.name).collect();
+            if !different.is_empty() {
+                finding(
+                    Level::Fail,
+                    "mongodb",
+                    format!(
+                        "indexes of messages differ: {}; the Messenger API cannot create its own under these names: drop them and start the API to rebuild them",
+                        different.join("; ")
+                    ),
+                )
+            } else if missing.is_empty() {
                 finding(
                     Level::Ok,
                     "mongodb",
-                    format!("indexes of messages present: {}", expected.join(", ")),
+                    format!("indexes of messages present and matching: {}", names.join(", ")),
                 )
             } else {
                 finding(
@@ -195,7 +230,7 @@ async fn index_check(db: &mongodb::Database, expected: &[&str]) -> Finding {
                     "mongodb",
                     format!(
                         "indexes of messages missing: {} (the Messenger API creates them at start; claims and lists read whole ranges without them)",
-                        missing.iter().map(|m| **m).collect::<Vec<_>>().join(", ")
+                        missing.join(", ")
                     ),
                 )
             }

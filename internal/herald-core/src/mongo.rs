@@ -13,6 +13,55 @@ use mongodb::{Collection, Database};
 use serde::de::DeserializeOwned;
 
 use crate::errors::{ApiError, ErrorCode};
+
+/// An index a collection must have: what the Messenger API creates at start and what
+/// `herald doctor` checks is there, with the same keys.
+#[derive(Debug, Clone)]
+pub struct IndexSpec {
+    /// The index name.
+    pub name: &'static str,
+    /// Its key pattern, in order.
+    pub keys: Document,
+    /// Unique index.
+    pub unique: bool,
+    /// Sparse index.
+    pub sparse: bool,
+}
+
+impl IndexSpec {
+    /// The driver's model to create it.
+    pub fn model(&self) -> mongodb::IndexModel {
+        let options = mongodb::options::IndexOptions::builder()
+            .name(self.name.to_owned())
+            .unique(self.unique.then_some(true))
+            .sparse(self.sparse.then_some(true))
+            .build();
+        mongodb::IndexModel::builder()
+            .keys(self.keys.clone())
+            .options(options)
+            .build()
+    }
+
+    /// Whether an index the server lists is this one: same key pattern (as numbers, in order),
+    /// same uniqueness and sparseness.
+    pub fn matches(&self, found: &mongodb::IndexModel) -> bool {
+        let direction = |v: &bson::Bson| {
+            v.as_f64()
+                .or_else(|| v.as_i64().map(|n| n as f64))
+                .or_else(|| v.as_i32().map(f64::from))
+        };
+        let same_keys = self.keys.len() == found.keys.len()
+            && self
+                .keys
+                .iter()
+                .zip(found.keys.iter())
+                .all(|((k1, v1), (k2, v2))| k1 == k2 && direction(v1) == direction(v2));
+        let options = found.options.as_ref();
+        let unique = options.and_then(|o| o.unique).unwrap_or(false);
+        let sparse = options.and_then(|o| o.sparse).unwrap_or(false);
+        same_keys && unique == self.unique && sparse == self.sparse
+    }
+}
 use crate::pagination::{Fetched, PageRequest};
 use crate::settings::MongoSettings;
 

@@ -72,7 +72,7 @@ pub struct RedisSettings {
     pub mode: RedisMode,
     /// Connection URL; with `sentinel` or `cluster`, comma-separated URLs of the Sentinels or of
     /// some cluster nodes. Secret because it may carry a password.
-    #[serde(serialize_with = "redact_url")]
+    #[serde(serialize_with = "redact_urls")]
     pub url: SecretString,
     /// The master's name as the Sentinels know it (`sentinel monitor <name> …`).
     pub sentinel_master: String,
@@ -298,6 +298,11 @@ fn redact_all<S: Serializer>(secrets: &[SecretString], serializer: S) -> Result<
 
 /// A connection string with any password in it replaced: the host stays readable.
 fn redact_url<S: Serializer>(url: &SecretString, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(&redacted_url(url.expose_secret()))
+}
+
+/// `redis.url`: one URL, or several comma-separated, each redacted.
+fn redact_urls<S: Serializer>(url: &SecretString, serializer: S) -> Result<S::Ok, S::Error> {
     let each: Vec<String> = url.expose_secret().split(',').map(redacted_url).collect();
     serializer.serialize_str(&each.join(","))
 }

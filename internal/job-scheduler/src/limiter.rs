@@ -12,7 +12,8 @@
 //! replica falls back to an in-process GCRA of `rate / n` with `burst / n` (at least one),
 //! where `n` is the number of replicas it last saw, or `webhook.rate_limit_fallback_replicas`
 //! when it never saw any; the in-process limiter starts with no burst in hand. It tries Redis
-//! again a second later.
+//! again a second later, and back on Redis it takes no burst either (the shared schedule has
+//! not seen the sends made meanwhile), so a Redis outage or failover never adds a burst.
 //!
 //! Waiting is not an attempt: a send that would have to wait past `deadline` (its claim could
 //! lapse) is refused, and the caller gives the message back unsent.
@@ -33,7 +34,9 @@ const FALLBACK_RETRY: Duration = Duration::from_secs(1);
 const REPLICA_WINDOW_MICROS: i64 = 10_000_000;
 
 /// GCRA reservation. KEYS: TAT, replicas. ARGV: interval µs, tolerance µs, longest wait to
-/// reserve µs, worker id, replica window µs. Answers {reserved 0/1, wait µs, replicas}.
+/// reserve µs, worker id, replica window µs, least lead of the TAT over now µs (the tolerance
+/// when returning from the in-process fallback, else 0). Answers {reserved 0/1, wait µs,
+/// replicas}.
 const SCRIPT: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -42,6 +45,8 @@ local tolerance = tonumber(ARGV[2])
 local max_wait = tonumber(ARGV[3])
 local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
 if tat < now then tat = now end
+local floor = now + tonumber(ARGV[6])
+if tat < floor then tat = floor end
 local wait = tat - tolerance - now
 if wait < 0 then wait = 0 end
 redis.call('ZADD', KEYS[2], now, ARGV[4])
@@ -276,6 +281,16 @@ impl Inner {
     async fn reserve(&self, max_wait: Duration) -> Result<(bool, Duration), ReserveError> {
         let interval = self.interval();
         let tolerance = interval * (self.limit.burst.max(1) - 1);
+        // Back from the fallback, the shared schedule has not seen what the replicas sent on
+        // their own meanwhile (and a promoted Redis replica may hold an older copy): take no
+        // burst from it, as the fallback took none from Redis.
+        let returning = self
+            .fallback
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .tat
+            .is_some();
+        let floor = if returning { tolerance } else { Duration::ZERO };
         let mut invocation = self.script.key(&self.tat_key);
         invocation
             .key(&self.replicas_key)
@@ -283,7 +298,8 @@ impl Inner {
             .arg(tolerance.as_micros() as u64)
             .arg(max_wait.as_micros() as u64)
             .arg(&self.worker)
-            .arg(REPLICA_WINDOW_MICROS);
+            .arg(REPLICA_WINDOW_MICROS)
+            .arg(floor.as_micros() as u64);
         let mut connection = self.redis.clone();
         let answer: (i64, i64, u32) = tokio::time::timeout(self.timeout, invocation.invoke_async(&mut connection))
             .await

@@ -237,13 +237,41 @@ async fn doctor_checks_what_the_configuration_points_at() {
     let text = String::from_utf8_lossy(&doctor(&[]).stdout).into_owned();
     assert!(text.contains("[ok  ] messenger-api"), "{text}");
     assert!(
-        text.contains("[ok  ] mongodb        indexes of messages present: claim,"),
+        text.contains("[ok  ] mongodb        indexes of messages present and matching: claim,"),
         "the API made them: {text}"
     );
     assert!(text.contains("members: "), "{text}");
     assert!(
         text.contains("[ok  ] providers      default → http://127.0.0.1:"),
         "resolves: {text}"
+    );
+
+    // An index under Herald's name with other keys (made by hand, or by an older build) fails
+    // it: the API could not create its own under that name.
+    let other = format!("{}_drifted", stack.env.database);
+    let model = mongodb::IndexModel::builder()
+        .keys(bson::doc! {"status": 1, "next_attempt_at": 1})
+        .options(
+            mongodb::options::IndexOptions::builder()
+                .name("claim".to_owned())
+                .build(),
+        )
+        .build();
+    stack
+        .env
+        .mongo
+        .database(&other)
+        .collection::<bson::Document>("messages")
+        .create_index(model)
+        .await
+        .unwrap();
+    let drifted = doctor(&[("HERALD__MONGO__DATABASE", other.as_str())]);
+    let text = String::from_utf8_lossy(&drifted.stdout).into_owned();
+    stack.env.mongo.database(&other).drop().await.unwrap();
+    assert!(!drifted.status.success(), "{text}");
+    assert!(
+        text.contains("[FAIL] mongodb        indexes of messages differ: claim has"),
+        "{text}"
     );
 
     let closed = format!("mongodb://127.0.0.1:{}", crate::helpers::free_port());

@@ -32,8 +32,8 @@ pub mod writes;
 use bson::oid::ObjectId;
 use bson::{doc, DateTime, Document};
 use futures::TryStreamExt;
-use mongodb::options::IndexOptions;
-use mongodb::{Collection, Database, IndexModel};
+use herald_core::mongo::IndexSpec;
+use mongodb::{Collection, Database};
 
 use crate::domain::{MessageDoc, MessageStatus};
 pub use claim::Claim;
@@ -49,17 +49,30 @@ pub use writes::{Accepted, ClaimWrite, TransitionOutcome};
 /// Name of the collection.
 pub const COLLECTION: &str = "messages";
 
-/// The indexes [`MessageStore::ensure_indexes`] creates on `messages`, by name (`herald doctor`
-/// checks they are there).
-pub const INDEX_NAMES: [&str; 7] = [
-    "claim",
-    "sent",
-    "status_id",
-    "idempotency_key",
-    "recipient",
-    "claim_token",
-    "waiting_for_provider",
-];
+/// The indexes [`MessageStore::ensure_indexes`] creates on `messages` (`herald doctor` checks
+/// they are there, with these keys).
+pub fn index_specs() -> Vec<IndexSpec> {
+    let spec = |name, keys, unique, sparse| IndexSpec {
+        name,
+        keys,
+        unique,
+        sparse,
+    };
+    vec![
+        spec(
+            "claim",
+            doc! {"status": 1, "next_attempt_at": 1, "_id": 1},
+            false,
+            false,
+        ),
+        spec("sent", doc! {"status": 1, "sent_at": -1}, false, false),
+        spec("status_id", doc! {"status": 1, "_id": -1}, false, false),
+        spec("idempotency_key", doc! {"idempotency_key": 1}, true, true),
+        spec("recipient", doc! {"to": 1, "_id": -1}, false, false),
+        spec("claim_token", doc! {"claim_token": 1}, false, true),
+        spec("waiting_for_provider", doc! {"waiting_for_provider": 1}, false, true),
+    ]
+}
 
 /// The repository over `messages`: inserts, lists, claims, transitions and counts.
 #[derive(Clone)]
@@ -122,32 +135,11 @@ impl MessageStore {
         &self.counts
     }
 
-    /// Creates the indexes (idempotent); their names are [`INDEX_NAMES`].
+    /// Creates the indexes (idempotent): [`index_specs`].
     pub async fn ensure_indexes(&self) -> Result<(), StoreError> {
-        // (keys, name, unique, sparse)
-        let specs: [(Document, &str, bool, bool); INDEX_NAMES.len()] = [
-            (
-                doc! {"status": 1, "next_attempt_at": 1, "_id": 1},
-                "claim",
-                false,
-                false,
-            ),
-            (doc! {"status": 1, "sent_at": -1}, "sent", false, false),
-            (doc! {"status": 1, "_id": -1}, "status_id", false, false),
-            (doc! {"idempotency_key": 1}, "idempotency_key", true, true),
-            (doc! {"to": 1, "_id": -1}, "recipient", false, false),
-            (doc! {"claim_token": 1}, "claim_token", false, true),
-            (doc! {"waiting_for_provider": 1}, "waiting_for_provider", false, true),
-        ];
-        let indexes = specs.into_iter().map(|(keys, name, unique, sparse)| {
-            let options = IndexOptions::builder()
-                .name(name.to_owned())
-                .unique(unique.then_some(true))
-                .sparse(sparse.then_some(true))
-                .build();
-            IndexModel::builder().keys(keys).options(options).build()
-        });
-        self.messages.create_indexes(indexes).await?;
+        self.messages
+            .create_indexes(index_specs().iter().map(IndexSpec::model))
+            .await?;
         self.providers.ensure_indexes().await?;
         Ok(())
     }

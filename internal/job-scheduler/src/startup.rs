@@ -186,7 +186,9 @@ impl Application {
             let every = Duration::from_millis(settings.job_scheduler.idle_poll_ms);
             control.runs_trigger().poll_while_idle(every, shutdown.clone());
         }
-        let bound = http::bind(&settings.job_scheduler.host, settings.job_scheduler.port).await?;
+        let bound = http::bind(&settings.job_scheduler.host, settings.job_scheduler.port)
+            .await?
+            .idle_timeout(Duration::from_secs(settings.job_scheduler.idle_timeout_seconds));
         tracing::info!(
             address = %bound.addr,
             worker,

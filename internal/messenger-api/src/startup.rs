@@ -153,7 +153,9 @@ impl Application {
         ensure_indexes(services.store.clone()).await;
         let upkeep = tokio_util::sync::CancellationToken::new();
         services.upkeep.spawn(upkeep.clone());
-        let bound = http::bind(&settings.messenger_api.host, settings.messenger_api.port).await?;
+        let bound = http::bind(&settings.messenger_api.host, settings.messenger_api.port)
+            .await?
+            .idle_timeout(Duration::from_secs(settings.messenger_api.idle_timeout_seconds));
         tracing::info!(address = %bound.addr, "messenger API listening; Swagger UI at /messenger/swagger");
         let api = services.api(settings);
         let ui = api.swagger_ui();

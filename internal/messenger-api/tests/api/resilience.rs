@@ -272,3 +272,66 @@ async fn cache_entries_missed_while_redis_was_down_are_written_once_it_is_back()
     );
     app.cleanup().await;
 }
+
+/// Clients that connect and send nothing, or stop halfway through a request head, are cut at
+/// `messenger_api.idle_timeout_seconds` (real sockets); meanwhile others are answered, and a
+/// live feed, quiet on the client's side, stays open on its heartbeats.
+#[tokio::test]
+async fn slow_clients_are_cut_at_the_idle_timeout_and_others_are_served_meanwhile() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // The least the test environment allows: above the toggle's wait (27 s) and the feed's
+    // heartbeat (15 s) and ping (10 s here).
+    let idle = Duration::from_secs(28);
+    let app = spawn_app_with(&[
+        ("HERALD__MESSENGER_API__IDLE_TIMEOUT_SECONDS", "28"),
+        ("HERALD__EVENTS__WS_PING_SECONDS", "10"),
+    ])
+    .await;
+    let addr = app.address.trim_start_matches("http://").to_owned();
+    let opened = std::time::Instant::now();
+    let mut slow = Vec::new();
+    for i in 0..20 {
+        let mut socket = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        if i % 2 == 0 {
+            socket
+                .write_all(b"GET /messenger/health HTTP/1.1\r\nHost: herald\r\nX-Slow: ")
+                .await
+                .unwrap();
+        }
+        slow.push(socket);
+    }
+    let mut feed = app
+        .client
+        .get(app.url("/api/messenger/events"))
+        .bearer_auth(herald_core::testing::TEST_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(feed.status(), 200);
+    for _ in 0..5 {
+        let response = app.client.get(app.url("/messenger/health")).send().await.unwrap();
+        assert_eq!(response.status(), 200);
+    }
+    assert!(
+        opened.elapsed() < Duration::from_secs(5),
+        "answered while the slow ones wait"
+    );
+    for (i, mut socket) in slow.into_iter().enumerate() {
+        let mut buffer = [0u8; 64];
+        let read = tokio::time::timeout(idle + Duration::from_secs(10), socket.read(&mut buffer))
+            .await
+            .unwrap_or_else(|_| panic!("slow connection {i} still open {:?} after it opened", opened.elapsed()));
+        assert!(matches!(read, Ok(0) | Err(_)), "closed without an answer: {read:?}");
+    }
+    let cut_after = opened.elapsed();
+    println!("20 slow connections cut {cut_after:?} after they opened (idle timeout {idle:?})");
+    assert!(cut_after >= idle - Duration::from_millis(500), "{cut_after:?}");
+    // The feed outlived the timeout on its heartbeats (every 15 s), its client silent.
+    let chunk = tokio::time::timeout(Duration::from_secs(20), feed.chunk())
+        .await
+        .expect("the feed still delivers");
+    assert!(matches!(chunk, Ok(Some(_))), "the feed is still open: {chunk:?}");
+    let response = app.client.get(app.url("/messenger/health")).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    app.cleanup().await;
+}

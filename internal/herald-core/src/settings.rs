@@ -159,6 +159,8 @@ pub struct JobSchedulerSettings {
     pub idle_poll_ms: u64,
     /// A connection with no byte read or written for this long is closed, in seconds.
     pub idle_timeout_seconds: u64,
+    /// Largest accepted request body, in bytes (its routes take small control bodies).
+    pub max_body_bytes: usize,
 }
 
 /// `[webhook_sink]`
@@ -556,6 +558,9 @@ impl Settings {
         }
         if self.messenger_api.max_body_bytes < 1024 {
             return fail("messenger_api.max_body_bytes must be at least 1024".into());
+        }
+        if self.job_scheduler.max_body_bytes < 1024 {
+            return fail("job_scheduler.max_body_bytes must be at least 1024".into());
         }
         Ok(())
     }

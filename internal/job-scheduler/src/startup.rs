@@ -213,7 +213,7 @@ impl Application {
             .data(ApiKeys::new(settings.auth.api_keys.clone()));
         let app = http::edge(
             routes,
-            settings.messenger_api.max_body_bytes,
+            settings.job_scheduler.max_body_bytes,
             metrics.http.clone(),
             allowed,
         )

@@ -27,6 +27,19 @@ async fn start_and_stop_persist_and_answer_409_when_already_in_that_state() {
     assert_eq!(again.status(), 409);
     assert_eq!(again.json::<Value>().await.unwrap()["internalCode"], 409004);
 
+    // The scheduler's own body limit (64 KiB), not the API's (1 MiB).
+    let oversize = stack
+        .client
+        .post(format!("{}/job-scheduler/messenger/stop", scheduler.url))
+        .bearer_auth(KEY)
+        .header("content-type", "application/json")
+        .body(vec![b' '; 100 * 1024])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(oversize.status(), 413);
+    assert_eq!(oversize.json::<Value>().await.unwrap()["internalCode"], 413001);
+
     let stopped = post(&stack.client, format!("{}/job-scheduler/messenger/stop", scheduler.url)).await;
     assert_eq!(stopped.status(), 200);
     assert_eq!(stopped.json::<Value>().await.unwrap()["working"], false);

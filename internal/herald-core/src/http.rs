@@ -249,6 +249,7 @@ impl Acceptor for IdleCutAcceptor {
         let idle = IdleCut {
             inner: io,
             timeout: self.timeout,
+            last_active: tokio::time::Instant::now(),
             deadline: Box::pin(tokio::time::sleep(self.timeout)),
         };
         Ok((idle, local, remote, scheme))
@@ -262,15 +263,32 @@ impl Acceptor for IdleCutAcceptor {
 /// protocol or request head is still being read (measured: 20 such sockets still open after
 /// 10 s). Live feeds write a heartbeat or ping well within the timeout, so they stay open;
 /// start-up requires the timeout to exceed the longest a handler may run silently.
+///
+/// Reads and writes only note the time; the timer is moved when it fires and the connection
+/// was active meanwhile, so the hot path never touches the timer wheel.
 pub struct IdleCut<T> {
     inner: T,
     timeout: Duration,
+    last_active: tokio::time::Instant,
     deadline: std::pin::Pin<Box<tokio::time::Sleep>>,
 }
 
 impl<T> IdleCut<T> {
     fn active(&mut self) {
-        self.deadline.as_mut().reset(tokio::time::Instant::now() + self.timeout);
+        self.last_active = tokio::time::Instant::now();
+    }
+
+    /// Ready once the connection has been idle for the whole timeout; otherwise the timer is
+    /// set to the end of the current quiet spell and registered with `cx`.
+    fn poll_idle(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        loop {
+            std::task::ready!(self.deadline.as_mut().poll(cx));
+            let due = self.last_active + self.timeout;
+            if due <= tokio::time::Instant::now() {
+                return std::task::Poll::Ready(());
+            }
+            self.deadline.as_mut().reset(due);
+        }
     }
 }
 
@@ -290,7 +308,7 @@ impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for IdleCut<T> {
                 Poll::Ready(Ok(()))
             }
             Poll::Ready(Err(error)) => Poll::Ready(Err(error)),
-            Poll::Pending => match self.deadline.as_mut().poll(cx) {
+            Poll::Pending => match self.poll_idle(cx) {
                 Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
                     std::io::ErrorKind::TimedOut,
                     "connection idle past the timeout",

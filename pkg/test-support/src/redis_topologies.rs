@@ -90,6 +90,39 @@ fn serves(range: &str, slot: u16) -> bool {
     bounds.is_some_and(|(from, to)| (from..=to).contains(&slot))
 }
 
+/// A data node's arguments: loopback, no persistence, and a replica's first full sync started
+/// at once, not 5 s later (a replica that never synced cannot take over).
+fn data_node_args(port: u16) -> Vec<String> {
+    [
+        "--port",
+        &port.to_string(),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--repl-diskless-sync-delay",
+        "0",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+/// `redis.url` listing `nodes`, comma-separated.
+fn urls(nodes: &[Node]) -> String {
+    nodes
+        .iter()
+        .map(|n| format!("redis://127.0.0.1:{}", n.port))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// One field of the `INFO replication` answer of the server on `port`.
+async fn replication(port: u16, field: &str) -> Option<String> {
+    info_field(&ask(port, &["INFO", "replication"]).await?, field)
+}
+
 /// `name:value` from an INFO-style answer.
 pub fn info_field(text: &str, name: &str) -> Option<String> {
     text.lines()
@@ -113,32 +146,14 @@ impl RedisSentinels {
     pub async fn start() -> Self {
         let dir = std::env::temp_dir().join(format!("herald-test-sentinel-{}", unique_suffix()));
         std::fs::create_dir_all(&dir).expect("a folder for the sentinels");
-        let base = |port: u16| -> Vec<String> {
-            [
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ]
-            .map(String::from)
-            .to_vec()
-        };
         let master_port = free_port();
-        let master = Node::spawn(master_port, &base(master_port));
+        let master = Node::spawn(master_port, &data_node_args(master_port));
         let replica_port = free_port();
-        let mut replica_args = base(replica_port);
+        let mut replica_args = data_node_args(replica_port);
         replica_args.extend(["--replicaof".into(), "127.0.0.1".into(), master_port.to_string()]);
         let replica = Node::spawn(replica_port, &replica_args);
         eventually(Duration::from_secs(10), "the replica is in sync", || async {
-            ask(replica_port, &["INFO", "replication"])
-                .await
-                .and_then(|i| info_field(&i, "master_link_status"))
-                .as_deref()
-                == Some("up")
+            replication(replica_port, "master_link_status").await.as_deref() == Some("up")
         })
         .await;
         let master_name = format!("herald-{}", unique_suffix());
@@ -198,11 +213,7 @@ impl RedisSentinels {
 
     /// `redis.url` for Herald: the Sentinels, comma-separated.
     pub fn url(&self) -> String {
-        self.sentinels
-            .iter()
-            .map(|s| format!("redis://127.0.0.1:{}", s.port))
-            .collect::<Vec<_>>()
-            .join(",")
+        urls(&self.sentinels)
     }
 
     /// The port of the server the Sentinels now name master.
@@ -234,12 +245,7 @@ impl RedisSentinels {
     pub async fn wait_failover(&self, limit: Duration) {
         let replica = self.replica.port;
         eventually(limit, "the sentinels promote the replica", || async {
-            self.master_port().await == Some(replica)
-                && ask(replica, &["INFO", "replication"])
-                    .await
-                    .and_then(|i| info_field(&i, "role"))
-                    .as_deref()
-                    == Some("master")
+            self.master_port().await == Some(replica) && replication(replica, "role").await.as_deref() == Some("master")
         })
         .await;
     }
@@ -269,30 +275,20 @@ impl RedisCluster {
         let mut nodes = Vec::new();
         for _ in 0..6 {
             let port = free_port();
-            let args: Vec<String> = [
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                // A replica's first full sync starts at once, not 5 s later: a replica that
-                // never synced cannot take over.
-                "--repl-diskless-sync-delay",
-                "0",
-                "--cluster-enabled",
-                "yes",
-                "--cluster-node-timeout",
-                "1000",
-                "--cluster-config-file",
-                &dir.join(format!("nodes-{port}.conf")).display().to_string(),
-                "--dir",
-                &dir.display().to_string(),
-            ]
-            .map(String::from)
-            .to_vec();
+            let mut args = data_node_args(port);
+            args.extend(
+                [
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-node-timeout",
+                    "1000",
+                    "--cluster-config-file",
+                    &dir.join(format!("nodes-{port}.conf")).display().to_string(),
+                    "--dir",
+                    &dir.display().to_string(),
+                ]
+                .map(String::from),
+            );
             nodes.push(Node::spawn(port, &args));
         }
         for node in &nodes {
@@ -336,11 +332,7 @@ impl RedisCluster {
 
     /// `redis.url` for Herald: every node, comma-separated.
     pub fn url(&self) -> String {
-        self.nodes
-            .iter()
-            .map(|n| format!("redis://127.0.0.1:{}", n.port))
-            .collect::<Vec<_>>()
-            .join(",")
+        urls(&self.nodes)
     }
 
     /// A node still running, to ask the cluster questions.

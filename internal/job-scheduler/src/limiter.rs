@@ -14,7 +14,9 @@
 //! when it never saw any; the in-process limiter starts with no burst in hand. It tries Redis
 //! again a second later. Back on Redis, its first reservation lifts the shared TAT past the
 //! local slots it still has booked plus the tolerance: the shared schedule has not seen the
-//! sends made meanwhile, so it starts after them and with no burst.
+//! sends made meanwhile, so it starts after them and with no burst. For one more retry
+//! interval it keeps to its share as well (each send takes a shared and a local slot): the
+//! other replicas may still be on their fallback that long, each sending its share beside it.
 //!
 //! Waiting is not an attempt: a send that would have to wait past `deadline` (its claim could
 //! lapse) is refused, and the caller gives the message back unsent.
@@ -116,6 +118,8 @@ struct Fallback {
     tat: Option<Instant>,
     /// The latest slot this replica reserved in Redis: its fallback starts after it.
     reserved_until: Option<Instant>,
+    /// Back on Redis, but still within its share until then (see the module docs).
+    cooling_until: Option<Instant>,
 }
 
 /// A GCRA step on an in-process clock: the wait for the next slot, and the TAT after taking it.
@@ -215,9 +219,16 @@ impl Inner {
             let max_wait = (deadline - now).min(MAX_RESERVE);
             match self.reserve(max_wait).await {
                 Ok((true, wait)) => {
-                    {
+                    let wait = {
                         let mut fallback = self.fallback.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
                         fallback.reserved_until = fallback.reserved_until.max(Some(now + wait));
+                        match self.cooling_slot(&mut fallback, now) {
+                            Some(local) => wait.max(local),
+                            None => wait,
+                        }
+                    };
+                    if now + wait > deadline {
+                        return Err(TooLate);
                     }
                     tokio::time::sleep(wait).await;
                     return Ok(());
@@ -251,7 +262,23 @@ impl Inner {
             fallback.tat = Some(base + interval + tolerance);
         }
         fallback.until = Some(now + FALLBACK_RETRY);
+        fallback.cooling_until = None;
         self.metrics.fallback.set(1);
+    }
+
+    /// While cooling down after the fallback, books this replica's local slot too and answers
+    /// its wait; afterwards forgets the local schedule and answers `None`.
+    fn cooling_slot(&self, fallback: &mut Fallback, now: Instant) -> Option<Duration> {
+        let until = fallback.cooling_until?;
+        if now >= until {
+            fallback.cooling_until = None;
+            fallback.tat = None;
+            return None;
+        }
+        let (interval, tolerance) = self.local_limits();
+        let (wait, next) = gcra(fallback.tat.unwrap_or(now), now, interval, tolerance);
+        fallback.tat = Some(next);
+        Some(wait)
     }
 
     /// This replica's share: `rate / n` with `burst / n` (at least one).
@@ -286,12 +313,11 @@ impl Inner {
         // their own meanwhile (and a promoted Redis replica may hold an older copy), while
         // this replica's local slots booked ahead are still to be used: shared slots start
         // after them, and with no burst, as the fallback took none from Redis.
-        let local_tat = self
-            .fallback
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .tat;
-        let floor = local_tat.map_or(Duration::ZERO, |tat| {
+        let returning_tat = {
+            let fallback = self.fallback.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            fallback.until.and(fallback.tat)
+        };
+        let floor = returning_tat.map_or(Duration::ZERO, |tat| {
             tat.saturating_duration_since(Instant::now()) + tolerance
         });
         let mut invocation = self.script.key(&self.tat_key);
@@ -310,8 +336,10 @@ impl Inner {
         self.replicas_seen.store(answer.2.max(1), Ordering::Relaxed);
         let was_fallback = {
             let mut fallback = self.fallback.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            let was = fallback.tat.take().is_some();
-            fallback.until = None;
+            let was = fallback.until.take().is_some();
+            if was && fallback.tat.is_some() {
+                fallback.cooling_until = Some(Instant::now() + FALLBACK_RETRY);
+            }
             was
         };
         if was_fallback {

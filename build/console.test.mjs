@@ -167,6 +167,28 @@ test("a provider pause shows live, and failed messages are re-queued in bulk", a
   await page.fill("#search", "");
 });
 
+test("the operator actions above are in the audit, live", async () => {
+  // The single retry and the bulk re-queue, each recorded once with the console's key.
+  await page.locator('#audit tbody tr', { hasText: "message.retry" }).first().waitFor({ timeout: 5000 });
+  const bulk = page.locator('#audit tbody tr', { hasText: "messages.requeue" });
+  await bulk.first().waitFor({ timeout: 5000 });
+  const listed = await call(`${API}/api/messenger/audit?limit=100`);
+  const actions = listed.items.map((e) => e.action);
+  assert.ok(actions.includes("message.retry") && actions.includes("messages.requeue"), actions.join(","));
+  assert.ok(listed.items.every((e) => e.key && e.result && e.from), JSON.stringify(listed.items[0]));
+  // A failing action is recorded too, and reaches the console through the live feed.
+  const before = await page.locator('#audit tbody tr').count();
+  const refused = await fetch(`${API}/api/messenger/messages/0123456789abcdef01234567/retry`, {
+    method: "POST",
+    headers: { Authorization: `Bearer ${KEY}` },
+  });
+  assert.equal(refused.status, 404);
+  await page.locator('#audit tbody tr', { hasText: "0123456789abcdef01234567" }).first().waitFor({ timeout: 10000 });
+  await page.locator('#feed li[data-type="audit.recorded"]').first().waitFor();
+  assert.ok((await page.locator('#audit tbody tr').count()) >= Math.min(before + 1, 10));
+  await page.locator(".audit-card").screenshot({ path: `${SHOTS}/console-audit.png` });
+});
+
 test("it reads well on a phone-width window too", async () => {
   const phone = await browser.newPage({ viewport: { width: 390, height: 844 } });
   await phone.goto(`${API}/messenger/console`);

@@ -21,7 +21,20 @@ if [ ! -x "$ST" ] || ! "$ST" --version 2>/dev/null | grep -q "$SCHEMATHESIS_VERS
 fi
 
 KEY=fuzz-api-key
+READ_ONLY_KEY=fuzz-read-only-key
 export HERALD__AUTH__API_KEYS=$KEY
+# A configuration folder with one more key that may only read ([[auth.keys]] are tables, which
+# environment variables cannot carry); plaintext keys are accepted in the local environment.
+CONFIG_DIR="$ROOT/.local/fuzz-configs"
+rm -rf "$CONFIG_DIR" && cp -r "$ROOT/configs" "$CONFIG_DIR"
+cat >>"$CONFIG_DIR/local.toml" <<TOML
+
+[[auth.keys]]
+name = "fuzz-read-only"
+key = "$READ_ONLY_KEY"
+scopes = ["messages:read", "metrics"]
+TOML
+export HERALD_CONFIG_DIR="$CONFIG_DIR"
 start_stack fuzz 3300 3301 8290
 
 EXAMPLES="${FUZZ_EXAMPLES:-100}"
@@ -29,7 +42,7 @@ SEED="${FUZZ_SEED:-$RANDOM$RANDOM}"
 CHECKS=not_a_server_error,status_code_conformance,content_type_conformance,response_headers_conformance,response_schema_conformance,unsupported_method,herald_error_body
 export SCHEMATHESIS_HOOKS=herald_checks PYTHONPATH="$ROOT/build/fuzz"
 
-fuzz() { # name url [extra args]
+fuzz() { # name url [extra args]; KEY and CHECKS as set around the call
   local name=$1 url=$2
   shift 2
   echo "[fuzz] $name: $url ($EXAMPLES cases per operation, seed $SEED)"
@@ -50,4 +63,10 @@ status=0
 # The live feed (SSE) streams until the client leaves; it has its own tests (live.rs).
 fuzz messenger-api http://127.0.0.1:3300/messenger/openapi.json --exclude-path /api/messenger/events || status=1
 fuzz job-scheduler http://127.0.0.1:3301/job-scheduler/openapi.json || status=1
+# Once more with the read-only key: every write refused (403001), every read still answered.
+KEY=$READ_ONLY_KEY CHECKS="$CHECKS,no_write_succeeds" EXAMPLES="${FUZZ_READ_ONLY_EXAMPLES:-25}" \
+  fuzz messenger-api-read-only http://127.0.0.1:3300/messenger/openapi.json --exclude-path /api/messenger/events ||
+  status=1
+KEY=$READ_ONLY_KEY CHECKS="$CHECKS,no_write_succeeds" EXAMPLES="${FUZZ_READ_ONLY_EXAMPLES:-25}" \
+  fuzz job-scheduler-read-only http://127.0.0.1:3301/job-scheduler/openapi.json || status=1
 exit $status

@@ -2,6 +2,9 @@
 
 Every error response of both APIs must carry the one error body of SPEC §4:
 {"status": <the HTTP status>, "internalCode": <6 digits, first three = the status>, "message": "..."}.
+
+`no_write_succeeds` is for the run with a read-only key (messages:read and metrics): no
+operation that changes something may answer 2xx, and each is refused with 403001.
 """
 
 import schemathesis
@@ -26,3 +29,19 @@ def herald_error_body(ctx, response, case):
         raise AssertionError(f"internalCode {code!r} does not belong to status {status}")
     if not isinstance(body["message"], str) or not body["message"].strip():
         raise AssertionError(f"{status} error body has no message")
+
+
+WRITES = {"POST", "PUT", "PATCH", "DELETE"}
+
+
+@schemathesis.check
+def no_write_succeeds(ctx, response, case):
+    """With a read-only key, every write is refused with 403001 once the key is checked."""
+    if case.method.upper() not in WRITES:
+        return
+    if response.status_code < 400:
+        raise AssertionError(f"{case.method} {case.path} succeeded ({response.status_code}) with a read-only key")
+    if response.status_code == 403:
+        code = response.json().get("internalCode")
+        if code != 403001:
+            raise AssertionError(f"403 with internalCode {code!r}, not 403001")

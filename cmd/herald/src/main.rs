@@ -10,6 +10,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
+use herald_core::auth::Scope;
 use herald_core::Settings;
 
 /// Herald: stores messages in MongoDB and sends them, two at a time, to an SMS provider.
@@ -52,6 +53,67 @@ enum Command {
     /// open, majority writes), Redis, the other role, the providers. Exits non-zero on a
     /// failure.
     Doctor,
+    /// Make API keys.
+    #[command(subcommand)]
+    Key(KeyCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum KeyCommand {
+    /// Print a fresh random key once, and the [[auth.keys]] lines with its SHA-256 digest to add
+    /// to the configuration (the key itself is never stored by Herald).
+    New(KeyArgs),
+}
+
+#[derive(Debug, Args)]
+struct KeyArgs {
+    /// The key's name: letters, digits, `.`, `_` and `-` (shown in logs, the audit, 403 errors).
+    #[arg(long, value_parser = parse_key_name)]
+    name: String,
+    /// A scope it holds (repeat): messages:write, messages:read, worker, operator, metrics.
+    #[arg(long = "scope", required = true, value_parser = parse_scope)]
+    scopes: Vec<Scope>,
+}
+
+fn parse_key_name(name: &str) -> Result<String, String> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    ok.then(|| name.to_owned())
+        .ok_or_else(|| "1 to 64 letters, digits, '.', '_' or '-'".to_owned())
+}
+
+fn parse_scope(name: &str) -> Result<Scope, String> {
+    Scope::parse(name).ok_or_else(|| {
+        let all: Vec<&str> = Scope::ALL.iter().map(|s| s.name()).collect();
+        format!("one of {}", all.join(", "))
+    })
+}
+
+/// `herald key new`: the key on its own line, everything else a TOML comment or table, so the
+/// output can be split by a script or pasted by a person.
+fn new_key(args: &KeyArgs) {
+    let key = herald_core::auth::new_key();
+    let scopes: Vec<&str> = Scope::ALL
+        .iter()
+        .filter(|s| args.scopes.contains(s))
+        .map(|s| s.name())
+        .collect();
+    println!(
+        "# The key for {:?}: shown once, Herald keeps only its digest. Give it to the client:",
+        args.name
+    );
+    println!("{key}");
+    println!("# Add to the configuration of both services:");
+    println!("[[auth.keys]]");
+    println!("name = \"{}\"", args.name);
+    println!("sha256 = \"{}\"", herald_core::auth::digest_hex(&key));
+    println!(
+        "scopes = [{}]",
+        scopes.iter().map(|s| format!("\"{s}\"")).collect::<Vec<_>>().join(", ")
+    );
 }
 
 #[derive(Debug, Subcommand)]
@@ -122,10 +184,15 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    // Making a key needs no configuration: it is how a first one is made.
+    if let Command::Key(KeyCommand::New(args)) = &cli.command {
+        new_key(args);
+        return Ok(());
+    }
     let (mut settings, sources) = Settings::load_traced(&cli.global.config_dir, &cli.global.env, std::env::vars())?;
     let quiet = matches!(
         cli.command,
-        Command::Seed(_) | Command::Openapi(_) | Command::Config(_) | Command::Doctor
+        Command::Seed(_) | Command::Openapi(_) | Command::Config(_) | Command::Doctor | Command::Key(_)
     );
     let filter = if quiet {
         "warn".to_owned()
@@ -133,6 +200,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         settings.telemetry.filter.clone()
     };
     telemetry::init(settings.telemetry.format, &filter);
+    if matches!(cli.command, Command::MessengerApi | Command::JobScheduler) {
+        for warning in settings.key_warnings() {
+            tracing::warn!("{warning}");
+        }
+    }
     match cli.command {
         Command::MessengerApi => {
             let app = herald_messenger_api::Application::build(&settings).await?;
@@ -171,6 +243,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Openapi(args) => openapi(&settings, args).await?,
         Command::Config(ConfigCommand::Check) => print_config(&cli.global.env, &sources, &settings),
         Command::Doctor => doctor(&settings, &cli.global.env).await?,
+        Command::Key(KeyCommand::New(args)) => new_key(&args),
     }
     Ok(())
 }

@@ -1,5 +1,6 @@
 //! `herald seed --count N`: inserts valid pending mock messages in batches, with a progress bar.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -7,7 +8,7 @@ use herald_core::Settings;
 use herald_messenger_api::cache::SentCache;
 use herald_messenger_api::domain::Draft;
 use herald_messenger_api::metrics::MessengerMetrics;
-use herald_messenger_api::service::{MessengerService, RetryPolicy, MAX_BATCH};
+use herald_messenger_api::service::{Admission, MessengerService, RetryPolicy, MAX_BATCH};
 use herald_messenger_api::store::MessageStore;
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::Rng;
@@ -45,11 +46,15 @@ pub async fn run(settings: &Settings, count: u64) -> anyhow::Result<()> {
     );
     bar.enable_steady_tick(Duration::from_millis(120));
     // Through the service, as the batch create is: the same validation, counts kept as it writes.
+    // Seeding is an operator's deliberate load: admission control does not apply to it.
+    let metrics = MessengerMetrics::new()?;
+    let admission = Arc::new(Admission::new(store.clone(), 0, metrics.admission_rejected.clone()));
     let service = MessengerService::new(
         store,
         SentCache::new(&settings.redis)?,
         RetryPolicy::from_settings(settings),
-        MessengerMetrics::new()?,
+        metrics,
+        admission,
     );
     let mut done = 0;
     while done < count {

@@ -59,6 +59,7 @@ error_codes! {
     InvalidRequeueFilter = 400017,
     UnknownProvider = 400018,
     Unauthorized = 401001,
+    MissingScope = 403001,
     MessageNotFound = 404001,
     RouteNotFound = 404002,
     MethodNotAllowed = 405001,
@@ -69,6 +70,7 @@ error_codes! {
     JobAlreadyStopped = 409005,
     BodyTooLarge = 413001,
     UnsupportedMediaType = 415001,
+    BacklogFull = 429001,
     Internal = 500001,
     JobSchedulerUnreachable = 502001,
     DatabaseUnavailable = 503001,
@@ -101,6 +103,8 @@ pub struct ApiError {
     pub code: ErrorCode,
     /// A message for the client (never a cause chain for 5xx).
     pub message: String,
+    /// Seconds the client should wait (`Retry-After`), for a 429.
+    pub retry_after_seconds: Option<u64>,
 }
 
 impl ApiError {
@@ -109,7 +113,14 @@ impl ApiError {
         Self {
             code,
             message: message.into(),
+            retry_after_seconds: None,
         }
+    }
+
+    /// The same error telling the client to wait `seconds` (`Retry-After`).
+    pub fn retry_after(mut self, seconds: u64) -> Self {
+        self.retry_after_seconds = Some(seconds);
+        self
     }
 
     /// A 500 whose cause goes to the log, never to the client.
@@ -142,9 +153,11 @@ impl poem::error::ResponseError for ApiError {
     }
 
     fn as_response(&self) -> Response {
-        poem::web::Json(self.body())
-            .with_status(self.code.status())
-            .into_response()
+        let response = poem::web::Json(self.body()).with_status(self.code.status());
+        match self.retry_after_seconds {
+            Some(seconds) => response.with_header("Retry-After", seconds.to_string()).into_response(),
+            None => response.into_response(),
+        }
     }
 }
 
@@ -267,7 +280,7 @@ macro_rules! api_errors {
         impl ::poem_openapi::ApiResponse for $name {
             fn meta() -> ::poem_openapi::registry::MetaResponses {
                 ::poem_openapi::registry::MetaResponses {
-                    responses: vec![$($crate::errors::error_response_meta($status),)+],
+                    responses: $crate::errors::with_forbidden(vec![$($status,)+]),
                 }
             }
 
@@ -278,16 +291,28 @@ macro_rules! api_errors {
     };
 }
 
+/// The documented error responses of an operation: an operation that takes a key (401) can also
+/// refuse one without the scope (403).
+pub fn with_forbidden(mut statuses: Vec<u16>) -> Vec<poem_openapi::registry::MetaResponse> {
+    if statuses.contains(&401) && !statuses.contains(&403) {
+        let at = statuses.iter().position(|s| *s > 401).unwrap_or(statuses.len());
+        statuses.insert(at, 403);
+    }
+    statuses.into_iter().map(error_response_meta).collect()
+}
+
 /// The OpenAPI description of one error status, with the [`ErrorBody`] schema.
 pub fn error_response_meta(status: u16) -> poem_openapi::registry::MetaResponse {
     use poem_openapi::types::Type;
     let description = match status {
         400 => "Invalid input; `internalCode` says which rule was broken.",
         401 => "Missing or unknown bearer key.",
+        403 => "The key lacks the scope this operation needs (`x-herald-scope`).",
         404 => "Not found.",
         409 => "Conflicts with the current state.",
         413 => "Body too large.",
         415 => "The body is not JSON (`Content-Type: application/json`).",
+        429 => "Too much waits to be sent (`messenger_api.max_due_backlog`): nothing was stored; retry after `Retry-After` seconds.",
         500 => "Internal error; the cause is logged with the request's correlation id.",
         502 => "The other service could not be reached.",
         503 => "MongoDB is unavailable; nothing was changed.",

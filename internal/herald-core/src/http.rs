@@ -66,9 +66,28 @@ where
     routes
         .with(BodyLimit(max_body_bytes))
         .catch_all_error(|error| async move { to_json_error(error) })
+        .map(|response: Response| async move { with_security_headers(response) })
         .with(allowed)
         .with(metrics)
         .with(telemetry::CorrelationId)
+}
+
+/// What every answer says about itself, unless its route said more (the console and Swagger UI
+/// set their own Content-Security-Policy): not to be sniffed, framed or cached as a referrer.
+fn with_security_headers(mut response: Response) -> Response {
+    use poem::http::header::{
+        HeaderValue, CONTENT_SECURITY_POLICY, REFERRER_POLICY, X_CONTENT_TYPE_OPTIONS, X_FRAME_OPTIONS,
+    };
+    let headers = response.headers_mut();
+    for (name, value) in [
+        (X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        (X_FRAME_OPTIONS, "DENY"),
+        (REFERRER_POLICY, "no-referrer"),
+        (CONTENT_SECURITY_POLICY, "default-src 'none'; frame-ancestors 'none'"),
+    ] {
+        headers.entry(name).or_insert(HeaderValue::from_static(value));
+    }
+    response
 }
 
 /// The methods each path accepts, read from the server's own OpenAPI document, so a `405`

@@ -21,6 +21,8 @@
 
 #![forbid(unsafe_code)]
 
+pub mod apidoc;
+pub mod audit;
 pub mod auth;
 pub mod doctor;
 pub mod errors;

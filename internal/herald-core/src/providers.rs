@@ -17,7 +17,7 @@ pub const MAX_PROVIDERS: usize = 32;
 /// Most routes.
 pub const MAX_ROUTES: usize = 1000;
 
-fn redact_opt<S: Serializer>(secret: &Option<SecretString>, serializer: S) -> Result<S::Ok, S::Error> {
+pub(crate) fn redact_opt<S: Serializer>(secret: &Option<SecretString>, serializer: S) -> Result<S::Ok, S::Error> {
     match secret {
         Some(_) => serializer.serialize_str("<redacted>"),
         None => serializer.serialize_none(),

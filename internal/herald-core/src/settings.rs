@@ -5,9 +5,11 @@ use std::time::Duration;
 
 use layered_config::{ExposeSecret, Layers};
 pub use layered_config::{SecretString, Source};
+
+use crate::auth::{ApiKeys, KeySecret, KeySpec, Refusal, Scope, Scopes};
 use serde::{Deserialize, Serialize, Serializer};
 
-use crate::providers::{ProviderSettings, RouteSettings, Routing};
+use crate::providers::{redact_opt, ProviderSettings, RouteSettings, Routing};
 
 /// Environment-variable prefix: `HERALD__SECTION__KEY`.
 pub const ENV_PREFIX: &str = "HERALD";
@@ -127,6 +129,13 @@ pub struct MessengerApiSettings {
     pub count_reconcile_seconds: u64,
     /// A connection with no byte read or written for this long is closed, in seconds.
     pub idle_timeout_seconds: u64,
+    /// Creates are refused (429) while pending and processing messages would exceed this
+    /// (0 = never).
+    pub max_due_backlog: u64,
+    /// The key the toggle presents to the Job Scheduler (needs `operator`); empty = the first
+    /// of `auth.api_keys`.
+    #[serde(serialize_with = "redact")]
+    pub scheduler_key: SecretString,
 }
 
 /// `[job_scheduler]`
@@ -161,6 +170,10 @@ pub struct JobSchedulerSettings {
     pub idle_timeout_seconds: u64,
     /// Largest accepted request body, in bytes (its routes take small control bodies).
     pub max_body_bytes: usize,
+    /// The key the scheduler presents to the Messenger API (needs `worker`); empty = the first
+    /// of `auth.api_keys`.
+    #[serde(serialize_with = "redact")]
+    pub api_key: SecretString,
 }
 
 /// `[webhook_sink]`
@@ -234,10 +247,37 @@ pub struct MessageSettings {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthSettings {
-    /// Accepted bearer tokens; the first is presented to the other service.
-    #[serde(deserialize_with = "layered_config::one_or_many", serialize_with = "redact_all")]
+    /// Legacy bearer keys, each with every scope; the first is presented to the other service
+    /// when `job_scheduler.api_key` or `messenger_api.scheduler_key` is empty.
+    #[serde(
+        default,
+        deserialize_with = "layered_config::one_or_many",
+        serialize_with = "redact_all"
+    )]
     pub api_keys: Vec<SecretString>,
+    /// Named keys with scopes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub keys: Vec<KeySettings>,
 }
+
+/// `[[auth.keys]]`: one named key and what it may do.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeySettings {
+    /// Its name: in logs, the audit and 403 errors.
+    pub name: String,
+    /// Hex SHA-256 digest of the key (`herald key new` prints it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    /// The key itself: only in the `local` and `test` environments.
+    #[serde(default, serialize_with = "redact_opt", skip_serializing_if = "Option::is_none")]
+    pub key: Option<SecretString>,
+    /// What it may do.
+    pub scopes: Vec<Scope>,
+}
+
+/// The environments where `[[auth.keys]]` may hold a plaintext `key`.
+pub const PLAINTEXT_KEY_ENVIRONMENTS: [&str; 2] = ["local", "test"];
 
 /// `[telemetry]`
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -364,6 +404,7 @@ impl Settings {
         }
         let (settings, sources): (Settings, _) = layers.load_traced(vars)?;
         settings.validate()?;
+        settings.reject_plaintext_keys(env)?;
         if env == "production" {
             settings.reject_development_secrets()?;
         }
@@ -508,9 +549,7 @@ impl Settings {
         if wh.pause_seconds == 0 || wh.max_retry_after_seconds == 0 {
             return fail("webhook.pause_seconds and webhook.max_retry_after_seconds must be positive".into());
         }
-        if self.auth.api_keys.is_empty() || self.auth.api_keys.iter().any(|k| k.expose_secret().trim().is_empty()) {
-            return fail("auth.api_keys must hold at least one non-empty key".into());
-        }
+        self.check_keys()?;
         if !(0.0..=1.0).contains(&self.webhook_sink.fail_rate) {
             return fail("webhook_sink.fail_rate must be 0.0..=1.0".into());
         }
@@ -565,12 +604,24 @@ impl Settings {
         Ok(())
     }
 
+    /// Outside `local` and `test`, a key is configured by its digest only.
+    fn reject_plaintext_keys(&self, env: &str) -> Result<(), InvalidSettings> {
+        match self.auth.keys.iter().find(|k| k.key.is_some()) {
+            Some(plain) if !PLAINTEXT_KEY_ENVIRONMENTS.contains(&env) => Err(InvalidSettings(format!(
+                "auth.keys {:?} holds a plaintext key, accepted only in {PLAINTEXT_KEY_ENVIRONMENTS:?}: give its sha256 (herald key new)",
+                plain.name
+            ))),
+            _ => Ok(()),
+        }
+    }
+
     /// In production the development secrets shipped in `default.toml` must be overridden.
     fn reject_development_secrets(&self) -> Result<(), InvalidSettings> {
         if self
             .auth
             .api_keys
             .iter()
+            .chain([&self.job_scheduler.api_key, &self.messenger_api.scheduler_key])
             .any(|k| k.expose_secret().starts_with("local-dev-"))
         {
             return Err(InvalidSettings(
@@ -620,10 +671,116 @@ impl Settings {
         self.stop_wait() + TOGGLE_MARGIN
     }
 
-    /// The key each service presents when it calls the other.
-    pub fn service_key(&self) -> &SecretString {
-        // validate() guarantees at least one key.
-        &self.auth.api_keys[0]
+    /// The accepted keys: every `[[auth.keys]]` with its scopes, every legacy `auth.api_keys`
+    /// entry with all of them.
+    pub fn api_keys(&self) -> Result<ApiKeys, InvalidSettings> {
+        let mut specs = Vec::new();
+        for (i, key) in self.auth.api_keys.iter().enumerate() {
+            specs.push(KeySpec {
+                name: format!("api_keys[{i}]"),
+                secret: KeySecret::Plain(key),
+                scopes: Scopes::all(),
+            });
+        }
+        for key in &self.auth.keys {
+            let secret = match (&key.sha256, &key.key) {
+                (Some(digest), None) => KeySecret::Sha256(digest),
+                (None, Some(plain)) => KeySecret::Plain(plain),
+                _ => {
+                    return Err(InvalidSettings(format!(
+                        "auth.keys {:?} needs exactly one of sha256 and key",
+                        key.name
+                    )))
+                }
+            };
+            specs.push(KeySpec {
+                name: key.name.clone(),
+                secret,
+                scopes: key.scopes.iter().copied().collect(),
+            });
+        }
+        ApiKeys::from_specs(specs).map_err(InvalidSettings)
+    }
+
+    /// What a service logs at start about its keys: the legacy list's deprecation, plaintext keys.
+    pub fn key_warnings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        if !self.auth.api_keys.is_empty() {
+            warnings.push(format!(
+                "auth.api_keys is deprecated: its {} key(s) hold every scope; give each client a [[auth.keys]] entry with only its scopes (herald key new)",
+                self.auth.api_keys.len()
+            ));
+        }
+        for key in self.auth.keys.iter().filter(|k| k.key.is_some()) {
+            warnings.push(format!(
+                "auth.keys {:?} is configured in plaintext (accepted in local and test only): use its sha256",
+                key.name
+            ));
+        }
+        warnings
+    }
+
+    /// The key the Job Scheduler presents to the Messenger API.
+    pub fn worker_key(&self) -> &SecretString {
+        self.presented(&self.job_scheduler.api_key)
+    }
+
+    /// The key the Messenger API's toggle presents to the Job Scheduler.
+    pub fn toggle_key(&self) -> &SecretString {
+        self.presented(&self.messenger_api.scheduler_key)
+    }
+
+    fn presented<'a>(&'a self, set: &'a SecretString) -> &'a SecretString {
+        match self.auth.api_keys.first() {
+            Some(legacy) if set.expose_secret().is_empty() => legacy,
+            _ => set,
+        }
+    }
+
+    /// Every key well formed, unique in name and digest, and each service's own key accepted
+    /// with the scope its calls need.
+    fn check_keys(&self) -> Result<(), InvalidSettings> {
+        let fail = |m: String| Err(InvalidSettings(m));
+        if self.auth.api_keys.iter().any(|k| k.expose_secret().trim().is_empty()) {
+            return fail("auth.api_keys must not hold an empty key".into());
+        }
+        if self.auth.api_keys.is_empty() && self.auth.keys.is_empty() {
+            return fail("no key is configured: add [[auth.keys]] (herald key new) or auth.api_keys".into());
+        }
+        let mut names = std::collections::HashSet::new();
+        for key in &self.auth.keys {
+            if key.name.trim().is_empty() || !names.insert(key.name.as_str()) {
+                return fail(format!(
+                    "auth.keys: every key needs its own non-empty name ({:?})",
+                    key.name
+                ));
+            }
+            if key.scopes.is_empty() {
+                return fail(format!("auth.keys {:?} holds no scope", key.name));
+            }
+            if key.key.as_ref().is_some_and(|k| k.expose_secret().trim().is_empty()) {
+                return fail(format!("auth.keys {:?}: key must not be empty", key.name));
+            }
+        }
+        let keys = self.api_keys()?;
+        for (setting, presented, scope) in [
+            ("job_scheduler.api_key", self.worker_key(), Scope::Worker),
+            ("messenger_api.scheduler_key", self.toggle_key(), Scope::Operator),
+        ] {
+            if presented.expose_secret().is_empty() {
+                return fail(format!(
+                    "{setting} is empty and auth.api_keys holds no key to use instead"
+                ));
+            }
+            if let Err(refusal) = keys.authorize(presented.expose_secret(), scope) {
+                let why = match refusal {
+                    Refusal::Unknown => "is not one of the accepted keys".to_owned(),
+                    Refusal::MissingScope { key, .. } => format!("is the key {key:?}, which lacks {scope}"),
+                };
+                return fail(format!("{setting} {why}: it needs the {scope} scope"));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -688,6 +845,104 @@ mod tests {
             [5, 300, 1800, 7200, 18000, 36000, 36000]
         );
         assert_eq!(s.message.max_chars, 160);
+    }
+
+    fn scoped(name: &str, plain: Option<&str>, sha256: Option<String>, scopes: &[Scope]) -> KeySettings {
+        KeySettings {
+            name: name.into(),
+            sha256,
+            key: plain.map(SecretString::from),
+            scopes: scopes.to_vec(),
+        }
+    }
+
+    #[test]
+    fn scoped_keys_are_checked_for_shape_and_for_what_each_service_presents() {
+        let base = Settings::load_with_env(&configs(), "test", vars(&[])).unwrap();
+        let err = |s: &Settings| s.validate().unwrap_err().0;
+        // Only scoped keys: each service must be told its own, with the scope its calls need.
+        let mut s = base.clone();
+        s.auth.api_keys.clear();
+        s.auth
+            .keys
+            .push(scoped("worker", Some("w-key"), None, &[Scope::Worker]));
+        s.auth.keys.push(scoped(
+            "ops",
+            None,
+            Some(crate::auth::digest_hex("o-key")),
+            &[Scope::Operator],
+        ));
+        assert!(err(&s).contains("job_scheduler.api_key is empty"), "{}", err(&s));
+        s.job_scheduler.api_key = "o-key".into();
+        s.messenger_api.scheduler_key = "o-key".into();
+        assert!(
+            err(&s).contains("job_scheduler.api_key is the key \"ops\", which lacks worker"),
+            "{}",
+            err(&s)
+        );
+        s.job_scheduler.api_key = "w-key".into();
+        s.validate().unwrap();
+        assert_eq!(s.worker_key().expose_secret(), "w-key");
+        assert!(s
+            .key_warnings()
+            .iter()
+            .any(|w| w.contains("\"worker\" is configured in plaintext")));
+        s.messenger_api.scheduler_key = "nobody".into();
+        assert!(err(&s).contains("messenger_api.scheduler_key is not one of the accepted keys"));
+        // Shapes: a digest that is not one, both or neither secret, a name twice, no scope.
+        let mut bad = base.clone();
+        bad.auth
+            .keys
+            .push(scoped("d", None, Some("abc".into()), &[Scope::Metrics]));
+        assert!(err(&bad).contains("sha256 must be 64 hex"), "{}", err(&bad));
+        let mut bad = base.clone();
+        bad.auth.keys.push(scoped(
+            "both",
+            Some("k"),
+            Some(crate::auth::digest_hex("k")),
+            &[Scope::Metrics],
+        ));
+        assert!(err(&bad).contains("exactly one of sha256 and key"), "{}", err(&bad));
+        let mut bad = base.clone();
+        bad.auth.keys.push(scoped("twice", Some("a"), None, &[Scope::Metrics]));
+        bad.auth.keys.push(scoped("twice", Some("b"), None, &[Scope::Metrics]));
+        assert!(err(&bad).contains("its own non-empty name"), "{}", err(&bad));
+        let mut bad = base.clone();
+        bad.auth.keys.push(scoped("none", Some("a"), None, &[]));
+        assert!(err(&bad).contains("holds no scope"), "{}", err(&bad));
+        let mut none = base;
+        none.auth.api_keys.clear();
+        assert!(err(&none).contains("no key is configured"), "{}", err(&none));
+    }
+
+    #[test]
+    fn a_plaintext_key_is_refused_outside_local_and_test() {
+        let mut s = Settings::load_with_env(&configs(), "test", vars(&[])).unwrap();
+        s.auth
+            .keys
+            .push(scoped("shop", Some("k"), None, &[Scope::MessagesWrite]));
+        s.reject_plaintext_keys("test").unwrap();
+        s.reject_plaintext_keys("local").unwrap();
+        for env in ["docker", "production", "staging"] {
+            let e = s.reject_plaintext_keys(env).unwrap_err().0;
+            assert!(e.contains("\"shop\" holds a plaintext key"), "{e}");
+        }
+        s.auth.keys[0] = scoped(
+            "shop",
+            None,
+            Some(crate::auth::digest_hex("k")),
+            &[Scope::MessagesWrite],
+        );
+        s.reject_plaintext_keys("production").unwrap();
+        // The redacted print shows the digest (not a secret) and never the plaintext.
+        s.auth
+            .keys
+            .push(scoped("dev", Some("plain-secret"), None, &[Scope::Metrics]));
+        let text = s.to_redacted_toml();
+        assert!(
+            !text.contains("plain-secret") && text.contains("[[auth.keys]]"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -1,9 +1,11 @@
-//! The Job Scheduler's HTTP surface: start, stop, is-working, run history, probes.
+//! The Job Scheduler's HTTP surface: start, stop (each written to the audit), is-working, run
+//! history, probes.
 
 use std::sync::Arc;
 
 use herald_core::api_errors;
-use herald_core::auth::BearerAuth;
+use herald_core::audit::AuditStore;
+use herald_core::auth::{MetricsKey, OperatorKey};
 use herald_core::jobs::{JobStatus, RunView};
 use herald_core::pagination::{Page, PageRequest};
 use herald_core::probes::{Health, ReadyResponse};
@@ -61,6 +63,8 @@ impl From<ControlError> for ApiError {
 pub struct JobApi {
     /// Start, stop, status and run history of the job.
     pub control: Arc<JobControl>,
+    /// Where start and stop are recorded.
+    pub audit: AuditStore,
 }
 
 #[OpenApi(tag = "SchedulerTags::Job")]
@@ -69,10 +73,14 @@ impl JobApi {
     ///
     /// Persists `working: true` for every replica and, with `run_on_start`, runs once at once.
     #[oai(path = "/job-scheduler/messenger/start", method = "post", operation_id = "startJob")]
-    async fn start(&self, _auth: BearerAuth) -> Result<StatusResponse, StartErrors> {
-        Ok(StatusResponse::Ok(Json(
-            self.control.start().await.map_err(ApiError::from)?,
-        )))
+    async fn start(&self, req: &poem::Request, auth: OperatorKey) -> Result<StatusResponse, StartErrors> {
+        let outcome = self.control.start().await.map_err(ApiError::from);
+        let status = self
+            .audit
+            .entry(req, &auth.0, "job.start")
+            .finish(outcome, |_| None)
+            .await?;
+        Ok(StatusResponse::Ok(Json(status)))
     }
 
     /// Stop the sending job
@@ -80,10 +88,14 @@ impl JobApi {
     /// Persists `working: false` for every replica and answers once no run is in flight: after
     /// it, no replica claims a message until the job is started again.
     #[oai(path = "/job-scheduler/messenger/stop", method = "post", operation_id = "stopJob")]
-    async fn stop(&self, _auth: BearerAuth) -> Result<StatusResponse, StartErrors> {
-        Ok(StatusResponse::Ok(Json(
-            self.control.stop().await.map_err(ApiError::from)?,
-        )))
+    async fn stop(&self, req: &poem::Request, auth: OperatorKey) -> Result<StatusResponse, StartErrors> {
+        let outcome = self.control.stop().await.map_err(ApiError::from);
+        let status = self
+            .audit
+            .entry(req, &auth.0, "job.stop")
+            .finish(outcome, |_| None)
+            .await?;
+        Ok(StatusResponse::Ok(Json(status)))
     }
 
     /// Is the job working?
@@ -96,7 +108,7 @@ impl JobApi {
         method = "get",
         operation_id = "isWorking"
     )]
-    async fn is_working(&self, _auth: BearerAuth) -> Result<StatusResponse, StatusErrors> {
+    async fn is_working(&self, _auth: MetricsKey) -> Result<StatusResponse, StatusErrors> {
         Ok(StatusResponse::Ok(Json(
             self.control.status().await.map_err(ApiError::from)?,
         )))
@@ -109,7 +121,7 @@ impl JobApi {
     #[oai(path = "/job-scheduler/jobs", method = "get", operation_id = "listRuns")]
     async fn jobs(
         &self,
-        _auth: BearerAuth,
+        _auth: MetricsKey,
         /// Page size, 1..=100 (default 20).
         limit: Query<Option<i64>>,
         /// Runs to skip (not with `after`).

@@ -7,7 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use herald_core::auth::ApiKeys;
+use herald_core::apidoc::ApiDoc;
+use herald_core::audit::AuditStore;
 use herald_core::http::{self, Bound};
 use herald_core::settings::Settings;
 use poem::endpoint::BoxEndpoint;
@@ -57,6 +58,7 @@ pub fn worker_id(settings: &Settings) -> String {
 /// Everything but the bound server: the job, its schedule (not yet ticking) and its control.
 struct Parts {
     control: Arc<JobControl>,
+    audit: AuditStore,
     store: JobStore,
     metrics: SchedulerMetrics,
     tracker: TaskTracker,
@@ -65,7 +67,7 @@ struct Parts {
 
 async fn parts(settings: &Settings) -> anyhow::Result<Parts> {
     let db = herald_core::mongo::connect(&settings.mongo, "herald-job-scheduler").await?;
-    let messenger = MessengerClient::new(&settings.messenger_api.url, settings.service_key().clone())
+    let messenger = MessengerClient::new(&settings.messenger_api.url, settings.worker_key().clone())
         .context("Failed to build the Messenger API client")?;
     let routing = settings.routing()?;
     let js = &settings.job_scheduler;
@@ -121,6 +123,7 @@ async fn parts(settings: &Settings) -> anyhow::Result<Parts> {
     }));
     Ok(Parts {
         control,
+        audit: AuditStore::new(&db, "job-scheduler"),
         store,
         metrics,
         tracker,
@@ -128,10 +131,11 @@ async fn parts(settings: &Settings) -> anyhow::Result<Parts> {
     })
 }
 
-fn api_service(control: &Arc<JobControl>) -> OpenApiService<(JobApi, ProbesApi), ()> {
+fn api_service(control: &Arc<JobControl>, audit: &AuditStore) -> OpenApiService<(JobApi, ProbesApi), ()> {
     let apis = (
         JobApi {
             control: control.clone(),
+            audit: audit.clone(),
         },
         ProbesApi {
             control: control.clone(),
@@ -146,7 +150,8 @@ fn api_service(control: &Arc<JobControl>) -> OpenApiService<(JobApi, ProbesApi),
 
 /// The OpenAPI document as pretty JSON.
 pub async fn openapi_json(settings: &Settings) -> anyhow::Result<String> {
-    Ok(api_service(&parts(settings).await?.control).spec())
+    let parts = parts(settings).await?;
+    Ok(ApiDoc::of(&api_service(&parts.control, &parts.audit)).spec().to_owned())
 }
 
 impl Application {
@@ -155,6 +160,7 @@ impl Application {
         herald_core::errors::check_catalogue(herald_core::errors::CATALOGUE).map_err(anyhow::Error::msg)?;
         let Parts {
             control,
+            audit,
             store,
             metrics,
             tracker,
@@ -164,6 +170,10 @@ impl Application {
         let history = Duration::from_secs(settings.job_scheduler.run_history_days * 86_400);
         if let Err(error) = store.ensure_indexes(history).await {
             tracing::warn!(error = %Chain(&error), "could not create job_runs indexes; runs will report MongoDB errors until it is back");
+        }
+        // The audit is kept as long as the run history (the API makes the same index).
+        if let Err(error) = audit.ensure_indexes(history).await {
+            tracing::warn!(error = %Chain(&error), "could not create the audit index yet");
         }
         let working = match store.init_state(&worker).await {
             Ok(state) => {
@@ -199,18 +209,17 @@ impl Application {
                 .unwrap_or_default(),
             "job scheduler listening; Swagger UI at /job-scheduler/swagger"
         );
-        let api = api_service(&control);
-        let ui = api.swagger_ui();
-        let spec = api.spec_endpoint();
-        let allowed = http::AllowedMethods::from_openapi(&api.spec());
+        let api = api_service(&control, &audit);
+        let doc = ApiDoc::of(&api);
+        let allowed = http::AllowedMethods::from_openapi(doc.spec());
         let registry = metrics.registry.clone();
         let metrics_endpoint = poem::endpoint::make_sync(move |_| http::render_metrics(&registry));
         let routes = Route::new()
-            .at("/job-scheduler/openapi.json", spec)
-            .nest("/job-scheduler/swagger", ui)
+            .at("/job-scheduler/openapi.json", doc.spec_endpoint())
+            .nest("/job-scheduler/swagger", doc.swagger_ui())
             .at("/metrics", metrics_endpoint)
             .nest("/", api)
-            .data(ApiKeys::new(settings.auth.api_keys.clone()));
+            .data(settings.api_keys()?);
         let app = http::edge(
             routes,
             settings.job_scheduler.max_body_bytes,

@@ -18,6 +18,7 @@ const state = {
   nextCursor: null,
   statsTimer: null,
   runsTimer: null,
+  auditTimer: null,
   detailId: null,
 };
 
@@ -123,6 +124,7 @@ async function signIn(key) {
   refreshStats();
   loadMessages();
   loadRuns();
+  loadAudit();
   connect();
 }
 
@@ -165,6 +167,16 @@ async function refreshStats() {
   drawChart(stats.sentPerMinute);
   showJob(stats.job);
   showProviders(stats);
+  showAdmission(stats.admission);
+}
+
+/** The backlog against its bound, and the creates refused (429) since this replica started. */
+function showAdmission(a) {
+  const backlog = a.backlog.toLocaleString();
+  $("admission").textContent = a.maxDueBacklog
+    ? `${backlog} of ${a.maxDueBacklog.toLocaleString()} waiting · ${a.rejected.toLocaleString()} refused`
+    : `${backlog} waiting · no bound`;
+  $("admission").className = a.maxDueBacklog && a.backlog >= a.maxDueBacklog ? "over" : "";
 }
 
 /** One card per configured provider: state (kept live by provider.* events), the window's
@@ -473,6 +485,48 @@ async function loadRuns() {
   );
 }
 
+// ---- audit ----------------------------------------------------------------------------------
+
+function auditRow(a) {
+  return el(
+    "tr",
+    { "data-id": a.id },
+    el("td", {}, time(a.at)),
+    el("td", {}, a.key),
+    el("td", {}, a.action),
+    el("td", { class: "wide mono", title: a.target || "" }, a.target || ""),
+    el("td", {}, a.count == null ? "" : String(a.count)),
+    el("td", {}, el("span", { class: `pill ${a.result === "ok" ? "sent" : "failed"}` }, a.code ? `${a.result} ${a.code}` : a.result)),
+    el("td", { class: "wide muted" }, [a.from, a.forwardedFor].filter(Boolean).join(" via ")),
+  );
+}
+
+async function loadAudit() {
+  clearTimeout(state.auditTimer);
+  state.auditTimer = setTimeout(loadAudit, 30000);
+  let page;
+  try {
+    page = await api("/api/messenger/audit?limit=10");
+  } catch (error) {
+    if (error instanceof Unauthorized) return signOut();
+    $("audit").tBodies[0].replaceChildren();
+    $("audit-note").textContent = `Audit unavailable: ${error.message}`;
+    $("audit-note").hidden = false;
+    return;
+  }
+  $("audit-note").hidden = page.items.length > 0;
+  $("audit-note").textContent = "No operator action yet.";
+  $("audit").tBodies[0].replaceChildren(...page.items.map(auditRow));
+}
+
+function showAuditEvent(a) {
+  const body = $("audit").tBodies[0];
+  if (body.querySelector(`tr[data-id="${a.id}"]`)) return;
+  body.prepend(auditRow(a));
+  while (body.children.length > 10) body.lastChild.remove();
+  $("audit-note").hidden = true;
+}
+
 // ---- live feed ------------------------------------------------------------------------------
 
 function setLive(text, cls) {
@@ -526,6 +580,7 @@ function onFrame(event) {
   if (event.message) updateRow(event.message);
   if (event.job) showJobEvent(event.job);
   if (event.provider) showProviderEvent(event.type, event.provider);
+  if (event.audit) showAuditEvent(event.audit);
 }
 
 function addToFeed(event) {
@@ -540,9 +595,25 @@ function addToFeed(event) {
         : ""
       : p
         ? `${p.name}${p.reason ? `: ${p.reason}` : ""}`
-        : "";
+        : event.audit
+          ? `${event.audit.key}: ${event.audit.action} ${event.audit.result}`
+          : "";
   const kind = event.type.replace(/^message\./, "");
-  const status = m ? m.status : event.job ? (event.job.working ? "sent" : "failed") : p ? (p.pausedUntil ? "paused" : "open") : "";
+  const status = m
+    ? m.status
+    : event.job
+      ? event.job.working
+        ? "sent"
+        : "failed"
+      : p
+        ? p.pausedUntil
+          ? "paused"
+          : "open"
+        : event.audit
+          ? event.audit.result === "ok"
+            ? "sent"
+            : "failed"
+          : "";
   const item = el(
     "li",
     { class: "new", "data-type": event.type, "data-id": m ? m.id : "" },

@@ -35,6 +35,16 @@ pub enum ServiceError {
     /// The Job Scheduler could not be reached or answered oddly.
     #[error("the job scheduler could not be reached")]
     SchedulerUnreachable(#[from] herald_core::peer::PeerError),
+    /// Admission control refused a create: the backlog is over `messenger_api.max_due_backlog`.
+    #[error("the backlog ({backlog}) is over its limit ({limit})")]
+    Overloaded {
+        /// Pending and processing messages as read.
+        backlog: u64,
+        /// The configured bound.
+        limit: u64,
+        /// What the client is told to wait.
+        retry_after_seconds: u64,
+    },
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),

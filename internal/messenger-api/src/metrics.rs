@@ -32,6 +32,8 @@ pub struct MessengerMetrics {
     pub expired: IntCounterVec,
     /// Messages re-queued by operators, one at a time or in bulk.
     pub requeued: IntCounterVec,
+    /// Creates refused by admission control, by reason: backlog.
+    pub admission_rejected: IntCounterVec,
     /// Messages removed by the retention sweep, by status.
     pub removed: IntCounterVec,
     /// When the retention sweep last ran, in Unix seconds.
@@ -82,6 +84,13 @@ impl MessengerMetrics {
             ),
             &["way"],
         )?;
+        let admission_rejected = IntCounterVec::new(
+            Opts::new(
+                "admission_rejected_total",
+                "Creates refused with 429 by admission control, by reason: backlog (messenger_api.max_due_backlog).",
+            ),
+            &["reason"],
+        )?;
         let removed = IntCounterVec::new(
             Opts::new(
                 "messages_removed_total",
@@ -97,6 +106,7 @@ impl MessengerMetrics {
         registry.register(Box::new(retention_swept_at.clone()))?;
         registry.register(Box::new(expired.clone()))?;
         registry.register(Box::new(requeued.clone()))?;
+        registry.register(Box::new(admission_rejected.clone()))?;
         registry.register(Box::new(messages.clone()))?;
         registry.register(Box::new(oldest_pending_age.clone()))?;
         registry.register(Box::new(claimed.clone()))?;
@@ -138,6 +148,7 @@ impl MessengerMetrics {
             cache_repair_pending,
             expired,
             requeued,
+            admission_rejected,
             removed,
             retention_swept_at,
             feed,

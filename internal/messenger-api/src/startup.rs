@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use herald_core::auth::ApiKeys;
+use herald_core::apidoc::ApiDoc;
+use herald_core::audit::AuditStore;
 use herald_core::http::{self, Bound};
 use herald_core::settings::Settings;
 use poem::endpoint::BoxEndpoint;
@@ -16,6 +17,7 @@ use poem_openapi::OpenApiService;
 use crate::cache::SentCache;
 use crate::events::EventFeed;
 use crate::metrics::MessengerMetrics;
+use crate::routes::audit::AuditApi;
 use crate::routes::console;
 use crate::routes::job::JobApi;
 use crate::routes::live::LiveApi;
@@ -23,11 +25,11 @@ use crate::routes::messages::MessagesApi;
 use crate::routes::probes::ProbesApi;
 use crate::routes::socket::{self, SocketTiming};
 use crate::routes::worker::WorkerApi;
-use crate::service::{JobRemote, MessengerService, Monitor, RetryPolicy, SchedulerClient, Upkeep};
+use crate::service::{Admission, JobRemote, MessengerService, Monitor, RetryPolicy, SchedulerClient, Upkeep};
 use crate::store::MessageStore;
 use telemetry::Chain;
 
-type Apis = (MessagesApi, WorkerApi, JobApi, LiveApi, ProbesApi);
+type Apis = (MessagesApi, WorkerApi, JobApi, AuditApi, LiveApi, ProbesApi);
 
 /// How long in-flight requests may take to finish after a shutdown signal.
 const GRACE: Duration = Duration::from_secs(15);
@@ -58,6 +60,8 @@ pub struct Services {
     pub upkeep: Upkeep,
     /// Every metric, rendered at `/metrics`.
     pub metrics: MessengerMetrics,
+    /// The audit trail of operator actions.
+    pub audit: AuditStore,
 }
 
 impl Services {
@@ -68,7 +72,7 @@ impl Services {
         // A Stop answers once runs in flight are done: wait as long as it may take.
         let scheduler = SchedulerClient::new(
             &settings.job_scheduler.url,
-            settings.service_key().clone(),
+            settings.toggle_key().clone(),
             settings.toggle_timeout(),
         )
         .context("Failed to build the Job Scheduler client")?;
@@ -86,6 +90,11 @@ impl Services {
             Duration::from_secs(settings.messenger_api.count_reconcile_seconds),
             metrics.clone(),
         );
+        let admission = Arc::new(Admission::new(
+            store.clone(),
+            settings.messenger_api.max_due_backlog,
+            metrics.admission_rejected.clone(),
+        ));
         let policy = RetryPolicy::from_settings(settings);
         let providers = policy.providers.clone();
         Ok(Self {
@@ -94,6 +103,7 @@ impl Services {
                 cache.clone(),
                 policy,
                 metrics.clone(),
+                admission.clone(),
             )),
             job: Arc::new(JobRemote::new(scheduler)),
             monitor: Arc::new(Monitor::new(
@@ -102,7 +112,9 @@ impl Services {
                 cache,
                 metrics.clone(),
                 providers,
+                admission,
             )),
+            audit: AuditStore::new(&db, "messenger-api"),
             feed: EventFeed::new(db, settings.events.subscriber_buffer, metrics.feed.clone()),
             store,
             upkeep,
@@ -114,11 +126,18 @@ impl Services {
         let apis = (
             MessagesApi {
                 service: self.messenger.clone(),
+                audit: self.audit.clone(),
             },
             WorkerApi {
                 service: self.messenger.clone(),
             },
-            JobApi { job: self.job.clone() },
+            JobApi {
+                job: self.job.clone(),
+                audit: self.audit.clone(),
+            },
+            AuditApi {
+                audit: self.audit.clone(),
+            },
             LiveApi {
                 monitor: self.monitor.clone(),
                 job: self.job.clone(),
@@ -142,7 +161,9 @@ impl Services {
 
 /// The OpenAPI document as pretty JSON.
 pub async fn openapi_json(settings: &Settings) -> anyhow::Result<String> {
-    Ok(Services::build(settings).await?.api(settings).spec())
+    Ok(ApiDoc::of(&Services::build(settings).await?.api(settings))
+        .spec()
+        .to_owned())
 }
 
 impl Application {
@@ -151,6 +172,11 @@ impl Application {
         herald_core::errors::check_catalogue(herald_core::errors::CATALOGUE).map_err(anyhow::Error::msg)?;
         let services = Services::build(settings).await?;
         ensure_indexes(services.store.clone()).await;
+        // The audit is kept as long as the run history (the scheduler makes the same index).
+        let keep = Duration::from_secs(settings.job_scheduler.run_history_days * 86_400);
+        if let Err(error) = services.audit.ensure_indexes(keep).await {
+            tracing::warn!(error = %Chain(&error), "could not create the audit index yet; the Job Scheduler makes it too");
+        }
         let upkeep = tokio_util::sync::CancellationToken::new();
         services.upkeep.spawn(upkeep.clone());
         let bound = http::bind(&settings.messenger_api.host, settings.messenger_api.port)
@@ -158,9 +184,8 @@ impl Application {
             .idle_timeout(Duration::from_secs(settings.messenger_api.idle_timeout_seconds));
         tracing::info!(address = %bound.addr, "messenger API listening; Swagger UI at /messenger/swagger");
         let api = services.api(settings);
-        let ui = api.swagger_ui();
-        let spec = api.spec_endpoint();
-        let allowed = http::AllowedMethods::from_openapi(&api.spec());
+        let doc = ApiDoc::of(&api);
+        let allowed = http::AllowedMethods::from_openapi(doc.spec());
         let (monitor, registry) = (services.monitor.clone(), services.metrics.registry.clone());
         let metrics = poem::endpoint::make(move |_| {
             let (monitor, registry) = (monitor.clone(), registry.clone());
@@ -170,14 +195,14 @@ impl Application {
             }
         });
         let routes = Route::new()
-            .at("/messenger/openapi.json", spec)
-            .nest("/messenger/swagger", ui)
+            .at("/messenger/openapi.json", doc.spec_endpoint())
+            .nest("/messenger/swagger", doc.swagger_ui())
             .at("/metrics", metrics)
             .at("/messenger/console", get(console::page))
             .at("/messenger/console/:file", get(console::asset))
             .at("/api/messenger/ws", get(socket::websocket))
             .nest("/", api)
-            .data(ApiKeys::new(settings.auth.api_keys.clone()))
+            .data(settings.api_keys()?)
             .data(services.feed.clone())
             .data(SocketTiming {
                 ping: Duration::from_secs(settings.events.ws_ping_seconds),

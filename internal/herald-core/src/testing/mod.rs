@@ -3,6 +3,7 @@
 //! test key, seeding messages through the API, and [`stack::ProcessStack`] — real `herald`
 //! processes for the CLI tests, the chaos campaign and the benchmarks.
 
+pub mod scopes;
 pub mod stack;
 
 use std::path::Path;

@@ -284,3 +284,97 @@ async fn the_openapi_document_is_served_and_matches_the_committed_file() {
     scheduler.shutdown().await.unwrap();
     stack.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_scheduler_holding_only_a_worker_key_sends_and_cannot_toggle() {
+    use herald_core::auth::Scope;
+    use herald_core::testing::scopes::{check_every_operation, key_for, scoped_services};
+    let env = test_support::TestEnv::new().await.unwrap();
+    let (url, log) = sink(0, 0.0).await;
+    let mut settings = herald_core::testing::settings_for(&env, &[("HERALD__WEBHOOK__URL", &url)]);
+    scoped_services(&mut settings);
+    let stack = Stack::start_with(env, settings.clone()).await;
+    settings.messenger_api.url = stack.api_url.clone();
+    settings.job_scheduler.schedule = crate::helpers::NEVER.into();
+    let scheduler = stack.scheduler_with(settings.clone()).await;
+    let ids = stack.seed(4).await;
+    // Claims, outcomes and commits go through with the worker key alone.
+    while stack.count("sent").await < 4 {
+        scheduler.control.job().run_once().await;
+    }
+    let seen = crate::helpers::deliveries(&log);
+    assert!(
+        ids.iter().all(|id| seen.get(id) == Some(&1)),
+        "each sent once: {seen:?}"
+    );
+    // The same key cannot stop the job.
+    let toggle = |key: String| {
+        stack
+            .client
+            .post(format!(
+                "{}/api/messenger/messenger-job-toggle?command=stop",
+                stack.api_url
+            ))
+            .bearer_auth(key)
+            .send()
+    };
+    let refused = toggle(key_for(Scope::Worker)).await.unwrap();
+    assert_eq!(refused.status(), 403);
+    assert_eq!(refused.json::<Value>().await.unwrap()["internalCode"], 403001);
+    // An operator's can: the API presents its own operator-only key to the scheduler.
+    let toggle_api = herald_messenger_api::Application::build(&{
+        let mut s = settings.clone();
+        s.job_scheduler.url = scheduler.url.clone();
+        s
+    })
+    .await
+    .unwrap();
+    let toggle_url = format!("http://127.0.0.1:{}", toggle_api.port());
+    tokio::spawn(toggle_api.run_until_stopped(std::future::pending()));
+    let stopped = stack
+        .client
+        .post(format!("{toggle_url}/api/messenger/messenger-job-toggle?command=stop"))
+        .bearer_auth(key_for(Scope::Operator))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stopped.status(), 200, "{:?}", stopped.text().await);
+    // Both services wrote their part of that stop to the one audit, each naming the key used.
+    let audit: Value = stack
+        .client
+        .get(format!("{}/api/messenger/audit", stack.api_url))
+        .bearer_auth(key_for(Scope::Operator))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let entries: Vec<(String, String, String, String)> = audit["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            let s = |k: &str| e[k].as_str().unwrap_or_default().to_owned();
+            (s("service"), s("action"), s("key"), s("result"))
+        })
+        .collect();
+    let stop = |service: &str| {
+        (
+            service.to_owned(),
+            "job.stop".to_owned(),
+            "operator".to_owned(),
+            "ok".to_owned(),
+        )
+    };
+    assert_eq!(
+        entries,
+        vec![stop("messenger-api"), stop("job-scheduler")],
+        "newest first"
+    );
+    // And every operation of the scheduler's own document enforces its scope.
+    let report = check_every_operation(&scheduler.url, "/job-scheduler/openapi.json").await;
+    assert_eq!(report.checked.len(), 4, "{:#?}", report.checked);
+    scheduler.shutdown().await.unwrap();
+    stack.cleanup().await;
+}

@@ -45,7 +45,7 @@ impl Stack {
         Self::start_with(env, settings).await
     }
 
-    async fn start_with(env: TestEnv, settings: herald_core::Settings) -> Self {
+    pub async fn start_with(env: TestEnv, settings: herald_core::Settings) -> Self {
         let api = herald_messenger_api::Application::build(&settings)
             .await
             .expect("messenger api");
@@ -86,7 +86,7 @@ impl Stack {
         self.scheduler_with(settings).await
     }
 
-    async fn scheduler_with(&self, settings: herald_core::Settings) -> Scheduler {
+    pub async fn scheduler_with(&self, settings: herald_core::Settings) -> Scheduler {
         let app = herald_job_scheduler::Application::build(&settings)
             .await
             .expect("scheduler");
@@ -197,3 +197,12 @@ pub fn most_allowed(per_second: f64, burst: u32, window: Duration) -> usize {
 
 /// How late a send may reach the provider after its slot in these tests.
 pub const ARRIVAL_JITTER: Duration = Duration::from_millis(500);
+
+/// Each message the provider saw, with how often.
+pub fn deliveries(log: &ReceivedLog) -> std::collections::HashMap<String, usize> {
+    let mut seen = std::collections::HashMap::new();
+    for r in log.snapshot() {
+        *seen.entry(r.idempotency_key.unwrap_or_default()).or_default() += 1;
+    }
+    seen
+}

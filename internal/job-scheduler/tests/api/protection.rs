@@ -1,14 +1,13 @@
 //! Protecting the provider: the rate limit shared by replicas (also with Redis gone), the
 //! shared pause on Retry-After and on failure streaks, `sendAt` and `expiresAt` end to end.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use chrono::{SecondsFormat, Utc};
 use herald_webhook_sink::{Received, ReceivedLog};
 use serde_json::{json, Value};
 
-use crate::helpers::{busiest, eventually, most_allowed, set_behaviour, sink, PrivateRedis, Stack};
+use crate::helpers::{busiest, deliveries, eventually, most_allowed, set_behaviour, sink, PrivateRedis, Stack};
 
 const DRAIN: [(&str, &str); 4] = [
     ("HERALD__JOB_SCHEDULER__DRAIN", "true"),
@@ -26,15 +25,6 @@ fn with<'a>(extra: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
     let mut all = DRAIN.to_vec();
     all.extend_from_slice(extra);
     all
-}
-
-/// Each message the provider saw, with how often.
-fn deliveries(log: &ReceivedLog) -> HashMap<String, usize> {
-    let mut seen = HashMap::new();
-    for r in log.snapshot() {
-        *seen.entry(r.idempotency_key.unwrap()).or_default() += 1;
-    }
-    seen
 }
 
 fn accepted_times(log: &ReceivedLog) -> Vec<chrono::DateTime<Utc>> {

@@ -8,6 +8,7 @@ use poem_openapi::{Enum, Object};
 use crate::domain::{MessageStatus, Transition};
 use herald_core::message::LastErrorView;
 
+use herald_core::audit::{AuditDoc, AuditEntry, AUDIT_COLLECTION};
 use herald_core::jobs::JOB_STATE_COLLECTION as JOB_STATE;
 use herald_core::jobs::PROVIDER_STATE_COLLECTION as PROVIDER_STATE;
 
@@ -53,6 +54,9 @@ pub enum EventType {
     /// The provider refused Herald's credentials (401/403) and was paused as misconfigured.
     #[oai(rename = "provider.misconfigured")]
     ProviderMisconfigured,
+    /// An operator action was written to the audit (who, what, result).
+    #[oai(rename = "audit.recorded")]
+    AuditRecorded,
     /// The feed no longer holds the position asked for: events were missed, re-read a snapshot.
     #[oai(rename = "reset")]
     Reset,
@@ -78,6 +82,7 @@ impl EventType {
             Self::ProviderPaused => "provider.paused",
             Self::ProviderResumed => "provider.resumed",
             Self::ProviderMisconfigured => "provider.misconfigured",
+            Self::AuditRecorded => "audit.recorded",
             Self::Reset => "reset",
             Self::Dropped => "dropped",
         }
@@ -171,6 +176,9 @@ pub struct FeedEvent {
     /// The provider, for `provider.*` events.
     #[oai(nullable)]
     pub provider: Option<ProviderEvent>,
+    /// The audit entry, for `audit.*` events.
+    #[oai(nullable)]
+    pub audit: Option<AuditEntry>,
 }
 
 impl FeedEvent {
@@ -183,6 +191,7 @@ impl FeedEvent {
             message: None,
             job: None,
             provider: None,
+            audit: None,
         }
     }
 }
@@ -258,6 +267,7 @@ pub fn from_change(change: &ChangeStreamEvent<Document>) -> Option<FeedEvent> {
                 message: Some(message_event(&state)?),
                 job: None,
                 provider: None,
+                audit: None,
             })
         }
         JOB_STATE => {
@@ -280,6 +290,7 @@ pub fn from_change(change: &ChangeStreamEvent<Document>) -> Option<FeedEvent> {
                     changed_by: state.get_str("changed_by").ok().map(str::to_owned),
                 }),
                 provider: None,
+                audit: None,
             })
         }
         PROVIDER_STATE => {
@@ -309,6 +320,19 @@ pub fn from_change(change: &ChangeStreamEvent<Document>) -> Option<FeedEvent> {
                         .map(str::to_owned)
                         .filter(|_| paused_until.is_some()),
                 }),
+                audit: None,
+            })
+        }
+        AUDIT_COLLECTION if change.operation_type == OperationType::Insert => {
+            let entry = AuditDoc::from_document(state)?;
+            Some(FeedEvent {
+                id,
+                kind: EventType::AuditRecorded,
+                at,
+                message: None,
+                job: None,
+                provider: None,
+                audit: Some(entry.into()),
             })
         }
         _ => None,
@@ -436,6 +460,7 @@ mod tests {
             }),
             job: None,
             provider: None,
+            audit: None,
         };
         let job = FeedEvent {
             kind: EventType::JobStopped,

@@ -1,9 +1,10 @@
-//! The start/stop toggle, forwarded to the Job Scheduler.
+//! The start/stop toggle, forwarded to the Job Scheduler and written to the audit.
 
 use std::sync::Arc;
 
 use herald_core::api_errors;
-use herald_core::auth::BearerAuth;
+use herald_core::audit::AuditStore;
+use herald_core::auth::OperatorKey;
 use herald_core::jobs::JobStatus;
 use herald_core::ApiError;
 use poem_openapi::param::Query;
@@ -27,6 +28,8 @@ pub enum ToggleResponse {
 pub struct JobApi {
     /// The job, steered through the Job Scheduler.
     pub job: Arc<JobRemote>,
+    /// Where each toggle is recorded.
+    pub audit: AuditStore,
 }
 
 #[OpenApi(tag = "ApiTags::Job")]
@@ -44,15 +47,26 @@ impl JobApi {
     async fn toggle(
         &self,
         req: &poem::Request,
-        _auth: BearerAuth,
+        auth: OperatorKey,
         /// `start` or `stop`.
         command: Query<String>,
     ) -> Result<ToggleResponse, ToggleErrors> {
-        let status = self
+        let outcome = self
             .job
             .toggle(&command.0, super::correlation(req).as_deref())
             .await
-            .map_err(ApiError::from)?;
+            .map_err(ApiError::from);
+        let action = match command.0.as_str() {
+            "start" => "job.start",
+            "stop" => "job.stop",
+            _ => "job.toggle",
+        };
+        let status = self
+            .audit
+            .entry(req, &auth.0, action)
+            .target(command.0.clone())
+            .finish(outcome, |_| None)
+            .await?;
         Ok(ToggleResponse::Ok(Json(status)))
     }
 }

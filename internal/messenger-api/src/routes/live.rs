@@ -7,7 +7,7 @@ use std::time::Duration;
 use futures::stream::BoxStream;
 use futures::StreamExt;
 use herald_core::api_errors;
-use herald_core::auth::BearerAuth;
+use herald_core::auth::{MetricsKey, ReadKey};
 use herald_core::pagination::PageRequest;
 use herald_core::{ApiError, ErrorCode};
 use poem::web::sse::Event;
@@ -107,7 +107,7 @@ impl LiveApi {
     #[oai(path = "/api/messenger/events", method = "get", operation_id = "followEvents")]
     async fn events(
         &self,
-        _auth: BearerAuth,
+        _auth: ReadKey,
         /// Only message events of these statuses (repeatable): pending, processing, sent, failed,
         /// expired.
         status: Query<Vec<String>>,
@@ -131,7 +131,7 @@ impl LiveApi {
     /// Counts by status, how long the oldest due message has waited, messages sent in each of
     /// the last 60 minutes (oldest first) and the sending job's state.
     #[oai(path = "/api/messenger/stats", method = "get", operation_id = "getStats")]
-    async fn stats(&self, _auth: BearerAuth) -> Result<StatsResponse, StatsErrors> {
+    async fn stats(&self, _auth: MetricsKey) -> Result<StatsResponse, StatsErrors> {
         let stats = self.monitor.stats().await.map_err(ApiError::from)?;
         Ok(StatsResponse::Ok(Json(stats.into())))
     }
@@ -144,7 +144,7 @@ impl LiveApi {
     async fn runs(
         &self,
         req: &poem::Request,
-        _auth: BearerAuth,
+        _auth: MetricsKey,
         /// Page size, 1..=100 (default 20).
         limit: Query<Option<i64>>,
         /// Runs to skip (not with `after`).

@@ -3,7 +3,8 @@
 use std::sync::Arc;
 
 use herald_core::api_errors;
-use herald_core::auth::BearerAuth;
+use herald_core::audit::AuditStore;
+use herald_core::auth::{OperatorKey, ReadKey, WriteKey};
 use herald_core::ApiError;
 use poem_openapi::param::{Header, Path, Query};
 use poem_openapi::payload::Json;
@@ -14,8 +15,8 @@ use super::ApiTags;
 use crate::service::MessengerService;
 use herald_core::pagination::{Page, PageRequest};
 
-api_errors!(CreateErrors: 400, 401, 409, 413, 415, 500, 503);
-api_errors!(BatchErrors: 400, 401, 413, 415, 500, 503);
+api_errors!(CreateErrors: 400, 401, 409, 413, 415, 429, 500, 503);
+api_errors!(BatchErrors: 400, 401, 413, 415, 429, 500, 503);
 api_errors!(ListErrors: 400, 401, 500, 503);
 api_errors!(GetErrors: 400, 401, 404, 500, 503);
 api_errors!(RetryErrors: 400, 401, 404, 409, 500, 503);
@@ -78,6 +79,8 @@ pub enum BulkRequeued {
 pub struct MessagesApi {
     /// Messages and their life.
     pub service: Arc<MessengerService>,
+    /// Where operator actions are recorded.
+    pub audit: AuditStore,
 }
 
 #[OpenApi(tag = "ApiTags::Messages")]
@@ -90,7 +93,7 @@ impl MessagesApi {
     #[oai(path = "/api/messenger/messages", method = "post", operation_id = "createMessage")]
     async fn create(
         &self,
-        _auth: BearerAuth,
+        _auth: WriteKey,
         /// Client key that makes retries of this request safe (1 to 255 visible ASCII characters).
         #[oai(name = "Idempotency-Key")]
         idempotency_key: Header<Option<String>>,
@@ -112,7 +115,7 @@ impl MessagesApi {
         method = "post",
         operation_id = "createMessageBatch"
     )]
-    async fn create_batch(&self, _auth: BearerAuth, body: Json<NewBatch>) -> Result<BatchResponse, BatchErrors> {
+    async fn create_batch(&self, _auth: WriteKey, body: Json<NewBatch>) -> Result<BatchResponse, BatchErrors> {
         let drafts: Vec<_> = body.messages.iter().map(NewMessage::draft).collect();
         let created = self.service.create_batch(&drafts).await.map_err(ApiError::from)?;
         Ok(BatchResponse::Created(Json(BatchCreated {
@@ -130,7 +133,7 @@ impl MessagesApi {
     #[allow(clippy::too_many_arguments)] // poem-openapi takes each query parameter as an argument
     async fn list(
         &self,
-        _auth: BearerAuth,
+        _auth: ReadKey,
         /// Only messages in this status: pending, processing, sent, failed or expired.
         status: Query<Option<String>>,
         /// Only messages to this phone number (E.164).
@@ -170,7 +173,7 @@ impl MessagesApi {
     )]
     async fn list_sent(
         &self,
-        _auth: BearerAuth,
+        _auth: ReadKey,
         /// Page size, 1..=100 (default 20).
         limit: Query<Option<i64>>,
         /// Messages to skip (not with `after`).
@@ -196,7 +199,7 @@ impl MessagesApi {
     #[oai(path = "/api/messenger/messages/:id", method = "get", operation_id = "getMessage")]
     async fn get(
         &self,
-        _auth: BearerAuth,
+        _auth: ReadKey,
         /// The message id (24 hex characters).
         id: Path<String>,
     ) -> Result<MessageResponse, GetErrors> {
@@ -210,19 +213,31 @@ impl MessagesApi {
     /// and `createdTo`, to one number) become `pending`, due now, with a fresh retry budget.
     /// `matched` counts them; one call re-queues at most 1,000, oldest first, and `remaining`
     /// says how many still match (call again). `dryRun` only counts. Idempotent: a re-queued
-    /// message is no longer failed. Every call is logged for audit.
+    /// message is no longer failed. Every call is written to the audit (`GET /api/messenger/audit`).
     #[oai(
         path = "/api/messenger/messages/retry",
         method = "post",
         operation_id = "retryMessages"
     )]
-    async fn retry_many(&self, _auth: BearerAuth, body: Json<RequeueRequest>) -> Result<BulkRequeued, BulkRetryErrors> {
+    async fn retry_many(
+        &self,
+        req: &poem::Request,
+        auth: OperatorKey,
+        body: Json<RequeueRequest>,
+    ) -> Result<BulkRequeued, BulkRetryErrors> {
+        let target = poem_openapi::types::ToJSON::to_json_string(&body.0);
         let RequeueRequest { filter, dry_run } = body.0;
-        let done = self
+        let outcome = self
             .service
             .requeue_many(&filter.into(), dry_run)
             .await
-            .map_err(ApiError::from)?;
+            .map_err(ApiError::from);
+        let done = self
+            .audit
+            .entry(req, &auth.0, "messages.requeue")
+            .target(target)
+            .finish(outcome, |done| Some(i64::try_from(done.requeued).unwrap_or(i64::MAX)))
+            .await?;
         Ok(BulkRequeued::Ok(Json(RequeueResult {
             matched: done.matched,
             requeued: done.requeued,
@@ -242,11 +257,18 @@ impl MessagesApi {
     )]
     async fn retry(
         &self,
-        _auth: BearerAuth,
+        req: &poem::Request,
+        auth: OperatorKey,
         /// The message id (24 hex characters).
         id: Path<String>,
     ) -> Result<Requeued, RetryErrors> {
-        let message = self.service.retry(&id.0).await.map_err(ApiError::from)?;
+        let outcome = self.service.retry(&id.0).await.map_err(ApiError::from);
+        let message = self
+            .audit
+            .entry(req, &auth.0, "message.retry")
+            .target(id.0.clone())
+            .finish(outcome, |_| Some(1))
+            .await?;
         Ok(Requeued::Accepted(Json(message.into())))
     }
 }

@@ -5,11 +5,13 @@
 //! - [`worker`]: `get-two` (claim) and the outcomes (`outcomes`; one at a time: `commit`,
 //!   `fail`, `release`) — what the Job Scheduler calls.
 //! - [`job`]: the start/stop toggle.
+//! - [`audit`]: the audit trail of operator actions.
 //! - [`live`]: the event stream (SSE), the stats and the run history.
 //! - [`socket`]: the same events over a WebSocket.
 //! - [`console`]: the operator console page and its embedded assets.
 //! - [`probes`]: health and readiness.
 
+pub mod audit;
 pub mod console;
 pub mod job;
 pub mod live;
@@ -74,6 +76,17 @@ impl From<ServiceError> for ApiError {
                     "The Job Scheduler could not be reached.",
                 )
             }
+            ServiceError::Overloaded {
+                backlog,
+                limit,
+                retry_after_seconds,
+            } => ApiError::new(
+                ErrorCode::BacklogFull,
+                format!(
+                    "{backlog} messages wait to be sent, over the limit of {limit} (messenger_api.max_due_backlog): nothing was stored; retry later."
+                ),
+            )
+            .retry_after(retry_after_seconds),
             ServiceError::Store(error) => error.into(),
         }
     }

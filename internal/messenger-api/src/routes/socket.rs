@@ -5,8 +5,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
-use herald_core::auth::ApiKeys;
-use herald_core::{ApiError, ErrorCode};
+use herald_core::auth::{ApiKeys, Scope};
 use poem::web::websocket::{Message, WebSocket};
 use poem::web::Data;
 use poem::{handler, IntoResponse, Request, Response};
@@ -73,11 +72,9 @@ pub async fn websocket(
     keys: Data<&ApiKeys>,
     timing: Data<&SocketTiming>,
 ) -> Response {
-    let header_auth = match bearer(req) {
-        Some(key) if keys.accepts(key) => true,
-        Some(_) => {
-            return ApiError::new(ErrorCode::Unauthorized, "The bearer key is not accepted.").as_response_owned();
-        }
+    let header_auth = match bearer(req).map(|key| keys.authorize(key, Scope::MessagesRead)) {
+        Some(Ok(_)) => true,
+        Some(Err(refusal)) => return refusal.error().as_response_owned(),
         None => false,
     };
     let feed = feed.0.clone();
@@ -109,13 +106,17 @@ async fn serve_socket(
                 auth: Some(key),
                 last_event_id,
                 ..
-            }) if keys.accepts(&key) => resume = last_event_id,
-            _ => {
+            }) if keys.authorize(&key, Scope::MessagesRead).is_ok() => resume = last_event_id,
+            frame => {
+                let reason = match frame
+                    .and_then(|f| f.auth)
+                    .map(|key| keys.authorize(&key, Scope::MessagesRead))
+                {
+                    Some(Err(refusal)) => refusal.error().to_string(),
+                    _ => "send {\"auth\": \"<key>\"} first with an accepted key".into(),
+                };
                 let _ = sink
-                    .send(Message::Close(Some((
-                        poem::web::websocket::CloseCode::Policy,
-                        "send {\"auth\": \"<key>\"} first with an accepted key".into(),
-                    ))))
+                    .send(Message::Close(Some((poem::web::websocket::CloseCode::Policy, reason))))
                     .await;
                 return;
             }

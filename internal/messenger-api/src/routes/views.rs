@@ -154,6 +154,8 @@ pub struct StatsView {
     /// Pending messages waiting because every provider they may go to is paused (counted up to
     /// 10,000).
     pub waiting_for_provider: u64,
+    /// Admission control: `maxDueBacklog`, the backlog it is held to, creates refused.
+    pub admission: crate::service::AdmissionReport,
     /// When the snapshot was taken.
     pub generated_at: DateTime<Utc>,
 }
@@ -241,6 +243,7 @@ impl From<crate::service::Stats> for StatsView {
             providers: stats.providers.into_iter().map(Into::into).collect(),
             provider_window_start: stats.provider_window_start,
             waiting_for_provider: stats.waiting_for_provider,
+            admission: stats.admission,
             generated_at: Utc::now(),
         }
     }

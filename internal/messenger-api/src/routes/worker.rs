@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use herald_core::api_errors;
-use herald_core::auth::BearerAuth;
+use herald_core::auth::WorkerKey;
 use herald_core::ApiError;
 use poem_openapi::param::Path;
 use poem_openapi::payload::Json;
@@ -70,7 +70,7 @@ impl WorkerApi {
     /// never receive the same message. A claim of any size costs a fixed number of database
     /// round trips.
     #[oai(path = "/api/messenger/get-two", method = "post", operation_id = "claimMessages")]
-    async fn get_two(&self, _auth: BearerAuth, body: Json<ClaimRequest>) -> Result<ClaimResponse, ClaimErrors> {
+    async fn get_two(&self, _auth: WorkerKey, body: Json<ClaimRequest>) -> Result<ClaimResponse, ClaimErrors> {
         let claimed = self
             .service
             .claim(&body.worker, body.limit, body.lease_seconds)
@@ -88,7 +88,7 @@ impl WorkerApi {
     #[oai(path = "/api/messenger/commit/:id", method = "put", operation_id = "commitMessage")]
     async fn commit(
         &self,
-        _auth: BearerAuth,
+        _auth: WorkerKey,
         /// The message id.
         id: Path<String>,
         body: Json<CommitRequest>,
@@ -112,7 +112,7 @@ impl WorkerApi {
     #[oai(path = "/api/messenger/fail/:id", method = "put", operation_id = "failMessage")]
     async fn fail(
         &self,
-        _auth: BearerAuth,
+        _auth: WorkerKey,
         /// The message id.
         id: Path<String>,
         body: Json<FailRequest>,
@@ -131,7 +131,7 @@ impl WorkerApi {
     #[oai(path = "/api/messenger/release/:id", method = "put", operation_id = "releaseMessage")]
     async fn release(
         &self,
-        _auth: BearerAuth,
+        _auth: WorkerKey,
         /// The message id.
         id: Path<String>,
         body: Json<ReleaseRequest>,
@@ -153,7 +153,7 @@ impl WorkerApi {
     /// answers what the first one did. The single `commit`, `fail` and `release` are one-item
     /// reports on the same path.
     #[oai(path = "/api/messenger/outcomes", method = "post", operation_id = "reportOutcomes")]
-    async fn outcomes(&self, _auth: BearerAuth, body: Json<OutcomeBatch>) -> Result<OutcomesResponse, OutcomeErrors> {
+    async fn outcomes(&self, _auth: WorkerKey, body: Json<OutcomeBatch>) -> Result<OutcomesResponse, OutcomeErrors> {
         let results = self
             .service
             .report_outcomes(body.0.items)

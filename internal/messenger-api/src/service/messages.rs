@@ -31,6 +31,7 @@ impl MessengerService {
                 return same_body(existing, &valid).map(|m| (m, false));
             }
         }
+        self.admission.admit(1).await?;
         let message = MessageDoc::new_pending(valid.clone(), idempotency_key.clone(), now());
         match self.store.insert(&message).await {
             Ok(()) => Ok((message, true)),
@@ -76,6 +77,8 @@ impl MessengerService {
                 ),
             ));
         }
+        // All or nothing: the whole batch is admitted, or none of it is stored.
+        self.admission.admit(docs.len() as u64).await?;
         self.store.insert_many(&docs).await?;
         Ok(docs)
     }

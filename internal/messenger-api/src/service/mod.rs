@@ -8,6 +8,7 @@
 //! - `monitor`: what an operator watches — stats, readiness and the gauges.
 //! - `upkeep`: the counts reconciliation, the cache repair and the retention sweep.
 
+mod admission;
 mod job;
 mod messages;
 mod monitor;
@@ -16,6 +17,8 @@ mod retry_policy;
 mod upkeep;
 mod worker;
 
+use std::sync::Arc;
+
 use bson::DateTime;
 
 use crate::cache::SentCache;
@@ -23,6 +26,7 @@ use crate::metrics::MessengerMetrics;
 use crate::store::MessageStore;
 
 pub use crate::store::RequeueFilter;
+pub use admission::{Admission, AdmissionReport};
 pub use job::{JobCommand, JobRemote, SchedulerClient};
 pub use messages::MAX_BATCH;
 pub use monitor::{Monitor, ProviderReport, Stats, WAITING_COUNT_CAP};
@@ -37,16 +41,24 @@ pub struct MessengerService {
     cache: SentCache,
     policy: RetryPolicy,
     metrics: MessengerMetrics,
+    admission: Arc<Admission>,
 }
 
 impl MessengerService {
     /// The service over `store`, caching commits in `cache`.
-    pub fn new(store: MessageStore, cache: SentCache, policy: RetryPolicy, metrics: MessengerMetrics) -> Self {
+    pub fn new(
+        store: MessageStore,
+        cache: SentCache,
+        policy: RetryPolicy,
+        metrics: MessengerMetrics,
+        admission: Arc<Admission>,
+    ) -> Self {
         Self {
             store,
             cache,
             policy,
             metrics,
+            admission,
         }
     }
 }

@@ -1,6 +1,7 @@
 //! What an operator watches: the stats, readiness and the gauges read from MongoDB.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bson::DateTime;
@@ -13,6 +14,7 @@ use crate::cache::SentCache;
 use crate::domain::MessageStatus;
 use crate::error::{ServiceError, StoreError};
 use crate::metrics::MessengerMetrics;
+use crate::service::{Admission, AdmissionReport};
 use crate::store::{JobView, MessageStore, ProviderWindow};
 
 /// The stats count messages waiting for a provider up to this many.
@@ -47,6 +49,8 @@ pub struct Stats {
     /// Pending messages waiting because every provider they may go to is paused (up to
     /// [`WAITING_COUNT_CAP`]).
     pub waiting_for_provider: u64,
+    /// Admission control: the backlog bound, the backlog, what it refused.
+    pub admission: AdmissionReport,
 }
 
 /// Stats, readiness and gauges.
@@ -56,6 +60,7 @@ pub struct Monitor {
     jobs: JobView,
     cache: SentCache,
     metrics: MessengerMetrics,
+    admission: Arc<Admission>,
 }
 
 fn now() -> DateTime {
@@ -71,6 +76,7 @@ impl Monitor {
         cache: SentCache,
         metrics: MessengerMetrics,
         providers: Vec<String>,
+        admission: Arc<Admission>,
     ) -> Self {
         Self {
             store,
@@ -78,18 +84,20 @@ impl Monitor {
             db,
             cache,
             metrics,
+            admission,
         }
     }
 
     /// Counts by status, the delivery lag, sends per minute over the last hour and the job.
     pub async fn stats(&self) -> Result<Stats, ServiceError> {
         let stamp = now();
-        let (counts, age, job, windows, waiting) = tokio::join!(
+        let (counts, age, job, windows, waiting, admission) = tokio::join!(
             self.store.count_by_status(),
             self.store.oldest_due_age_seconds(stamp),
             self.jobs.status(),
             self.store.provider_stats().window(stamp.to_chrono()),
             self.store.count_waiting_for_provider(WAITING_COUNT_CAP),
+            self.admission.report(),
         );
         let job = job?;
         // The job's status carries every provider's state; before any scheduler started there
@@ -123,6 +131,7 @@ impl Monitor {
             providers,
             provider_window_start: crate::store::provider_stats::window_start(stamp.to_chrono()),
             waiting_for_provider: waiting?,
+            admission: admission?,
         })
     }
 

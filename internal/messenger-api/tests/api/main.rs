@@ -3,8 +3,11 @@
 
 #![allow(clippy::unwrap_used, missing_docs)]
 
+mod admission;
+mod audit;
 mod claims;
 mod helpers;
+mod keys;
 mod live;
 mod messages;
 mod resilience;

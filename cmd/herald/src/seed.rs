@@ -8,7 +8,7 @@ use herald_core::Settings;
 use herald_messenger_api::cache::SentCache;
 use herald_messenger_api::domain::Draft;
 use herald_messenger_api::metrics::MessengerMetrics;
-use herald_messenger_api::service::{Admission, MessengerService, RetryPolicy, MAX_BATCH};
+use herald_messenger_api::service::{Admission, KeyRates, MessengerService, RetryPolicy, MAX_BATCH};
 use herald_messenger_api::store::MessageStore;
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::Rng;
@@ -48,7 +48,12 @@ pub async fn run(settings: &Settings, count: u64) -> anyhow::Result<()> {
     // Through the service, as the batch create is: the same validation, counts kept as it writes.
     // Seeding is an operator's deliberate load: admission control does not apply to it.
     let metrics = MessengerMetrics::new()?;
-    let admission = Arc::new(Admission::new(store.clone(), 0, metrics.admission_rejected.clone()));
+    let admission = Arc::new(Admission::new(
+        store.clone(),
+        0,
+        KeyRates::none(),
+        metrics.admission_rejected.clone(),
+    ));
     let service = MessengerService::new(
         store,
         SentCache::new(&settings.redis)?,

@@ -99,7 +99,7 @@ impl From<AuditDoc> for AuditEntry {
     fn from(d: AuditDoc) -> Self {
         Self {
             id: d.id.to_hex(),
-            at: d.at.to_chrono(),
+            at: chrono::DateTime::from_timestamp_millis(d.at.timestamp_millis()).unwrap_or_default(),
             key: d.key,
             action: d.action,
             service: d.service,

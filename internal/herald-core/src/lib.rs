@@ -26,6 +26,7 @@ pub mod audit;
 pub mod auth;
 pub mod doctor;
 pub mod errors;
+pub mod gcra;
 pub mod http;
 pub mod jobs;
 pub mod message;

@@ -274,6 +274,30 @@ pub struct KeySettings {
     pub key: Option<SecretString>,
     /// What it may do.
     pub scopes: Vec<Scope>,
+    /// Creates per second this key may make, across replicas (0 = no limit).
+    #[serde(default)]
+    pub rate_per_second: f64,
+    /// Creates it may make at once before the rate applies.
+    #[serde(default = "one")]
+    pub burst: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+impl KeySettings {
+    /// A key named `name` holding `scopes`, with no secret yet and no create rate.
+    pub fn new(name: impl Into<String>, scopes: Vec<Scope>) -> Self {
+        Self {
+            name: name.into(),
+            sha256: None,
+            key: None,
+            scopes,
+            rate_per_second: 0.0,
+            burst: one(),
+        }
+    }
 }
 
 /// The environments where `[[auth.keys]]` may hold a plaintext `key`.
@@ -295,6 +319,8 @@ pub struct TelemetrySettings {
 pub struct EventsSettings {
     /// Events queued per subscriber before a slow consumer is cut off.
     pub subscriber_buffer: usize,
+    /// Live subscriptions (SSE and WebSocket) one key may hold on one replica.
+    pub max_subscribers_per_key: usize,
     /// Interval of the SSE heartbeat comment, in seconds.
     pub sse_heartbeat_seconds: u64,
     /// Interval of WebSocket pings, in seconds; two missed pongs close the socket.
@@ -459,6 +485,9 @@ impl Settings {
                 "events.subscriber_buffer ({}) must be 1..=65536",
                 ev.subscriber_buffer
             ));
+        }
+        if !(1..=100_000).contains(&ev.max_subscribers_per_key) {
+            return fail("events.max_subscribers_per_key must be 1..=100000".into());
         }
         if ev.sse_heartbeat_seconds == 0 || ev.ws_ping_seconds == 0 || ev.ws_auth_timeout_seconds == 0 {
             return fail(
@@ -761,6 +790,12 @@ impl Settings {
             if key.key.as_ref().is_some_and(|k| k.expose_secret().trim().is_empty()) {
                 return fail(format!("auth.keys {:?}: key must not be empty", key.name));
             }
+            if !(0.0..=1_000_000.0).contains(&key.rate_per_second) || !(1..=100_000).contains(&key.burst) {
+                return fail(format!(
+                    "auth.keys {:?}: rate_per_second must be 0 (off) up to 1000000 and burst 1..=100000",
+                    key.name
+                ));
+            }
         }
         let keys = self.api_keys()?;
         for (setting, presented, scope) in [
@@ -849,10 +884,9 @@ mod tests {
 
     fn scoped(name: &str, plain: Option<&str>, sha256: Option<String>, scopes: &[Scope]) -> KeySettings {
         KeySettings {
-            name: name.into(),
             sha256,
             key: plain.map(SecretString::from),
-            scopes: scopes.to_vec(),
+            ..KeySettings::new(name, scopes.to_vec())
         }
     }
 

@@ -25,6 +25,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use herald_core::gcra::{Ask, Gcra, GcraError};
 use herald_core::redis_conn::RedisConn;
 use tokio::time::Instant;
 
@@ -33,37 +34,6 @@ use tokio::time::Instant;
 const MAX_RESERVE: Duration = Duration::from_secs(1);
 /// How long the limiter stays on its in-process fallback before it tries Redis again.
 const FALLBACK_RETRY: Duration = Duration::from_secs(1);
-/// How long a replica counts as using the limiter after its last call.
-const REPLICA_WINDOW_MICROS: i64 = 10_000_000;
-
-/// GCRA reservation. KEYS: TAT, replicas. ARGV: interval µs, tolerance µs, longest wait to
-/// reserve µs, worker id, replica window µs, least lead of the TAT over now µs (returning
-/// from the in-process fallback: the local slots still booked plus the tolerance, else 0). Answers {reserved 0/1, wait µs,
-/// replicas}.
-const SCRIPT: &str = r"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local interval = tonumber(ARGV[1])
-local tolerance = tonumber(ARGV[2])
-local max_wait = tonumber(ARGV[3])
-local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
-if tat < now then tat = now end
-local floor = now + tonumber(ARGV[6])
-if tat < floor then tat = floor end
-local wait = tat - tolerance - now
-if wait < 0 then wait = 0 end
-redis.call('ZADD', KEYS[2], now, ARGV[4])
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - tonumber(ARGV[5]))
-redis.call('PEXPIRE', KEYS[2], 60000)
-local replicas = redis.call('ZCARD', KEYS[2])
-if wait > max_wait then
-  return {0, math.floor(wait), replicas}
-end
-local next_tat = tat + interval
-redis.call('SET', KEYS[1], string.format('%.0f', next_tat), 'PX', math.floor((next_tat - now) / 1000) + 1000)
-return {1, math.floor(wait), replicas}
-";
-
 /// The limit, as configured.
 #[derive(Debug, Clone, Copy)]
 pub struct RateLimit {
@@ -87,9 +57,7 @@ pub struct RateLimiter {
 
 struct Inner {
     redis: RedisConn,
-    script: redis::Script,
-    tat_key: String,
-    replicas_key: String,
+    gcra: Gcra,
     worker: String,
     limit: RateLimit,
     timeout: Duration,
@@ -147,10 +115,7 @@ impl RateLimiter {
         Self {
             inner: Some(Inner {
                 redis,
-                script: redis::Script::new(SCRIPT),
-                // One hash tag per provider: both keys of its script live in one cluster slot.
-                tat_key: format!("{prefix}ratelimit:{{{provider}}}:tat"),
-                replicas_key: format!("{prefix}ratelimit:{{{provider}}}:replicas"),
+                gcra: Gcra::new(prefix, "ratelimit", provider),
                 worker: worker.to_owned(),
                 limit,
                 timeout,
@@ -306,7 +271,7 @@ impl Inner {
     }
 
     /// One script call: (reserved, wait).
-    async fn reserve(&self, max_wait: Duration) -> Result<(bool, Duration), ReserveError> {
+    async fn reserve(&self, max_wait: Duration) -> Result<(bool, Duration), GcraError> {
         let interval = self.interval();
         let tolerance = interval * (self.limit.burst.max(1) - 1);
         // Back from the fallback, the shared schedule has not seen what the replicas sent on
@@ -320,20 +285,15 @@ impl Inner {
         let floor = returning_tat.map_or(Duration::ZERO, |tat| {
             tat.saturating_duration_since(Instant::now()) + tolerance
         });
-        let mut invocation = self.script.key(&self.tat_key);
-        invocation
-            .key(&self.replicas_key)
-            .arg(interval.as_micros() as u64)
-            .arg(tolerance.as_micros() as u64)
-            .arg(max_wait.as_micros() as u64)
-            .arg(&self.worker)
-            .arg(REPLICA_WINDOW_MICROS)
-            .arg(floor.as_micros() as u64);
-        let mut connection = self.redis.clone();
-        let answer: (i64, i64, u32) = tokio::time::timeout(self.timeout, invocation.invoke_async(&mut connection))
-            .await
-            .map_err(|_| ReserveError::Timeout(self.timeout))??;
-        self.replicas_seen.store(answer.2.max(1), Ordering::Relaxed);
+        let ask = Ask {
+            interval,
+            tolerance,
+            max_wait,
+            worker: &self.worker,
+            floor,
+        };
+        let answer = self.gcra.reserve(&self.redis, ask, self.timeout).await?;
+        self.replicas_seen.store(answer.replicas.max(1), Ordering::Relaxed);
         let was_fallback = {
             let mut fallback = self.fallback.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             let was = fallback.until.take().is_some();
@@ -346,16 +306,8 @@ impl Inner {
             self.metrics.fallback.set(0);
             tracing::info!("rate limiter reaches Redis again");
         }
-        Ok((answer.0 == 1, Duration::from_micros(answer.1.max(0) as u64)))
+        Ok((answer.reserved, answer.wait))
     }
-}
-
-#[derive(Debug, thiserror::Error)]
-enum ReserveError {
-    #[error("Redis call failed")]
-    Redis(#[from] redis::RedisError),
-    #[error("Redis did not answer within {0:?}")]
-    Timeout(Duration),
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use herald_core::apidoc::ApiDoc;
+use herald_core::apidoc::{ApiDoc, Rules};
 use herald_core::audit::AuditStore;
 use herald_core::http::{self, Bound};
 use herald_core::settings::Settings;
@@ -151,7 +151,11 @@ fn api_service(control: &Arc<JobControl>, audit: &AuditStore) -> OpenApiService<
 /// The OpenAPI document as pretty JSON.
 pub async fn openapi_json(settings: &Settings) -> anyhow::Result<String> {
     let parts = parts(settings).await?;
-    Ok(ApiDoc::of(&api_service(&parts.control, &parts.audit)).spec().to_owned())
+    Ok(
+        ApiDoc::of(&api_service(&parts.control, &parts.audit), Rules::of(settings))
+            .spec()
+            .to_owned(),
+    )
 }
 
 impl Application {
@@ -210,7 +214,7 @@ impl Application {
             "job scheduler listening; Swagger UI at /job-scheduler/swagger"
         );
         let api = api_service(&control, &audit);
-        let doc = ApiDoc::of(&api);
+        let doc = ApiDoc::of(&api, Rules::of(settings));
         let allowed = http::AllowedMethods::from_openapi(doc.spec());
         let registry = metrics.registry.clone();
         let metrics_endpoint = poem::endpoint::make_sync(move |_| http::render_metrics(&registry));

@@ -174,8 +174,9 @@ async function refreshStats() {
 function showAdmission(a) {
   const backlog = a.backlog.toLocaleString();
   $("admission").textContent = a.maxDueBacklog
-    ? `${backlog} of ${a.maxDueBacklog.toLocaleString()} waiting · ${a.rejected.toLocaleString()} refused`
+    ? `${backlog} of ${a.maxDueBacklog.toLocaleString()} waiting · ${a.rejectedBacklog.toLocaleString()} refused`
     : `${backlog} waiting · no bound`;
+  if (a.rejectedKeyRate) $("admission").textContent += ` · ${a.rejectedKeyRate.toLocaleString()} over a key's rate`;
   $("admission").className = a.maxDueBacklog && a.backlog >= a.maxDueBacklog ? "over" : "";
 }
 

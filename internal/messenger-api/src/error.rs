@@ -45,6 +45,14 @@ pub enum ServiceError {
         /// What the client is told to wait.
         retry_after_seconds: u64,
     },
+    /// The key made more creates than its `rate_per_second` allows.
+    #[error("key {key} is over its create rate")]
+    KeyRateLimited {
+        /// The key's name.
+        key: String,
+        /// Until its next slot.
+        retry_after_seconds: u64,
+    },
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),

@@ -32,7 +32,7 @@ pub struct MessengerMetrics {
     pub expired: IntCounterVec,
     /// Messages re-queued by operators, one at a time or in bulk.
     pub requeued: IntCounterVec,
-    /// Creates refused by admission control, by reason: backlog.
+    /// Creates refused by admission control, by reason: backlog, key_rate.
     pub admission_rejected: IntCounterVec,
     /// Messages removed by the retention sweep, by status.
     pub removed: IntCounterVec,
@@ -87,7 +87,7 @@ impl MessengerMetrics {
         let admission_rejected = IntCounterVec::new(
             Opts::new(
                 "admission_rejected_total",
-                "Creates refused with 429 by admission control, by reason: backlog (messenger_api.max_due_backlog).",
+                "Creates refused with 429 by admission control, by reason: backlog (messenger_api.max_due_backlog), key_rate (a key's rate_per_second).",
             ),
             &["reason"],
         )?;

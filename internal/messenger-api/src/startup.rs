@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use herald_core::apidoc::ApiDoc;
+use herald_core::apidoc::{ApiDoc, Rules};
 use herald_core::audit::AuditStore;
 use herald_core::http::{self, Bound};
 use herald_core::settings::Settings;
@@ -15,7 +15,7 @@ use poem::{get, EndpointExt, Response, Route};
 use poem_openapi::OpenApiService;
 
 use crate::cache::SentCache;
-use crate::events::EventFeed;
+use crate::events::{EventFeed, SubscriberSlots};
 use crate::metrics::MessengerMetrics;
 use crate::routes::audit::AuditApi;
 use crate::routes::console;
@@ -25,7 +25,7 @@ use crate::routes::messages::MessagesApi;
 use crate::routes::probes::ProbesApi;
 use crate::routes::socket::{self, SocketTiming};
 use crate::routes::worker::WorkerApi;
-use crate::service::{Admission, JobRemote, MessengerService, Monitor, RetryPolicy, SchedulerClient, Upkeep};
+use crate::service::{Admission, JobRemote, KeyRates, MessengerService, Monitor, RetryPolicy, SchedulerClient, Upkeep};
 use crate::store::MessageStore;
 use telemetry::Chain;
 
@@ -62,6 +62,8 @@ pub struct Services {
     pub metrics: MessengerMetrics,
     /// The audit trail of operator actions.
     pub audit: AuditStore,
+    /// Live subscriptions per key.
+    pub slots: SubscriberSlots,
 }
 
 impl Services {
@@ -93,6 +95,7 @@ impl Services {
         let admission = Arc::new(Admission::new(
             store.clone(),
             settings.messenger_api.max_due_backlog,
+            KeyRates::from_settings(settings)?,
             metrics.admission_rejected.clone(),
         ));
         let policy = RetryPolicy::from_settings(settings);
@@ -115,6 +118,7 @@ impl Services {
                 admission,
             )),
             audit: AuditStore::new(&db, "messenger-api"),
+            slots: SubscriberSlots::new(settings.events.max_subscribers_per_key),
             feed: EventFeed::new(db, settings.events.subscriber_buffer, metrics.feed.clone()),
             store,
             upkeep,
@@ -143,6 +147,7 @@ impl Services {
                 job: self.job.clone(),
                 feed: self.feed.clone(),
                 heartbeat: Duration::from_secs(settings.events.sse_heartbeat_seconds),
+                slots: self.slots.clone(),
             },
             ProbesApi {
                 monitor: self.monitor.clone(),
@@ -161,9 +166,11 @@ impl Services {
 
 /// The OpenAPI document as pretty JSON.
 pub async fn openapi_json(settings: &Settings) -> anyhow::Result<String> {
-    Ok(ApiDoc::of(&Services::build(settings).await?.api(settings))
-        .spec()
-        .to_owned())
+    Ok(
+        ApiDoc::of(&Services::build(settings).await?.api(settings), Rules::of(settings))
+            .spec()
+            .to_owned(),
+    )
 }
 
 impl Application {
@@ -184,7 +191,7 @@ impl Application {
             .idle_timeout(Duration::from_secs(settings.messenger_api.idle_timeout_seconds));
         tracing::info!(address = %bound.addr, "messenger API listening; Swagger UI at /messenger/swagger");
         let api = services.api(settings);
-        let doc = ApiDoc::of(&api);
+        let doc = ApiDoc::of(&api, Rules::of(settings));
         let allowed = http::AllowedMethods::from_openapi(doc.spec());
         let (monitor, registry) = (services.monitor.clone(), services.metrics.registry.clone());
         let metrics = poem::endpoint::make(move |_| {
@@ -204,6 +211,7 @@ impl Application {
             .nest("/", api)
             .data(settings.api_keys()?)
             .data(services.feed.clone())
+            .data(services.slots.clone())
             .data(SocketTiming {
                 ping: Duration::from_secs(settings.events.ws_ping_seconds),
                 auth: Duration::from_secs(settings.events.ws_auth_timeout_seconds),

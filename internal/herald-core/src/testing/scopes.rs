@@ -12,16 +12,15 @@ use crate::settings::{KeySettings, Settings};
 pub fn add_scoped_keys(settings: &mut Settings) {
     for scope in Scope::ALL {
         settings.auth.keys.push(KeySettings {
-            name: scope.name().replace(':', "-"),
-            sha256: None,
             key: Some(key_for(scope).into()),
-            scopes: vec![scope],
+            ..KeySettings::new(scope.name().replace(':', "-"), vec![scope])
         });
         settings.auth.keys.push(KeySettings {
-            name: format!("all-but-{}", scope.name().replace(':', "-")),
-            sha256: None,
             key: Some(key_without(scope).into()),
-            scopes: Scope::ALL.into_iter().filter(|s| *s != scope).collect(),
+            ..KeySettings::new(
+                format!("all-but-{}", scope.name().replace(':', "-")),
+                Scope::ALL.into_iter().filter(|s| *s != scope).collect(),
+            )
         });
     }
     if let Err(error) = settings.validate() {

@@ -7,7 +7,7 @@ use std::time::Duration;
 use futures::stream::BoxStream;
 use futures::StreamExt;
 use herald_core::api_errors;
-use herald_core::auth::{MetricsKey, ReadKey};
+use herald_core::auth::{Caller, MetricsKey, ReadKey};
 use herald_core::pagination::PageRequest;
 use herald_core::{ApiError, ErrorCode};
 use poem::web::sse::Event;
@@ -19,12 +19,12 @@ use poem_openapi::{ApiResponse, OpenApi};
 use super::views::StatsView;
 use super::ApiTags;
 use crate::domain::{self, MessageStatus};
-use crate::events::{EventFeed, EventFilter, FeedEvent};
+use crate::events::{EventFeed, EventFilter, FeedEvent, SubscriberSlots};
 use crate::service::{JobRemote, Monitor};
 use herald_core::jobs::RunView;
 use herald_core::pagination::Page;
 
-api_errors!(EventsErrors: 400, 401);
+api_errors!(EventsErrors: 400, 401, 429);
 api_errors!(StatsErrors: 401, 500, 503);
 api_errors!(RunsErrors: 400, 401, 502);
 
@@ -62,6 +62,21 @@ pub struct LiveApi {
     pub feed: EventFeed,
     /// Interval of the SSE heartbeat comment.
     pub heartbeat: Duration,
+    /// Subscriptions per key.
+    pub slots: SubscriberSlots,
+}
+
+/// The answer to a key that holds its most subscriptions already (SSE and WebSocket alike).
+pub fn too_many(slots: &SubscriberSlots, caller: &Caller) -> ApiError {
+    ApiError::new(
+        ErrorCode::TooManySubscribers,
+        format!(
+            "The key {:?} already holds {} live subscriptions on this replica (events.max_subscribers_per_key): close one first.",
+            caller.name,
+            slots.max()
+        ),
+    )
+    .retry_after(1)
 }
 
 /// Parses the `status` and `id` filters (400 on a bad value).
@@ -107,7 +122,7 @@ impl LiveApi {
     #[oai(path = "/api/messenger/events", method = "get", operation_id = "followEvents")]
     async fn events(
         &self,
-        _auth: ReadKey,
+        auth: ReadKey,
         /// Only message events of these statuses (repeatable): pending, processing, sent, failed,
         /// expired.
         status: Query<Vec<String>>,
@@ -118,9 +133,18 @@ impl LiveApi {
         last_event_id: Header<Option<String>>,
     ) -> Result<EventsResponse, EventsErrors> {
         let filter = Arc::new(RwLock::new(parse_filter(&status.0, &id.0)?));
+        let slot = self
+            .slots
+            .take(&auth.0.name)
+            .ok_or_else(|| too_many(&self.slots, &auth.0))?;
         let subscription = self.feed.subscribe(last_event_id.0.as_deref(), filter).await;
+        // The slot goes with the stream: given back when the client leaves.
+        let events = subscription.map(move |event| {
+            let _held = &slot;
+            event
+        });
         Ok(EventsResponse::Ok(
-            EventStream::new(subscription.boxed())
+            EventStream::new(events.boxed())
                 .keep_alive(self.heartbeat)
                 .to_event(sse_event),
         ))

@@ -93,12 +93,13 @@ impl MessagesApi {
     #[oai(path = "/api/messenger/messages", method = "post", operation_id = "createMessage")]
     async fn create(
         &self,
-        _auth: WriteKey,
+        auth: WriteKey,
         /// Client key that makes retries of this request safe (1 to 255 visible ASCII characters).
         #[oai(name = "Idempotency-Key")]
         idempotency_key: Header<Option<String>>,
         body: Json<NewMessage>,
     ) -> Result<Created, CreateErrors> {
+        self.service.admit_key(&auth.0).await.map_err(ApiError::from)?;
         let (message, created) = self
             .service
             .create(body.draft(), idempotency_key.0)
@@ -115,7 +116,8 @@ impl MessagesApi {
         method = "post",
         operation_id = "createMessageBatch"
     )]
-    async fn create_batch(&self, _auth: WriteKey, body: Json<NewBatch>) -> Result<BatchResponse, BatchErrors> {
+    async fn create_batch(&self, auth: WriteKey, body: Json<NewBatch>) -> Result<BatchResponse, BatchErrors> {
+        self.service.admit_key(&auth.0).await.map_err(ApiError::from)?;
         let drafts: Vec<_> = body.messages.iter().map(NewMessage::draft).collect();
         let created = self.service.create_batch(&drafts).await.map_err(ApiError::from)?;
         Ok(BatchResponse::Created(Json(BatchCreated {

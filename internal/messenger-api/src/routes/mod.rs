@@ -87,6 +87,14 @@ impl From<ServiceError> for ApiError {
                 ),
             )
             .retry_after(retry_after_seconds),
+            ServiceError::KeyRateLimited {
+                key,
+                retry_after_seconds,
+            } => ApiError::new(
+                ErrorCode::KeyRateLimited,
+                format!("The key {key:?} is over its create rate (rate_per_second): nothing was stored; retry later."),
+            )
+            .retry_after(retry_after_seconds),
             ServiceError::Store(error) => error.into(),
         }
     }

@@ -12,8 +12,8 @@ use poem::{handler, IntoResponse, Request, Response};
 use poem_openapi::types::ToJSON;
 use serde::Deserialize;
 
-use super::live::parse_filter;
-use crate::events::{EventFeed, EventFilter, EventType};
+use super::live::{parse_filter, too_many};
+use crate::events::{EventFeed, EventFilter, EventType, Slot, SubscriberSlots};
 
 /// What the WebSocket's timing needs.
 #[derive(Debug, Clone, Copy)]
@@ -49,6 +49,21 @@ fn control(kind: &str, detail: serde_json::Value) -> Message {
     Message::Text(body.to_string())
 }
 
+/// A close frame's reason fits in 123 bytes (RFC 6455 §5.5: a control frame carries at most
+/// 125, two of them the code). The internal code comes first, so it survives the cut.
+fn close_reason(mut reason: String) -> String {
+    const MAX: usize = 123;
+    if reason.len() > MAX {
+        let mut end = MAX - '…'.len_utf8();
+        while !reason.is_char_boundary(end) {
+            end -= 1;
+        }
+        reason.truncate(end);
+        reason.push('…');
+    }
+    reason
+}
+
 fn bearer(req: &Request) -> Option<&str> {
     req.headers()
         .get(poem::http::header::AUTHORIZATION)?
@@ -70,17 +85,24 @@ pub async fn websocket(
     ws: WebSocket,
     feed: Data<&EventFeed>,
     keys: Data<&ApiKeys>,
+    slots: Data<&SubscriberSlots>,
     timing: Data<&SocketTiming>,
 ) -> Response {
-    let header_auth = match bearer(req).map(|key| keys.authorize(key, Scope::MessagesRead)) {
-        Some(Ok(_)) => true,
+    // With the key on the upgrade, a refusal is an HTTP answer; with it in the first frame, a
+    // close frame carrying the same code.
+    let slot = match bearer(req).map(|key| keys.authorize(key, Scope::MessagesRead)) {
+        Some(Ok(caller)) => match slots.take(&caller.name) {
+            Some(slot) => Some(slot),
+            None => return too_many(&slots, &caller).as_response_owned(),
+        },
         Some(Err(refusal)) => return refusal.error().as_response_owned(),
-        None => false,
+        None => None,
     };
     let feed = feed.0.clone();
     let keys = keys.0.clone();
+    let slots = slots.0.clone();
     let timing = *timing.0;
-    ws.on_upgrade(move |socket| serve_socket(socket, feed, keys, timing, header_auth))
+    ws.on_upgrade(move |socket| serve_socket(socket, feed, keys, slots, timing, slot))
         .into_response()
 }
 
@@ -88,40 +110,54 @@ async fn serve_socket(
     socket: poem::web::websocket::WebSocketStream,
     feed: EventFeed,
     keys: ApiKeys,
+    slots: SubscriberSlots,
     timing: SocketTiming,
-    header_auth: bool,
+    slot: Option<Slot>,
 ) {
     let (mut sink, mut incoming) = socket.split();
     let send_timeout = timing.ping;
-    // Authenticate: the upgrade's header, or the first frame.
+    // Authenticate: the upgrade's header (which took the slot), or the first frame.
     let mut resume = None;
-    if !header_auth {
-        let first = tokio::time::timeout(timing.auth, incoming.next()).await;
-        let frame = match first {
-            Ok(Some(Ok(Message::Text(text)))) => serde_json::from_str::<ClientFrame>(&text).ok(),
-            _ => None,
-        };
-        match frame {
-            Some(ClientFrame {
-                auth: Some(key),
-                last_event_id,
-                ..
-            }) if keys.authorize(&key, Scope::MessagesRead).is_ok() => resume = last_event_id,
-            frame => {
-                let reason = match frame
-                    .and_then(|f| f.auth)
-                    .map(|key| keys.authorize(&key, Scope::MessagesRead))
-                {
-                    Some(Err(refusal)) => refusal.error().to_string(),
-                    _ => "send {\"auth\": \"<key>\"} first with an accepted key".into(),
-                };
-                let _ = sink
-                    .send(Message::Close(Some((poem::web::websocket::CloseCode::Policy, reason))))
-                    .await;
-                return;
+    let _slot = match slot {
+        Some(slot) => slot,
+        None => {
+            let first = tokio::time::timeout(timing.auth, incoming.next()).await;
+            let frame = match first {
+                Ok(Some(Ok(Message::Text(text)))) => serde_json::from_str::<ClientFrame>(&text).ok(),
+                _ => None,
+            };
+            let (key, last_event_id) = match frame {
+                Some(ClientFrame {
+                    auth: Some(key),
+                    last_event_id,
+                    ..
+                }) => (Some(key), last_event_id),
+                _ => (None, None),
+            };
+            let admitted = match key.map(|key| keys.authorize(&key, Scope::MessagesRead)) {
+                Some(Ok(caller)) => slots
+                    .take(&caller.name)
+                    .ok_or_else(|| too_many(&slots, &caller).to_string()),
+                Some(Err(refusal)) => Err(refusal.error().to_string()),
+                None => Err("send {\"auth\": \"<key>\"} first with an accepted key".into()),
+            };
+            match admitted {
+                Ok(slot) => {
+                    resume = last_event_id;
+                    slot
+                }
+                Err(reason) => {
+                    let _ = sink
+                        .send(Message::Close(Some((
+                            poem::web::websocket::CloseCode::Policy,
+                            close_reason(reason),
+                        ))))
+                        .await;
+                    return;
+                }
             }
         }
-    }
+    };
     let filter = Arc::new(RwLock::new(EventFilter::default()));
     let mut events = feed.subscribe(resume.as_deref(), filter.clone()).await;
     let metrics = feed.metrics().clone();
@@ -186,5 +222,21 @@ async fn serve_socket(
     };
     if let Some((code, text)) = reason {
         let _ = tokio::time::timeout(send_timeout, sink.send(Message::Close(Some((code, text.into()))))).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::close_reason;
+
+    #[test]
+    fn a_close_reason_is_cut_to_fit_a_control_frame_at_a_character_boundary() {
+        let long = format!("429003 {}", "é".repeat(200));
+        let cut = close_reason(long);
+        assert!(
+            cut.len() <= 123 && cut.starts_with("429003 ") && cut.ends_with('…'),
+            "{cut}"
+        );
+        assert_eq!(close_reason("short".into()), "short");
     }
 }

@@ -49,6 +49,11 @@ impl MessengerService {
         }
     }
 
+    /// Admits one create (one message or one batch) by `caller` under its key's create rate.
+    pub async fn admit_key(&self, caller: &herald_core::auth::Caller) -> Result<(), ServiceError> {
+        self.admission.admit_key(caller).await
+    }
+
     /// Creates all of `items` or none; a bad item is named by index.
     pub async fn create_batch(&self, items: &[domain::Draft<'_>]) -> Result<Vec<MessageDoc>, ServiceError> {
         if items.is_empty() || items.len() > MAX_BATCH {

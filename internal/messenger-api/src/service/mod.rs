@@ -26,7 +26,7 @@ use crate::metrics::MessengerMetrics;
 use crate::store::MessageStore;
 
 pub use crate::store::RequeueFilter;
-pub use admission::{Admission, AdmissionReport};
+pub use admission::{Admission, AdmissionReport, KeyRates};
 pub use job::{JobCommand, JobRemote, SchedulerClient};
 pub use messages::MAX_BATCH;
 pub use monitor::{Monitor, ProviderReport, Stats, WAITING_COUNT_CAP};

@@ -106,10 +106,8 @@ async fn a_key_configured_by_its_digest_creates_and_nothing_else() {
     let mut settings = settings_for(&env, &[]);
     let key = herald_core::auth::new_key();
     settings.auth.keys.push(KeySettings {
-        name: "shop".into(),
         sha256: Some(digest_hex(&key)),
-        key: None,
-        scopes: vec![Scope::MessagesWrite],
+        ..KeySettings::new("shop", vec![Scope::MessagesWrite])
     });
     let app = spawn_with_settings(env, settings).await;
     let created = app

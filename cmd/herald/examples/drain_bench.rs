@@ -296,8 +296,20 @@ async fn herald_drain_two_providers(n: usize) -> f64 {
 /// outruns delivery a backlog builds and the latency measures it), or paced to `pace` messages
 /// a second in all (an open loop: message `i` is posted at `i / pace` s, or at once when late).
 async fn herald_posts(n: usize, pace: Option<f64>) -> (f64, f64, f64, f64, String) {
+    let (rate, p50, p99, cpu, detail, _) = posts_to(n, pace, None).await;
+    (rate, p50, p99, cpu, detail)
+}
+
+/// [`herald_posts`] against an API started with `max_due_backlog` (when given): a client whose
+/// create is refused (429) waits its `Retry-After` and posts the same message again. Also
+/// answers how many 429s the clients got.
+async fn posts_to(n: usize, pace: Option<f64>, max_due_backlog: Option<u64>) -> (f64, f64, f64, f64, String, u64) {
     let http = Http::new(TEST_KEY);
-    let mut stack = Stack::api_and_sink(&draining()).await;
+    let mut vars = draining();
+    if let Some(bound) = max_due_backlog {
+        vars.push(("HERALD__MESSENGER_API__MAX_DUE_BACKLOG", bound.to_string()));
+    }
+    let mut stack = Stack::api_and_sink(&vars).await;
     stack.replicas(4);
     tokio::time::sleep(Duration::from_secs(1)).await;
     let usage = Usage::start(&stack).await;
@@ -308,22 +320,42 @@ async fn herald_posts(n: usize, pace: Option<f64>) -> (f64, f64, f64, f64, Strin
             let (http, api) = (http.clone(), api.clone());
             tokio::spawn(async move {
                 let mut accepted = Vec::new();
+                let mut refused = 0u64;
                 let start = tokio::time::Instant::now();
                 for i in (c..n).step_by(64) {
                     if let Some(rate) = pace {
                         tokio::time::sleep_until(start + Duration::from_secs_f64(i as f64 / rate)).await;
                     }
                     let body = json!({"to": format!("+90555{i:07}"), "content": "post"});
-                    let m: Value = http.post_json(&format!("{api}/api/messenger/messages"), &body).await;
-                    accepted.push((m["id"].as_str().unwrap().to_owned(), chrono::Utc::now()));
+                    loop {
+                        let answer = http
+                            .post(&format!("{api}/api/messenger/messages"))
+                            .json(&body)
+                            .send()
+                            .await
+                            .unwrap();
+                        if answer.status() == 429 {
+                            refused += 1;
+                            let wait = answer.headers()["retry-after"].to_str().unwrap().parse::<u64>().unwrap();
+                            tokio::time::sleep(Duration::from_secs(wait)).await;
+                            continue;
+                        }
+                        assert_eq!(answer.status(), 201, "create");
+                        let m: Value = answer.json().await.unwrap();
+                        accepted.push((m["id"].as_str().unwrap().to_owned(), chrono::Utc::now()));
+                        break;
+                    }
                 }
-                accepted
+                (accepted, refused)
             })
         })
         .collect();
     let mut accepted_at = HashMap::new();
+    let mut refused = 0;
     for client in clients {
-        accepted_at.extend(client.await.unwrap());
+        let (accepted, client_refused) = client.await.unwrap();
+        accepted_at.extend(accepted);
+        refused += client_refused;
     }
     while stack.delivered().await < n as u64 {
         assert!(t.elapsed() < Duration::from_secs(600), "delivery stalled");
@@ -379,7 +411,7 @@ async fn herald_posts(n: usize, pace: Option<f64>) -> (f64, f64, f64, f64, Strin
     );
     let p = |q: f64| latencies[((latencies.len() - 1) as f64 * q).round() as usize];
     stack.cleanup().await;
-    (n as f64 / secs, p(0.5), p(0.99), herald_cpu, detail)
+    (n as f64 / secs, p(0.5), p(0.99), herald_cpu, detail, refused)
 }
 
 /// 16 claimers racing through a backlog of `n` on one API process.
@@ -478,6 +510,20 @@ async fn main() {
         println!("| the same POSTs paced to {pace:.0}/s (60 % of the above) → delivered, msgs/s | {paced:.0} | | |");
         println!("| paced: accept → delivered p50 / p99, ms | {p50:.0} / {p99:.0} | | |");
         details.push(format!("paced posts: Herald {cpu:.3} CPU ms/msg; {detail}"));
+    }
+    if wanted("admission") {
+        // One sitting: the closed loop without a bound, then with one (SPEC §19).
+        let bound = std::env::var("BENCH_MAX_DUE_BACKLOG").ok().and_then(|b| b.parse().ok()).unwrap_or(500);
+        let (rate, p50, p99, _, _, refused) = posts_to(posts, None, None).await;
+        println!(
+            "| admission off: one-message POSTs from 64 clients → delivered, R=4, msgs/s ({posts}) | {rate:.0} | | |"
+        );
+        println!("| admission off: accept → delivered p50 / p99, ms; 429s | {p50:.0} / {p99:.0}; {refused} | | |");
+        let (rate, p50, p99, _, _, refused) = posts_to(posts, None, Some(bound)).await;
+        println!(
+            "| max_due_backlog = {bound}: the same POSTs (a 429 waits Retry-After and posts again), msgs/s | {rate:.0} | | |"
+        );
+        println!("| max_due_backlog = {bound}: accept → delivered p50 / p99, ms; 429s | {p50:.0} / {p99:.0}; {refused} | | |");
     }
     if wanted("claims") {
         let claims = contended_claims(20_000).await;

@@ -336,7 +336,11 @@ async fn posts_to(n: usize, pace: Option<f64>, max_due_backlog: Option<u64>) -> 
                             .unwrap();
                         if answer.status() == 429 {
                             refused += 1;
-                            let wait = answer.headers()["retry-after"].to_str().unwrap().parse::<u64>().unwrap();
+                            let wait = answer.headers()["retry-after"]
+                                .to_str()
+                                .unwrap()
+                                .parse::<u64>()
+                                .unwrap();
                             tokio::time::sleep(Duration::from_secs(wait)).await;
                             continue;
                         }
@@ -513,7 +517,10 @@ async fn main() {
     }
     if wanted("admission") {
         // One sitting: the closed loop without a bound, then with one (SPEC §19).
-        let bound = std::env::var("BENCH_MAX_DUE_BACKLOG").ok().and_then(|b| b.parse().ok()).unwrap_or(500);
+        let bound = std::env::var("BENCH_MAX_DUE_BACKLOG")
+            .ok()
+            .and_then(|b| b.parse().ok())
+            .unwrap_or(500);
         let (rate, p50, p99, _, _, refused) = posts_to(posts, None, None).await;
         println!(
             "| admission off: one-message POSTs from 64 clients → delivered, R=4, msgs/s ({posts}) | {rate:.0} | | |"

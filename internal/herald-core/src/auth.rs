@@ -344,6 +344,9 @@ pub fn scoped_spec(spec: &str) -> String {
             if let Some(scope) = scope {
                 operation["security"] = serde_json::json!([{"BearerAuth": []}]);
                 operation["x-herald-scope"] = serde_json::json!(scope.name());
+            } else if operation["operationId"] == "takeReceipt" {
+                // Providers cannot hold a key: their receipts carry their own signature.
+                operation["x-herald-auth"] = serde_json::json!("provider-signature");
             }
         }
     }

@@ -35,6 +35,7 @@ pub mod pagination;
 pub mod peer;
 pub mod probes;
 pub mod providers;
+pub mod receipts;
 pub mod redis_conn;
 pub mod settings;
 #[cfg(feature = "testing")]

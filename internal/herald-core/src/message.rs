@@ -113,10 +113,33 @@ pub struct MessageView {
     pub attempts_log: Vec<AttemptRecord>,
     /// Every provider of its route is paused: it waits for one (see the stats).
     pub waiting_for_provider: bool,
+    /// Whether it arrived, from the provider's receipts (absent until the first one); beside
+    /// `status`, which stays `sent`.
+    #[oai(nullable)]
+    pub delivery: Option<DeliveryView>,
+    /// The receipts that moved `delivery`, oldest first (the last 20).
+    pub receipts: Vec<DeliveryView>,
     /// Creation time.
     pub created_at: DateTime<Utc>,
     /// Last change.
     pub updated_at: DateTime<Utc>,
+}
+
+/// A message's delivery as its provider reported it.
+#[derive(Debug, Clone, PartialEq, Eq, Object, Serialize, Deserialize)]
+#[oai(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
+pub struct DeliveryView {
+    /// `sent` (on its way), `delivered`, `undelivered`, `failed`, `read`, or `unknown` (no final
+    /// receipt in time).
+    pub state: crate::receipts::DeliveryState,
+    /// When Herald took the receipt.
+    pub at: DateTime<Utc>,
+    /// The provider's own word for it.
+    pub provider_status: String,
+    /// The provider's error code, if it gave one.
+    #[oai(nullable)]
+    pub error_code: Option<String>,
 }
 
 /// What came of one request to a provider.

@@ -77,6 +77,9 @@ pub struct ProviderSettings {
     /// Longest honoured `Retry-After` and longest pause, in seconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_retry_after_seconds: Option<u64>,
+    /// How its delivery receipts are checked and read (none: it sends none Herald takes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub receipts: Option<crate::receipts::ReceiptSettings>,
 }
 
 /// One `[[routes]]` entry.
@@ -345,6 +348,13 @@ impl Routing {
                 .map(|(i, p)| Provider::from_settings(i, p, &settings.webhook, agent))
                 .collect::<Result<Vec<_>, _>>()?
         };
+        if let Some(problem) = settings
+            .providers
+            .iter()
+            .find_map(|p| p.receipts.as_ref().and_then(|r| r.problem(&p.name)))
+        {
+            return Err(InvalidSettings(problem));
+        }
         for (i, p) in providers.iter().enumerate() {
             if providers[..i].iter().any(|q| q.name == p.name) {
                 return Err(InvalidSettings(format!(

@@ -441,6 +441,8 @@ async function openDetail(id, refresh = false) {
     ["Claimed by", m.claimedBy || "–"],
     ["Provider id", m.webhookMessageId || "–"],
     ["Sent at", dateTime(m.sentAt)],
+    ["Delivery", m.delivery ? `${m.delivery.state} (${m.delivery.providerStatus}${m.delivery.errorCode ? `, error ${m.delivery.errorCode}` : ""}) at ${dateTime(m.delivery.at)}` : "–"],
+    ["Receipts", m.receipts && m.receipts.length ? m.receipts.map((r) => `${time(r.at)} ${r.state}`).join(" → ") : "–"],
     ["Send at", m.sendAt ? dateTime(m.sendAt) : "–"],
     ["Expires at", m.expiresAt ? dateTime(m.expiresAt) : "–"],
     ["Last error", m.lastError ? `${m.lastError.kind}${m.lastError.status ? ` ${m.lastError.status}` : ""}: ${m.lastError.detail}` : "–"],

@@ -5,6 +5,7 @@ use bson::DateTime;
 use serde::{Deserialize, Serialize};
 
 pub use herald_core::message::{AttemptKind, AttemptRecord, FailureKind, MessageStatus};
+use herald_core::receipts::DeliveryState;
 use herald_core::ErrorCode;
 
 /// Input that broke a rule: which one (a code from the catalogue) and what to fix.
@@ -148,10 +149,60 @@ pub struct MessageDoc {
     /// a scan.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub waiting_for_provider: bool,
+    /// Its delivery, from the provider's receipts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delivery: Option<DeliveryDoc>,
+    /// The receipts that moved `delivery`, oldest first (the last [`RECEIPTS_KEPT`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub receipts: Vec<DeliveryDoc>,
     /// Creation time.
     pub created_at: DateTime,
     /// Last change.
     pub updated_at: DateTime,
+}
+
+/// How many applied receipts a message keeps.
+pub const RECEIPTS_KEPT: i32 = 20;
+
+/// A delivery state as stored: `rank` orders the states, so one conditional update applies a
+/// receipt only over a lower one ([`DeliveryState::rank`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeliveryDoc {
+    /// The state.
+    pub state: DeliveryState,
+    /// Its rank.
+    pub rank: i32,
+    /// When Herald took the receipt.
+    pub at: DateTime,
+    /// The provider's word.
+    pub provider_status: String,
+    /// The provider's error code.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_code: Option<String>,
+}
+
+impl DeliveryDoc {
+    /// `state`, reported as `provider_status` (with `error_code`) at `at`.
+    pub fn new(state: DeliveryState, provider_status: &str, error_code: Option<String>, at: DateTime) -> Self {
+        Self {
+            state,
+            rank: state.rank(),
+            at,
+            provider_status: provider_status.to_owned(),
+            error_code,
+        }
+    }
+}
+
+impl From<DeliveryDoc> for herald_core::message::DeliveryView {
+    fn from(d: DeliveryDoc) -> Self {
+        Self {
+            state: d.state,
+            at: d.at.to_chrono(),
+            provider_status: d.provider_status,
+            error_code: d.error_code,
+        }
+    }
 }
 
 /// One request to a provider, as stored in `attempts_log`.
@@ -266,6 +317,8 @@ impl MessageDoc {
             provider: message.provider,
             attempts_log: Vec::new(),
             waiting_for_provider: false,
+            delivery: None,
+            receipts: Vec::new(),
             created_at: now,
             updated_at: now,
         }

@@ -53,6 +53,12 @@ pub enum ServiceError {
         /// Until its next slot.
         retry_after_seconds: u64,
     },
+    /// No provider of this name takes receipts.
+    #[error("provider {0} takes no receipts")]
+    ReceiptProviderUnknown(String),
+    /// The receipt's signature is missing or wrong.
+    #[error("the receipt of provider {0} is not signed by it")]
+    ReceiptUnauthorized(String),
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),

@@ -32,6 +32,8 @@ pub struct MessengerMetrics {
     pub expired: IntCounterVec,
     /// Messages re-queued by operators, one at a time or in bulk.
     pub requeued: IntCounterVec,
+    /// Delivery receipts by provider and result.
+    pub receipts: IntCounterVec,
     /// Creates refused by admission control, by reason: backlog, key_rate.
     pub admission_rejected: IntCounterVec,
     /// Messages removed by the retention sweep, by status.
@@ -84,6 +86,13 @@ impl MessengerMetrics {
             ),
             &["way"],
         )?;
+        let receipts = IntCounterVec::new(
+            Opts::new(
+                "receipts_total",
+                "Delivery receipts by provider and result: applied, ignored (a replay or late intermediate), pending (no message yet), matched_late (applied once the commit came), unauthorized, unreadable.",
+            ),
+            &["provider", "result"],
+        )?;
         let admission_rejected = IntCounterVec::new(
             Opts::new(
                 "admission_rejected_total",
@@ -107,6 +116,7 @@ impl MessengerMetrics {
         registry.register(Box::new(expired.clone()))?;
         registry.register(Box::new(requeued.clone()))?;
         registry.register(Box::new(admission_rejected.clone()))?;
+        registry.register(Box::new(receipts.clone()))?;
         registry.register(Box::new(messages.clone()))?;
         registry.register(Box::new(oldest_pending_age.clone()))?;
         registry.register(Box::new(claimed.clone()))?;
@@ -149,6 +159,7 @@ impl MessengerMetrics {
             expired,
             requeued,
             admission_rejected,
+            receipts,
             removed,
             retention_swept_at,
             feed,

@@ -23,13 +23,24 @@ use crate::routes::job::JobApi;
 use crate::routes::live::LiveApi;
 use crate::routes::messages::MessagesApi;
 use crate::routes::probes::ProbesApi;
+use crate::routes::receipts::ReceiptsApi;
 use crate::routes::socket::{self, SocketTiming};
 use crate::routes::worker::WorkerApi;
-use crate::service::{Admission, JobRemote, KeyRates, MessengerService, Monitor, RetryPolicy, SchedulerClient, Upkeep};
+use crate::service::{
+    Admission, JobRemote, KeyRates, MessengerService, Monitor, Receipts, RetryPolicy, SchedulerClient, Upkeep,
+};
 use crate::store::MessageStore;
 use telemetry::Chain;
 
-type Apis = (MessagesApi, WorkerApi, JobApi, AuditApi, LiveApi, ProbesApi);
+type Apis = (
+    MessagesApi,
+    WorkerApi,
+    JobApi,
+    AuditApi,
+    ReceiptsApi,
+    LiveApi,
+    ProbesApi,
+);
 
 /// How long in-flight requests may take to finish after a shutdown signal.
 const GRACE: Duration = Duration::from_secs(15);
@@ -64,6 +75,8 @@ pub struct Services {
     pub audit: AuditStore,
     /// Live subscriptions per key.
     pub slots: SubscriberSlots,
+    /// Delivery receipts from providers.
+    pub receipts: Arc<Receipts>,
 }
 
 impl Services {
@@ -118,6 +131,7 @@ impl Services {
                 admission,
             )),
             audit: AuditStore::new(&db, "messenger-api"),
+            receipts: Arc::new(Receipts::new(store.clone(), settings, metrics.receipts.clone())),
             slots: SubscriberSlots::new(settings.events.max_subscribers_per_key),
             feed: EventFeed::new(db, settings.events.subscriber_buffer, metrics.feed.clone()),
             store,
@@ -141,6 +155,9 @@ impl Services {
             },
             AuditApi {
                 audit: self.audit.clone(),
+            },
+            ReceiptsApi {
+                receipts: self.receipts.clone(),
             },
             LiveApi {
                 monitor: self.monitor.clone(),
@@ -186,6 +203,7 @@ impl Application {
         }
         let upkeep = tokio_util::sync::CancellationToken::new();
         services.upkeep.spawn(upkeep.clone());
+        services.receipts.clone().spawn_matcher(upkeep.clone());
         let bound = http::bind(&settings.messenger_api.host, settings.messenger_api.port)
             .await?
             .idle_timeout(Duration::from_secs(settings.messenger_api.idle_timeout_seconds));

@@ -11,6 +11,7 @@ use herald_core::message::LastErrorView;
 use herald_core::audit::{AuditDoc, AuditEntry, AUDIT_COLLECTION};
 use herald_core::jobs::JOB_STATE_COLLECTION as JOB_STATE;
 use herald_core::jobs::PROVIDER_STATE_COLLECTION as PROVIDER_STATE;
+use herald_core::receipts::DeliveryState;
 
 /// The kinds of event (SPEC §11), plus the feed's own `reset` and `dropped`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Enum)]
@@ -39,6 +40,18 @@ pub enum EventType {
     /// It passed its `expiresAt` unsent.
     #[oai(rename = "message.expired")]
     MessageExpired,
+    /// Its provider reported it delivered to the handset.
+    #[oai(rename = "message.delivered")]
+    MessageDelivered,
+    /// Its provider reported it undelivered or failed (`delivery.state` says which).
+    #[oai(rename = "message.undelivered")]
+    MessageUndelivered,
+    /// Its provider reported it read.
+    #[oai(rename = "message.read")]
+    MessageRead,
+    /// No final receipt came within `receipts.timeout_hours`.
+    #[oai(rename = "message.delivery_unknown")]
+    MessageDeliveryUnknown,
     /// The sending job was started.
     #[oai(rename = "job.started")]
     JobStarted,
@@ -77,6 +90,10 @@ impl EventType {
             Self::MessageReleased => "message.released",
             Self::MessageRequeued => "message.requeued",
             Self::MessageExpired => "message.expired",
+            Self::MessageDelivered => "message.delivered",
+            Self::MessageUndelivered => "message.undelivered",
+            Self::MessageRead => "message.read",
+            Self::MessageDeliveryUnknown => "message.delivery_unknown",
             Self::JobStarted => "job.started",
             Self::JobStopped => "job.stopped",
             Self::ProviderPaused => "provider.paused",
@@ -126,6 +143,9 @@ pub struct MessageEvent {
     /// The last failed attempt.
     #[oai(nullable)]
     pub last_error: Option<LastErrorView>,
+    /// Its delivery, from the provider's receipts.
+    #[oai(nullable)]
+    pub delivery: Option<herald_core::message::DeliveryView>,
 }
 
 /// The sending job as an event carries it.
@@ -387,6 +407,17 @@ fn message_event_type(change: &ChangeStreamEvent<Document>, state: &Document) ->
             return Some(EventType::of_transition(transition));
         }
     }
+    // A receipt moves `delivery` alone; an intermediate one (`sent`) is not an event.
+    if change.operation_type == OperationType::Update && changed(change, "delivery") && !changed(change, "status") {
+        let delivery = bson::from_bson::<crate::domain::DeliveryDoc>(state.get("delivery")?.clone()).ok()?;
+        return match delivery.state {
+            DeliveryState::Delivered => Some(EventType::MessageDelivered),
+            DeliveryState::Undelivered | DeliveryState::Failed => Some(EventType::MessageUndelivered),
+            DeliveryState::Read => Some(EventType::MessageRead),
+            DeliveryState::Unknown => Some(EventType::MessageDeliveryUnknown),
+            DeliveryState::Sent => None,
+        };
+    }
     if !changed(change, "status") && change.operation_type == OperationType::Update {
         return None;
     }
@@ -424,6 +455,10 @@ fn message_event(state: &Document) -> Option<MessageEvent> {
             .get("last_error")
             .and_then(|e| bson::from_bson::<crate::domain::LastError>(e.clone()).ok())
             .map(Into::into),
+        delivery: state
+            .get("delivery")
+            .and_then(|d| bson::from_bson::<crate::domain::DeliveryDoc>(d.clone()).ok())
+            .map(Into::into),
     })
 }
 
@@ -457,6 +492,7 @@ mod tests {
                 sent_at: None,
                 webhook_message_id: None,
                 last_error: None,
+                delivery: None,
             }),
             job: None,
             provider: None,

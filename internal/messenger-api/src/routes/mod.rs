@@ -6,6 +6,7 @@
 //!   `fail`, `release`) — what the Job Scheduler calls.
 //! - [`job`]: the start/stop toggle.
 //! - [`audit`]: the audit trail of operator actions.
+//! - [`receipts`]: delivery receipts from providers (signed by the provider, not a key).
 //! - [`live`]: the event stream (SSE), the stats and the run history.
 //! - [`socket`]: the same events over a WebSocket.
 //! - [`console`]: the operator console page and its embedded assets.
@@ -17,6 +18,7 @@ pub mod job;
 pub mod live;
 pub mod messages;
 pub mod probes;
+pub mod receipts;
 pub mod socket;
 pub mod views;
 pub mod worker;
@@ -95,6 +97,14 @@ impl From<ServiceError> for ApiError {
                 format!("The key {key:?} is over its create rate (rate_per_second): nothing was stored; retry later."),
             )
             .retry_after(retry_after_seconds),
+            ServiceError::ReceiptProviderUnknown(provider) => ApiError::new(
+                ErrorCode::ReceiptProviderUnknown,
+                format!("No provider named {provider:?} takes receipts ([providers.receipts])."),
+            ),
+            ServiceError::ReceiptUnauthorized(provider) => ApiError::new(
+                ErrorCode::ReceiptUnauthorized,
+                format!("The receipt is not signed by provider {provider:?}: nothing was changed."),
+            ),
             ServiceError::Store(error) => error.into(),
         }
     }

@@ -73,6 +73,8 @@ impl From<MessageDoc> for MessageView {
             provider: m.provider,
             attempts_log: m.attempts_log.into_iter().map(Into::into).collect(),
             waiting_for_provider: m.waiting_for_provider,
+            delivery: m.delivery.map(Into::into),
+            receipts: m.receipts.into_iter().map(Into::into).collect(),
             created_at: utc(m.created_at),
             updated_at: utc(m.updated_at),
         }

@@ -12,6 +12,7 @@
 //! - [`counts`]: counts by status, maintained as messages change.
 //! - [`upkeep`]: reconciliation, retention and the stats' range reads.
 //! - [`provider_stats`]: what each provider did with Herald's requests, per hour.
+//! - [`receipts`]: delivery receipts, applied by rank; those that found no message wait.
 //!
 //! A due message is `pending` with `next_attempt_at <= now`, or `processing` whose lease has
 //! passed — while a message is processing its `next_attempt_at` *is* its lease end, so one
@@ -24,6 +25,7 @@ pub mod insert;
 pub mod job_view;
 pub mod list;
 pub mod provider_stats;
+pub mod receipts;
 pub mod requeue;
 pub mod upkeep;
 pub mod window;
@@ -71,6 +73,8 @@ pub fn index_specs() -> Vec<IndexSpec> {
         spec("recipient", doc! {"to": 1, "_id": -1}, false, false),
         spec("claim_token", doc! {"claim_token": 1}, false, true),
         spec("waiting_for_provider", doc! {"waiting_for_provider": 1}, false, true),
+        // Receipts find their message by the provider's id (sparse: only sent messages hold one).
+        spec("receipt", doc! {"webhook_message_id": 1, "provider": 1}, false, true),
     ]
 }
 
@@ -141,6 +145,7 @@ impl MessageStore {
             .create_indexes(index_specs().iter().map(IndexSpec::model))
             .await?;
         self.providers.ensure_indexes().await?;
+        self.ensure_receipt_indexes().await?;
         Ok(())
     }
 

@@ -10,6 +10,7 @@ mod helpers;
 mod keys;
 mod live;
 mod messages;
+mod receipts;
 mod resilience;
 mod scale;
 mod schedule;

@@ -1,0 +1,234 @@
+//! Delivery receipts in (SPEC §17): a provider posts what became of a message; the receipt is
+//! checked against the provider's `[providers.receipts]` (its signature, its fields, its status
+//! words), then applied to the message it names by rank ([`crate::store::receipts`]).
+//!
+//! A receipt that finds no message is answered 202 and kept for a day: the provider's callback
+//! may beat Herald's own commit (the provider answered, the worker has not yet written it), and
+//! [`Receipts::match_pending`] applies it once the commit lands (within [`MATCH_EVERY`]). An id
+//! Herald never sent stays there until it expires, counted, for an operator to see; providers
+//! retry a non-2xx for days, so answering it with an error would only bring it back.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use bson::oid::ObjectId;
+use bson::DateTime;
+use herald_core::receipts::{verify, DeliveryState, ReceiptSettings, Signed};
+use herald_core::settings::Settings;
+use herald_core::ErrorCode;
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+use crate::domain::DeliveryDoc;
+use crate::error::ServiceError;
+use crate::store::receipts::{Applied, PendingReceipt};
+use crate::store::MessageStore;
+
+/// How often waiting receipts are matched again.
+pub const MATCH_EVERY: Duration = Duration::from_secs(1);
+/// Waiting receipts matched per round.
+const MATCH_BATCH: i64 = 200;
+
+/// One receipt as it came.
+pub struct Inbound<'a> {
+    /// The provider named in the path.
+    pub provider: &'a str,
+    /// Its `Content-Type`.
+    pub content_type: Option<&'a str>,
+    /// Its headers, by name.
+    pub header: &'a (dyn Fn(&str) -> Option<String> + Sync),
+    /// The raw body.
+    pub body: &'a [u8],
+    /// The URL it reached, as the provider wrote it.
+    pub url: &'a str,
+}
+
+/// What came of a receipt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Taken {
+    /// It moved the message's delivery to this state.
+    Applied(DeliveryState),
+    /// The message was at this rank or past it (a replay, a late intermediate).
+    Ignored,
+    /// No message yet: kept, applied when it comes.
+    Pending,
+}
+
+/// Receipts, per provider.
+pub struct Receipts {
+    store: MessageStore,
+    providers: HashMap<String, ReceiptSettings>,
+    counted: prometheus::IntCounterVec,
+}
+
+impl Receipts {
+    /// The providers of `settings` that take receipts, over `store`; counted in `counted`
+    /// (labels `provider`, `result`).
+    pub fn new(store: MessageStore, settings: &Settings, counted: prometheus::IntCounterVec) -> Self {
+        let providers = settings
+            .providers
+            .iter()
+            .filter_map(|p| p.receipts.clone().map(|r| (p.name.clone(), r)))
+            .collect();
+        Self {
+            store,
+            providers,
+            counted,
+        }
+    }
+
+    fn count(&self, provider: &str, result: &str) {
+        self.counted.with_label_values(&[provider, result]).inc();
+    }
+
+    /// Checks, reads and applies one receipt.
+    pub async fn take(&self, inbound: Inbound<'_>) -> Result<Taken, ServiceError> {
+        let Some(settings) = self.providers.get(inbound.provider) else {
+            return Err(ServiceError::ReceiptProviderUnknown(inbound.provider.to_owned()));
+        };
+        let provider = inbound.provider;
+        let is_form = inbound.content_type.is_some_and(|t| {
+            t.split(';')
+                .next()
+                .is_some_and(|essence| essence.trim().eq_ignore_ascii_case("application/x-www-form-urlencoded"))
+        });
+        let form: Vec<(String, String)> = if is_form {
+            form_urlencoded::parse(inbound.body).into_owned().collect()
+        } else {
+            Vec::new()
+        };
+        let signed = Signed {
+            header: inbound.header,
+            body: inbound.body,
+            url: inbound.url,
+            form: &form,
+        };
+        if !verify(settings, &signed) {
+            self.count(provider, "unauthorized");
+            return Err(ServiceError::ReceiptUnauthorized(provider.to_owned()));
+        }
+        let fields = match Fields::read(is_form, &form, inbound.body) {
+            Some(fields) => fields,
+            None => {
+                self.count(provider, "unreadable");
+                return Err(unreadable("the body is neither a JSON object nor a form"));
+            }
+        };
+        let (Some(id), Some(word)) = (
+            fields.get(&settings.message_id_field),
+            fields.get(&settings.status_field),
+        ) else {
+            self.count(provider, "unreadable");
+            return Err(unreadable(&format!(
+                "the receipt lacks {} or {}",
+                settings.message_id_field, settings.status_field
+            )));
+        };
+        let error_code = settings.error_code_field.as_deref().and_then(|f| fields.get(f));
+        let state = settings.state_of(&word);
+        let delivery = DeliveryDoc::new(state, &word, error_code, DateTime::now());
+        let taken = match self.store.apply_receipt(provider, &id, &delivery).await? {
+            Applied::Moved(_) => Taken::Applied(state),
+            Applied::Stale => Taken::Ignored,
+            Applied::NoMessage => {
+                self.store
+                    .keep_pending_receipt(&PendingReceipt {
+                        id: ObjectId::new(),
+                        provider: provider.to_owned(),
+                        webhook_message_id: id,
+                        delivery,
+                        received_at: DateTime::now(),
+                    })
+                    .await?;
+                Taken::Pending
+            }
+        };
+        self.count(
+            provider,
+            match taken {
+                Taken::Applied(_) => "applied",
+                Taken::Ignored => "ignored",
+                Taken::Pending => "pending",
+            },
+        );
+        Ok(taken)
+    }
+
+    /// Applies the waiting receipts whose message has come; answers how many did.
+    pub async fn match_pending(&self) -> Result<usize, ServiceError> {
+        let mut matched = 0;
+        for receipt in self.store.pending_receipts(MATCH_BATCH).await? {
+            let applied = self
+                .store
+                .apply_receipt(&receipt.provider, &receipt.webhook_message_id, &receipt.delivery)
+                .await?;
+            if matches!(applied, Applied::NoMessage) {
+                continue;
+            }
+            self.store.drop_pending_receipt(receipt.id).await?;
+            self.count(&receipt.provider, "matched_late");
+            matched += 1;
+        }
+        Ok(matched)
+    }
+
+    /// Matches waiting receipts every [`MATCH_EVERY`] until `stop`.
+    pub fn spawn_matcher(self: std::sync::Arc<Self>, stop: CancellationToken) {
+        if self.providers.is_empty() {
+            return;
+        }
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(MATCH_EVERY) => {}
+                }
+                match self.match_pending().await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::debug!(receipts = n, "receipts that came before their commit applied"),
+                    Err(error) => tracing::debug!(error = %error, "waiting receipts not matched this round"),
+                }
+            }
+        });
+    }
+}
+
+fn unreadable(why: &str) -> ServiceError {
+    ServiceError::invalid(
+        ErrorCode::ReceiptUnreadable,
+        format!("The receipt cannot be read: {why}."),
+    )
+}
+
+/// A receipt's fields: a JSON object (a field is a JSON pointer, or a top-level key) or a form.
+enum Fields<'a> {
+    Json(Value),
+    Form(&'a [(String, String)]),
+}
+
+impl<'a> Fields<'a> {
+    fn read(is_form: bool, form: &'a [(String, String)], body: &[u8]) -> Option<Self> {
+        if is_form {
+            return Some(Self::Form(form));
+        }
+        serde_json::from_slice::<Value>(body)
+            .ok()
+            .filter(Value::is_object)
+            .map(Self::Json)
+    }
+
+    fn get(&self, field: &str) -> Option<String> {
+        let text = |v: &Value| match v {
+            Value::String(s) => Some(s.clone()),
+            Value::Number(n) => Some(n.to_string()),
+            Value::Bool(b) => Some(b.to_string()),
+            _ => None,
+        };
+        match self {
+            Self::Json(value) if field.starts_with('/') => value.pointer(field).and_then(text),
+            Self::Json(value) => value.get(field).and_then(text),
+            Self::Form(form) => form.iter().find(|(k, _)| k == field).map(|(_, v)| v.clone()),
+        }
+        .filter(|s| !s.trim().is_empty())
+    }
+}

@@ -1,0 +1,308 @@
+//! Delivery receipts in (SPEC §17): signed by the provider's scheme, applied by rank whatever
+//! their order, kept when they beat Herald's commit, refused without a valid signature, and
+//! seen on the message and the live feed.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use herald_core::receipts::{hmac_sha256_hex, twilio_signature};
+use serde_json::{json, Value};
+use test_support::TestEnv;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+
+use crate::helpers::{settings_for, spawn_with_settings, TestApp, KEY};
+
+const PROVIDERS: &str = r#"
+[[providers]]
+name = "acme"
+url = "http://127.0.0.1:9/webhook"
+auth_key = "k"
+[providers.receipts]
+scheme = "hmac-sha256"
+secret = "acme-secret"
+signature_header = "X-Acme-Signature"
+message_id_field = "/result/id"
+status_field = "/result/status"
+error_code_field = "/result/error"
+status_map = { DELIVRD = "delivered", UNDELIV = "undelivered", READ = "read", ENROUTE = "sent" }
+
+[[providers]]
+name = "tw"
+url = "http://127.0.0.1:9/twilio"
+auth_key = "k"
+[providers.receipts]
+scheme = "twilio"
+secret = "twilio-token"
+message_id_field = "MessageSid"
+status_field = "MessageStatus"
+error_code_field = "ErrorCode"
+status_map = { delivered = "delivered", undelivered = "undelivered", failed = "failed", read = "read", sent = "sent", queued = "sent" }
+
+[[routes]]
+prefix = ""
+providers = ["acme", "tw"]
+"#;
+
+async fn app() -> TestApp {
+    let env = TestEnv::new().await.expect("test servers");
+    let settings = herald_core::testing::with_providers(settings_for(&env, &[]), PROVIDERS);
+    spawn_with_settings(env, settings).await
+}
+
+/// A message `provider` accepted as `webhook_message_id`: created, claimed and committed.
+async fn sent(app: &TestApp, provider: &str, webhook_message_id: &str) -> String {
+    let id = app.seed(1).await.remove(0);
+    let claimed = app.claim("w", 1).await;
+    let committed = app
+        .put(&format!("/api/messenger/commit/{id}"))
+        .json(&json!({"claimToken": claimed[0]["claimToken"], "webhookMessageId": webhook_message_id, "provider": provider}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(committed.status(), 200, "{:?}", committed.text().await);
+    id
+}
+
+async fn acme(app: &TestApp, body: Value, secret: &str) -> reqwest::Response {
+    let raw = body.to_string();
+    app.client
+        .post(app.url("/api/messenger/receipts/acme"))
+        .header("content-type", "application/json")
+        .header(
+            "X-Acme-Signature",
+            format!("sha256={}", hmac_sha256_hex(secret.as_bytes(), raw.as_bytes())),
+        )
+        .body(raw)
+        .send()
+        .await
+        .unwrap()
+}
+
+fn receipt(id: &str, status: &str) -> Value {
+    json!({"result": {"id": id, "status": status, "error": null}})
+}
+
+async fn answer(response: reqwest::Response) -> (u16, Value) {
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn receipts_apply_by_rank_in_any_order_and_replays_change_nothing() {
+    let app = app().await;
+    let id = sent(&app, "acme", "m-1").await;
+    let (status, body) = answer(acme(&app, receipt("m-1", "ENROUTE"), "acme-secret").await).await;
+    assert_eq!((status, body["result"].as_str()), (200, Some("applied")), "{body}");
+    let (status, body) = answer(acme(&app, receipt("m-1", "DELIVRD"), "acme-secret").await).await;
+    assert_eq!(
+        (status, body["result"].as_str(), body["state"].as_str()),
+        (200, Some("applied"), Some("delivered"))
+    );
+    // The same again, and a late intermediate: nothing moves.
+    for late in ["DELIVRD", "ENROUTE"] {
+        let (status, body) = answer(acme(&app, receipt("m-1", late), "acme-secret").await).await;
+        assert_eq!((status, body["result"].as_str()), (200, Some("ignored")), "{late}");
+    }
+    // Read outranks delivered; a final that comes after it does not.
+    assert_eq!(
+        answer(acme(&app, receipt("m-1", "READ"), "acme-secret").await).await.1["result"],
+        "applied"
+    );
+    assert_eq!(
+        answer(acme(&app, receipt("m-1", "UNDELIV"), "acme-secret").await)
+            .await
+            .1["result"],
+        "ignored"
+    );
+    let message = app.get_json(&format!("/api/messenger/messages/{id}")).await;
+    assert_eq!(message["status"], "sent", "the send status stays");
+    assert_eq!(message["delivery"]["state"], "read");
+    assert_eq!(message["delivery"]["providerStatus"], "READ");
+    let states: Vec<&str> = message["receipts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(states, ["sent", "delivered", "read"]);
+    // A receipt for another message with an error code keeps it.
+    let other = sent(&app, "acme", "m-2").await;
+    let failed = json!({"result": {"id": "m-2", "status": "UNDELIV", "error": 34}});
+    assert_eq!(
+        answer(acme(&app, failed, "acme-secret").await).await.1["state"],
+        "undelivered"
+    );
+    let message = app.get_json(&format!("/api/messenger/messages/{other}")).await;
+    assert_eq!(message["delivery"]["errorCode"], "34");
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_receipt_without_the_providers_signature_changes_nothing() {
+    let app = app().await;
+    let id = sent(&app, "acme", "m-1").await;
+    let (status, body) = answer(acme(&app, receipt("m-1", "DELIVRD"), "not-the-secret").await).await;
+    assert_eq!((status, body["internalCode"].as_u64()), (401, Some(401002)), "{body}");
+    let unsigned = app
+        .client
+        .post(app.url("/api/messenger/receipts/acme"))
+        .json(&receipt("m-1", "DELIVRD"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer(unsigned).await.1["internalCode"], 401002);
+    // A bearer key is no signature either.
+    let keyed = app
+        .post("/api/messenger/receipts/acme")
+        .json(&receipt("m-1", "DELIVRD"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(keyed.status(), 401);
+    let message = app.get_json(&format!("/api/messenger/messages/{id}")).await;
+    assert!(message["delivery"].is_null(), "{message}");
+    // A provider that takes no receipts, and a body without the fields.
+    let (status, body) = answer(
+        app.client
+            .post(app.url("/api/messenger/receipts/nobody"))
+            .json(&json!({}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!((status, body["internalCode"].as_u64()), (404, Some(404003)));
+    let (status, body) = answer(acme(&app, json!({"something": "else"}), "acme-secret").await).await;
+    assert_eq!((status, body["internalCode"].as_u64()), (400, Some(400019)));
+    let metrics = app
+        .client
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        r#"herald_receipts_total{provider="acme",result="unauthorized"} 3"#,
+        r#"herald_receipts_total{provider="acme",result="unreadable"} 1"#,
+    ] {
+        assert!(metrics.contains(line), "{line} in\n{metrics}");
+    }
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_receipt_before_the_commit_is_kept_and_applied_when_it_lands_and_an_unknown_id_is_counted() {
+    let app = app().await;
+    let id = app.seed(1).await.remove(0);
+    let claimed = app.claim("w", 1).await;
+    // The provider answered and called back before the worker's commit.
+    let (status, body) = answer(acme(&app, receipt("m-early", "DELIVRD"), "acme-secret").await).await;
+    assert_eq!((status, body["result"].as_str()), (202, Some("pending")));
+    let (status, _) = answer(acme(&app, receipt("never-ours", "DELIVRD"), "acme-secret").await).await;
+    assert_eq!(
+        status, 202,
+        "an id Herald never sent is answered 2xx: providers retry anything else"
+    );
+    let committed = app
+        .put(&format!("/api/messenger/commit/{id}"))
+        .json(&json!({"claimToken": claimed[0]["claimToken"], "webhookMessageId": "m-early", "provider": "acme"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(committed.status(), 200);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let message = app.get_json(&format!("/api/messenger/messages/{id}")).await;
+        if message["delivery"]["state"] == "delivered" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the early receipt never applied: {message}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let metrics = app
+        .client
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        r#"herald_receipts_total{provider="acme",result="pending"} 2"#,
+        r#"herald_receipts_total{provider="acme",result="matched_late"} 1"#,
+    ] {
+        assert!(metrics.contains(line), "{line} in\n{metrics}");
+    }
+    // The unknown one still waits, for an operator to see.
+    let waiting = app
+        .env
+        .db()
+        .collection::<bson::Document>("receipts_pending")
+        .find_one(bson::doc! {"webhook_message_id": "never-ours"})
+        .await
+        .unwrap();
+    assert!(waiting.is_some());
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_twilio_style_form_receipt_checks_the_url_and_sorted_parameters() {
+    let app = app().await;
+    let id = sent(&app, "tw", "SM123").await;
+    let url = app.url("/api/messenger/receipts/tw");
+    let form = [
+        ("MessageStatus", "delivered"),
+        ("MessageSid", "SM123"),
+        ("AccountSid", "AC1"),
+    ];
+    let pairs: Vec<(String, String)> = form.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+    let signature = twilio_signature(b"twilio-token", &url, &pairs);
+    let post = |signature: String| {
+        app.client
+            .post(&url)
+            .header("X-Twilio-Signature", signature)
+            .form(&form)
+            .send()
+    };
+    assert_eq!(answer(post("AAAA".into()).await.unwrap()).await.0, 401);
+    let (status, body) = answer(post(signature).await.unwrap()).await;
+    assert_eq!((status, body["state"].as_str()), (200, Some("delivered")), "{body}");
+    let message = app.get_json(&format!("/api/messenger/messages/{id}")).await;
+    assert_eq!(message["delivery"]["state"], "delivered");
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_delivery_reaches_the_live_feed() {
+    let app = app().await;
+    let id = sent(&app, "acme", "m-live").await;
+    let mut request = app.ws_url().into_client_request().unwrap();
+    request
+        .headers_mut()
+        .insert("authorization", format!("Bearer {KEY}").parse().unwrap());
+    let (mut socket, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    acme(&app, receipt("m-live", "DELIVRD"), "acme-secret").await;
+    let event = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(Ok(frame)) = socket.next().await {
+            if let WsMessage::Text(text) = frame {
+                let event: Value = serde_json::from_str(&text).unwrap();
+                if event["type"] == "message.delivered" {
+                    return event;
+                }
+            }
+        }
+        panic!("the socket ended");
+    })
+    .await
+    .expect("message.delivered within 10 s");
+    assert_eq!(event["message"]["id"], id.as_str());
+    assert_eq!(event["message"]["delivery"]["state"], "delivered");
+    app.cleanup().await;
+}

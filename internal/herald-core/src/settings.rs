@@ -45,6 +45,8 @@ pub struct Settings {
     pub events: EventsSettings,
     /// How long final messages are kept.
     pub retention: RetentionSettings,
+    /// Delivery receipts.
+    pub receipts: ReceiptsSettings,
     /// Providers (`[[providers]]`); none means `[webhook]` is the one provider, `default`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub providers: Vec<ProviderSettings>,
@@ -342,6 +344,17 @@ pub struct RetentionSettings {
     pub sweep_seconds: u64,
 }
 
+/// `[receipts]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReceiptsSettings {
+    /// A message sent through a provider that takes receipts and without a final one after this
+    /// many hours gets delivery state `unknown`.
+    pub timeout_hours: f64,
+    /// How often that sweep runs, in seconds.
+    pub sweep_seconds: u64,
+}
+
 /// The shipped configuration files, compiled in: the binary runs from any folder, and files in
 /// the configuration folder override them key by key.
 const BUILTIN: &[(&str, &str)] = &[
@@ -485,6 +498,11 @@ impl Settings {
                 "events.subscriber_buffer ({}) must be 1..=65536",
                 ev.subscriber_buffer
             ));
+        }
+        if !(0.0001..=8760.0).contains(&self.receipts.timeout_hours) || self.receipts.sweep_seconds == 0 {
+            return fail(
+                "receipts.timeout_hours must be more than 0 up to 8760 and receipts.sweep_seconds positive".into(),
+            );
         }
         if !(1..=100_000).contains(&ev.max_subscribers_per_key) {
             return fail("events.max_subscribers_per_key must be 1..=100000".into());

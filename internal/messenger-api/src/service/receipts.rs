@@ -28,6 +28,10 @@ use crate::store::MessageStore;
 pub const MATCH_EVERY: Duration = Duration::from_secs(1);
 /// Waiting receipts matched per round.
 const MATCH_BATCH: i64 = 200;
+/// Sent messages one timeout sweep reads at most.
+pub const SWEEP_BATCH: i64 = 500;
+/// Where the first timeout sweep starts, behind its cutoff.
+const FIRST_SWEEP_REACH: Duration = Duration::from_secs(7 * 86_400);
 
 /// One receipt as it came.
 pub struct Inbound<'a> {
@@ -59,6 +63,8 @@ pub struct Receipts {
     store: MessageStore,
     providers: HashMap<String, ReceiptSettings>,
     counted: prometheus::IntCounterVec,
+    timeout: Duration,
+    sweep_every: Duration,
 }
 
 impl Receipts {
@@ -74,7 +80,31 @@ impl Receipts {
             store,
             providers,
             counted,
+            timeout: Duration::from_secs_f64(settings.receipts.timeout_hours * 3600.0),
+            sweep_every: Duration::from_secs(settings.receipts.sweep_seconds),
         }
+    }
+
+    /// Gives messages sent through a receipt-taking provider longer than `receipts.timeout_hours`
+    /// ago, and still without a final receipt, the delivery state `unknown`: one bounded batch
+    /// after where the last sweep stopped (the first starts a week behind the cutoff). Answers
+    /// how many it marked and whether it caught up.
+    pub async fn sweep_unknown(&self, now: DateTime) -> Result<(u64, bool), ServiceError> {
+        let providers: Vec<String> = self.providers.keys().cloned().collect();
+        let cutoff = DateTime::from_millis(now.timestamp_millis() - self.timeout.as_millis() as i64);
+        let floor = match self.store.unknown_sweep_floor().await? {
+            Some(floor) => floor,
+            None => DateTime::from_millis(cutoff.timestamp_millis() - FIRST_SWEEP_REACH.as_millis() as i64),
+        };
+        let unknown = DeliveryDoc::new(DeliveryState::Unknown, "no receipt in time", None, now);
+        let (marked, caught_up) = self
+            .store
+            .mark_unknown_after(&providers, floor, cutoff, SWEEP_BATCH, &unknown)
+            .await?;
+        if marked > 0 {
+            self.counted.with_label_values(&["-", "timed_out"]).inc_by(marked);
+        }
+        Ok((marked, caught_up))
     }
 
     fn count(&self, provider: &str, result: &str) {
@@ -177,16 +207,38 @@ impl Receipts {
         if self.providers.is_empty() {
             return;
         }
+        let matcher = self.clone();
+        let halt = stop.clone();
         tokio::spawn(async move {
             loop {
                 tokio::select! {
-                    () = stop.cancelled() => return,
+                    () = halt.cancelled() => return,
                     () = tokio::time::sleep(MATCH_EVERY) => {}
                 }
-                match self.match_pending().await {
+                match matcher.match_pending().await {
                     Ok(0) => {}
                     Ok(n) => tracing::debug!(receipts = n, "receipts that came before their commit applied"),
                     Err(error) => tracing::debug!(error = %error, "waiting receipts not matched this round"),
+                }
+            }
+        });
+        tokio::spawn(async move {
+            loop {
+                // A sweep that did not catch up goes again at once, batch after batch.
+                let wait = match self.sweep_unknown(DateTime::now()).await {
+                    Ok((_, true)) => self.sweep_every,
+                    Ok((marked, false)) => {
+                        tracing::info!(marked, "messages with no receipt in time marked unknown; more to sweep");
+                        Duration::ZERO
+                    }
+                    Err(error) => {
+                        tracing::debug!(error = %error, "receipt timeout sweep waits for MongoDB");
+                        self.sweep_every
+                    }
+                };
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(wait) => {}
                 }
             }
         });

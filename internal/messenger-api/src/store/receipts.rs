@@ -20,6 +20,11 @@ use crate::error::StoreError;
 pub const PENDING_COLLECTION: &str = "receipts_pending";
 /// How long a receipt waits for its message.
 pub const PENDING_KEPT: Duration = Duration::from_secs(86_400);
+/// Where the sweep for receipts that never came has got to.
+const SWEEP_STATE_COLLECTION: &str = "receipts_sweep";
+const SWEEP_STATE_ID: &str = "unknown";
+/// The span of sends one timeout sweep looks at, at most.
+pub const SWEEP_WINDOW: Duration = Duration::from_secs(3600);
 
 /// What came of a receipt.
 #[derive(Debug)]
@@ -131,6 +136,82 @@ impl MessageStore {
     /// Drops a waiting receipt that found its message.
     pub async fn drop_pending_receipt(&self, id: ObjectId) -> Result<(), StoreError> {
         self.pending().delete_one(doc! {"_id": id}).await?;
+        Ok(())
+    }
+
+    /// Where the timeout sweep stopped: it has looked at every message sent up to then.
+    pub async fn unknown_sweep_floor(&self) -> Result<Option<DateTime>, StoreError> {
+        let state = self
+            .db
+            .collection::<bson::Document>(SWEEP_STATE_COLLECTION)
+            .find_one(doc! {"_id": SWEEP_STATE_ID})
+            .await?;
+        Ok(state.and_then(|s| s.get_datetime("floor").ok().copied()))
+    }
+
+    /// Gives messages sent through `providers` in `(floor, cutoff]` — the first `batch` of
+    /// them by `sent_at`, within one [`SWEEP_WINDOW`] of the floor — that hold no final
+    /// delivery the state `unknown` (`delivery`), then moves the floor past them (or to the
+    /// window's end when it held fewer). Reads at most a window of the sent index, never the
+    /// collection: a server that reads a sorted range whole before its limit (the SecantusDB
+    /// test server) reads one window's sends. Answers how many it marked and whether it reached
+    /// the cutoff.
+    pub async fn mark_unknown_after(
+        &self,
+        providers: &[String],
+        floor: DateTime,
+        cutoff: DateTime,
+        batch: i64,
+        unknown: &DeliveryDoc,
+    ) -> Result<(u64, bool), StoreError> {
+        let window_end = DateTime::from_millis(
+            (floor.timestamp_millis() + SWEEP_WINDOW.as_millis() as i64).min(cutoff.timestamp_millis()),
+        );
+        let seen: Vec<bson::Document> = self
+            .raw
+            .find(doc! {"status": "sent", "sent_at": {"$gt": floor, "$lte": window_end}})
+            .sort(doc! {"status": 1, "sent_at": 1})
+            .limit(batch)
+            .projection(doc! {"_id": 1, "sent_at": 1})
+            .await?
+            .try_collect()
+            .await?;
+        let full = seen.len() as i64 >= batch;
+        let next_floor = match seen.last().and_then(|d| d.get_datetime("sent_at").ok().copied()) {
+            Some(last) if full => last,
+            _ => window_end,
+        };
+        let ids: Vec<ObjectId> = seen.iter().filter_map(|d| d.get_object_id("_id").ok()).collect();
+        if ids.is_empty() {
+            self.save_sweep_floor(next_floor).await?;
+            return Ok((0, window_end == cutoff));
+        }
+        let unknown_bson = bson::to_bson(unknown)?;
+        let marked = self
+            .messages
+            .update_many(
+                doc! {
+                    "_id": {"$in": ids},
+                    "provider": {"$in": providers},
+                    "$or": [{"delivery": {"$exists": false}}, {"delivery.rank": {"$lt": unknown.rank}}],
+                },
+                doc! {
+                    "$set": {"delivery": unknown_bson.clone(), "updated_at": unknown.at},
+                    "$push": {"receipts": {"$each": [unknown_bson], "$slice": -RECEIPTS_KEPT}},
+                },
+            )
+            .await?
+            .modified_count;
+        self.save_sweep_floor(next_floor).await?;
+        Ok((marked, !full && window_end == cutoff))
+    }
+
+    async fn save_sweep_floor(&self, floor: DateTime) -> Result<(), StoreError> {
+        self.db
+            .collection::<bson::Document>(SWEEP_STATE_COLLECTION)
+            .update_one(doc! {"_id": SWEEP_STATE_ID}, doc! {"$set": {"floor": floor}})
+            .upsert(true)
+            .await?;
         Ok(())
     }
 

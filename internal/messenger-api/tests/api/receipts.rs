@@ -306,3 +306,77 @@ async fn a_delivery_reaches_the_live_feed() {
     assert_eq!(event["message"]["delivery"]["state"], "delivered");
     app.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_message_with_no_final_receipt_in_time_becomes_unknown_and_a_late_receipt_still_applies() {
+    let env = TestEnv::new().await.expect("test servers");
+    let settings = herald_core::testing::with_providers(
+        settings_for(
+            &env,
+            &[
+                ("HERALD__RECEIPTS__TIMEOUT_HOURS", "1"),
+                ("HERALD__RECEIPTS__SWEEP_SECONDS", "1"),
+            ],
+        ),
+        PROVIDERS,
+    );
+    let app = spawn_with_settings(env, settings).await;
+    let two_hours_ago = (chrono::Utc::now() - chrono::Duration::hours(2)).to_rfc3339();
+    let ids = app.seed(3).await;
+    let claimed = app.claim("w", 3).await;
+    for (claim, (mid, sent_at)) in claimed.iter().zip([
+        ("m-silent", Some(two_hours_ago.clone())),
+        ("m-delivered", Some(two_hours_ago)),
+        ("m-recent", None),
+    ]) {
+        let committed = app
+            .put(&format!("/api/messenger/commit/{}", claim["id"].as_str().unwrap()))
+            .json(&json!({"claimToken": claim["claimToken"], "webhookMessageId": mid, "provider": "acme", "sentAt": sent_at}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(committed.status(), 200);
+    }
+    assert_eq!(
+        answer(acme(&app, receipt("m-delivered", "DELIVRD"), "acme-secret").await)
+            .await
+            .0,
+        200
+    );
+    let id_of: std::collections::HashMap<&str, String> = claimed
+        .iter()
+        .zip(["m-silent", "m-delivered", "m-recent"])
+        .map(|(c, m)| (m, c["id"].as_str().unwrap().to_owned()))
+        .collect();
+    let shared = &app;
+    let by_mid = |mid: &str| {
+        let path = format!("/api/messenger/messages/{}", id_of[mid]);
+        async move { shared.get_json(&path).await }
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if by_mid("m-silent").await["delivery"]["state"] == "unknown" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the silent message never became unknown"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert_eq!(
+        by_mid("m-delivered").await["delivery"]["state"],
+        "delivered",
+        "a final receipt stands"
+    );
+    assert!(
+        by_mid("m-recent").await["delivery"].is_null(),
+        "not yet past the timeout"
+    );
+    // The receipt that comes late still tells the truth.
+    let (_, body) = answer(acme(&app, receipt("m-silent", "DELIVRD"), "acme-secret").await).await;
+    assert_eq!(body["result"], "applied");
+    assert_eq!(by_mid("m-silent").await["delivery"]["state"], "delivered");
+    assert_eq!(ids.len(), 3);
+    app.cleanup().await;
+}

@@ -146,6 +146,36 @@ struct SinkArgs {
     /// The user it expects with basic auth (twilio, vonage).
     #[arg(long, default_value = "herald")]
     auth_user: String,
+    /// Post a signed delivery receipt for every accepted message to this URL (Herald's
+    /// `/api/messenger/receipts/{provider}`); see `[providers.receipts]` in docs/configuration.md.
+    #[arg(long)]
+    receipts_url: Option<String>,
+    /// The HMAC-SHA256 secret receipts are signed with (`X-Sink-Signature`).
+    #[arg(
+        long,
+        env = "HERALD_SINK_RECEIPTS_SECRET",
+        hide_env_values = true,
+        default_value = "local-dev-receipts-secret"
+    )]
+    receipts_secret: String,
+    /// How long after accepting a message its receipt goes, in milliseconds.
+    #[arg(long, default_value_t = 200)]
+    receipts_delay_ms: u64,
+    /// Share of messages reported undelivered, 0.0..=1.0.
+    #[arg(long, default_value_t = 0.0)]
+    receipts_undelivered: f64,
+    /// Share whose receipt is sent twice.
+    #[arg(long, default_value_t = 0.0)]
+    receipts_duplicate: f64,
+    /// Share whose final receipt is followed by a late intermediate one.
+    #[arg(long, default_value_t = 0.0)]
+    receipts_out_of_order: f64,
+    /// Share whose receipt goes before the sink answers (it beats Herald's commit).
+    #[arg(long, default_value_t = 0.0)]
+    receipts_before_answer: f64,
+    /// How long a receipt Herald does not take is retried, in seconds.
+    #[arg(long, default_value_t = 300)]
+    receipts_give_up_seconds: u64,
 }
 
 fn parse_sink_format(name: &str) -> Result<herald_webhook_sink::SinkFormat, String> {
@@ -235,6 +265,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 latency: std::time::Duration::from_millis(s.latency_ms),
                 fail_rate: s.fail_rate,
                 fail_status: s.status,
+                receipts: args
+                    .receipts_url
+                    .clone()
+                    .map(|url| herald_webhook_sink::receipts::ReceiptPlan {
+                        url,
+                        secret: args.receipts_secret.clone().into(),
+                        delay: std::time::Duration::from_millis(args.receipts_delay_ms),
+                        undelivered: args.receipts_undelivered,
+                        duplicate: args.receipts_duplicate,
+                        out_of_order: args.receipts_out_of_order,
+                        before_answer: args.receipts_before_answer,
+                        give_up_after: std::time::Duration::from_secs(args.receipts_give_up_seconds),
+                    }),
             })
             .await?;
             sink.run_until_stopped(shutdown::wait_for_signal()).await?;

@@ -14,6 +14,8 @@
 
 #![forbid(unsafe_code)]
 
+pub mod receipts;
+
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -205,6 +207,8 @@ pub struct SinkConfig {
     pub fail_rate: f64,
     /// Status of an injected failure.
     pub fail_status: u16,
+    /// Signed delivery receipts posted back to Herald (Herald's own format only).
+    pub receipts: Option<receipts::ReceiptPlan>,
 }
 
 impl SinkConfig {
@@ -220,6 +224,7 @@ impl SinkConfig {
             latency: Duration::from_millis(latency_ms),
             fail_rate,
             fail_status: 500,
+            receipts: None,
         }
     }
 }
@@ -253,6 +258,7 @@ struct Incoming {
 
 #[derive(Clone)]
 struct State {
+    receipts: Option<receipts::Sender>,
     config: Arc<SinkConfig>,
     behaviour: Arc<Mutex<Behaviour>>,
     log: Arc<Mutex<Vec<Received>>>,
@@ -406,6 +412,9 @@ async fn receive(req: &Request, body: poem::Body, state: Data<&State>) -> Respon
     if answer == Answer::AcceptSlowly {
         tokio::time::sleep(std::time::Duration::from_millis(behaviour.slow_ms)).await;
     }
+    if let (Some(sender), Some(id)) = (&state.receipts, &message_id) {
+        sender.send(id.clone(), sender.plan()).await;
+    }
     let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     match message_id {
         Some(id) => format.accepted(&id, &to),
@@ -426,6 +435,15 @@ async fn receive(req: &Request, body: poem::Body, state: Data<&State>) -> Respon
             response
         }
     }
+}
+
+/// `GET /webhook-sink/receipts`: what the receipt sender did (all zero when it sends none).
+#[handler]
+fn receipt_counts(state: Data<&State>) -> Json<serde_json::Value> {
+    Json(match &state.receipts {
+        Some(sender) => serde_json::to_value(&*sender.counts).unwrap_or_default(),
+        None => serde_json::json!({}),
+    })
 }
 
 #[handler]
@@ -485,6 +503,7 @@ impl WebhookSink {
         );
         let log = ReceivedLog::default();
         let state = State {
+            receipts: config.receipts.clone().map(receipts::Sender::new),
             behaviour: Arc::new(Mutex::new(Behaviour::from_config(&config))),
             config: Arc::new(config),
             log: log.0.clone(),
@@ -495,6 +514,7 @@ impl WebhookSink {
             .at("/webhook-sink/received/count", get(received_count))
             .at("/webhook-sink/behaviour", poem::put(change_behaviour))
             .at("/webhook-sink/health", get(health))
+            .at("/webhook-sink/receipts", get(receipt_counts))
             .data(state)
             .with(telemetry::CorrelationId)
             .boxed();

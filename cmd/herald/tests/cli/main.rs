@@ -9,3 +9,4 @@ mod doctor;
 mod helpers;
 mod kubernetes;
 mod lifecycle;
+mod receipts;

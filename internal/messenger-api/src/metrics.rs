@@ -34,6 +34,8 @@ pub struct MessengerMetrics {
     pub requeued: IntCounterVec,
     /// Delivery receipts by provider and result.
     pub receipts: IntCounterVec,
+    /// Messages whose delivery moved, by provider and state.
+    pub deliveries: IntCounterVec,
     /// Creates refused by admission control, by reason: backlog, key_rate.
     pub admission_rejected: IntCounterVec,
     /// Messages removed by the retention sweep, by status.
@@ -93,6 +95,13 @@ impl MessengerMetrics {
             ),
             &["provider", "result"],
         )?;
+        let deliveries = IntCounterVec::new(
+            Opts::new(
+                "deliveries_total",
+                "Messages whose delivery state a receipt moved, by provider and state (delivered, undelivered, failed, read, sent; unknown from the timeout sweep).",
+            ),
+            &["provider", "state"],
+        )?;
         let admission_rejected = IntCounterVec::new(
             Opts::new(
                 "admission_rejected_total",
@@ -117,6 +126,7 @@ impl MessengerMetrics {
         registry.register(Box::new(requeued.clone()))?;
         registry.register(Box::new(admission_rejected.clone()))?;
         registry.register(Box::new(receipts.clone()))?;
+        registry.register(Box::new(deliveries.clone()))?;
         registry.register(Box::new(messages.clone()))?;
         registry.register(Box::new(oldest_pending_age.clone()))?;
         registry.register(Box::new(claimed.clone()))?;
@@ -160,6 +170,7 @@ impl MessengerMetrics {
             requeued,
             admission_rejected,
             receipts,
+            deliveries,
             removed,
             retention_swept_at,
             feed,

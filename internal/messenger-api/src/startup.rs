@@ -131,7 +131,7 @@ impl Services {
                 admission,
             )),
             audit: AuditStore::new(&db, "messenger-api"),
-            receipts: Arc::new(Receipts::new(store.clone(), settings, metrics.receipts.clone())),
+            receipts: Arc::new(Receipts::new(store.clone(), settings, &metrics)),
             slots: SubscriberSlots::new(settings.events.max_subscribers_per_key),
             feed: EventFeed::new(db, settings.events.subscriber_buffer, metrics.feed.clone()),
             store,

@@ -195,6 +195,22 @@ pub struct ProviderStatsView {
     /// The last failed request in the window.
     #[oai(nullable)]
     pub last_failure: Option<ProviderFailureView>,
+    /// Final receipts in the window that said delivered.
+    pub delivered: u64,
+    /// Final receipts in the window that said undelivered or failed.
+    pub undelivered: u64,
+    /// Receipts in the window that said read.
+    pub read: u64,
+    /// `delivered / (delivered + undelivered)` in the window (absent before any final receipt).
+    #[oai(nullable)]
+    pub delivered_rate: Option<f64>,
+    /// Median time from a send to its final receipt in the window, in milliseconds (the upper
+    /// bound of its bucket: 1 s, 5 s, 15 s, 1 min, 5 min, 15 min, 1 h, 6 h, 24 h).
+    #[oai(nullable)]
+    pub receipt_p50_ms: Option<u64>,
+    /// 99th percentile of the same.
+    #[oai(nullable)]
+    pub receipt_p99_ms: Option<u64>,
 }
 
 impl From<crate::service::ProviderReport> for ProviderStatsView {
@@ -209,6 +225,13 @@ impl From<crate::service::ProviderReport> for ProviderStatsView {
             last_failure: window
                 .last_failure
                 .map(|(at, kind, status)| ProviderFailureView { at, kind, status }),
+            delivered: window.delivered,
+            undelivered: window.undelivered,
+            read: window.read,
+            delivered_rate: (window.delivered + window.undelivered > 0)
+                .then(|| window.delivered as f64 / (window.delivered + window.undelivered) as f64),
+            receipt_p50_ms: window.receipt_p50_ms,
+            receipt_p99_ms: window.receipt_p99_ms,
         }
     }
 }

@@ -63,14 +63,14 @@ pub struct Receipts {
     store: MessageStore,
     providers: HashMap<String, ReceiptSettings>,
     counted: prometheus::IntCounterVec,
+    deliveries: prometheus::IntCounterVec,
     timeout: Duration,
     sweep_every: Duration,
 }
 
 impl Receipts {
-    /// The providers of `settings` that take receipts, over `store`; counted in `counted`
-    /// (labels `provider`, `result`).
-    pub fn new(store: MessageStore, settings: &Settings, counted: prometheus::IntCounterVec) -> Self {
+    /// The providers of `settings` that take receipts, over `store`; counted in `metrics`.
+    pub fn new(store: MessageStore, settings: &Settings, metrics: &crate::metrics::MessengerMetrics) -> Self {
         let providers = settings
             .providers
             .iter()
@@ -79,7 +79,8 @@ impl Receipts {
         Self {
             store,
             providers,
-            counted,
+            counted: metrics.receipts.clone(),
+            deliveries: metrics.deliveries.clone(),
             timeout: Duration::from_secs_f64(settings.receipts.timeout_hours * 3600.0),
             sweep_every: Duration::from_secs(settings.receipts.sweep_seconds),
         }
@@ -158,7 +159,10 @@ impl Receipts {
         let state = settings.state_of(&word);
         let delivery = DeliveryDoc::new(state, &word, error_code, DateTime::now());
         let taken = match self.store.apply_receipt(provider, &id, &delivery).await? {
-            Applied::Moved(_) => Taken::Applied(state),
+            Applied::Moved(message) => {
+                self.moved(provider, &message, &delivery).await;
+                Taken::Applied(state)
+            }
             Applied::Stale => Taken::Ignored,
             Applied::NoMessage => {
                 self.store
@@ -184,6 +188,32 @@ impl Receipts {
         Ok(taken)
     }
 
+    /// Counts a moved delivery: in `/metrics`, and a final one (or `read`) with its latency
+    /// from the send in the provider's hour of the stats. A failed count is logged, never
+    /// the receipt's answer: the message already holds it.
+    async fn moved(&self, provider: &str, message: &crate::domain::MessageDoc, delivery: &DeliveryDoc) {
+        self.deliveries
+            .with_label_values(&[provider, delivery.state.as_str()])
+            .inc();
+        let kind = match delivery.state {
+            DeliveryState::Delivered => "delivered",
+            DeliveryState::Undelivered | DeliveryState::Failed => "undelivered",
+            DeliveryState::Read => "read",
+            DeliveryState::Sent | DeliveryState::Unknown => return,
+        };
+        let latency = message.sent_at.map_or(0, |sent| {
+            (delivery.at.timestamp_millis() - sent.timestamp_millis()).max(0) as u64
+        });
+        if let Err(error) = self
+            .store
+            .provider_stats()
+            .record_receipt(provider, kind, latency, delivery.at)
+            .await
+        {
+            tracing::warn!(error = %telemetry::Chain(&error), provider, "could not add a receipt to the provider statistics");
+        }
+    }
+
     /// Applies the waiting receipts whose message has come; answers how many did.
     pub async fn match_pending(&self) -> Result<usize, ServiceError> {
         let mut matched = 0;
@@ -192,8 +222,10 @@ impl Receipts {
                 .store
                 .apply_receipt(&receipt.provider, &receipt.webhook_message_id, &receipt.delivery)
                 .await?;
-            if matches!(applied, Applied::NoMessage) {
-                continue;
+            match applied {
+                Applied::NoMessage => continue,
+                Applied::Moved(message) => self.moved(&receipt.provider, &message, &receipt.delivery).await,
+                Applied::Stale => {}
             }
             self.store.drop_pending_receipt(receipt.id).await?;
             self.count(&receipt.provider, "matched_late");

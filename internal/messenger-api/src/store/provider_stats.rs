@@ -17,6 +17,10 @@ use crate::error::StoreError;
 pub const COLLECTION: &str = "provider_stats";
 /// Upper bounds of the latency buckets, in milliseconds (a last bucket takes the rest).
 pub const LATENCY_BOUNDS_MS: [u64; 11] = [10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10_000, 30_000];
+/// Upper bounds of the receipt latency buckets (sent → final receipt), in milliseconds.
+pub const RECEIPT_BOUNDS_MS: [u64; 9] = [
+    1_000, 5_000, 15_000, 60_000, 300_000, 900_000, 3_600_000, 21_600_000, 86_400_000,
+];
 const HOUR_MS: i64 = 3_600_000;
 /// How long an hour's document is kept.
 const KEEP_SECONDS: u64 = 2 * 86_400;
@@ -34,6 +38,16 @@ pub struct ProviderWindow {
     pub p99_ms: Option<u64>,
     /// The last failed request: when, its kind and status.
     pub last_failure: Option<(chrono::DateTime<chrono::Utc>, AttemptKind, Option<u16>)>,
+    /// Final receipts that said delivered.
+    pub delivered: u64,
+    /// Final receipts that said undelivered or failed.
+    pub undelivered: u64,
+    /// Receipts that said read.
+    pub read: u64,
+    /// Median time from the send to its final receipt: a bucket's upper bound, in ms.
+    pub receipt_p50_ms: Option<u64>,
+    /// 99th percentile of the same.
+    pub receipt_p99_ms: Option<u64>,
 }
 
 /// Counts of one provider in one hour, as they are added up before the write.
@@ -55,6 +69,10 @@ fn bucket(latency_ms: u64) -> usize {
 
 /// The upper bound of the bucket where `quantile` of `buckets` falls.
 fn quantile(buckets: &[u64], quantile: f64) -> Option<u64> {
+    quantile_of(buckets, quantile, &LATENCY_BOUNDS_MS)
+}
+
+fn quantile_of(buckets: &[u64], quantile: f64, bounds: &[u64]) -> Option<u64> {
     let total: u64 = buckets.iter().sum();
     if total == 0 {
         return None;
@@ -64,7 +82,7 @@ fn quantile(buckets: &[u64], quantile: f64) -> Option<u64> {
     for (i, n) in buckets.iter().enumerate() {
         seen += n;
         if seen >= rank {
-            return Some(LATENCY_BOUNDS_MS.get(i).copied().unwrap_or(u64::MAX));
+            return Some(bounds.get(i).copied().unwrap_or(u64::MAX));
         }
     }
     None
@@ -159,6 +177,34 @@ impl ProviderStats {
         Ok(())
     }
 
+    /// Adds one applied receipt of `provider` in state `state` (`delivered`, `undelivered` or
+    /// `read`), `latency_ms` after its send, to this hour.
+    pub async fn record_receipt(
+        &self,
+        provider: &str,
+        state: &str,
+        latency_ms: u64,
+        at: DateTime,
+    ) -> Result<(), StoreError> {
+        let hour = at.timestamp_millis().div_euclid(HOUR_MS) * HOUR_MS;
+        let slot = RECEIPT_BOUNDS_MS
+            .iter()
+            .position(|bound| latency_ms <= *bound)
+            .unwrap_or(RECEIPT_BOUNDS_MS.len());
+        let mut inc = doc! {format!("receipts.{state}"): 1_i64};
+        if state != "read" {
+            inc.insert(format!("receipt_latency.{slot}"), 1_i64);
+        }
+        self.stats
+            .update_one(
+                doc! {"_id": format!("{provider}:{hour}")},
+                doc! {"$inc": inc, "$setOnInsert": {"provider": provider, "hour": DateTime::from_millis(hour)}},
+            )
+            .upsert(true)
+            .await?;
+        Ok(())
+    }
+
     /// Each provider's window: this clock hour and the last (from the start of the last).
     pub async fn window(
         &self,
@@ -171,14 +217,30 @@ impl ProviderStats {
             .await?
             .try_collect()
             .await?;
-        let mut sums: BTreeMap<String, (ProviderWindow, Vec<u64>)> = BTreeMap::new();
+        let mut sums: BTreeMap<String, (ProviderWindow, Vec<u64>, Vec<u64>)> = BTreeMap::new();
         for d in docs {
             let Ok(provider) = d.get_str("provider") else { continue };
-            let (window, buckets) = sums
-                .entry(provider.to_owned())
-                .or_insert_with(|| (ProviderWindow::default(), vec![0; LATENCY_BOUNDS_MS.len() + 1]));
+            let (window, buckets, receipt_buckets) = sums.entry(provider.to_owned()).or_insert_with(|| {
+                (
+                    ProviderWindow::default(),
+                    vec![0; LATENCY_BOUNDS_MS.len() + 1],
+                    vec![0; RECEIPT_BOUNDS_MS.len() + 1],
+                )
+            });
             window.accepted += number(d.get("accepted"));
             window.failed += number(d.get("failed"));
+            if let Ok(receipts) = d.get_document("receipts") {
+                window.delivered += number(receipts.get("delivered"));
+                window.undelivered += number(receipts.get("undelivered"));
+                window.read += number(receipts.get("read"));
+            }
+            if let Ok(latency) = d.get_document("receipt_latency") {
+                for (key, value) in latency {
+                    if let Some(slot) = key.parse::<usize>().ok().and_then(|i| receipt_buckets.get_mut(i)) {
+                        *slot += number(Some(value));
+                    }
+                }
+            }
             if let Ok(latency) = d.get_document("latency") {
                 for (key, value) in latency {
                     if let Some(slot) = key.parse::<usize>().ok().and_then(|i| buckets.get_mut(i)) {
@@ -201,9 +263,11 @@ impl ProviderStats {
         }
         Ok(sums
             .into_iter()
-            .map(|(name, (mut window, buckets))| {
+            .map(|(name, (mut window, buckets, receipt_buckets))| {
                 window.p50_ms = quantile(&buckets, 0.50);
                 window.p99_ms = quantile(&buckets, 0.99);
+                window.receipt_p50_ms = quantile_of(&receipt_buckets, 0.50, &RECEIPT_BOUNDS_MS);
+                window.receipt_p99_ms = quantile_of(&receipt_buckets, 0.99, &RECEIPT_BOUNDS_MS);
                 (name, window)
             })
             .collect())

@@ -135,6 +135,39 @@ async fn receipts_apply_by_rank_in_any_order_and_replays_change_nothing() {
     );
     let message = app.get_json(&format!("/api/messenger/messages/{other}")).await;
     assert_eq!(message["delivery"]["errorCode"], "34");
+    // The provider's window in the stats: one delivered, one undelivered, one read.
+    let stats = app.get_json("/api/messenger/stats").await;
+    let acme = stats["providers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "acme")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        (
+            acme["delivered"].clone(),
+            acme["undelivered"].clone(),
+            acme["read"].clone(),
+            acme["deliveredRate"].clone()
+        ),
+        (json!(1), json!(1), json!(1), json!(0.5)),
+        "{acme}"
+    );
+    assert_eq!(acme["receiptP50Ms"], 1000, "sent and reported within a second: {acme}");
+    let metrics = app
+        .client
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(r#"herald_deliveries_total{provider="acme",state="read"} 1"#),
+        "{metrics}"
+    );
     app.cleanup().await;
 }
 

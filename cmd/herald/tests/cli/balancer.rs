@@ -157,7 +157,7 @@ async fn an_api_replica_killed_behind_haproxy_mid_drain_loses_nothing_and_the_fe
     ])
     .await;
     let first_port: u16 = stack.api.rsplit(':').next().unwrap().parse().unwrap();
-    let second_port = free_port();
+    let second_port = stack.extra_port(&[balancer_port]);
     let first = stack.spawn("messenger-api-1", &["messenger-api"]);
     let second = stack.spawn_with(
         "messenger-api-2",

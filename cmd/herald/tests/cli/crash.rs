@@ -57,7 +57,7 @@ async fn killed_scheduler_loses_nothing(drain: &str) {
 
     let own_port = [(
         "HERALD__JOB_SCHEDULER__PORT".to_owned(),
-        crate::helpers::free_port().to_string(),
+        stack.extra_port(&[]).to_string(),
     )];
     let _survivor = stack.spawn_with("job-scheduler-2", &["job-scheduler"], &own_port);
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -98,7 +98,6 @@ async fn killed_scheduler_loses_nothing(drain: &str) {
 /// is lost, and the secondary takes each message at most once.
 #[tokio::test]
 async fn a_killed_primary_provider_fails_over_mid_drain_and_loses_nothing() {
-    let (primary_port, secondary_port) = (crate::helpers::free_port(), crate::helpers::free_port());
     let provider = |name: &str, port: u16| {
         format!(
             "[[providers]]\nname = \"{name}\"\nurl = \"http://127.0.0.1:{port}/webhook\"\nauth_key = \"local-dev-webhook-key\"\npause_after_failures = 3\npause_seconds = 2\n"
@@ -112,6 +111,9 @@ async fn a_killed_primary_provider_fails_over_mid_drain_and_loses_nothing() {
         ("HERALD__JOB_SCHEDULER__RUN_ON_START", "true"),
     ])
     .await;
+    // Two more stand-ins, on ports none of the stack's processes will take.
+    let primary_port = stack.extra_port(&[]);
+    let secondary_port = stack.extra_port(&[primary_port]);
     stack.use_providers(
         &(provider("primary", primary_port)
             + &provider("secondary", secondary_port)

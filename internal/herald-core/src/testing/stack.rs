@@ -234,6 +234,22 @@ impl ProcessStack {
         }
     }
 
+    /// A free loopback port for one more process of this stack: none of the stack's own (API,
+    /// scheduler, sink) and none of `also_not`. [`free_port`] alone may hand back a port the
+    /// stack already chose but has not bound yet.
+    pub fn extra_port(&self, also_not: &[u16]) -> u16 {
+        let own: Vec<u16> = [&self.api, &self.scheduler, &self.sink]
+            .iter()
+            .filter_map(|url| url.rsplit(':').next()?.parse().ok())
+            .collect();
+        loop {
+            let port = free_port();
+            if !own.contains(&port) && !also_not.contains(&port) {
+                return port;
+            }
+        }
+    }
+
     /// The release build with the API and the sink started and answering.
     pub async fn api_and_sink(extra: &[(&str, String)]) -> Self {
         let mut vars = vec![("RUST_LOG", "warn".to_owned())];

@@ -200,7 +200,13 @@ async fn a_killed_primary_provider_fails_over_mid_drain_and_loses_nothing() {
     assert_eq!(via_primary + via_secondary, 3000, "0 lost");
     assert!(by_secondary.values().all(|n| *n == 1), "the secondary took none twice");
     assert_eq!(by_secondary.len() as u64, via_secondary);
-    assert!(via_primary >= 300 && moved >= 1);
+    // The primary had received 300 requests when it was killed; the stand-in records a request
+    // before it answers, so up to `concurrency` (8) of them may never have been answered: those
+    // went to the secondary instead.
+    assert!(
+        via_primary >= 300 - 8 && moved >= 1,
+        "{via_primary} via the primary, {moved} moved"
+    );
     drop((primary, _secondary, _api, _scheduler));
     stack.cleanup().await;
 }

@@ -105,11 +105,14 @@ async fn main() {
                         send_at: None,
                         expires_at: None,
                         provider: None,
+                        callback_url: None,
                     },
                     herald_messenger_api::domain::Limits {
                         max_chars: 160,
                         max_schedule: Duration::from_secs(86_400),
                         providers: &[],
+                        callbacks: &herald_core::callbacks::UrlPolicy::default(),
+                        default_callback: None,
                     },
                     chrono::Utc::now(),
                 )

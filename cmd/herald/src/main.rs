@@ -170,6 +170,15 @@ struct SinkArgs {
     /// Share whose final receipt is followed by a late intermediate one.
     #[arg(long, default_value_t = 0.0)]
     receipts_out_of_order: f64,
+    /// The `whsec_` secret(s) status callbacks to `/webhook-sink/callbacks` are checked with,
+    /// comma-separated (default: callbacks.secret).
+    #[arg(
+        long,
+        env = "HERALD_SINK_CALLBACK_SECRET",
+        hide_env_values = true,
+        value_delimiter = ','
+    )]
+    callback_secret: Vec<String>,
     /// Share whose receipt goes before the sink answers (it beats Herald's commit).
     #[arg(long, default_value_t = 0.0)]
     receipts_before_answer: f64,
@@ -278,6 +287,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         before_answer: args.receipts_before_answer,
                         give_up_after: std::time::Duration::from_secs(args.receipts_give_up_seconds),
                     }),
+                callback_keys: if args.callback_secret.is_empty() {
+                    settings.callbacks.signing_keys()?
+                } else {
+                    herald_core::callbacks::SigningKeys::parse(
+                        &args.callback_secret.iter().cloned().map(Into::into).collect::<Vec<_>>(),
+                    )?
+                },
             })
             .await?;
             sink.run_until_stopped(shutdown::wait_for_signal()).await?;

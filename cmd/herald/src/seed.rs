@@ -8,7 +8,7 @@ use herald_core::Settings;
 use herald_messenger_api::cache::SentCache;
 use herald_messenger_api::domain::Draft;
 use herald_messenger_api::metrics::MessengerMetrics;
-use herald_messenger_api::service::{Admission, KeyRates, MessengerService, RetryPolicy, MAX_BATCH};
+use herald_messenger_api::service::{Admission, Callbacks, KeyRates, MessengerService, RetryPolicy, MAX_BATCH};
 use herald_messenger_api::store::MessageStore;
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::Rng;
@@ -54,12 +54,14 @@ pub async fn run(settings: &Settings, count: u64) -> anyhow::Result<()> {
         KeyRates::none(),
         metrics.admission_rejected.clone(),
     ));
+    let callbacks = Arc::new(Callbacks::new(store.clone(), settings, metrics.callbacks.clone()));
     let service = MessengerService::new(
         store,
         SentCache::new(&settings.redis)?,
         RetryPolicy::from_settings(settings),
         metrics,
         admission,
+        callbacks,
     );
     let mut done = 0;
     while done < count {
@@ -73,6 +75,7 @@ pub async fn run(settings: &Settings, count: u64) -> anyhow::Result<()> {
                 send_at: None,
                 expires_at: None,
                 provider: None,
+                callback_url: None,
             })
             .collect();
         service

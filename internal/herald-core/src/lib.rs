@@ -24,6 +24,7 @@
 pub mod apidoc;
 pub mod audit;
 pub mod auth;
+pub mod callbacks;
 pub mod doctor;
 pub mod errors;
 pub mod gcra;

@@ -119,6 +119,11 @@ pub struct MessageView {
     pub delivery: Option<DeliveryView>,
     /// The receipts that moved `delivery`, oldest first (the last 20).
     pub receipts: Vec<DeliveryView>,
+    /// Where its status callbacks go (its own `callbackUrl`, or `callbacks.default_url` when it
+    /// was created); see `GET /api/messenger/messages/{id}/callbacks`.
+    #[oai(nullable)]
+    #[serde(default)]
+    pub callback_url: Option<String>,
     /// Creation time.
     pub created_at: DateTime<Utc>,
     /// Last change.

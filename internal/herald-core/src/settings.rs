@@ -15,7 +15,13 @@ use crate::providers::{redact_opt, ProviderSettings, RouteSettings, Routing};
 pub const ENV_PREFIX: &str = "HERALD";
 
 /// Keys whose environment value is a comma-separated list.
-pub const LIST_KEYS: &[&str] = &["auth.api_keys", "delivery.retry_schedule_seconds"];
+pub const LIST_KEYS: &[&str] = &[
+    "auth.api_keys",
+    "delivery.retry_schedule_seconds",
+    "callbacks.secret",
+    "callbacks.allowed_hosts",
+    "callbacks.retry_schedule_seconds",
+];
 
 /// The whole configuration.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -47,6 +53,8 @@ pub struct Settings {
     pub retention: RetentionSettings,
     /// Delivery receipts.
     pub receipts: ReceiptsSettings,
+    /// Status callbacks out.
+    pub callbacks: CallbacksSettings,
     /// Providers (`[[providers]]`); none means `[webhook]` is the one provider, `default`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub providers: Vec<ProviderSettings>,
@@ -355,6 +363,57 @@ pub struct ReceiptsSettings {
     pub sweep_seconds: u64,
 }
 
+/// `[callbacks]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CallbacksSettings {
+    /// The callback URL of a message created without `callbackUrl` ("" = none).
+    pub default_url: String,
+    /// `whsec_` secrets callbacks are signed with, each one (rotation: new beside old).
+    #[serde(
+        default,
+        deserialize_with = "layered_config::one_or_many",
+        serialize_with = "redact_all"
+    )]
+    pub secret: Vec<SecretString>,
+    /// Hosts a callback may reach over `http` and at a private or loopback address.
+    #[serde(default, deserialize_with = "layered_config::one_or_many")]
+    pub allowed_hosts: Vec<String>,
+    /// Delay before retry n, in seconds; dead-lettered after the last.
+    #[serde(deserialize_with = "layered_config::one_or_many")]
+    pub retry_schedule_seconds: Vec<u64>,
+    /// Total time of one POST, in milliseconds.
+    pub timeout_ms: u64,
+    /// POSTs per second to one host, shared by every replica (0 = no limit).
+    pub rate_per_second: f64,
+    /// POSTs to one host at once on top of the steady rate.
+    pub burst: u32,
+    /// Failures in a row to one host that pause it (0 = never).
+    pub pause_after_failures: u32,
+    /// How long such a pause lasts, in seconds (a `Retry-After` on 429/503 pauses as long).
+    pub pause_seconds: u64,
+    /// How often each Job Scheduler replica looks for due callbacks, in milliseconds.
+    pub poll_ms: u64,
+    /// Most callbacks one look claims.
+    pub batch_size: u32,
+    /// POSTs in flight at once per replica.
+    pub concurrency: usize,
+    /// Delivered callbacks are removed this many days after delivery (dead ones are kept).
+    pub keep_days: u64,
+}
+
+impl CallbacksSettings {
+    /// The signing keys.
+    pub fn signing_keys(&self) -> Result<crate::callbacks::SigningKeys, crate::callbacks::BadSecret> {
+        crate::callbacks::SigningKeys::parse(&self.secret)
+    }
+
+    /// The URL rules.
+    pub fn url_policy(&self) -> crate::callbacks::UrlPolicy {
+        crate::callbacks::UrlPolicy::new(&self.allowed_hosts)
+    }
+}
+
 /// The shipped configuration files, compiled in: the binary runs from any folder, and files in
 /// the configuration folder override them key by key.
 const BUILTIN: &[(&str, &str)] = &[
@@ -498,6 +557,27 @@ impl Settings {
                 "events.subscriber_buffer ({}) must be 1..=65536",
                 ev.subscriber_buffer
             ));
+        }
+        let cb = &self.callbacks;
+        if cb.signing_keys().is_err() {
+            return fail("callbacks.secret: each must be `whsec_` followed by base64 of at least 16 bytes".into());
+        }
+        if !cb.default_url.trim().is_empty() {
+            if let Err(refused) = cb.url_policy().check_url(&cb.default_url) {
+                return fail(format!("callbacks.default_url: {refused}"));
+            }
+        }
+        if cb.retry_schedule_seconds.is_empty()
+            || cb.timeout_ms == 0
+            || cb.poll_ms == 0
+            || !(1..=crate::callbacks::MAX_BATCH as u32).contains(&cb.batch_size)
+            || !(1..=64).contains(&cb.concurrency)
+            || cb.rate_per_second < 0.0
+            || cb.burst == 0
+        {
+            return fail(
+                "callbacks: retry_schedule_seconds needs a step, timeout_ms and poll_ms must be positive, batch_size 1..=200, concurrency 1..=64, rate_per_second >= 0, burst >= 1".into(),
+            );
         }
         if !(0.0001..=8760.0).contains(&self.receipts.timeout_hours) || self.receipts.sweep_seconds == 0 {
             return fail(

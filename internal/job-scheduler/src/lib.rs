@@ -33,12 +33,13 @@
 
 #![forbid(unsafe_code)]
 
+pub mod callbacks;
 pub mod control;
 pub mod job;
 mod lanes;
 mod limiter;
 mod messenger_client;
-mod metrics;
+pub mod metrics;
 mod provider;
 mod routes;
 mod schedule;

@@ -13,6 +13,8 @@ pub struct SchedulerMetrics {
     pub http: herald_core::http::HttpMetrics,
     /// Deliveries by outcome: accepted, retryable, permanent, released, expired.
     pub deliveries: IntCounterVec,
+    /// `herald_callbacks_sent_total{result}`: status callbacks this replica POSTed or held.
+    pub callbacks: IntCounterVec,
     /// Provider answers that accepted without a parsable `messageId`.
     pub accepted_without_id: IntCounter,
     /// Webhook latency by provider and outcome.
@@ -45,6 +47,13 @@ impl SchedulerMetrics {
         let registry = Registry::new_custom(Some("herald".into()), None)?;
         let http = herald_core::http::HttpMetrics::new(&registry)?;
         let deliveries = IntCounterVec::new(Opts::new("deliveries_total", "Deliveries by outcome."), &["outcome"])?;
+        let callbacks = IntCounterVec::new(
+            Opts::new(
+                "callbacks_sent_total",
+                "Status callbacks by result: delivered (2xx), failed (retried by the schedule), refused (address not allowed), deferred (host paused or over its rate), host_paused (a host's pause began).",
+            ),
+            &["result"],
+        )?;
         let accepted_without_id = IntCounter::new(
             "webhook_accepted_without_message_id_total",
             "Provider answers that accepted a message without a parsable messageId.",
@@ -126,6 +135,7 @@ impl SchedulerMetrics {
         registry.register(Box::new(limiter.fallback.clone()))?;
         registry.register(Box::new(limiter.too_late.clone()))?;
         registry.register(Box::new(deliveries.clone()))?;
+        registry.register(Box::new(callbacks.clone()))?;
         registry.register(Box::new(accepted_without_id.clone()))?;
         registry.register(Box::new(webhook_latency.clone()))?;
         registry.register(Box::new(provider_requests.clone()))?;
@@ -139,6 +149,7 @@ impl SchedulerMetrics {
             registry,
             http,
             deliveries,
+            callbacks,
             accepted_without_id,
             webhook_latency,
             provider_requests,

@@ -18,6 +18,7 @@ use telemetry::Chain;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::callbacks::{Courier, CourierParts, SystemLookup};
 use crate::control::{ControlParts, JobControl};
 use crate::job::{JobConfig, JobParts, SendingJob};
 use crate::lanes::{LaneParts, Lanes};
@@ -192,6 +193,21 @@ impl Application {
             }
         };
         metrics.working.set(i64::from(working));
+        let courier = Arc::new(Courier::new(CourierParts {
+            messenger: herald_core::peer::PeerClient::new(
+                &settings.messenger_api.url,
+                settings.worker_key().clone(),
+                crate::messenger_client::CALL_TIMEOUT,
+            )?,
+            redis: herald_core::redis_conn::lazy_connection(&settings.redis, Duration::from_millis(250))?,
+            key_prefix: settings.redis.key_prefix.clone(),
+            worker: worker.clone(),
+            settings: settings.callbacks.clone(),
+            max_retry_after: Duration::from_secs(settings.webhook.max_retry_after_seconds),
+            lookup: Arc::new(SystemLookup),
+            counted: metrics.callbacks.clone(),
+        })?);
+        courier.spawn(&tracker, shutdown.clone());
         control.cron().start().await?;
         if working && settings.job_scheduler.run_on_start {
             control.trigger();

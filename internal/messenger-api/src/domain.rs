@@ -152,6 +152,9 @@ pub struct MessageDoc {
     /// Its delivery, from the provider's receipts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delivery: Option<DeliveryDoc>,
+    /// Where its status callbacks go (absent: none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub callback_url: Option<String>,
     /// The receipts that moved `delivery`, oldest first (the last [`RECEIPTS_KEPT`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub receipts: Vec<DeliveryDoc>,
@@ -256,6 +259,8 @@ pub struct ValidMessage {
     pub schedule: Schedule,
     /// The provider it is pinned to.
     pub provider: Option<String>,
+    /// Where its status callbacks go.
+    pub callback_url: Option<String>,
 }
 
 /// When a message may be sent: not before `send_at`, never after `expires_at`.
@@ -280,6 +285,8 @@ pub struct Draft<'a> {
     pub expires_at: Option<chrono::DateTime<chrono::Utc>>,
     /// Pinned provider.
     pub provider: Option<&'a str>,
+    /// Where its status callbacks go.
+    pub callback_url: Option<&'a str>,
 }
 
 /// The limits a draft is checked against.
@@ -291,6 +298,10 @@ pub struct Limits<'a> {
     pub max_schedule: std::time::Duration,
     /// The configured provider names a message may pin.
     pub providers: &'a [String],
+    /// Which callback URLs are allowed.
+    pub callbacks: &'a herald_core::callbacks::UrlPolicy,
+    /// The callback URL of a message created without one.
+    pub default_callback: Option<&'a str>,
 }
 
 impl MessageDoc {
@@ -319,6 +330,7 @@ impl MessageDoc {
             waiting_for_provider: false,
             delivery: None,
             receipts: Vec::new(),
+            callback_url: message.callback_url,
             created_at: now,
             updated_at: now,
         }
@@ -410,6 +422,21 @@ pub fn validate_provider(provider: Option<&str>, known: &[String]) -> Result<Opt
     }
 }
 
+/// Checks a callback URL against `policy`; none given means `default`.
+pub fn validate_callback_url(
+    url: Option<&str>,
+    policy: &herald_core::callbacks::UrlPolicy,
+    default: Option<&str>,
+) -> Result<Option<String>, ValidationError> {
+    match url.map(str::trim).filter(|u| !u.is_empty()) {
+        Some(url) => policy
+            .check_url(url)
+            .map(Some)
+            .map_err(|refused| ValidationError::new(ErrorCode::InvalidCallbackUrl, refused.0)),
+        None => Ok(default.map(str::to_owned)),
+    }
+}
+
 /// Validates every field of a draft at `now`.
 pub fn validate(
     draft: Draft<'_>,
@@ -421,6 +448,7 @@ pub fn validate(
         content: validate_content(draft.content, limits.max_chars)?,
         schedule: validate_schedule(draft.send_at, draft.expires_at, now, limits.max_schedule)?,
         provider: validate_provider(draft.provider, limits.providers)?,
+        callback_url: validate_callback_url(draft.callback_url, limits.callbacks, limits.default_callback)?,
     })
 }
 
@@ -527,6 +555,7 @@ mod tests {
                 expires_at: None,
             },
             provider: None,
+            callback_url: None,
         };
         assert_eq!(
             MessageDoc::new_pending(message(Some(later)), None, now).next_attempt_at,

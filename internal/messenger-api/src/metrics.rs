@@ -36,6 +36,8 @@ pub struct MessengerMetrics {
     pub receipts: IntCounterVec,
     /// Messages whose delivery moved, by provider and state.
     pub deliveries: IntCounterVec,
+    /// `herald_callbacks_total{result}`.
+    pub callbacks: IntCounterVec,
     /// Creates refused by admission control, by reason: backlog, key_rate.
     pub admission_rejected: IntCounterVec,
     /// Messages removed by the retention sweep, by status.
@@ -102,6 +104,13 @@ impl MessengerMetrics {
             ),
             &["provider", "state"],
         )?;
+        let callbacks = IntCounterVec::new(
+            Opts::new(
+                "callbacks_total",
+                "Status callbacks by result: written (to the outbox), delivered, retry_scheduled, deferred (host paused or over its rate), dead (dead-lettered), claim_lost (reported without its claim), resent (an operator revived a dead one).",
+            ),
+            &["result"],
+        )?;
         let admission_rejected = IntCounterVec::new(
             Opts::new(
                 "admission_rejected_total",
@@ -127,6 +136,7 @@ impl MessengerMetrics {
         registry.register(Box::new(admission_rejected.clone()))?;
         registry.register(Box::new(receipts.clone()))?;
         registry.register(Box::new(deliveries.clone()))?;
+        registry.register(Box::new(callbacks.clone()))?;
         registry.register(Box::new(messages.clone()))?;
         registry.register(Box::new(oldest_pending_age.clone()))?;
         registry.register(Box::new(claimed.clone()))?;
@@ -171,6 +181,7 @@ impl MessengerMetrics {
             admission_rejected,
             receipts,
             deliveries,
+            callbacks,
             removed,
             retention_swept_at,
             feed,

@@ -18,6 +18,7 @@ use crate::cache::SentCache;
 use crate::events::{EventFeed, SubscriberSlots};
 use crate::metrics::MessengerMetrics;
 use crate::routes::audit::AuditApi;
+use crate::routes::callbacks::CallbacksApi;
 use crate::routes::console;
 use crate::routes::job::JobApi;
 use crate::routes::live::LiveApi;
@@ -27,7 +28,8 @@ use crate::routes::receipts::ReceiptsApi;
 use crate::routes::socket::{self, SocketTiming};
 use crate::routes::worker::WorkerApi;
 use crate::service::{
-    Admission, JobRemote, KeyRates, MessengerService, Monitor, Receipts, RetryPolicy, SchedulerClient, Upkeep,
+    Admission, Callbacks, JobRemote, KeyRates, MessengerService, Monitor, Receipts, RetryPolicy, SchedulerClient,
+    Upkeep,
 };
 use crate::store::MessageStore;
 use telemetry::Chain;
@@ -35,6 +37,7 @@ use telemetry::Chain;
 type Apis = (
     MessagesApi,
     WorkerApi,
+    CallbacksApi,
     JobApi,
     AuditApi,
     ReceiptsApi,
@@ -77,6 +80,8 @@ pub struct Services {
     pub slots: SubscriberSlots,
     /// Delivery receipts from providers.
     pub receipts: Arc<Receipts>,
+    /// The status-callback outbox.
+    pub callbacks: Arc<Callbacks>,
 }
 
 impl Services {
@@ -113,6 +118,7 @@ impl Services {
         ));
         let policy = RetryPolicy::from_settings(settings);
         let providers = policy.providers.clone();
+        let callbacks = Arc::new(Callbacks::new(store.clone(), settings, metrics.callbacks.clone()));
         Ok(Self {
             messenger: Arc::new(MessengerService::new(
                 store.clone(),
@@ -120,6 +126,7 @@ impl Services {
                 policy,
                 metrics.clone(),
                 admission.clone(),
+                callbacks.clone(),
             )),
             job: Arc::new(JobRemote::new(scheduler)),
             monitor: Arc::new(Monitor::new(
@@ -131,7 +138,8 @@ impl Services {
                 admission,
             )),
             audit: AuditStore::new(&db, "messenger-api"),
-            receipts: Arc::new(Receipts::new(store.clone(), settings, &metrics)),
+            receipts: Arc::new(Receipts::new(store.clone(), callbacks.clone(), settings, &metrics)),
+            callbacks,
             slots: SubscriberSlots::new(settings.events.max_subscribers_per_key),
             feed: EventFeed::new(db, settings.events.subscriber_buffer, metrics.feed.clone()),
             store,
@@ -148,6 +156,10 @@ impl Services {
             },
             WorkerApi {
                 service: self.messenger.clone(),
+            },
+            CallbacksApi {
+                callbacks: self.callbacks.clone(),
+                audit: self.audit.clone(),
             },
             JobApi {
                 job: self.job.clone(),
@@ -195,7 +207,7 @@ impl Application {
     pub async fn build(settings: &Settings) -> anyhow::Result<Self> {
         herald_core::errors::check_catalogue(herald_core::errors::CATALOGUE).map_err(anyhow::Error::msg)?;
         let services = Services::build(settings).await?;
-        ensure_indexes(services.store.clone()).await;
+        ensure_indexes(services.store.clone(), services.callbacks.clone()).await;
         // The audit is kept as long as the run history (the scheduler makes the same index).
         let keep = Duration::from_secs(settings.job_scheduler.run_history_days * 86_400);
         if let Err(error) = services.audit.ensure_indexes(keep).await {
@@ -284,15 +296,20 @@ impl Application {
 
 /// Creates the indexes now, or — when MongoDB is down at start-up — keeps trying in the
 /// background so the service recovers by itself.
-async fn ensure_indexes(store: MessageStore) {
-    match store.ensure_indexes().await {
+async fn create_indexes(store: &MessageStore, callbacks: &Callbacks) -> Result<(), crate::store::StoreError> {
+    store.ensure_indexes().await?;
+    callbacks.store().ensure_indexes().await
+}
+
+async fn ensure_indexes(store: MessageStore, callbacks: Arc<Callbacks>) {
+    match create_indexes(&store, &callbacks).await {
         Ok(()) => {}
         Err(error) => {
             tracing::warn!(error = %Chain(&error), "could not create indexes yet; retrying in the background");
             tokio::spawn(async move {
                 loop {
                     tokio::time::sleep(Duration::from_secs(5)).await;
-                    match store.ensure_indexes().await {
+                    match create_indexes(&store, &callbacks).await {
                         Ok(()) => {
                             tracing::info!("indexes created");
                             break;

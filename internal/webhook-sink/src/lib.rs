@@ -14,6 +14,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod callbacks;
 pub mod receipts;
 
 use std::net::SocketAddr;
@@ -209,6 +210,9 @@ pub struct SinkConfig {
     pub fail_status: u16,
     /// Signed delivery receipts posted back to Herald (Herald's own format only).
     pub receipts: Option<receipts::ReceiptPlan>,
+    /// The keys status callbacks to `/webhook-sink/callbacks` are checked with (none: taken
+    /// unchecked).
+    pub callback_keys: herald_core::callbacks::SigningKeys,
 }
 
 impl SinkConfig {
@@ -225,6 +229,7 @@ impl SinkConfig {
             fail_rate,
             fail_status: 500,
             receipts: None,
+            callback_keys: herald_core::callbacks::SigningKeys::default(),
         }
     }
 }
@@ -352,6 +357,7 @@ pub struct WebhookSink {
     bound: Bound,
     app: BoxEndpoint<'static, Response>,
     log: ReceivedLog,
+    callbacks: callbacks::CallbackLog,
 }
 
 fn message(status: StatusCode, text: &str) -> Response {
@@ -502,6 +508,7 @@ impl WebhookSink {
             "webhook sink listening on POST /webhook"
         );
         let log = ReceivedLog::default();
+        let callback_log = callbacks::CallbackLog::new(config.callback_keys.clone());
         let state = State {
             receipts: config.receipts.clone().map(receipts::Sender::new),
             behaviour: Arc::new(Mutex::new(Behaviour::from_config(&config))),
@@ -515,10 +522,17 @@ impl WebhookSink {
             .at("/webhook-sink/behaviour", poem::put(change_behaviour))
             .at("/webhook-sink/health", get(health))
             .at("/webhook-sink/receipts", get(receipt_counts))
+            .at("/webhook-sink/callbacks", post(callbacks::take).get(callbacks::list))
             .data(state)
+            .data(callback_log.clone())
             .with(telemetry::CorrelationId)
             .boxed();
-        Ok(Self { bound, app, log })
+        Ok(Self {
+            bound,
+            app,
+            log,
+            callbacks: callback_log,
+        })
     }
 
     /// The bound address.
@@ -534,6 +548,11 @@ impl WebhookSink {
     /// What arrived (shared; keeps filling while the sink runs).
     pub fn log(&self) -> ReceivedLog {
         self.log.clone()
+    }
+
+    /// The status callbacks taken at `/webhook-sink/callbacks`.
+    pub fn callbacks(&self) -> callbacks::CallbackLog {
+        self.callbacks.clone()
     }
 
     /// Binds and serves in the background for the life of the process; returns the webhook URL

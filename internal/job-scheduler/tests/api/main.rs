@@ -3,6 +3,7 @@
 
 #![allow(clippy::unwrap_used, missing_docs)]
 
+mod callbacks;
 mod control;
 mod delivery;
 mod helpers;

@@ -234,7 +234,7 @@ impl Backoff {
 
 async fn open(db: &Database, after: Option<ResumeToken>) -> mongodb::error::Result<Changes> {
     db.watch()
-        .pipeline([doc! {"$match": {"ns.coll": {"$in": [crate::store::COLLECTION, JOB_STATE, PROVIDER_STATE, herald_core::audit::AUDIT_COLLECTION]}}}])
+        .pipeline([doc! {"$match": {"ns.coll": {"$in": [crate::store::COLLECTION, JOB_STATE, PROVIDER_STATE, herald_core::audit::AUDIT_COLLECTION, crate::store::callbacks::COLLECTION]}}}])
         .full_document(FullDocumentType::UpdateLookup)
         .resume_after(after)
         .await

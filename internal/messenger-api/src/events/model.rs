@@ -9,8 +9,11 @@ use crate::domain::{MessageStatus, Transition};
 use herald_core::message::LastErrorView;
 
 use herald_core::audit::{AuditDoc, AuditEntry, AUDIT_COLLECTION};
+use herald_core::callbacks::{CallbackStatus, CallbackView};
 use herald_core::jobs::JOB_STATE_COLLECTION as JOB_STATE;
 use herald_core::jobs::PROVIDER_STATE_COLLECTION as PROVIDER_STATE;
+
+use crate::store::callbacks::{CallbackDoc, COLLECTION as CALLBACKS};
 use herald_core::receipts::DeliveryState;
 
 /// The kinds of event (SPEC §11), plus the feed's own `reset` and `dropped`.
@@ -70,6 +73,9 @@ pub enum EventType {
     /// An operator action was written to the audit (who, what, result).
     #[oai(rename = "audit.recorded")]
     AuditRecorded,
+    /// A status callback was dead-lettered: every attempt failed, or its address was refused.
+    #[oai(rename = "callback.failed")]
+    CallbackFailed,
     /// The feed no longer holds the position asked for: events were missed, re-read a snapshot.
     #[oai(rename = "reset")]
     Reset,
@@ -100,6 +106,7 @@ impl EventType {
             Self::ProviderResumed => "provider.resumed",
             Self::ProviderMisconfigured => "provider.misconfigured",
             Self::AuditRecorded => "audit.recorded",
+            Self::CallbackFailed => "callback.failed",
             Self::Reset => "reset",
             Self::Dropped => "dropped",
         }
@@ -199,6 +206,9 @@ pub struct FeedEvent {
     /// The audit entry, for `audit.*` events.
     #[oai(nullable)]
     pub audit: Option<AuditEntry>,
+    /// The callback, for `callback.*` events.
+    #[oai(nullable)]
+    pub callback: Option<CallbackView>,
 }
 
 impl FeedEvent {
@@ -212,6 +222,7 @@ impl FeedEvent {
             job: None,
             provider: None,
             audit: None,
+            callback: None,
         }
     }
 }
@@ -288,6 +299,7 @@ pub fn from_change(change: &ChangeStreamEvent<Document>) -> Option<FeedEvent> {
                 job: None,
                 provider: None,
                 audit: None,
+                callback: None,
             })
         }
         JOB_STATE => {
@@ -311,6 +323,7 @@ pub fn from_change(change: &ChangeStreamEvent<Document>) -> Option<FeedEvent> {
                 }),
                 provider: None,
                 audit: None,
+                callback: None,
             })
         }
         PROVIDER_STATE => {
@@ -341,6 +354,7 @@ pub fn from_change(change: &ChangeStreamEvent<Document>) -> Option<FeedEvent> {
                         .filter(|_| paused_until.is_some()),
                 }),
                 audit: None,
+                callback: None,
             })
         }
         AUDIT_COLLECTION if change.operation_type == OperationType::Insert => {
@@ -353,6 +367,24 @@ pub fn from_change(change: &ChangeStreamEvent<Document>) -> Option<FeedEvent> {
                 job: None,
                 provider: None,
                 audit: Some(entry.into()),
+                callback: None,
+            })
+        }
+        CALLBACKS
+            if change.operation_type == OperationType::Update
+                && changed(change, "status")
+                && state.get_str("status").ok() == Some(CallbackStatus::Dead.as_str()) =>
+        {
+            let doc: CallbackDoc = bson::from_document(state.clone()).ok()?;
+            Some(FeedEvent {
+                id,
+                kind: EventType::CallbackFailed,
+                at,
+                message: None,
+                job: None,
+                provider: None,
+                audit: None,
+                callback: Some(crate::service::callback_view(doc)),
             })
         }
         _ => None,
@@ -497,6 +529,7 @@ mod tests {
             job: None,
             provider: None,
             audit: None,
+            callback: None,
         };
         let job = FeedEvent {
             kind: EventType::JobStopped,

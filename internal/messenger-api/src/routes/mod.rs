@@ -13,6 +13,7 @@
 //! - [`probes`]: health and readiness.
 
 pub mod audit;
+pub mod callbacks;
 pub mod console;
 pub mod job;
 pub mod live;

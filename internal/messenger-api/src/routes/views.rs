@@ -31,6 +31,12 @@ pub struct NewMessage {
     /// Send only through this provider (a `[[providers]]` name), whatever its route.
     #[oai(nullable)]
     pub provider: Option<String>,
+    /// Where to POST its status callbacks (`message.sent`, `.failed`, `.expired`, `.delivered`,
+    /// `.undelivered`, `.read`): `https`, or `http` on a host in `callbacks.allowed_hosts`; a
+    /// private or loopback address only when its host is listed. Default:
+    /// `callbacks.default_url`.
+    #[oai(nullable)]
+    pub callback_url: Option<String>,
 }
 
 impl NewMessage {
@@ -42,6 +48,7 @@ impl NewMessage {
             send_at: self.send_at,
             expires_at: self.expires_at,
             provider: self.provider.as_deref(),
+            callback_url: self.callback_url.as_deref(),
         }
     }
 }
@@ -75,6 +82,7 @@ impl From<MessageDoc> for MessageView {
             waiting_for_provider: m.waiting_for_provider,
             delivery: m.delivery.map(Into::into),
             receipts: m.receipts.into_iter().map(Into::into).collect(),
+            callback_url: m.callback_url,
             created_at: utc(m.created_at),
             updated_at: utc(m.updated_at),
         }

@@ -33,6 +33,9 @@ impl MessengerService {
         }
         self.admission.admit(1).await?;
         let message = MessageDoc::new_pending(valid.clone(), idempotency_key.clone(), now());
+        if message.callback_url.is_some() {
+            self.callbacks.note_asked();
+        }
         match self.store.insert(&message).await {
             Ok(()) => Ok((message, true)),
             Err(StoreError::AlreadyExists) => {
@@ -84,6 +87,9 @@ impl MessengerService {
         }
         // All or nothing: the whole batch is admitted, or none of it is stored.
         self.admission.admit(docs.len() as u64).await?;
+        if docs.iter().any(|d| d.callback_url.is_some()) {
+            self.callbacks.note_asked();
+        }
         self.store.insert_many(&docs).await?;
         Ok(docs)
     }
@@ -127,7 +133,11 @@ fn same_body(existing: MessageDoc, valid: &domain::ValidMessage) -> Result<Messa
         send_at: existing.send_at,
         expires_at: existing.expires_at,
     };
-    if existing.to == valid.to && existing.content == valid.content && schedule == valid.schedule {
+    if existing.to == valid.to
+        && existing.content == valid.content
+        && schedule == valid.schedule
+        && existing.callback_url == valid.callback_url
+    {
         Ok(existing)
     } else {
         Err(ServiceError::IdempotencyConflict)

@@ -4,11 +4,14 @@
 //!   failed, released, expired) through one path, whether one at a time or many at once.
 //! - `requeue`: an operator sends failed messages back, one or many by filter.
 //! - `retry_policy`: where a failed attempt leaves a message.
+//! - `callbacks`: status callbacks out — the outbox written on each change, claimed and
+//!   reported by the Job Scheduler.
 //! - `job`: the sending job, steered through the Job Scheduler ([`JobRemote`]).
 //! - `monitor`: what an operator watches — stats, readiness and the gauges.
 //! - `upkeep`: the counts reconciliation, the cache repair and the retention sweep.
 
 mod admission;
+mod callbacks;
 mod job;
 mod messages;
 mod monitor;
@@ -28,6 +31,7 @@ use crate::store::MessageStore;
 
 pub use crate::store::RequeueFilter;
 pub use admission::{Admission, AdmissionReport, KeyRates};
+pub use callbacks::{callback_view, event_of_delivery, event_of_status, Callbacks};
 pub use job::{JobCommand, JobRemote, SchedulerClient};
 pub use messages::MAX_BATCH;
 pub use monitor::{Monitor, ProviderReport, Stats, WAITING_COUNT_CAP};
@@ -44,6 +48,7 @@ pub struct MessengerService {
     policy: RetryPolicy,
     metrics: MessengerMetrics,
     admission: Arc<Admission>,
+    callbacks: Arc<Callbacks>,
 }
 
 impl MessengerService {
@@ -54,6 +59,7 @@ impl MessengerService {
         policy: RetryPolicy,
         metrics: MessengerMetrics,
         admission: Arc<Admission>,
+        callbacks: Arc<Callbacks>,
     ) -> Self {
         Self {
             store,
@@ -61,6 +67,7 @@ impl MessengerService {
             policy,
             metrics,
             admission,
+            callbacks,
         }
     }
 }

@@ -61,6 +61,7 @@ pub enum Taken {
 /// Receipts, per provider.
 pub struct Receipts {
     store: MessageStore,
+    callbacks: std::sync::Arc<super::Callbacks>,
     providers: HashMap<String, ReceiptSettings>,
     counted: prometheus::IntCounterVec,
     deliveries: prometheus::IntCounterVec,
@@ -70,7 +71,12 @@ pub struct Receipts {
 
 impl Receipts {
     /// The providers of `settings` that take receipts, over `store`; counted in `metrics`.
-    pub fn new(store: MessageStore, settings: &Settings, metrics: &crate::metrics::MessengerMetrics) -> Self {
+    pub fn new(
+        store: MessageStore,
+        callbacks: std::sync::Arc<super::Callbacks>,
+        settings: &Settings,
+        metrics: &crate::metrics::MessengerMetrics,
+    ) -> Self {
         let providers = settings
             .providers
             .iter()
@@ -78,6 +84,7 @@ impl Receipts {
             .collect();
         Self {
             store,
+            callbacks,
             providers,
             counted: metrics.receipts.clone(),
             deliveries: metrics.deliveries.clone(),
@@ -161,9 +168,17 @@ impl Receipts {
         let taken = match self.store.apply_receipt(provider, &id, &delivery).await? {
             Applied::Moved(message) => {
                 self.moved(provider, &message, &delivery).await;
+                self.tell(&message, state).await?;
                 Taken::Applied(state)
             }
-            Applied::Stale => Taken::Ignored,
+            Applied::Stale(message) => {
+                // A replay of the receipt that moved it (the provider got no answer): its
+                // callback is written again, a no-op unless the first answer never came.
+                if message.delivery.as_ref().is_some_and(|d| d.state == state) {
+                    self.tell(&message, state).await?;
+                }
+                Taken::Ignored
+            }
             Applied::NoMessage => {
                 self.store
                     .keep_pending_receipt(&PendingReceipt {
@@ -214,6 +229,14 @@ impl Receipts {
         }
     }
 
+    /// Writes the status callback of a delivery that moved, when its message asked for them.
+    async fn tell(&self, message: &crate::domain::MessageDoc, state: DeliveryState) -> Result<(), ServiceError> {
+        match super::event_of_delivery(state) {
+            Some(event) => self.callbacks.on_message(message, event).await,
+            None => Ok(()),
+        }
+    }
+
     /// Applies the waiting receipts whose message has come; answers how many did.
     pub async fn match_pending(&self) -> Result<usize, ServiceError> {
         let mut matched = 0;
@@ -224,8 +247,11 @@ impl Receipts {
                 .await?;
             match applied {
                 Applied::NoMessage => continue,
-                Applied::Moved(message) => self.moved(&receipt.provider, &message, &receipt.delivery).await,
-                Applied::Stale => {}
+                Applied::Moved(message) => {
+                    self.moved(&receipt.provider, &message, &receipt.delivery).await;
+                    self.tell(&message, receipt.delivery.state).await?;
+                }
+                Applied::Stale(_) => {}
             }
             self.store.drop_pending_receipt(receipt.id).await?;
             self.count(&receipt.provider, "matched_late");

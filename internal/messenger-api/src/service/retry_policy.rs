@@ -33,6 +33,10 @@ pub struct RetryPolicy {
     pub max_schedule: Duration,
     /// The configured provider names (a message may pin one).
     pub providers: Vec<String>,
+    /// Which callback URLs are allowed.
+    pub callbacks: herald_core::callbacks::UrlPolicy,
+    /// The callback URL of a message created without one.
+    pub default_callback: Option<String>,
 }
 
 impl RetryPolicy {
@@ -49,6 +53,10 @@ impl RetryPolicy {
                 .routing()
                 .map(|r| r.providers().iter().map(|p| p.name.clone()).collect())
                 .unwrap_or_default(),
+            callbacks: settings.callbacks.url_policy(),
+            default_callback: Some(settings.callbacks.default_url.trim())
+                .filter(|u| !u.is_empty())
+                .map(str::to_owned),
         }
     }
 
@@ -58,6 +66,8 @@ impl RetryPolicy {
             max_chars: self.max_chars,
             max_schedule: self.max_schedule,
             providers: &self.providers,
+            callbacks: &self.callbacks,
+            default_callback: self.default_callback.as_deref(),
         }
     }
 
@@ -140,6 +150,8 @@ mod tests {
             max_retry_after: 3600,
             max_schedule: Duration::from_secs(30 * 86_400),
             providers: vec!["default".into()],
+            callbacks: herald_core::callbacks::UrlPolicy::default(),
+            default_callback: None,
         }
     }
 

@@ -15,7 +15,9 @@ use bson::DateTime;
 use herald_core::worker::{AttemptRecord, Outcome, OutcomeReport, OutcomeResult, OutcomeResults, MAX_OUTCOMES};
 use herald_core::ErrorCode;
 
-use super::{now, MessengerService};
+use herald_core::callbacks::CallbackEvent;
+
+use super::{event_of_status, now, MessengerService};
 use crate::cache::SentEntry;
 use crate::domain::{self, MessageDoc, MessageStatus};
 use crate::error::ServiceError;
@@ -107,6 +109,15 @@ impl MessengerService {
         let claim = self.store.claim_due(worker, limit as usize, lease).await?;
         if claim.expired > 0 {
             self.metrics.expired.with_label_values(&["claim"]).inc_by(claim.expired);
+            let ended: Vec<_> = claim
+                .expired_ids
+                .iter()
+                .map(|id| (*id, CallbackEvent::Expired))
+                .collect();
+            if let Err(error) = self.callbacks.on_transitions(&ended).await {
+                // The messages stay expired; their callbacks are not written again by anyone.
+                tracing::warn!(error = %error, messages = ended.len(), "could not write the callbacks of messages expired at claim");
+            }
         }
         self.metrics.claimed.inc_by(claim.messages.len() as u64);
         Ok(claim.messages)
@@ -205,6 +216,9 @@ impl MessengerService {
         };
         let mut cache_writes: Vec<CacheWrite> = Vec::new();
         let mut attempts: Vec<AttemptRecord> = Vec::new();
+        // Transitions done now or reported again with the same claim: their callbacks (a
+        // repeat writes nothing new).
+        let mut changed: Vec<(ObjectId, CallbackEvent)> = Vec::new();
         for plan in planned {
             let report = &mut reports[plan.index];
             let current = now_held.get(&plan.id);
@@ -217,6 +231,7 @@ impl MessengerService {
             });
             match (applied, plan.write, current) {
                 (true, Some((status, result, commit)), _) => {
+                    changed.extend(event_of_status(status).map(|e| (plan.id, e)));
                     report.status = Some(status);
                     report.result = result;
                     attempts.extend(plan.outcome.attempts().iter().cloned());
@@ -235,6 +250,9 @@ impl MessengerService {
                     } else {
                         OutcomeResult::ClaimLost
                     };
+                    if report.result != OutcomeResult::ClaimLost {
+                        changed.extend(event_of_status(doc.status).map(|e| (plan.id, e)));
+                    }
                     match report.result {
                         OutcomeResult::ClaimLost => self.metrics.commits.with_label_values(&["claim_lost"]).inc(),
                         OutcomeResult::AlreadyCommitted => self.metrics.commits.with_label_values(&["replayed"]).inc(),
@@ -249,10 +267,14 @@ impl MessengerService {
                 }
             }
         }
-        let (cached, ()) = tokio::join!(
+        let (cached, (), written) = tokio::join!(
             self.cache_commits(&cache_writes, stamp),
-            self.record_attempts(&attempts)
+            self.record_attempts(&attempts),
+            self.callbacks.on_transitions(&changed)
         );
+        // Unwritten callbacks fail the report: the worker reports again, and the repeat writes
+        // them.
+        written?;
         Ok(OutcomeResults { cached, items: reports })
     }
 

@@ -57,6 +57,8 @@ pub struct Claim {
     pub messages: Vec<MessageDoc>,
     /// Due messages found past their `expiresAt` and ended `expired` on the way.
     pub expired: u64,
+    /// Their ids.
+    pub expired_ids: Vec<ObjectId>,
 }
 
 /// The process's claimer.
@@ -166,10 +168,10 @@ impl ClaimSteps {
     }
 
     /// Ends those of `ids` that are due at `now` but past their `expires_at`: `expired`, final,
-    /// never sent (again). Returns how many.
-    async fn expire_due(&self, ids: &[ObjectId], now: DateTime) -> Result<u64, StoreError> {
+    /// never sent (again). Returns which (read back only when some were).
+    async fn expire_due(&self, ids: &[ObjectId], now: DateTime) -> Result<Vec<ObjectId>, StoreError> {
         if ids.is_empty() {
-            return Ok(0);
+            return Ok(Vec::new());
         }
         let mut expired = 0;
         for from in [MessageStatus::Pending, MessageStatus::Processing] {
@@ -183,7 +185,18 @@ impl ClaimSteps {
             self.counts.add(Deltas::moved(from, MessageStatus::Expired, n)).await;
             expired += n;
         }
-        Ok(expired)
+        if expired == 0 {
+            return Ok(Vec::new());
+        }
+        let filter = doc! {"_id": {"$in": ids}, "status": MessageStatus::Expired.as_str(), "updated_at": now};
+        let ended: Vec<Document> = self
+            .raw
+            .find(filter)
+            .projection(doc! {"_id": 1})
+            .await?
+            .try_collect()
+            .await?;
+        Ok(ended.iter().filter_map(|d| d.get_object_id("_id").ok()).collect())
     }
 
     /// The messages held under any of `tokens`, by id.
@@ -262,7 +275,7 @@ impl Inner {
         let now = DateTime::now();
         let tokens: Vec<String> = group.iter().map(|_| uuid::Uuid::new_v4().to_string()).collect();
         let mut got = vec![0usize; group.len()];
-        let mut expired = 0;
+        let mut expired: Vec<ObjectId> = Vec::new();
         for _ in 0..ROUNDS {
             let wanted: Vec<usize> = group.iter().zip(&got).map(|(r, g)| r.limit - g).collect();
             let want: usize = wanted.iter().sum();
@@ -296,7 +309,7 @@ impl Inner {
             }
             if taken < ids.len() {
                 // Some were not claimable: taken by another process, or past their expiry.
-                expired += self.steps.expire_due(&ids, now).await?;
+                expired.extend(self.steps.expire_due(&ids, now).await?);
             }
             if ids.len() < want && !lost {
                 break; // took every due message there was
@@ -317,7 +330,12 @@ impl Inner {
                 held = others;
                 Claim {
                     messages: mine,
-                    expired: if index == 0 { expired } else { 0 },
+                    expired: if index == 0 { expired.len() as u64 } else { 0 },
+                    expired_ids: if index == 0 {
+                        std::mem::take(&mut expired)
+                    } else {
+                        Vec::new()
+                    },
                 }
             })
             .collect())

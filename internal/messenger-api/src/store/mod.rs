@@ -19,6 +19,7 @@
 //! condition and one index (`{status, next_attempt_at, _id}`) serve both. How each read is
 //! shaped for the SecantusDB test server's planner: `docs/architecture.md`.
 
+pub mod callbacks;
 pub mod claim;
 pub mod counts;
 pub mod insert;
@@ -75,6 +76,8 @@ pub fn index_specs() -> Vec<IndexSpec> {
         spec("waiting_for_provider", doc! {"waiting_for_provider": 1}, false, true),
         // Receipts find their message by the provider's id (sparse: only sent messages hold one).
         spec("receipt", doc! {"webhook_message_id": 1, "provider": 1}, false, true),
+        // Whether any message asked for status callbacks, answered without a scan.
+        spec("callback_url", doc! {"callback_url": 1}, false, true),
     ]
 }
 
@@ -117,6 +120,11 @@ impl MessageStore {
             widths: std::sync::Arc::default(),
             providers: ProviderStats::new(db),
         }
+    }
+
+    /// The database the store is over.
+    pub fn database(&self) -> &Database {
+        &self.db
     }
 
     /// The per-provider statistics.
@@ -167,6 +175,31 @@ impl MessageStore {
         Ok(self
             .messages
             .find(doc! {"_id": {"$in": ids}})
+            .await?
+            .try_collect()
+            .await?)
+    }
+
+    /// Whether any stored message asked for status callbacks (the sparse `callback_url` index
+    /// answers it from one key).
+    pub async fn any_with_callbacks(&self) -> Result<bool, StoreError> {
+        Ok(self
+            .messages
+            .count_documents(doc! {"callback_url": {"$exists": true}})
+            .limit(1)
+            .await?
+            > 0)
+    }
+
+    /// Those of the messages with these ids that asked for status callbacks.
+    pub async fn with_callbacks(&self, ids: &[ObjectId]) -> Result<Vec<MessageDoc>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        Ok(self
+            .messages
+            .find(doc! {"_id": {"$in": ids}, "callback_url": {"$exists": true}})
+            .projection(doc! {"attempts_log": 0, "receipts": 0})
             .await?
             .try_collect()
             .await?)

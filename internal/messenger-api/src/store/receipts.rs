@@ -31,8 +31,9 @@ pub const SWEEP_WINDOW: Duration = Duration::from_secs(3600);
 pub enum Applied {
     /// It moved the message's delivery; the message after.
     Moved(Box<MessageDoc>),
-    /// The message is at this rank or past it already (a replay, a late intermediate).
-    Stale,
+    /// The message is at this rank or past it already (a replay, a late intermediate); the
+    /// message as it stands.
+    Stale(Box<MessageDoc>),
     /// No message sent through this provider has this id (yet).
     NoMessage,
 }
@@ -109,13 +110,15 @@ impl MessageStore {
         if let Some(message) = moved {
             return Ok(Applied::Moved(Box::new(message)));
         }
-        let exists = self
-            .raw
+        let found = self
+            .messages
             .find_one(doc! {"webhook_message_id": webhook_message_id, "provider": provider})
-            .projection(doc! {"_id": 1})
-            .await?
-            .is_some();
-        Ok(if exists { Applied::Stale } else { Applied::NoMessage })
+            .projection(doc! {"attempts_log": 0, "receipts": 0})
+            .await?;
+        Ok(match found {
+            Some(message) => Applied::Stale(Box::new(message)),
+            None => Applied::NoMessage,
+        })
     }
 
     /// Keeps a receipt that found no message.

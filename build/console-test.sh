@@ -24,6 +24,10 @@ fi
 export HERALD__JOB_SCHEDULER__SCHEDULE="*/1 * * * * *"
 export HERALD__JOB_SCHEDULER__BATCH_SIZE=10
 export HERALD__JOB_SCHEDULER__CONCURRENCY=4
+# Status callbacks to the sink on loopback, signed: the sink checks them with the same secret.
+export HERALD__CALLBACKS__ALLOWED_HOSTS=127.0.0.1
+export HERALD__CALLBACKS__SECRET=whsec_Y29uc29sZS10ZXN0LWNhbGxiYWNrLXNlY3JldA==
+export HERALD__CALLBACKS__POLL_MS=200
 start_stack console 3200 3201 8290
 
 export CONSOLE_API=http://127.0.0.1:3200 CONSOLE_SCHEDULER=http://127.0.0.1:3201 CONSOLE_SINK=http://127.0.0.1:8290

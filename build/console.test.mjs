@@ -189,6 +189,34 @@ test("the operator actions above are in the audit, live", async () => {
   await page.locator(".audit-card").screenshot({ path: `${SHOTS}/console-audit.png` });
 });
 
+test("a message's status callbacks show in its detail, signed and delivered", async () => {
+  // The stack signs callbacks with HERALD__CALLBACKS__SECRET; the sink checks them with it.
+  const callbackUrl = `${SINK}/webhook-sink/callbacks`;
+  const message = await call(`${API}/api/messenger/messages`, "POST", {
+    to: "+905550000009",
+    content: "Tell me when it is sent",
+    callbackUrl,
+  });
+  assert.equal(message.callbackUrl, callbackUrl);
+  await feedItem("message.sent", message.id).waitFor({ timeout: 10000 });
+  let taken;
+  for (let i = 0; i < 50 && !taken; i++) {
+    const all = await call(`${SINK}/webhook-sink/callbacks`);
+    taken = all.find((c) => c.messageId === message.id && c.kind === "message.sent");
+    if (!taken) await new Promise((resolve) => setTimeout(resolve, 200));
+  }
+  assert.ok(taken, "the sink took the message.sent callback");
+  assert.equal(taken.verified, true, "its Standard Webhooks signature checked out");
+  await page.locator(`#messages tr[data-id="${message.id}"]`).click();
+  const item = page.locator(`#detail-facts li[data-callback="msg_${message.id}_sent"]`);
+  await item.waitFor({ timeout: 5000 });
+  await page.locator(`#detail-facts li[data-callback="msg_${message.id}_sent"] .pill`, { hasText: "delivered" }).waitFor({ timeout: 5000 });
+  assert.match(await item.textContent(), /message\.sent · 1 attempt/);
+  await page.locator("#detail").screenshot({ path: `${SHOTS}/console-callbacks.png` });
+  await page.keyboard.press("Escape");
+  await page.locator("#detail").waitFor({ state: "hidden" });
+});
+
 test("it reads well on a phone-width window too", async () => {
   const phone = await browser.newPage({ viewport: { width: 390, height: 844 } });
   await phone.goto(`${API}/messenger/console`);

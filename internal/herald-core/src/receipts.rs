@@ -126,6 +126,10 @@ pub struct ReceiptSettings {
     /// `providerStatus` and counts as `sent` (intermediate).
     #[serde(default)]
     pub status_map: BTreeMap<String, DeliveryState>,
+    /// Hours after a send without a final receipt before its delivery becomes `unknown`, for
+    /// this provider (default `receipts.timeout_hours`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_hours: Option<f64>,
 }
 
 fn default_signature_header() -> String {
@@ -143,6 +147,8 @@ impl ReceiptSettings {
             "message_id_field and status_field must name a field"
         } else if poem::http::HeaderName::from_bytes(self.signature_header.as_bytes()).is_err() {
             "signature_header is not a header name"
+        } else if self.timeout_hours.is_some_and(|h| !(0.0001..=8760.0).contains(&h)) {
+            "timeout_hours must be more than 0 up to 8760"
         } else {
             return None;
         };
@@ -254,6 +260,7 @@ mod tests {
             status_field: "/status".into(),
             error_code_field: None,
             status_map: BTreeMap::from([("DELIVRD".to_owned(), DeliveryState::Delivered)]),
+            timeout_hours: None,
         }
     }
 

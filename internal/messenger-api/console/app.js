@@ -59,8 +59,8 @@ function shortId(id) {
   return id ? `…${id.slice(-8)}` : "";
 }
 
-function pill(status) {
-  return el("span", { class: `pill ${status}` }, status);
+function pill(status, label = status) {
+  return el("span", { class: `pill ${status}` }, label);
 }
 
 function toast(text, bad = false) {
@@ -445,6 +445,17 @@ async function openDetail(id, refresh = false) {
   } catch (error) {
     return handleError(error);
   }
+  // Its status callbacks, when it asked for them (a failed read shows as such, not as none).
+  let callbacks = [];
+  let callbacksNote = "–";
+  if (m.callbackUrl) {
+    try {
+      callbacks = await api(`/api/messenger/messages/${id}/callbacks`);
+      callbacksNote = callbacks.length ? "" : "none yet";
+    } catch (error) {
+      callbacksNote = `unavailable: ${error.message}`;
+    }
+  }
   if (refresh && !($("detail").open && state.detailId === id)) return;
   state.detailId = id;
   $("detail-id").textContent = m.id;
@@ -459,6 +470,26 @@ async function openDetail(id, refresh = false) {
     ["Sent at", dateTime(m.sentAt)],
     ["Delivery", m.delivery ? `${m.delivery.state} (${m.delivery.providerStatus}${m.delivery.errorCode ? `, error ${m.delivery.errorCode}` : ""}) at ${dateTime(m.delivery.at)}` : "–"],
     ["Receipts", m.receipts && m.receipts.length ? m.receipts.map((r) => `${time(r.at)} ${r.state}`).join(" → ") : "–"],
+    ["Callback URL", m.callbackUrl || "–"],
+    [
+      "Callbacks",
+      callbacks.length
+        ? el(
+            "ul",
+            { class: "callbacks" },
+            ...callbacks.map((c) =>
+              el(
+                "li",
+                { "data-callback": c.id },
+                pill(c.status === "delivered" ? "sent" : c.status === "dead" ? "failed" : "pending", c.status),
+                ` ${c.event} · ${c.attempts} attempt${c.attempts === 1 ? "" : "s"}`,
+                c.status === "delivered" ? ` · ${time(c.deliveredAt)}` : "",
+                c.lastError && c.status !== "delivered" ? el("span", { class: "muted" }, ` · ${c.lastError}`) : "",
+              ),
+            ),
+          )
+        : callbacksNote,
+    ],
     ["Send at", m.sendAt ? dateTime(m.sendAt) : "–"],
     ["Expires at", m.expiresAt ? dateTime(m.expiresAt) : "–"],
     ["Last error", m.lastError ? `${m.lastError.kind}${m.lastError.status ? ` ${m.lastError.status}` : ""}: ${m.lastError.detail}` : "–"],

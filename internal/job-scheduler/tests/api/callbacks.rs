@@ -470,3 +470,50 @@ async fn a_429_pauses_its_host_and_holds_its_other_callbacks_without_counting_at
     assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), reached);
     stack.cleanup().await;
 }
+
+#[tokio::test]
+async fn failed_expired_and_retried_messages_write_their_callbacks_once() {
+    let stack = Stack::start(&callback_settings("5")).await;
+    let url = "http://127.0.0.1:9/never-called";
+    for _ in 0..3 {
+        create(&stack, Some(url)).await;
+    }
+    let claimed: Vec<Value> = stack
+        .http
+        .post_json(
+            &format!("{}/api/messenger/get-two", stack.api_url),
+            &json!({"worker": "t", "limit": 3}),
+        )
+        .await;
+    let (fails, expires, retries) = (&claimed[0], &claimed[1], &claimed[2]);
+    let fail = json!({"claimToken": fails["claimToken"], "error": {"kind": "http_status", "status": 400, "detail": "bad number"}, "retryable": false});
+    let retry = json!({"claimToken": retries["claimToken"], "error": {"kind": "http_status", "status": 503, "detail": "busy"}, "retryable": true});
+    let batch = json!({"items": [
+        {"outcome": "failed", "id": fails["id"], "claimToken": fails["claimToken"], "error": fail["error"], "retryable": false},
+        {"outcome": "expired", "id": expires["id"], "claimToken": expires["claimToken"]},
+        {"outcome": "failed", "id": retries["id"], "claimToken": retries["claimToken"], "error": retry["error"], "retryable": true},
+    ]});
+    // Reported twice (a worker whose first report got no answer): the second writes nothing new.
+    for _ in 0..2 {
+        let _: Value = stack
+            .http
+            .post_json(&format!("{}/api/messenger/outcomes", stack.api_url), &batch)
+            .await;
+    }
+    let of = |m: &Value| m["id"].as_str().unwrap().to_owned();
+    let failed = callbacks_of(&stack, &of(fails)).await;
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    assert_eq!(failed[0]["event"], "message.failed");
+    assert_eq!(failed[0]["status"], "pending", "no courier runs here");
+    let expired = callbacks_of(&stack, &of(expires)).await;
+    assert_eq!(expired.len(), 1);
+    assert_eq!(expired[0]["event"], "message.expired");
+    // A retry scheduled is not an outcome the creator is told about.
+    assert!(callbacks_of(&stack, &of(retries)).await.is_empty());
+    let pending = stack
+        .http
+        .get_json(&format!("{}/api/messenger/callbacks?status=pending", stack.api_url))
+        .await;
+    assert_eq!(pending.as_array().unwrap().len(), 2);
+    stack.cleanup().await;
+}

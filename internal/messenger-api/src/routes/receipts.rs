@@ -5,9 +5,10 @@
 use std::sync::Arc;
 
 use herald_core::api_errors;
+use herald_core::auth::ReadKey;
 use herald_core::receipts::DeliveryState;
 use herald_core::ApiError;
-use poem_openapi::param::Path;
+use poem_openapi::param::{Path, Query};
 use poem_openapi::payload::{Binary, Json};
 use poem_openapi::{ApiRequest, ApiResponse, Object, OpenApi};
 
@@ -15,6 +16,31 @@ use super::ApiTags;
 use crate::service::{Inbound, Receipts, Taken};
 
 api_errors!(ReceiptErrors: 400, 401, 404, 415, 500, 503);
+api_errors!(WaitingErrors: 400, 401, 500, 503);
+
+/// A receipt that found no message (yet).
+#[derive(Debug, Clone, Object)]
+#[oai(rename_all = "camelCase")]
+pub struct WaitingReceipt {
+    /// The provider it came from.
+    pub provider: String,
+    /// The provider's message id it names.
+    pub webhook_message_id: String,
+    /// What it reports.
+    pub state: DeliveryState,
+    /// The provider's own word.
+    pub provider_status: String,
+    /// When it came; it is kept a day from then.
+    pub received_at: chrono::DateTime<chrono::Utc>,
+}
+
+/// Receipts waiting for their message.
+#[derive(ApiResponse)]
+pub enum WaitingAnswer {
+    /// Oldest first.
+    #[oai(status = 200)]
+    Ok(Json<Vec<WaitingReceipt>>),
+}
 
 /// A receipt's body, as the provider sends it (kept raw: its signature covers the bytes).
 #[derive(ApiRequest)]
@@ -108,6 +134,37 @@ impl ReceiptsApi {
             Taken::Ignored => ReceiptAnswer::Ok(result("ignored", None)),
             Taken::Pending => ReceiptAnswer::Accepted(result("pending", None)),
         })
+    }
+
+    /// Receipts waiting for their message
+    ///
+    /// Receipts that found no message Herald sent: most are applied within a second, when
+    /// Herald's commit lands; what stays names an id Herald never sent (a provider's mistake, or
+    /// another system's traffic on the same account). Kept a day, oldest first, up to `limit`
+    /// (1..=100, default 20).
+    #[oai(
+        path = "/api/messenger/pending-receipts",
+        method = "get",
+        operation_id = "listPendingReceipts"
+    )]
+    async fn waiting(&self, _auth: ReadKey, limit: Query<Option<u32>>) -> Result<WaitingAnswer, WaitingErrors> {
+        let limit = limit.0.unwrap_or(20);
+        if !(1..=100).contains(&limit) {
+            return Err(ApiError::new(herald_core::ErrorCode::InvalidParameter, "limit must be 1..=100").into());
+        }
+        let found = self.receipts.waiting(limit).await.map_err(ApiError::from)?;
+        Ok(WaitingAnswer::Ok(Json(
+            found
+                .into_iter()
+                .map(|r| WaitingReceipt {
+                    provider: r.provider,
+                    webhook_message_id: r.webhook_message_id,
+                    state: r.delivery.state,
+                    provider_status: r.delivery.provider_status,
+                    received_at: r.received_at.to_chrono(),
+                })
+                .collect(),
+        )))
     }
 }
 

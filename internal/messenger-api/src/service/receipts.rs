@@ -8,7 +8,7 @@
 //! Herald never sent stays there until it expires, counted, for an operator to see; providers
 //! retry a non-2xx for days, so answering it with an error would only bring it back.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use bson::oid::ObjectId;
@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::domain::DeliveryDoc;
 use crate::error::ServiceError;
-use crate::store::receipts::{Applied, PendingReceipt};
+use crate::store::receipts::{Applied, PendingReceipt, DEFAULT_SWEEP};
 use crate::store::MessageStore;
 
 /// How often waiting receipts are matched again.
@@ -97,18 +97,37 @@ impl Receipts {
     /// ago, and still without a final receipt, the delivery state `unknown`: one bounded batch
     /// after where the last sweep stopped (the first starts a week behind the cutoff). Answers
     /// how many it marked and whether it caught up.
+    ///
+    /// Providers with their own `timeout_hours` are swept apart, each timeout with its own
+    /// floor.
     pub async fn sweep_unknown(&self, now: DateTime) -> Result<(u64, bool), ServiceError> {
-        let providers: Vec<String> = self.providers.keys().cloned().collect();
-        let cutoff = DateTime::from_millis(now.timestamp_millis() - self.timeout.as_millis() as i64);
-        let floor = match self.store.unknown_sweep_floor().await? {
-            Some(floor) => floor,
-            None => DateTime::from_millis(cutoff.timestamp_millis() - FIRST_SWEEP_REACH.as_millis() as i64),
-        };
+        let mut groups: BTreeMap<u64, Vec<String>> = BTreeMap::new();
+        for (name, settings) in &self.providers {
+            let timeout = settings
+                .timeout_hours
+                .map_or(self.timeout, |h| Duration::from_secs_f64(h * 3600.0));
+            groups.entry(timeout.as_millis() as u64).or_default().push(name.clone());
+        }
         let unknown = DeliveryDoc::new(DeliveryState::Unknown, "no receipt in time", None, now);
-        let (marked, caught_up) = self
-            .store
-            .mark_unknown_after(&providers, floor, cutoff, SWEEP_BATCH, &unknown)
-            .await?;
+        let (mut marked, mut caught_up) = (0, true);
+        for (timeout_ms, providers) in groups {
+            let sweep = if timeout_ms == self.timeout.as_millis() as u64 {
+                DEFAULT_SWEEP.to_owned()
+            } else {
+                format!("{DEFAULT_SWEEP}:{timeout_ms}ms")
+            };
+            let cutoff = DateTime::from_millis(now.timestamp_millis() - timeout_ms as i64);
+            let floor = match self.store.unknown_sweep_floor(&sweep).await? {
+                Some(floor) => floor,
+                None => DateTime::from_millis(cutoff.timestamp_millis() - FIRST_SWEEP_REACH.as_millis() as i64),
+            };
+            let (n, done) = self
+                .store
+                .mark_unknown_after(&sweep, &providers, floor, cutoff, SWEEP_BATCH, &unknown)
+                .await?;
+            marked += n;
+            caught_up &= done;
+        }
         if marked > 0 {
             self.counted.with_label_values(&["-", "timed_out"]).inc_by(marked);
         }
@@ -227,6 +246,11 @@ impl Receipts {
         {
             tracing::warn!(error = %telemetry::Chain(&error), provider, "could not add a receipt to the provider statistics");
         }
+    }
+
+    /// Up to `limit` receipts that found no message, oldest first.
+    pub async fn waiting(&self, limit: u32) -> Result<Vec<PendingReceipt>, ServiceError> {
+        Ok(self.store.pending_receipts(i64::from(limit)).await?)
     }
 
     /// Writes the status callback of a delivery that moved, when its message asked for them.

@@ -22,7 +22,8 @@ pub const PENDING_COLLECTION: &str = "receipts_pending";
 pub const PENDING_KEPT: Duration = Duration::from_secs(86_400);
 /// Where the sweep for receipts that never came has got to.
 const SWEEP_STATE_COLLECTION: &str = "receipts_sweep";
-const SWEEP_STATE_ID: &str = "unknown";
+/// The sweep of the providers on `receipts.timeout_hours` (others: `unknown:<hours>`).
+pub const DEFAULT_SWEEP: &str = "unknown";
 /// The span of sends one timeout sweep looks at, at most.
 pub const SWEEP_WINDOW: Duration = Duration::from_secs(3600);
 
@@ -145,12 +146,12 @@ impl MessageStore {
         Ok(())
     }
 
-    /// Where the timeout sweep stopped: it has looked at every message sent up to then.
-    pub async fn unknown_sweep_floor(&self) -> Result<Option<DateTime>, StoreError> {
+    /// Where the timeout sweep `sweep` stopped: it has looked at every message sent up to then.
+    pub async fn unknown_sweep_floor(&self, sweep: &str) -> Result<Option<DateTime>, StoreError> {
         let state = self
             .db
             .collection::<bson::Document>(SWEEP_STATE_COLLECTION)
-            .find_one(doc! {"_id": SWEEP_STATE_ID})
+            .find_one(doc! {"_id": sweep})
             .await?;
         Ok(state.and_then(|s| s.get_datetime("floor").ok().copied()))
     }
@@ -164,6 +165,7 @@ impl MessageStore {
     /// the cutoff.
     pub async fn mark_unknown_after(
         &self,
+        sweep: &str,
         providers: &[String],
         floor: DateTime,
         cutoff: DateTime,
@@ -189,7 +191,7 @@ impl MessageStore {
         };
         let ids: Vec<ObjectId> = seen.iter().filter_map(|d| d.get_object_id("_id").ok()).collect();
         if ids.is_empty() {
-            self.save_sweep_floor(next_floor).await?;
+            self.save_sweep_floor(sweep, next_floor).await?;
             return Ok((0, window_end == cutoff));
         }
         let unknown_bson = bson::to_bson(unknown)?;
@@ -208,14 +210,14 @@ impl MessageStore {
             )
             .await?
             .modified_count;
-        self.save_sweep_floor(next_floor).await?;
+        self.save_sweep_floor(sweep, next_floor).await?;
         Ok((marked, !full && window_end == cutoff))
     }
 
-    async fn save_sweep_floor(&self, floor: DateTime) -> Result<(), StoreError> {
+    async fn save_sweep_floor(&self, sweep: &str, floor: DateTime) -> Result<(), StoreError> {
         self.db
             .collection::<bson::Document>(SWEEP_STATE_COLLECTION)
-            .update_one(doc! {"_id": SWEEP_STATE_ID}, doc! {"$set": {"floor": floor}})
+            .update_one(doc! {"_id": sweep}, doc! {"$set": {"floor": floor}})
             .upsert(true)
             .await?;
         Ok(())

@@ -274,14 +274,11 @@ async fn a_receipt_before_the_commit_is_kept_and_applied_when_it_lands_and_an_un
         assert!(metrics.contains(line), "{line} in\n{metrics}");
     }
     // The unknown one still waits, for an operator to see.
-    let waiting = app
-        .env
-        .db()
-        .collection::<bson::Document>("receipts_pending")
-        .find_one(bson::doc! {"webhook_message_id": "never-ours"})
-        .await
-        .unwrap();
-    assert!(waiting.is_some());
+    let waiting = app.get_json("/api/messenger/pending-receipts").await;
+    let waiting = waiting.as_array().unwrap();
+    assert_eq!(waiting.len(), 1, "{waiting:?}");
+    assert_eq!(waiting[0]["webhookMessageId"], "never-ours");
+    assert_eq!(waiting[0]["provider"], "acme");
     app.cleanup().await;
 }
 
@@ -411,5 +408,64 @@ async fn a_message_with_no_final_receipt_in_time_becomes_unknown_and_a_late_rece
     assert_eq!(body["result"], "applied");
     assert_eq!(by_mid("m-silent").await["delivery"]["state"], "delivered");
     assert_eq!(ids.len(), 3);
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_provider_with_its_own_receipt_timeout_is_swept_on_it_and_the_others_on_the_default() {
+    let env = TestEnv::new().await.expect("test servers");
+    // acme waits 3 hours for a final receipt, tw the default 1 hour.
+    let providers = PROVIDERS.replace(
+        "error_code_field = \"/result/error\"",
+        "error_code_field = \"/result/error\"\ntimeout_hours = 3",
+    );
+    let settings = herald_core::testing::with_providers(
+        settings_for(
+            &env,
+            &[
+                ("HERALD__RECEIPTS__TIMEOUT_HOURS", "1"),
+                ("HERALD__RECEIPTS__SWEEP_SECONDS", "1"),
+            ],
+        ),
+        &providers,
+    );
+    let app = spawn_with_settings(env, settings).await;
+    let ago = |hours: i64| (chrono::Utc::now() - chrono::Duration::hours(hours)).to_rfc3339();
+    app.seed(4).await;
+    let claimed = app.claim("w", 4).await;
+    let sends = [
+        ("acme", "a-2h", ago(2)),
+        ("acme", "a-4h", ago(4)),
+        ("tw", "t-2h", ago(2)),
+        ("tw", "t-now", ago(0)),
+    ];
+    let mut id_of = std::collections::HashMap::new();
+    for (claim, (provider, mid, sent_at)) in claimed.iter().zip(&sends) {
+        let committed = app
+            .put(&format!("/api/messenger/commit/{}", claim["id"].as_str().unwrap()))
+            .json(&json!({"claimToken": claim["claimToken"], "webhookMessageId": mid, "provider": provider, "sentAt": sent_at}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(committed.status(), 200);
+        id_of.insert(*mid, claim["id"].as_str().unwrap().to_owned());
+    }
+    let state = |mid: &str| {
+        let path = format!("/api/messenger/messages/{}", id_of[mid]);
+        let app = &app;
+        async move { app.get_json(&path).await["delivery"]["state"].clone() }
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while state("a-4h").await != "unknown" || state("t-2h").await != "unknown" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "past their timeouts, never unknown"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // Two more sweeps: the ones within their own provider's timeout stay as they were.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert!(state("a-2h").await.is_null(), "2 h is within acme's 3 h");
+    assert!(state("t-now").await.is_null());
     app.cleanup().await;
 }

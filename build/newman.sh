@@ -15,4 +15,5 @@ start_stack newman 3100 3101 8190
   -e postman/local.postman_environment.json \
   --env-var apiUrl=http://127.0.0.1:3100 \
   --env-var schedulerUrl=http://127.0.0.1:3101 \
+  --env-var callbackUrl=http://127.0.0.1:8190/webhook-sink/callbacks \
   --bail --color off --reporters cli

@@ -8,7 +8,9 @@ cd "$ROOT"
 export PATH="$HOME/.cargo/bin:$PATH"
 source build/test-stack.sh
 
-STACK_FRESH=0 STACK_SEED=10 start_stack local 3000 3001 8090
+# The sink reports every message it accepts delivered (1 in 20 undelivered), as a provider would.
+STACK_SINK_ARGS="--receipts-url http://127.0.0.1:3000/api/messenger/receipts/default --receipts-undelivered 0.05" \
+  STACK_FRESH=0 STACK_SEED=10 start_stack local 3000 3001 8090
 trap 'echo; echo "stopping Herald..."; stop_stack' INT TERM EXIT
 
 cat <<TXT
@@ -21,6 +23,8 @@ Herald is running (logs in .local/local-*.log). API key for "Authorize": local-d
   Live events (SSE):         curl -N -H 'Authorization: Bearer local-dev-api-key' http://127.0.0.1:3000/api/messenger/events
   Sent messages:             curl -H 'Authorization: Bearer local-dev-api-key' http://127.0.0.1:3000/api/messenger/messages/sent
   What the provider got:     http://127.0.0.1:8090/webhook-sink/received
+  Callbacks it took:         http://127.0.0.1:8090/webhook-sink/callbacks  (create with
+                             "callbackUrl": "http://127.0.0.1:8090/webhook-sink/callbacks")
   Metrics:                   http://127.0.0.1:3000/metrics  http://127.0.0.1:3001/metrics
 
 The job sends two messages every two minutes (the first two at once). Ctrl-C stops everything.

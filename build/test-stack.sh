@@ -4,9 +4,10 @@
 #
 #   start_stack NAME API_PORT SCHEDULER_PORT SINK_PORT
 #
-# Extra HERALD__* variables exported before the call reach all three processes. By default the
-# stack gets a fresh database and Redis prefix; STACK_FRESH=0 keeps the configured ones (the
-# local stack's `herald`). STACK_SEED=N seeds N mock messages before the scheduler starts.
+# Extra HERALD__* variables exported before the call reach all three processes; STACK_SINK_ARGS
+# are extra flags of the sink. By default the stack gets a fresh database and Redis prefix;
+# STACK_FRESH=0 keeps the configured ones (the local stack's `herald`). STACK_SEED=N seeds N mock
+# messages before the scheduler starts.
 # Logs go to .local/NAME-{sink,api,scheduler}.log.
 
 start_stack() {
@@ -29,7 +30,8 @@ start_stack() {
   mkdir -p .local
   STACK_PIDS=()
   trap stop_stack EXIT
-  "$HERALD" webhook-sink >".local/$name-sink.log" 2>&1 & STACK_PIDS+=($!)
+  # shellcheck disable=SC2086 # STACK_SINK_ARGS is a list of flags
+  "$HERALD" webhook-sink ${STACK_SINK_ARGS:-} >".local/$name-sink.log" 2>&1 & STACK_PIDS+=($!)
   "$HERALD" messenger-api >".local/$name-api.log" 2>&1 & STACK_PIDS+=($!)
   wait_healthy "$name" "http://127.0.0.1:$sink_port/webhook-sink/health"
   wait_healthy "$name" "http://127.0.0.1:$api_port/messenger/health"

@@ -349,9 +349,9 @@ impl Routing {
                 .collect::<Result<Vec<_>, _>>()?
         };
         if let Some(problem) = settings
-            .providers
+            .receipt_providers()
             .iter()
-            .find_map(|p| p.receipts.as_ref().and_then(|r| r.problem(&p.name)))
+            .find_map(|(name, r)| r.problem(name))
         {
             return Err(InvalidSettings(problem));
         }

@@ -230,6 +230,10 @@ pub struct WebhookSettings {
     pub pause_after_failures: u32,
     /// First pause after a failure streak, in seconds; each further one in a row doubles.
     pub pause_seconds: u64,
+    /// Delivery receipts of this provider (`default`), when it sends them
+    /// (`[webhook.receipts]`; with `[[providers]]`, each has its own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub receipts: Option<crate::receipts::ReceiptSettings>,
 }
 
 /// `[delivery]`
@@ -411,6 +415,27 @@ impl CallbacksSettings {
     /// The URL rules.
     pub fn url_policy(&self) -> crate::callbacks::UrlPolicy {
         crate::callbacks::UrlPolicy::new(&self.allowed_hosts)
+    }
+}
+
+impl Settings {
+    /// The providers that take delivery receipts, by name: each `[[providers]]` with its
+    /// `[providers.receipts]`, or without `[[providers]]` the one `[webhook]` (`default`) with
+    /// its `[webhook.receipts]`.
+    pub fn receipt_providers(&self) -> Vec<(String, crate::receipts::ReceiptSettings)> {
+        if self.providers.is_empty() {
+            return self
+                .webhook
+                .receipts
+                .clone()
+                .map(|r| (crate::providers::DEFAULT_PROVIDER.to_owned(), r))
+                .into_iter()
+                .collect();
+        }
+        self.providers
+            .iter()
+            .filter_map(|p| p.receipts.clone().map(|r| (p.name.clone(), r)))
+            .collect()
     }
 }
 

@@ -77,11 +77,7 @@ impl Receipts {
         settings: &Settings,
         metrics: &crate::metrics::MessengerMetrics,
     ) -> Self {
-        let providers = settings
-            .providers
-            .iter()
-            .filter_map(|p| p.receipts.clone().map(|r| (p.name.clone(), r)))
-            .collect();
+        let providers = settings.receipt_providers().into_iter().collect();
         Self {
             store,
             callbacks,

@@ -469,3 +469,45 @@ async fn a_provider_with_its_own_receipt_timeout_is_swept_on_it_and_the_others_o
     assert!(state("t-now").await.is_null());
     app.cleanup().await;
 }
+
+#[tokio::test]
+async fn the_one_webhook_provider_takes_receipts_under_its_own_name() {
+    use herald_core::receipts::{ReceiptScheme, ReceiptSettings};
+    let env = TestEnv::new().await.expect("test servers");
+    let mut settings = settings_for(&env, &[]);
+    // No [[providers]]: `[webhook.receipts]` gives the `default` provider its receipts.
+    settings.webhook.receipts = Some(ReceiptSettings {
+        scheme: ReceiptScheme::HmacSha256,
+        secret: "sink-secret".to_owned().into(),
+        signature_header: "X-Sink-Signature".into(),
+        user: None,
+        public_url: None,
+        message_id_field: "/messageId".into(),
+        status_field: "/status".into(),
+        error_code_field: None,
+        status_map: [("DELIVRD".to_owned(), herald_core::receipts::DeliveryState::Delivered)].into(),
+        timeout_hours: None,
+    });
+    let app = spawn_with_settings(env, settings).await;
+    let id = sent(&app, "default", "wh-1").await;
+    let raw = json!({"messageId": "wh-1", "status": "DELIVRD"}).to_string();
+    let post = |secret: &'static str| {
+        let raw = raw.clone();
+        let app = &app;
+        async move {
+            app.client
+                .post(app.url("/api/messenger/receipts/default"))
+                .header("content-type", "application/json")
+                .header("X-Sink-Signature", hmac_sha256_hex(secret.as_bytes(), raw.as_bytes()))
+                .body(raw)
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(post("wrong").await.status(), 401);
+    let (status, body) = answer(post("sink-secret").await).await;
+    assert_eq!((status, body["result"].as_str()), (200, Some("applied")));
+    assert_eq!(app.message(&id).await["delivery"]["state"], "delivered");
+    app.cleanup().await;
+}

@@ -258,6 +258,71 @@ async fn herald_drain(n: usize, replicas: usize) -> (f64, f64, f64, String) {
     (n as f64 / secs, herald_cpu, db_cpu, detail)
 }
 
+/// Herald draining a stored backlog of `n` with 4 scheduler replicas while the provider
+/// stand-in posts a signed delivery receipt back for every message it accepts (100 ms later,
+/// 64 at once at most per sink), as a provider closing the loop would. Answers the drain's rate,
+/// Herald's and the database's CPU ms per message, how long after the drain the last receipt was
+/// applied, and the detail.
+async fn herald_drain_with_receipts(n: usize) -> (f64, f64, f64, f64, String) {
+    let http = Http::new(TEST_KEY);
+    let mut vars = vec![("RUST_LOG", "warn".to_owned())];
+    vars.extend(draining());
+    let mut stack = Stack::new(herald_binary(), &vars).await;
+    stack.use_providers(&format!(
+        "[[providers]]\nname = \"sink\"\nurl = \"{}/webhook\"\nauth_key = \"local-dev-webhook-key\"\n\
+         [providers.receipts]\nscheme = \"hmac-sha256\"\nsecret = \"bench-receipts\"\n\
+         signature_header = \"X-Sink-Signature\"\nmessage_id_field = \"/messageId\"\n\
+         status_field = \"/status\"\nstatus_map = {{ DELIVRD = \"delivered\" }}\n",
+        stack.sink
+    ));
+    let receipts_url = format!("{}/api/messenger/receipts/sink", stack.api);
+    stack.start("api", &["messenger-api"], &[]);
+    stack.start(
+        "sink",
+        &[
+            "webhook-sink",
+            "--receipts-url",
+            &receipts_url,
+            "--receipts-secret",
+            "bench-receipts",
+            "--receipts-delay-ms",
+            "100",
+        ],
+        &[],
+    );
+    stack.wait_healthy(&format!("{}/messenger/health", stack.api)).await;
+    stack.wait_healthy(&format!("{}/webhook-sink/health", stack.sink)).await;
+    seed_messages(&http, &stack.api, n).await;
+    let usage = Usage::start(&stack).await;
+    let t = Instant::now();
+    stack.replicas(4);
+    while stack.delivered().await < n as u64 {
+        assert!(t.elapsed() < Duration::from_secs(600), "the drain stalled");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let secs = t.elapsed().as_secs_f64();
+    let drained = Instant::now();
+    let messages = stack.env.db().collection::<Document>("messages");
+    let delivered = || async {
+        messages
+            .count_documents(doc! {"delivery.state": "delivered"})
+            .await
+            .unwrap()
+    };
+    while delivered().await < n as u64 {
+        assert!(drained.elapsed() < Duration::from_secs(300), "receipts stalled");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let tail = drained.elapsed().as_secs_f64();
+    let ops = usage.ops_per_thousand(&stack, n).await;
+    let (herald_cpu, db_cpu, detail) = usage.finish(&stack, n);
+    let received = stack.received_counts().await;
+    assert!(received.values().all(|c| *c == 1), "a message was sent twice");
+    stack.cleanup().await;
+    let detail = format!("{detail}; database ops per 1k messages: {ops}");
+    (n as f64 / secs, herald_cpu, db_cpu, tail, detail)
+}
+
 /// Herald draining a stored backlog of `n` with 4 scheduler processes to two providers that
 /// split the route evenly (each a stand-in process of its own).
 async fn herald_drain_two_providers(n: usize) -> f64 {
@@ -459,7 +524,7 @@ async fn main() {
     let posts = args.get(1).copied().unwrap_or(20_000);
     assert!(herald_binary().exists(), "cargo build --release --bin herald first");
 
-    // BENCH_ONLY=drain,routes,posts,claims picks scenarios (the ceilings always run: ratios need them).
+    // BENCH_ONLY=drain,routes,receipts,posts,claims picks scenarios (the ceilings always run: ratios need them).
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
     let wanted = |name: &str| only.is_empty() || only.split(',').any(|o| o.trim() == name);
     let (insert_rate, ceiling) = raw_ceiling(backlog).await;
@@ -499,6 +564,21 @@ async fn main() {
             "| the same, two providers on one route (weights 1:1), msgs/s | {two:.0} | {ceiling:.0} | {:.0} % |",
             100.0 * two / ceiling
         );
+    }
+    if wanted("receipts") {
+        // One sitting: the drain alone, then the same drain with a receipt for every message.
+        let (alone, cpu, db_cpu, _) = herald_drain(backlog, 4).await;
+        let (with, r_cpu, r_db_cpu, tail, detail) = herald_drain_with_receipts(backlog).await;
+        println!(
+            "| drain of a stored {backlog} backlog, R=4, msgs/s; Herald / database CPU ms per msg | {alone:.0}; {cpu:.3} / {db_cpu:.3} | {ceiling:.0} | {:.0} % |",
+            100.0 * alone / ceiling
+        );
+        println!(
+            "| the same with a signed receipt back for each (100 ms after), msgs/s; Herald / database CPU ms per msg | {with:.0}; {r_cpu:.3} / {r_db_cpu:.3} | {ceiling:.0} | {:.0} % |",
+            100.0 * with / ceiling
+        );
+        println!("| last receipt applied after the drain ended, s | {tail:.1} | | |");
+        details.push(format!("drain with receipts: {detail}"));
     }
     if wanted("posts") {
         let (rate, p50, p99, cpu, detail) = herald_posts(posts, None).await;

@@ -8,7 +8,9 @@ use herald_core::Settings;
 use herald_messenger_api::cache::SentCache;
 use herald_messenger_api::domain::Draft;
 use herald_messenger_api::metrics::MessengerMetrics;
-use herald_messenger_api::service::{Admission, Callbacks, KeyRates, MessengerService, RetryPolicy, MAX_BATCH};
+use herald_messenger_api::service::{
+    Admission, Callbacks, KeyRates, MessengerService, Receipts, RetryPolicy, MAX_BATCH,
+};
 use herald_messenger_api::store::MessageStore;
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::Rng;
@@ -55,6 +57,7 @@ pub async fn run(settings: &Settings, count: u64) -> anyhow::Result<()> {
         metrics.admission_rejected.clone(),
     ));
     let callbacks = Arc::new(Callbacks::new(store.clone(), settings, metrics.callbacks.clone()));
+    let receipts = Arc::new(Receipts::new(store.clone(), callbacks.clone(), settings, &metrics));
     let service = MessengerService::new(
         store,
         SentCache::new(&settings.redis)?,
@@ -62,6 +65,7 @@ pub async fn run(settings: &Settings, count: u64) -> anyhow::Result<()> {
         metrics,
         admission,
         callbacks,
+        receipts,
     );
     let mut done = 0;
     while done < count {

@@ -255,13 +255,16 @@ pub struct Refused(pub String);
 #[derive(Debug, Clone, Default)]
 pub struct UrlPolicy {
     allowed_hosts: Vec<String>,
+    only_listed: bool,
 }
 
 impl UrlPolicy {
-    /// Hosts in `allowed_hosts` may use `http` and resolve to any address.
-    pub fn new(allowed_hosts: &[String]) -> Self {
+    /// Hosts in `allowed_hosts` may use `http` and resolve to any address; with `only_listed`,
+    /// no other host is allowed at all.
+    pub fn new(allowed_hosts: &[String], only_listed: bool) -> Self {
         Self {
             allowed_hosts: allowed_hosts.iter().map(|h| h.trim().to_ascii_lowercase()).collect(),
+            only_listed,
         }
     }
 
@@ -285,6 +288,11 @@ impl UrlPolicy {
             .ok_or_else(|| Refused("callbackUrl has no host".into()))?
             .to_owned();
         let listed = self.is_listed(&host);
+        if self.only_listed && !listed {
+            return Err(Refused(format!(
+                "callbackUrl host {host} is not in callbacks.allowed_hosts (callbacks.restrict_to_allowed_hosts is on)"
+            )));
+        }
         match parsed.scheme() {
             "https" => {}
             "http" if listed => {}
@@ -322,6 +330,11 @@ impl UrlPolicy {
     pub fn check_addresses(&self, host: &str, addresses: &[IpAddr]) -> Result<(), Refused> {
         if self.is_listed(host) {
             return Ok(());
+        }
+        if self.only_listed {
+            return Err(Refused(format!(
+                "{host} is not in callbacks.allowed_hosts (callbacks.restrict_to_allowed_hosts is on); refused before connecting"
+            )));
         }
         if addresses.is_empty() {
             return Err(Refused(format!("{host} resolves to no address")));
@@ -567,7 +580,7 @@ mod tests {
 
     #[test]
     fn urls_are_checked_at_create() {
-        let policy = UrlPolicy::new(&["127.0.0.1".into(), "hooks.internal".into()]);
+        let policy = UrlPolicy::new(&["127.0.0.1".into(), "hooks.internal".into()], false);
         assert!(policy.check_url("https://example.com/hook").is_ok());
         assert!(policy.check_url("http://127.0.0.1:9000/hook").is_ok());
         assert!(policy.check_url("http://hooks.internal/x").is_ok());
@@ -592,12 +605,23 @@ mod tests {
 
     #[test]
     fn addresses_are_checked_at_send() {
-        let policy = UrlPolicy::new(&["hooks.internal".into()]);
+        let policy = UrlPolicy::new(&["hooks.internal".into()], false);
         let private: IpAddr = "10.0.0.7".parse().unwrap();
         let public: IpAddr = "93.184.215.14".parse().unwrap();
         assert!(policy.check_addresses("example.com", &[public]).is_ok());
         assert!(policy.check_addresses("example.com", &[public, private]).is_err());
         assert!(policy.check_addresses("example.com", &[]).is_err());
         assert!(policy.check_addresses("hooks.internal", &[private]).is_ok());
+    }
+
+    #[test]
+    fn restricted_to_the_listed_hosts_nothing_else_goes() {
+        let policy = UrlPolicy::new(&["hooks.internal".into(), "127.0.0.1".into()], true);
+        assert!(policy.check_url("https://hooks.internal/cb").is_ok());
+        assert!(policy.check_url("http://127.0.0.1:8090/cb").is_ok());
+        let refused = policy.check_url("https://example.com/hook").unwrap_err();
+        assert!(refused.0.contains("restrict_to_allowed_hosts"), "{refused}");
+        let public: IpAddr = "93.184.215.14".parse().unwrap();
+        assert!(policy.check_addresses("example.com", &[public]).is_err());
     }
 }

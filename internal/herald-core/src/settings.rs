@@ -383,6 +383,8 @@ pub struct CallbacksSettings {
     /// Hosts a callback may reach over `http` and at a private or loopback address.
     #[serde(default, deserialize_with = "layered_config::one_or_many")]
     pub allowed_hosts: Vec<String>,
+    /// Only hosts in `allowed_hosts` may be called back at all.
+    pub restrict_to_allowed_hosts: bool,
     /// Delay before retry n, in seconds; dead-lettered after the last.
     #[serde(deserialize_with = "layered_config::one_or_many")]
     pub retry_schedule_seconds: Vec<u64>,
@@ -414,7 +416,7 @@ impl CallbacksSettings {
 
     /// The URL rules.
     pub fn url_policy(&self) -> crate::callbacks::UrlPolicy {
-        crate::callbacks::UrlPolicy::new(&self.allowed_hosts)
+        crate::callbacks::UrlPolicy::new(&self.allowed_hosts, self.restrict_to_allowed_hosts)
     }
 }
 

@@ -119,6 +119,7 @@ impl Services {
         let policy = RetryPolicy::from_settings(settings);
         let providers = policy.providers.clone();
         let callbacks = Arc::new(Callbacks::new(store.clone(), settings, metrics.callbacks.clone()));
+        let receipts = Arc::new(Receipts::new(store.clone(), callbacks.clone(), settings, &metrics));
         Ok(Self {
             messenger: Arc::new(MessengerService::new(
                 store.clone(),
@@ -127,6 +128,7 @@ impl Services {
                 metrics.clone(),
                 admission.clone(),
                 callbacks.clone(),
+                receipts.clone(),
             )),
             job: Arc::new(JobRemote::new(scheduler)),
             monitor: Arc::new(Monitor::new(
@@ -138,7 +140,7 @@ impl Services {
                 admission,
             )),
             audit: AuditStore::new(&db, "messenger-api"),
-            receipts: Arc::new(Receipts::new(store.clone(), callbacks.clone(), settings, &metrics)),
+            receipts,
             callbacks,
             slots: SubscriberSlots::new(settings.events.max_subscribers_per_key),
             feed: EventFeed::new(db, settings.events.subscriber_buffer, metrics.feed.clone()),

@@ -304,7 +304,11 @@ async fn a_callback_never_taken_is_dead_lettered_told_on_the_feed_and_can_be_sen
 
 #[tokio::test]
 async fn callback_urls_that_are_not_https_or_point_at_private_addresses_are_refused_at_create() {
-    let stack = Stack::start(&[("HERALD__CALLBACKS__ALLOWED_HOSTS", "hooks.internal")]).await;
+    let stack = Stack::start(&[
+        ("HERALD__CALLBACKS__ALLOWED_HOSTS", "hooks.internal"),
+        ("HERALD__CALLBACKS__RESTRICT_TO_ALLOWED_HOSTS", "false"),
+    ])
+    .await;
     for url in [
         "http://example.com/hook",
         "https://10.0.0.1/hook",
@@ -328,6 +332,17 @@ async fn callback_urls_that_are_not_https_or_point_at_private_addresses_are_refu
     }
     // Nothing was stored.
     assert_eq!(stack.count("pending").await, 0);
+    // Restricted (the test environment's own setting), only a listed host goes at all.
+    let restricted = Stack::start(&[]).await;
+    let refused = restricted
+        .http
+        .post(&format!("{}/api/messenger/messages", restricted.api_url))
+        .json(&json!({"to": "+905551234567", "content": "x", "callbackUrl": "https://example.com/hook"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 400);
+    restricted.cleanup().await;
     // https to a public name, and http to a listed host, are taken.
     for url in ["https://example.com/hook", "http://hooks.internal/cb"] {
         let id = create(&stack, Some(url)).await;
@@ -353,6 +368,7 @@ impl Lookup for FixedLookup {
 fn courier(stack: &Stack, lookup: Arc<FixedLookup>, allowed: &[&str], concurrency: usize) -> Courier {
     let mut settings = herald_core::testing::settings_for(&stack.env, &callback_settings("5,5"));
     settings.callbacks.allowed_hosts = allowed.iter().map(|h| (*h).to_owned()).collect();
+    settings.callbacks.restrict_to_allowed_hosts = false;
     settings.callbacks.concurrency = concurrency;
     Courier::new(CourierParts {
         messenger: herald_core::peer::PeerClient::new(&stack.api_url, KEY.to_owned().into(), Duration::from_secs(10))
@@ -370,7 +386,13 @@ fn courier(stack: &Stack, lookup: Arc<FixedLookup>, allowed: &[&str], concurrenc
 
 #[tokio::test]
 async fn a_name_resolving_to_a_private_address_is_refused_before_any_connection() {
-    let stack = Stack::start(&[("HERALD__CALLBACKS__ALLOWED_HOSTS", "listed.example.test")]).await;
+    // Any https host is allowed at create here: the names resolve only through the test's own
+    // resolver, never the system's.
+    let stack = Stack::start(&[
+        ("HERALD__CALLBACKS__ALLOWED_HOSTS", "listed.example.test"),
+        ("HERALD__CALLBACKS__RESTRICT_TO_ALLOWED_HOSTS", "false"),
+    ])
+    .await;
     let (receiver_url, received) = receiver(0, SECRET).await;
     let port = reqwest::Url::parse(&receiver_url).unwrap().port().unwrap();
     let lookup = Arc::new(FixedLookup {

@@ -49,6 +49,7 @@ pub struct MessengerService {
     metrics: MessengerMetrics,
     admission: Arc<Admission>,
     callbacks: Arc<Callbacks>,
+    receipts: Arc<Receipts>,
 }
 
 impl MessengerService {
@@ -60,6 +61,7 @@ impl MessengerService {
         metrics: MessengerMetrics,
         admission: Arc<Admission>,
         callbacks: Arc<Callbacks>,
+        receipts: Arc<Receipts>,
     ) -> Self {
         Self {
             store,
@@ -68,6 +70,7 @@ impl MessengerService {
             metrics,
             admission,
             callbacks,
+            receipts,
         }
     }
 }

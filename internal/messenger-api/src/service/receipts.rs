@@ -4,7 +4,8 @@
 //!
 //! A receipt that finds no message is answered 202 and kept for a day: the provider's callback
 //! may beat Herald's own commit (the provider answered, the worker has not yet written it), and
-//! [`Receipts::match_pending`] applies it once the commit lands (within [`MATCH_EVERY`]). An id
+//! [`Receipts::match_committed`] applies it as the commit lands ([`Receipts::match_pending`]
+//! catches one stored just after its commit looked, within [`MATCH_EVERY`]). An id
 //! Herald never sent stays there until it expires, counted, for an operator to see; providers
 //! retry a non-2xx for days, so answering it with an error would only bring it back.
 
@@ -28,6 +29,10 @@ use crate::store::MessageStore;
 pub const MATCH_EVERY: Duration = Duration::from_secs(1);
 /// Waiting receipts matched per round.
 const MATCH_BATCH: i64 = 200;
+/// A waiting receipt is looked at by the periodic round this long after it came.
+const MATCH_DELAY: Duration = Duration::from_secs(1);
+/// How far back the first round after start looks.
+const MATCH_REACH: Duration = Duration::from_secs(600);
 /// Sent messages one timeout sweep reads at most.
 pub const SWEEP_BATCH: i64 = 500;
 /// Where the first timeout sweep starts, behind its cutoff.
@@ -61,6 +66,8 @@ pub enum Taken {
 /// Receipts, per provider.
 pub struct Receipts {
     store: MessageStore,
+    /// Where the periodic match round has got to (by `received_at`).
+    floor: std::sync::Mutex<Option<DateTime>>,
     callbacks: std::sync::Arc<super::Callbacks>,
     providers: HashMap<String, ReceiptSettings>,
     counted: prometheus::IntCounterVec,
@@ -80,6 +87,7 @@ impl Receipts {
         let providers = settings.receipt_providers().into_iter().collect();
         Self {
             store,
+            floor: std::sync::Mutex::new(None),
             callbacks,
             providers,
             counted: metrics.receipts.clone(),
@@ -257,10 +265,53 @@ impl Receipts {
         }
     }
 
-    /// Applies the waiting receipts whose message has come; answers how many did.
-    pub async fn match_pending(&self) -> Result<usize, ServiceError> {
+    /// Applies the receipts that waited for these commits — `(provider, provider id)` of
+    /// messages just committed (or committed again): one indexed read per provider that takes
+    /// receipts, nothing for one that takes none. Answers how many applied.
+    pub async fn match_committed(&self, committed: &[(&str, &str)]) -> Result<usize, ServiceError> {
+        let mut by_provider: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+        for (provider, id) in committed {
+            if self.providers.contains_key(*provider) {
+                by_provider.entry(provider).or_default().push(id);
+            }
+        }
         let mut matched = 0;
-        for receipt in self.store.pending_receipts(MATCH_BATCH).await? {
+        for (provider, ids) in by_provider {
+            let waiting = self.store.pending_receipts_for(provider, &ids).await?;
+            matched += self.apply_waiting(waiting).await?;
+        }
+        Ok(matched)
+    }
+
+    /// Applies the waiting receipts whose message has come, of those that came since the last
+    /// round (the commits apply most of them as they land: this catches a receipt stored just
+    /// after its commit looked). Each is looked at from [`MATCH_DELAY`] after it came, and the
+    /// round moves on past it whether it matched or not, so receipts for ids Herald never sent
+    /// cannot hold the others back. Answers how many applied.
+    pub async fn match_pending(&self) -> Result<usize, ServiceError> {
+        let now = DateTime::now();
+        let until = DateTime::from_millis(now.timestamp_millis() - MATCH_DELAY.as_millis() as i64);
+        let after = {
+            let floor = *self.floor.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            floor.unwrap_or(DateTime::from_millis(
+                until.timestamp_millis() - MATCH_REACH.as_millis() as i64,
+            ))
+        };
+        let waiting = self.store.pending_receipts_between(after, until, MATCH_BATCH).await?;
+        let next = if (waiting.len() as i64) < MATCH_BATCH {
+            until
+        } else {
+            waiting.last().map_or(until, |r| r.received_at)
+        };
+        let matched = self.apply_waiting(waiting).await?;
+        *self.floor.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(next);
+        Ok(matched)
+    }
+
+    /// Applies those of `waiting` whose message is there now, and drops them.
+    async fn apply_waiting(&self, waiting: Vec<PendingReceipt>) -> Result<usize, ServiceError> {
+        let mut matched = 0;
+        for receipt in waiting {
             let applied = self
                 .store
                 .apply_receipt(&receipt.provider, &receipt.webhook_message_id, &receipt.delivery)

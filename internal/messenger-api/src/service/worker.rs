@@ -219,6 +219,8 @@ impl MessengerService {
         // Transitions done now or reported again with the same claim: their callbacks (a
         // repeat writes nothing new).
         let mut changed: Vec<(ObjectId, CallbackEvent)> = Vec::new();
+        // Commits (first or repeated) by provider and provider id: receipts may wait for them.
+        let mut committed: Vec<(String, String)> = Vec::new();
         for plan in planned {
             let report = &mut reports[plan.index];
             let current = now_held.get(&plan.id);
@@ -232,6 +234,11 @@ impl MessengerService {
             match (applied, plan.write, current) {
                 (true, Some((status, result, commit)), _) => {
                     changed.extend(event_of_status(status).map(|e| (plan.id, e)));
+                    if let Outcome::Sent(o) = &plan.outcome {
+                        if let (Some(provider), Some(mid)) = (&o.commit.provider, &o.commit.webhook_message_id) {
+                            committed.push((provider.clone(), mid.trim().to_owned()));
+                        }
+                    }
                     report.status = Some(status);
                     report.result = result;
                     attempts.extend(plan.outcome.attempts().iter().cloned());
@@ -258,6 +265,11 @@ impl MessengerService {
                         OutcomeResult::AlreadyCommitted => self.metrics.commits.with_label_values(&["replayed"]).inc(),
                         _ => {} // counted when first reported
                     }
+                    if let (OutcomeResult::AlreadyCommitted, Some(provider), Some(mid)) =
+                        (report.result, &doc.provider, &doc.webhook_message_id)
+                    {
+                        committed.push((provider.clone(), mid.clone()));
+                    }
                     if report.result == OutcomeResult::AlreadyCommitted {
                         // A repeated commit writes the entry again (it may have been missed)
                         // but counts nothing twice.
@@ -267,14 +279,17 @@ impl MessengerService {
                 }
             }
         }
-        let (cached, (), written) = tokio::join!(
+        let pairs: Vec<(&str, &str)> = committed.iter().map(|(p, m)| (p.as_str(), m.as_str())).collect();
+        let (cached, (), written, matched) = tokio::join!(
             self.cache_commits(&cache_writes, stamp),
             self.record_attempts(&attempts),
-            self.callbacks.on_transitions(&changed)
+            self.callbacks.on_transitions(&changed),
+            self.receipts.match_committed(&pairs)
         );
-        // Unwritten callbacks fail the report: the worker reports again, and the repeat writes
-        // them.
+        // Unwritten callbacks, or receipts left waiting, fail the report: the worker reports
+        // again, and the repeat writes and matches them.
         written?;
+        matched?;
         Ok(OutcomeResults { cached, items: reports })
     }
 

@@ -128,6 +128,42 @@ impl MessageStore {
         Ok(())
     }
 
+    /// The waiting receipts of `provider` for these provider ids (one read of the matching
+    /// index: what a batch of commits checks).
+    pub async fn pending_receipts_for(
+        &self,
+        provider: &str,
+        webhook_message_ids: &[&str],
+    ) -> Result<Vec<PendingReceipt>, StoreError> {
+        if webhook_message_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        Ok(self
+            .pending()
+            .find(doc! {"provider": provider, "webhook_message_id": {"$in": webhook_message_ids}})
+            .await?
+            .try_collect()
+            .await?)
+    }
+
+    /// Up to `limit` waiting receipts that came in `(after, until]`, oldest first (a bounded
+    /// read of the TTL index).
+    pub async fn pending_receipts_between(
+        &self,
+        after: DateTime,
+        until: DateTime,
+        limit: i64,
+    ) -> Result<Vec<PendingReceipt>, StoreError> {
+        Ok(self
+            .pending()
+            .find(doc! {"received_at": {"$gt": after, "$lte": until}})
+            .sort(doc! {"received_at": 1})
+            .limit(limit)
+            .await?
+            .try_collect()
+            .await?)
+    }
+
     /// The oldest `limit` waiting receipts.
     pub async fn pending_receipts(&self, limit: i64) -> Result<Vec<PendingReceipt>, StoreError> {
         Ok(self

@@ -310,7 +310,30 @@ async fn herald_drain_with_receipts(n: usize) -> (f64, f64, f64, f64, String) {
             .unwrap()
     };
     while delivered().await < n as u64 {
-        assert!(drained.elapsed() < Duration::from_secs(300), "receipts stalled");
+        if drained.elapsed() > Duration::from_secs(300) {
+            let sink: Value = stack
+                .client
+                .get(format!("{}/webhook-sink/receipts", stack.sink))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            let waiting = stack
+                .env
+                .db()
+                .collection::<Document>("receipts_pending")
+                .count_documents(doc! {})
+                .await
+                .unwrap();
+            let received = stack.received_counts().await;
+            let twice = received.values().filter(|c| **c > 1).count();
+            panic!(
+                "receipts stalled: {} of {n} delivered; the sink's receipts {sink}; {waiting} waiting; {twice} messages sent twice",
+                delivered().await
+            );
+        }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let tail = drained.elapsed().as_secs_f64();

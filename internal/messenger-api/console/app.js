@@ -162,6 +162,10 @@ async function refreshStats() {
   for (const status of ["pending", "processing", "sent", "failed", "expired"]) {
     $(`count-${status}`).textContent = stats.counts[status].toLocaleString();
   }
+  // Served as kept until a reconciliation checked them (after a large import, at start).
+  const counts = document.querySelector(".counts");
+  counts.classList.toggle("estimated", stats.countsExact === false);
+  counts.title = stats.countsExact === false ? "Counts not yet checked since start: being reconciled" : "";
   $("lag").textContent = ago(stats.oldestDueAgeSeconds);
   $("sent-hour").textContent = stats.sentLastHour.toLocaleString();
   drawChart(stats.sentPerMinute);

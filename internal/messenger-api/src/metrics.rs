@@ -38,6 +38,8 @@ pub struct MessengerMetrics {
     pub deliveries: IntCounterVec,
     /// `herald_callbacks_total{result}`.
     pub callbacks: IntCounterVec,
+    /// `herald_message_counts_exact`.
+    pub counts_exact: IntGauge,
     /// Creates refused by admission control, by reason: backlog, key_rate.
     pub admission_rejected: IntCounterVec,
     /// Messages removed by the retention sweep, by status.
@@ -111,6 +113,10 @@ impl MessengerMetrics {
             ),
             &["result"],
         )?;
+        let counts_exact = IntGauge::new(
+            "message_counts_exact",
+            "1 when herald_messages{status} are known exact, 0 while they are served as kept before a reconciliation checked them.",
+        )?;
         let admission_rejected = IntCounterVec::new(
             Opts::new(
                 "admission_rejected_total",
@@ -137,6 +143,7 @@ impl MessengerMetrics {
         registry.register(Box::new(receipts.clone()))?;
         registry.register(Box::new(deliveries.clone()))?;
         registry.register(Box::new(callbacks.clone()))?;
+        registry.register(Box::new(counts_exact.clone()))?;
         registry.register(Box::new(messages.clone()))?;
         registry.register(Box::new(oldest_pending_age.clone()))?;
         registry.register(Box::new(claimed.clone()))?;
@@ -182,6 +189,7 @@ impl MessengerMetrics {
             receipts,
             deliveries,
             callbacks,
+            counts_exact,
             removed,
             retention_swept_at,
             feed,

@@ -148,6 +148,10 @@ pub struct MinuteCount {
 pub struct StatsView {
     /// Messages per status.
     pub counts: StatusCounts,
+    /// Whether `counts` are known exact. False for a while after start on a collection written
+    /// without them (a large import, an older version): they are served as kept meanwhile, and
+    /// the start-up reconciliation corrects and marks them.
+    pub counts_exact: bool,
     /// How long the oldest due pending message has waited, in seconds (delivery lag).
     pub oldest_due_age_seconds: f64,
     /// Messages sent in each of the last 60 minutes, oldest first (empty while Redis is down).
@@ -269,6 +273,7 @@ impl From<crate::service::Stats> for StatsView {
             .collect();
         Self {
             counts,
+            counts_exact: stats.counts_exact,
             oldest_due_age_seconds: stats.oldest_due_age_seconds,
             sent_last_hour: sent_per_minute.iter().map(|m| m.sent).sum(),
             sent_per_minute,

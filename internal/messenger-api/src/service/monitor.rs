@@ -34,6 +34,8 @@ pub struct ProviderReport {
 pub struct Stats {
     /// Messages per status.
     pub counts: Vec<(MessageStatus, u64)>,
+    /// Whether the counts are known exact (false until a reconciliation checked them).
+    pub counts_exact: bool,
     /// How long the most overdue pending message has been due, in seconds.
     pub oldest_due_age_seconds: f64,
     /// The start of the newest minute in `sent_per_minute`.
@@ -122,8 +124,10 @@ impl Monitor {
                 Vec::new()
             }
         };
+        let (counts, counts_exact) = counts?;
         Ok(Stats {
-            counts: counts?,
+            counts,
+            counts_exact,
             oldest_due_age_seconds: age?,
             last_minute: chrono::DateTime::from_timestamp(last_minute * 60, 0).unwrap_or_default(),
             sent_per_minute,
@@ -151,12 +155,14 @@ impl Monitor {
     /// Refreshes the gauges that are read from MongoDB. A down database leaves them as they were.
     pub async fn refresh_gauges(&self) {
         let refresh = async {
-            for (status, count) in self.store.count_by_status().await? {
+            let (counts, exact) = self.store.count_by_status().await?;
+            for (status, count) in counts {
                 self.metrics
                     .messages
                     .with_label_values(&[status.as_str()])
                     .set(count as i64);
             }
+            self.metrics.counts_exact.set(i64::from(exact));
             let age = self.store.oldest_due_age_seconds(now()).await?;
             self.metrics.oldest_pending_age.set(age);
             Ok::<_, StoreError>(())

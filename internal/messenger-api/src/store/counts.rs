@@ -454,29 +454,54 @@ async fn write(counts: Collection<Document>, metrics: CountMetrics, group: Vec<D
 }
 
 impl super::MessageStore {
-    /// Messages per status, as maintained (this module): one document read. Before the
-    /// counts of this collection were ever reconciled, it counts instead.
-    pub async fn count_by_status(&self) -> Result<Vec<(MessageStatus, u64)>, StoreError> {
+    /// Messages per status, as maintained (this module): one document read, and whether they
+    /// are known exact. Before a reconciliation has checked them (at start, on a collection
+    /// that was written without them) they are served as kept, marked not exact — never
+    /// recounted per reader. Only a collection with no counts document at all is counted, once
+    /// for all the readers waiting together.
+    pub async fn count_by_status(&self) -> Result<(Vec<(MessageStatus, u64)>, bool), StoreError> {
         match self.counts.snapshot().await? {
-            Some(snapshot) if snapshot.exact => Ok(snapshot.by_status()),
-            _ => Ok(MessageStatus::ALL
-                .into_iter()
-                .zip(self.count_exactly().await?)
-                .collect()),
+            Some(snapshot) => Ok((snapshot.by_status(), snapshot.exact)),
+            None => {
+                // Unanswered only if the count panicked: count again, alone.
+                let counted = match self.recount.call(()).await {
+                    Ok(counted) => counted?,
+                    Err(_) => count_statuses(&self.messages).await?,
+                };
+                Ok((MessageStatus::ALL.into_iter().zip(counted).collect(), true))
+            }
         }
     }
 
     /// Counts every status in the collection (expensive on a large one).
     pub(super) async fn count_exactly(&self) -> Result<[u64; 5], StoreError> {
-        let counts = futures::future::try_join_all(
-            MessageStatus::ALL
-                .map(|status| async move { self.messages.count_documents(doc! {"status": status.as_str()}).await }),
-        )
-        .await?;
-        let mut exact = [0; 5];
-        exact.copy_from_slice(&counts);
-        Ok(exact)
+        count_statuses(&self.messages).await
     }
+}
+
+/// Counts every status of `messages` (expensive on a large collection).
+pub(super) async fn count_statuses(messages: &Collection<crate::domain::MessageDoc>) -> Result<[u64; 5], StoreError> {
+    let counts = futures::future::try_join_all(
+        MessageStatus::ALL
+            .map(|status| async move { messages.count_documents(doc! {"status": status.as_str()}).await }),
+    )
+    .await?;
+    let mut exact = [0; 5];
+    exact.copy_from_slice(&counts);
+    Ok(exact)
+}
+
+/// One full count served to every reader waiting for it.
+pub(super) fn recounter(
+    messages: Collection<crate::domain::MessageDoc>,
+) -> Coalescer<(), Result<[u64; 5], StoreError>> {
+    Coalescer::new(move |group: Vec<()>| {
+        let messages = messages.clone();
+        async move {
+            let counted = count_statuses(&messages).await;
+            vec![counted; group.len()]
+        }
+    })
 }
 
 #[cfg(test)]

@@ -95,6 +95,11 @@ pub struct MessageStore {
     claimer: Claimer,
     /// Per-provider request counts and latencies.
     providers: ProviderStats,
+    /// No pending message is due before this (and when it was last reset): where the
+    /// oldest-due search starts ([`upkeep`]).
+    due_floor: std::sync::Arc<std::sync::Mutex<Option<(DateTime, tokio::time::Instant)>>>,
+    /// Full counts by status asked for together, counted once ([`counts`]).
+    recount: Coalescer<(), Result<[u64; 5], StoreError>>,
 }
 
 /// Those of `ids` that are in status `from` and due at `now`. `_id` leads the filter on
@@ -119,6 +124,8 @@ impl MessageStore {
             counts,
             widths: std::sync::Arc::default(),
             providers: ProviderStats::new(db),
+            due_floor: std::sync::Arc::default(),
+            recount: counts::recounter(db.collection(COLLECTION)),
         }
     }
 

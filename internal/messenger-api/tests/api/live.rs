@@ -600,3 +600,128 @@ async fn the_feed_goes_on_by_itself_after_the_database_is_restarted_or_killed() 
     assert!(kinds_of(&seen, &second).is_empty(), "nothing repeated: {seen:?}");
     app.cleanup().await;
 }
+
+/// How long the message `id` has been due at `at` (RFC 3339), in seconds.
+async fn due_for(app: &TestApp, id: &str, at: &str) -> f64 {
+    let message = app.message(id).await;
+    let due = chrono::DateTime::parse_from_rfc3339(message["nextAttemptAt"].as_str().unwrap()).unwrap();
+    let at = chrono::DateTime::parse_from_rfc3339(at).unwrap();
+    (at - due).num_milliseconds() as f64 / 1000.0
+}
+
+/// Asserts the stats' oldest-due age is the age of `oldest` (or 0 for none).
+async fn assert_oldest(app: &TestApp, oldest: Option<&str>, step: &str) {
+    let stats = app.get_json("/api/messenger/stats").await;
+    let age = stats["oldestDueAgeSeconds"].as_f64().unwrap();
+    let expected = match oldest {
+        Some(id) => due_for(app, id, stats["generatedAt"].as_str().unwrap()).await,
+        None => 0.0,
+    };
+    assert!((age - expected).abs() < 0.5, "{step}: age {age}, expected {expected}");
+}
+
+#[tokio::test]
+async fn the_oldest_due_age_follows_claims_retries_requeues_and_schedules() {
+    let app = spawn_app_with(&[("HERALD__DELIVERY__JITTER_PERCENT", "0")]).await;
+    let a = new_message(&app, "+905550000001", "a").await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let b = new_message(&app, "+905550000002", "b").await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let c = new_message(&app, "+905550000003", "c").await;
+    let later = (chrono::Utc::now() + chrono::Duration::seconds(60)).to_rfc3339();
+    let scheduled: Value = app
+        .post("/api/messenger/messages")
+        .json(&json!({"to": "+905550000004", "content": "later", "sendAt": later}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_oldest(&app, Some(&a), "three due, one scheduled").await;
+
+    // Claimed: the next one is the oldest.
+    let held = app.claim("w", 1).await;
+    assert_eq!(held[0]["id"], a.as_str());
+    assert_oldest(&app, Some(&b), "a claimed").await;
+    // A retry puts it back a second from now: b stays the oldest.
+    let failed = app
+        .put(&format!("/api/messenger/fail/{a}"))
+        .json(&json!({"claimToken": held[0]["claimToken"], "error": {"kind": "http_status", "status": 503, "detail": "busy"}, "retryable": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(failed.status(), 200);
+    assert_oldest(&app, Some(&b), "a retried").await;
+    // b and c sent; a due again after its retry delay.
+    for expected in [&b, &c] {
+        let held = app.claim("w", 1).await;
+        let id = held[0]["id"].as_str().unwrap();
+        assert_eq!(id, expected.as_str(), "oldest due first");
+        assert_eq!(
+            app.commit(id, held[0]["claimToken"].as_str().unwrap(), id)
+                .await
+                .status(),
+            200
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    assert_oldest(&app, Some(&a), "a due again").await;
+    // a fails for good: nothing due but the scheduled one, which is not due yet.
+    let held = app.claim("w", 1).await;
+    assert_eq!(held[0]["id"], a.as_str());
+    let failed = app
+        .put(&format!("/api/messenger/fail/{a}"))
+        .json(&json!({"claimToken": held[0]["claimToken"], "error": {"kind": "http_status", "status": 400, "detail": "bad"}, "retryable": false}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(failed.status(), 200);
+    assert_oldest(&app, None, "only a scheduled message left").await;
+    // Re-queued by an operator: due from now.
+    let requeued = app
+        .post(&format!("/api/messenger/messages/{a}/retry"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(requeued.status(), 202);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_oldest(&app, Some(&a), "a re-queued").await;
+    assert!(scheduled["id"].is_string());
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn counts_not_yet_checked_are_served_as_kept_and_marked_until_reconciled() {
+    let app = spawn_app_with(&[("HERALD__MESSENGER_API__COUNT_RECONCILE_SECONDS", "2")]).await;
+    app.seed(3).await;
+    // As after a start on a collection written without its counts: kept, not known exact.
+    let counts = app.env.db().collection::<bson::Document>("message_counts");
+    counts
+        .update_one(
+            bson::doc! {"_id": "messages"},
+            bson::doc! {"$set": {"exact": false, "pending": 999_i64}},
+        )
+        .await
+        .unwrap();
+    let stats = app.get_json("/api/messenger/stats").await;
+    assert_eq!(stats["countsExact"], false, "{stats}");
+    assert_eq!(
+        stats["counts"]["pending"], 999,
+        "served as kept, not recounted per reader"
+    );
+    let metrics = app.open_text("/metrics").await;
+    assert!(metrics.contains("herald_message_counts_exact 0"), "{metrics}");
+    // The periodic reconciliation corrects and marks them.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let stats = app.get_json("/api/messenger/stats").await;
+        if stats["countsExact"] == true {
+            assert_eq!(stats["counts"]["pending"], 3);
+            break;
+        }
+        assert!(Instant::now() < deadline, "never reconciled: {stats}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    app.cleanup().await;
+}

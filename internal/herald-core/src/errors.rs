@@ -83,6 +83,7 @@ error_codes! {
     Internal = 500001,
     JobSchedulerUnreachable = 502001,
     DatabaseUnavailable = 503001,
+    ReceiptsBusy = 503002,
 }
 
 impl ErrorCode {

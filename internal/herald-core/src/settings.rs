@@ -365,6 +365,9 @@ pub struct ReceiptsSettings {
     pub timeout_hours: f64,
     /// How often that sweep runs, in seconds.
     pub sweep_seconds: u64,
+    /// Receipts applied at once per Messenger API replica; one more is answered 503 with
+    /// `Retry-After` (providers send it again), so a flood of receipts cannot starve the drain.
+    pub max_in_flight: usize,
 }
 
 /// `[callbacks]`
@@ -605,6 +608,9 @@ impl Settings {
             return fail(
                 "callbacks: retry_schedule_seconds needs a step, timeout_ms and poll_ms must be positive, batch_size 1..=200, concurrency 1..=64, rate_per_second >= 0, burst >= 1".into(),
             );
+        }
+        if self.receipts.max_in_flight == 0 {
+            return fail("receipts.max_in_flight must be at least 1".into());
         }
         if !(0.0001..=8760.0).contains(&self.receipts.timeout_hours) || self.receipts.sweep_seconds == 0 {
             return fail(

@@ -59,6 +59,9 @@ pub enum ServiceError {
     /// The receipt's signature is missing or wrong.
     #[error("the receipt of provider {0} is not signed by it")]
     ReceiptUnauthorized(String),
+    /// More receipts in flight than `receipts.max_in_flight`.
+    #[error("too many receipts in flight")]
+    ReceiptsBusy,
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),

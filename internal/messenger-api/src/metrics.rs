@@ -95,7 +95,7 @@ impl MessengerMetrics {
         let receipts = IntCounterVec::new(
             Opts::new(
                 "receipts_total",
-                "Delivery receipts by provider and result: applied, ignored (a replay or late intermediate), pending (no message yet), matched_late (applied once the commit came), unauthorized, unreadable; provider \"-\" timed_out: messages given state unknown for want of a final receipt.",
+                "Delivery receipts by provider and result: applied, ignored (a replay or late intermediate), pending (no message yet), matched_late (applied once the commit came), unauthorized, unreadable, busy (over receipts.max_in_flight, answered 503); provider \"-\" timed_out: messages given state unknown for want of a final receipt.",
             ),
             &["provider", "result"],
         )?;

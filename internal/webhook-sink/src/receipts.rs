@@ -28,6 +28,8 @@ use serde::Serialize;
 
 /// The header carrying the signature.
 pub const SIGNATURE_HEADER: &str = "X-Sink-Signature";
+/// Receipts the stand-in has in flight at once.
+pub const SENDERS: usize = 64;
 
 /// Where and how the sink sends receipts.
 #[derive(Debug, Clone)]
@@ -71,6 +73,9 @@ pub struct ReceiptCounts {
 pub struct Sender {
     plan: Arc<ReceiptPlan>,
     client: reqwest::Client,
+    /// Receipts in flight at once, as a provider's callback workers are (a burst of accepted
+    /// messages must not become thousands of requests at once).
+    in_flight: Arc<tokio::sync::Semaphore>,
     /// The counts.
     pub counts: Arc<ReceiptCounts>,
 }
@@ -90,6 +95,7 @@ impl Sender {
                 .timeout(Duration::from_secs(5))
                 .build()
                 .unwrap_or_default(),
+            in_flight: Arc::new(tokio::sync::Semaphore::new(SENDERS)),
             counts: Arc::default(),
         }
     }
@@ -133,6 +139,10 @@ impl Sender {
     }
 
     async fn post_all(&self, id: &str, words: &[&str]) {
+        // Never closed: a permit always comes.
+        let Ok(_permit) = self.in_flight.acquire().await else {
+            return;
+        };
         for word in words {
             self.post(id, word).await;
         }

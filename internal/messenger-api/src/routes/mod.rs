@@ -106,6 +106,11 @@ impl From<ServiceError> for ApiError {
                 ErrorCode::ReceiptUnauthorized,
                 format!("The receipt is not signed by provider {provider:?}: nothing was changed."),
             ),
+            ServiceError::ReceiptsBusy => ApiError::new(
+                ErrorCode::ReceiptsBusy,
+                "Too many delivery receipts are being applied at once: nothing was changed; send it again.",
+            )
+            .retry_after(1),
             ServiceError::Store(error) => error.into(),
         }
     }

@@ -95,7 +95,8 @@ impl ReceiptsApi {
     /// its words mean. A missing or wrong signature is 401 with nothing changed; a body without
     /// those fields 400. Receipts may come in any order and more than once: a final state is
     /// never replaced by an intermediate one, `read` outranks `delivered`. A receipt for a
-    /// message Herald has not committed yet is 202 and applied when it is.
+    /// message Herald has not committed yet is 202 and applied when it is. More than
+    /// `receipts.max_in_flight` at once: 503 with `Retry-After`, nothing changed.
     #[oai(
         path = "/api/messenger/receipts/:provider",
         method = "post",

@@ -30,7 +30,7 @@ pub const MATCH_EVERY: Duration = Duration::from_secs(1);
 /// Waiting receipts matched per round.
 const MATCH_BATCH: i64 = 200;
 /// A waiting receipt is looked at by the periodic round this long after it came.
-const MATCH_DELAY: Duration = Duration::from_secs(1);
+const MATCH_DELAY: Duration = Duration::from_secs(2);
 /// How far back the first round after start looks.
 const MATCH_REACH: Duration = Duration::from_secs(600);
 /// Sent messages one timeout sweep reads at most.
@@ -66,6 +66,8 @@ pub enum Taken {
 /// Receipts, per provider.
 pub struct Receipts {
     store: MessageStore,
+    /// Receipts being applied now, at most `receipts.max_in_flight`.
+    in_flight: std::sync::Arc<tokio::sync::Semaphore>,
     /// Where the periodic match round has got to (by `received_at`).
     floor: std::sync::Mutex<Option<DateTime>>,
     callbacks: std::sync::Arc<super::Callbacks>,
@@ -87,6 +89,7 @@ impl Receipts {
         let providers = settings.receipt_providers().into_iter().collect();
         Self {
             store,
+            in_flight: std::sync::Arc::new(tokio::sync::Semaphore::new(settings.receipts.max_in_flight)),
             floor: std::sync::Mutex::new(None),
             callbacks,
             providers,
@@ -148,6 +151,10 @@ impl Receipts {
             return Err(ServiceError::ReceiptProviderUnknown(inbound.provider.to_owned()));
         };
         let provider = inbound.provider;
+        let Ok(_slot) = self.in_flight.try_acquire() else {
+            self.count(provider, "busy");
+            return Err(ServiceError::ReceiptsBusy);
+        };
         let is_form = inbound.content_type.is_some_and(|t| {
             t.split(';')
                 .next()

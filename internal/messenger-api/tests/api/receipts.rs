@@ -536,3 +536,55 @@ async fn the_one_webhook_provider_takes_receipts_under_its_own_name() {
     assert_eq!(app.message(&id).await["delivery"]["state"], "delivered");
     app.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_flood_of_receipts_over_the_in_flight_bound_is_answered_503_and_taken_when_sent_again() {
+    let env = TestEnv::new().await.expect("test servers");
+    let settings = herald_core::testing::with_providers(
+        settings_for(&env, &[("HERALD__RECEIPTS__MAX_IN_FLIGHT", "1")]),
+        PROVIDERS,
+    );
+    let app = spawn_with_settings(env, settings).await;
+    let mut ids = Vec::new();
+    for i in 0..40 {
+        ids.push(sent(&app, "acme", &format!("flood-{i}")).await);
+    }
+    let post_all = |mids: Vec<String>| {
+        let app = &app;
+        async move {
+            let posts = mids.iter().map(|mid| acme(app, receipt(mid, "DELIVRD"), "acme-secret"));
+            let answers = futures::future::join_all(posts).await;
+            let mut refused = Vec::new();
+            for (mid, response) in mids.iter().zip(answers) {
+                match response.status().as_u16() {
+                    200 => {}
+                    503 => {
+                        assert_eq!(response.headers()["retry-after"], "1");
+                        let body: Value = response.json().await.unwrap();
+                        assert_eq!(body["internalCode"], 503002);
+                        refused.push(mid.clone());
+                    }
+                    other => panic!("{mid}: {other}"),
+                }
+            }
+            refused
+        }
+    };
+    let mut waiting: Vec<String> = (0..40).map(|i| format!("flood-{i}")).collect();
+    let first = post_all(waiting.clone()).await;
+    assert!(!first.is_empty(), "40 at once over a bound of 1: some must be refused");
+    waiting = first;
+    // Sent again, as a provider does, until every one is taken.
+    for _ in 0..200 {
+        if waiting.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        waiting = post_all(waiting).await;
+    }
+    assert!(waiting.is_empty(), "{} never taken", waiting.len());
+    for id in &ids {
+        assert_eq!(app.message(id).await["delivery"]["state"], "delivered");
+    }
+    app.cleanup().await;
+}

@@ -261,14 +261,20 @@ async fn main() {
         )
         .await,
     );
+    // A status-filtered page: failed ones, or (every message due) pending ones.
+    let (label, status) = if big_due == n {
+        ("status=pending page (20)", "pending")
+    } else {
+        ("status=failed page (20)", "failed")
+    };
     rows.push(
         list_row(
             &http,
             base,
             &messages,
-            "status=failed page (20)",
-            "&status=failed",
-            doc! {"status": "failed"},
+            label,
+            &format!("&status={status}"),
+            doc! {"status": status},
         )
         .await,
     );

@@ -20,6 +20,8 @@ pub const SWEEP_BATCH: usize = 1000;
 pub const SWEEP_MAX: u64 = 10_000;
 /// How often the cache repair looks whether entries are missing and Redis answers again.
 pub const REPAIR_EVERY: Duration = Duration::from_secs(2);
+/// The least time between two reconciliations asked for by readers of inexact counts.
+const INEXACT_GAP: Duration = Duration::from_secs(10);
 /// The `sent_at` range the repair reads at once, in milliseconds: about a second of sends.
 const REPAIR_WINDOW_MS: i64 = 1000;
 /// Windows per repair pass: a pass catches up a minute of sends, twenty times faster than real
@@ -84,9 +86,16 @@ impl Upkeep {
         tokio::spawn(async move {
             loop {
                 counts.reconcile().await;
+                // At the period, or sooner when a reader found the counts not known exact (no
+                // sooner than INEXACT_GAP after the last one: a full count is not free).
                 tokio::select! {
                     () = halt.cancelled() => return,
-                    () = tokio::time::sleep(counts.reconcile_every) => {}
+                    () = tokio::time::sleep(INEXACT_GAP.min(counts.reconcile_every)) => {}
+                }
+                tokio::select! {
+                    () = halt.cancelled() => return,
+                    () = tokio::time::sleep(counts.reconcile_every.saturating_sub(INEXACT_GAP)) => {}
+                    () = counts.store.inexact_counts_seen() => {}
                 }
             }
         });

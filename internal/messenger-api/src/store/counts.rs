@@ -456,12 +456,19 @@ async fn write(counts: Collection<Document>, metrics: CountMetrics, group: Vec<D
 impl super::MessageStore {
     /// Messages per status, as maintained (this module): one document read, and whether they
     /// are known exact. Before a reconciliation has checked them (at start, on a collection
-    /// that was written without them) they are served as kept, marked not exact — never
+    /// that was written without them, or after the database lost recent writes) they are
+    /// served as kept, marked not exact, and the upkeep is asked to reconcile soon — never
     /// recounted per reader. Only a collection with no counts document at all is counted, once
     /// for all the readers waiting together.
     pub async fn count_by_status(&self) -> Result<(Vec<(MessageStatus, u64)>, bool), StoreError> {
         match self.counts.snapshot().await? {
-            Some(snapshot) => Ok((snapshot.by_status(), snapshot.exact)),
+            Some(snapshot) => {
+                if !snapshot.exact {
+                    // Not recounted here: the upkeep reconciles soon, once for every reader.
+                    self.inexact.notify_one();
+                }
+                Ok((snapshot.by_status(), snapshot.exact))
+            }
             None => {
                 // Unanswered only if the count panicked: count again, alone.
                 let counted = match self.recount.call(()).await {

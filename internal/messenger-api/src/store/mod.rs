@@ -100,6 +100,8 @@ pub struct MessageStore {
     due_floor: std::sync::Arc<std::sync::Mutex<Option<(DateTime, tokio::time::Instant)>>>,
     /// Full counts by status asked for together, counted once ([`counts`]).
     recount: Coalescer<(), Result<[u64; 5], StoreError>>,
+    /// Raised when a reader finds the counts not known exact: the upkeep reconciles soon.
+    inexact: std::sync::Arc<tokio::sync::Notify>,
 }
 
 /// Those of `ids` that are in status `from` and due at `now`. `_id` leads the filter on
@@ -126,7 +128,13 @@ impl MessageStore {
             providers: ProviderStats::new(db),
             due_floor: std::sync::Arc::default(),
             recount: counts::recounter(db.collection(COLLECTION)),
+            inexact: std::sync::Arc::default(),
         }
+    }
+
+    /// Resolves once a reader has found the counts not known exact since the last call.
+    pub async fn inexact_counts_seen(&self) {
+        self.inexact.notified().await;
     }
 
     /// The database the store is over.

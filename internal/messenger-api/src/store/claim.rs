@@ -5,10 +5,13 @@
 //! ids of that many due messages once, gives each caller its own slice (claimed with its own
 //! token, the slices concurrently), reads them back in one query and answers each. Across
 //! processes the conditional update keeps claims exact; a shortfall is read again (at most
-//! [`ROUNDS`] rounds). The ids come from a *window* of the claim index, `[from, from + width]`,
-//! sized to hold about one request, so a claim reads about what it takes, not the backlog; a
-//! full read every [`RESCAN`] finds what clock skew or hand edits made due behind the window.
-//! Why the window and the filter shapes: `docs/architecture.md` ("Claiming").
+//! [`ROUNDS`] rounds). The ids come from *windows* of the claim index, `[from, from + width]`,
+//! sized to hold about one request and walked forward from where the earliest due message
+//! was last found, so a claim reads about what it takes, not the backlog. What clock skew or
+//! hand edits made due behind that point is found by a *look-behind*
+//! ([`super::due::earliest_due`]: existence checks, never a read of the due range) every
+//! [`LOOK_BEHIND`], on the first claim, and whenever a claim comes up short.
+//! Why the windows and the filter shapes: `docs/architecture.md` ("Claiming").
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -29,8 +32,8 @@ use crate::domain::{MessageDoc, MessageStatus, Transition};
 pub const MAX_ROUND: usize = 2000;
 /// Most read-and-claim rounds per serving, to fill what other processes took in between.
 pub const ROUNDS: usize = 4;
-/// How often a claim reads the whole due range instead of the window.
-pub const RESCAN: Duration = Duration::from_secs(5);
+/// How often a claim looks behind its window for messages that came due there.
+pub const LOOK_BEHIND: Duration = Duration::from_secs(5);
 /// Narrowest and widest window, in milliseconds of `next_attempt_at`.
 const WIDTH_MS: (i64, i64) = (5, 3_600_000);
 
@@ -43,10 +46,11 @@ struct Request {
 
 /// Where the next windowed read starts and how wide it is.
 struct Window {
+    /// No due message lies before this, as far as the last claims saw.
     from: Option<DateTime>,
     width_ms: i64,
-    last_full: Option<tokio::time::Instant>,
-    /// The last read found fewer than wanted: the due range is small, read it whole.
+    last_look: Option<tokio::time::Instant>,
+    /// The last claim found fewer due than wanted: look behind before the next one.
     short: bool,
 }
 
@@ -79,12 +83,12 @@ impl ClaimSteps {
         Self { messages, raw, counts }
     }
 
-    /// Ids and due times of up to `limit` due messages, oldest due first. With `from`, only
-    /// those due at or after it (and not after `now`): the range read then follows the window,
-    /// not the backlog, on servers that read a whole sorted range before limiting it.
+    /// Ids and due times of up to `limit` messages due in `[from, until]`, oldest due first:
+    /// the range read follows the window, not the backlog, on servers that read a whole sorted
+    /// range before limiting it.
     async fn due_ids(
         &self,
-        from: Option<DateTime>,
+        from: DateTime,
         until: DateTime,
         limit: usize,
     ) -> Result<Vec<(ObjectId, DateTime)>, StoreError> {
@@ -92,10 +96,7 @@ impl ClaimSteps {
         // range on its second. With `status: {$in: [pending, processing]}` the SecantusDB test
         // server leaves the range unbounded (108 ms against 4 ms for 100 ids of a 20 ms window
         // at 20k due); real MongoDB bounds both. The two are merged in due order.
-        let range = match from {
-            Some(from) => doc! {"$gte": from, "$lte": until},
-            None => doc! {"$lte": until},
-        };
+        let range = doc! {"$gte": from, "$lte": until};
         let read = |status: MessageStatus| {
             let filter = doc! {"status": status.as_str(), "next_attempt_at": range.clone()};
             async move {
@@ -199,6 +200,16 @@ impl ClaimSteps {
         Ok(ended.iter().filter_map(|d| d.get_object_id("_id").ok()).collect())
     }
 
+    /// The earliest due time at or before `now` (see [`super::due`]), searched from `hint`, or
+    /// without one from the oldest message's creation.
+    async fn earliest_due(&self, hint: Option<DateTime>, now: DateTime) -> Result<Option<DateTime>, StoreError> {
+        let hint = match hint {
+            Some(hint) => hint,
+            None => super::upkeep::first_created(&self.counts).await?.unwrap_or(now),
+        };
+        super::due::earliest_due(&self.raw, &DUE_STATUSES, hint, now).await
+    }
+
     /// The messages held under any of `tokens`, by id.
     async fn held_by(&self, tokens: &[String]) -> Result<Vec<MessageDoc>, StoreError> {
         if tokens.is_empty() {
@@ -227,7 +238,7 @@ impl Claimer {
             window: Mutex::new(Window {
                 from: None,
                 width_ms: 1000,
-                last_full: None,
+                last_look: None,
                 short: true,
             }),
         });
@@ -341,62 +352,102 @@ impl Inner {
             .collect())
     }
 
-    /// Ids of up to `want` due messages, read through the window (see the module docs).
+    /// Ids of up to `want` due messages, oldest due first, read through the window (see the
+    /// module docs).
     async fn due_ids(&self, now: DateTime, want: usize) -> Result<Vec<ObjectId>, StoreError> {
-        let (from, width_ms, full) = {
+        let (kept, width, look) = {
             let window = lock(&self.window);
-            let stale = window.last_full.is_none_or(|at| at.elapsed() >= RESCAN);
+            let stale = window.last_look.is_none_or(|at| at.elapsed() >= LOOK_BEHIND);
             (
                 window.from,
                 window.width_ms,
                 stale || window.short || window.from.is_none(),
             )
         };
-        if full {
-            return self.full_read(now, want).await;
+        let mut from = kept;
+        if look {
+            from = self.look_behind(kept, now).await?;
         }
-        let mut from = from.unwrap_or(now);
-        let mut width = width_ms;
+        let Some(from) = from else {
+            return Ok(Vec::new()); // nothing due at all
+        };
+        let (mut ids, mut oldest, width) = self.walk(from, now, width, want).await?;
+        if ids.len() < want && !look {
+            // Short: what is due may also lie behind the window.
+            if let Some(behind) = self.look_behind(Some(from), now).await?.filter(|at| *at < from) {
+                let until = DateTime::from_millis(from.timestamp_millis() - 1);
+                let (more, earlier, _) = self.walk(behind, until, width, want - ids.len()).await?;
+                ids.splice(0..0, more);
+                oldest = earlier.or(oldest);
+            }
+        }
+        let mut window = lock(&self.window);
+        window.width_ms = width;
+        window.short = ids.len() < want;
+        if oldest.is_some() {
+            window.from = oldest;
+        }
+        Ok(ids)
+    }
+
+    /// Where the earliest due message is (`None`: nothing is due), searched from `hint`; the
+    /// window starts there.
+    async fn look_behind(&self, hint: Option<DateTime>, now: DateTime) -> Result<Option<DateTime>, StoreError> {
+        let earliest = self.steps.earliest_due(hint, now).await?;
+        let mut window = lock(&self.window);
+        window.last_look = Some(tokio::time::Instant::now());
+        // With nothing due, the next search starts a little before now: what comes due later
+        // lies after that (a replica whose clock is behind writes a little before it).
+        window.from = Some(earliest.unwrap_or(DateTime::from_millis(now.timestamp_millis() - HINT_MARGIN_MS)));
+        Ok(earliest)
+    }
+
+    /// Up to `want` ids due in `[from, until]`, window by window: each window that came back
+    /// short is followed by one twice as wide just after it (an empty one by a jump to the next
+    /// due time); a window that filled the request is halved for the next claim. Answers the ids, the earliest due time among them and the
+    /// width to start the next claim with.
+    async fn walk(
+        &self,
+        mut from: DateTime,
+        until: DateTime,
+        mut width: i64,
+        want: usize,
+    ) -> Result<(Vec<ObjectId>, Option<DateTime>, i64), StoreError> {
         let mut ids = Vec::new();
         let mut oldest = None;
-        loop {
-            let until = DateTime::from_millis((from.timestamp_millis() + width).min(now.timestamp_millis()));
-            let found = self.steps.due_ids(Some(from), until, want - ids.len()).await?;
+        while from <= until {
+            let to = DateTime::from_millis(
+                from.timestamp_millis()
+                    .saturating_add(width)
+                    .min(until.timestamp_millis()),
+            );
+            let found = self.steps.due_ids(from, to, want - ids.len()).await?;
             let filled = ids.len() + found.len() >= want;
+            let empty = found.is_empty();
             oldest = oldest.or(found.first().map(|(_, at)| *at));
             ids.extend(found.into_iter().map(|(id, _)| id));
             if filled {
                 width = (width / 2).max(WIDTH_MS.0);
                 break;
             }
-            if until >= now {
-                break;
-            }
-            // Short and not yet at the present: the rest of the due range lies after it.
-            from = until;
-            width = (width * 2).min(WIDTH_MS.1);
-        }
-        {
-            let mut window = lock(&self.window);
-            window.width_ms = width;
-            if oldest.is_some() {
-                window.from = oldest;
+            // Short: the rest lies after this window. After an empty one, the next due
+            // message may lie far ahead (years, after a hand edit): jump to it.
+            from = DateTime::from_millis(to.timestamp_millis() + 1);
+            if empty {
+                match super::due::next_due(&self.steps.raw, &DUE_STATUSES, from, until).await? {
+                    Some(next) => from = next,
+                    None => break,
+                }
+            } else {
+                width = width.saturating_mul(2).min(WIDTH_MS.1);
             }
         }
-        if ids.len() < want {
-            // Fewer due than wanted up to now: the whole due range is small, so read all of it,
-            // which also finds anything due behind the window.
-            return self.full_read(now, want).await;
-        }
-        Ok(ids)
-    }
-
-    async fn full_read(&self, now: DateTime, want: usize) -> Result<Vec<ObjectId>, StoreError> {
-        let found = self.steps.due_ids(None, now, want).await?;
-        let mut window = lock(&self.window);
-        window.last_full = Some(tokio::time::Instant::now());
-        window.short = found.len() < want;
-        window.from = Some(found.first().map(|(_, at)| *at).unwrap_or(now));
-        Ok(found.into_iter().map(|(id, _)| id).collect())
+        Ok((ids, oldest, width))
     }
 }
+
+/// How far before now the window starts after a look found nothing due.
+const HINT_MARGIN_MS: i64 = 1000;
+
+/// The statuses a message can be due in: `pending`, and `processing` whose lease has passed.
+const DUE_STATUSES: [MessageStatus; 2] = [MessageStatus::Pending, MessageStatus::Processing];

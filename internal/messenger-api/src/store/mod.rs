@@ -11,6 +11,7 @@
 //! - [`requeue`]: an operator sending failed messages back to pending.
 //! - [`counts`]: counts by status, maintained as messages change.
 //! - [`upkeep`]: reconciliation, retention and the stats' range reads.
+//! - [`due`]: the earliest due time by existence checks, never a read of the due range.
 //! - [`provider_stats`]: what each provider did with Herald's requests, per hour.
 //! - [`receipts`]: delivery receipts, applied by rank; those that found no message wait.
 //!
@@ -22,6 +23,7 @@
 pub mod callbacks;
 pub mod claim;
 pub mod counts;
+pub mod due;
 pub mod insert;
 pub mod job_view;
 pub mod list;
@@ -95,9 +97,8 @@ pub struct MessageStore {
     claimer: Claimer,
     /// Per-provider request counts and latencies.
     providers: ProviderStats,
-    /// No pending message is due before this (and when it was last reset): where the
-    /// oldest-due search starts ([`upkeep`]).
-    due_floor: std::sync::Arc<std::sync::Mutex<Option<(DateTime, tokio::time::Instant)>>>,
+    /// Where the oldest-due search starts: about where it found the oldest last ([`upkeep`]).
+    due_floor: std::sync::Arc<std::sync::Mutex<Option<DateTime>>>,
     /// Full counts by status asked for together, counted once ([`counts`]).
     recount: Coalescer<(), Result<[u64; 5], StoreError>>,
     /// Raised when a reader finds the counts not known exact: the upkeep reconciles soon.

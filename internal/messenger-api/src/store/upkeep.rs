@@ -4,6 +4,7 @@
 use bson::{doc, DateTime};
 
 use super::counts::{Deltas, Reconciled};
+use super::due::earliest_due;
 use super::{MessageStore, StoreError};
 use crate::domain::{MessageDoc, MessageStatus};
 use futures::TryStreamExt;
@@ -95,100 +96,35 @@ impl MessageStore {
 
     /// How long the most overdue pending message has been due, in seconds (0 when none is).
     ///
-    /// Never a sorted read of the whole due range (which some servers read whole before their
-    /// limit: seconds at a million due). It starts at a kept floor — no pending message is due
-    /// before it — and gallops forward through the claim index with existence checks (an
-    /// unsorted `limit 1` stops at its first key) in windows that double while empty; a window
-    /// that holds one is halved down to [`FINE_WINDOW`], and only that is read sorted. The floor
-    /// then moves to what it found (or, with none due, to [`FLOOR_MARGIN`] before now: a write
-    /// always dates a message's due time from its own clock, so none lands behind that). Every
-    /// [`FLOOR_RESET`] it starts again from the oldest message's creation, which also finds a
-    /// due time edited back by hand (to any time after that).
+    /// Never a read of the whole due range (which some servers read whole: seconds at a
+    /// million due): [`super::due::earliest_due`] from a kept hint — the oldest due time found
+    /// last, or, when none was due, [`HINT_MARGIN`] before then. The first time, the oldest
+    /// message's creation is the hint.
     pub async fn oldest_due_age_seconds(&self, now: DateTime) -> Result<f64, StoreError> {
         let kept = *self.due_floor.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let floor = match kept {
-            Some((floor, at)) if at.elapsed() < FLOOR_RESET => floor,
-            _ => match self.counts.snapshot().await?.and_then(|s| s.first_id) {
-                Some(first) => DateTime::from_millis(first.timestamp().timestamp_millis() - 1000),
-                None => return self.oldest_due_by_sort(now).await,
-            },
+        let hint = match kept {
+            Some(hint) => hint,
+            None => first_created(&self.counts).await?.unwrap_or(now),
         };
-        let oldest = self.oldest_due_from(floor, now).await?;
-        let margin = DateTime::from_millis(now.timestamp_millis() - FLOOR_MARGIN.as_millis() as i64);
-        let next = oldest.map_or(margin, |o| o.min(margin)).max(floor);
-        let reset_at = match kept {
-            Some((_, at)) if at.elapsed() < FLOOR_RESET => at,
-            _ => tokio::time::Instant::now(),
-        };
-        *self.due_floor.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some((next, reset_at));
+        let oldest = earliest_due(&self.raw, &[MessageStatus::Pending], hint, now).await?;
+        let margin = DateTime::from_millis(now.timestamp_millis() - HINT_MARGIN.as_millis() as i64);
+        *self.due_floor.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(oldest.unwrap_or(margin));
         Ok(oldest.map_or(0.0, |o| {
             (now.timestamp_millis() - o.timestamp_millis()).max(0) as f64 / 1000.0
         }))
     }
-
-    /// The earliest `next_attempt_at` of a pending message in `[floor, now]`, by windows.
-    async fn oldest_due_from(&self, floor: DateTime, now: DateTime) -> Result<Option<DateTime>, StoreError> {
-        let pending = MessageStatus::Pending.as_str();
-        let any_in = |from: i64, to: i64| async move {
-            Ok::<_, StoreError>(
-                self.raw
-                    .find_one(doc! {"status": pending, "next_attempt_at": {
-                    "$gte": DateTime::from_millis(from), "$lte": DateTime::from_millis(to)}})
-                    .projection(doc! {"_id": 1})
-                    .await?
-                    .is_some(),
-            )
-        };
-        let end = now.timestamp_millis();
-        let (mut from, mut width) = (floor.timestamp_millis(), FINE_WINDOW.as_millis() as i64);
-        // Gallop: the first window that holds a due pending message.
-        let mut to = loop {
-            if from > end {
-                return Ok(None);
-            }
-            let to = (from + width - 1).min(end);
-            if any_in(from, to).await? {
-                break to;
-            }
-            from = to + 1;
-            width = width.saturating_mul(2);
-        };
-        // Halve it down to a fine window whose first half is empty or that is fine already.
-        while to - from + 1 > FINE_WINDOW.as_millis() as i64 {
-            let mid = from + (to - from) / 2;
-            if any_in(from, mid).await? {
-                to = mid;
-            } else {
-                from = mid + 1;
-            }
-        }
-        let first = self
-            .raw
-            .find_one(doc! {"status": pending, "next_attempt_at": {
-            "$gte": DateTime::from_millis(from), "$lte": DateTime::from_millis(to)}})
-            .sort(doc! {"next_attempt_at": 1})
-            .projection(doc! {"next_attempt_at": 1})
-            .await?;
-        Ok(first.and_then(|d| d.get_datetime("next_attempt_at").ok().copied()))
-    }
-
-    /// The same by one sorted read: only while the store has no counts document (and so no
-    /// oldest message) yet — an empty or brand-new collection.
-    async fn oldest_due_by_sort(&self, now: DateTime) -> Result<f64, StoreError> {
-        let oldest = self
-            .messages
-            .find_one(doc! {"status": MessageStatus::Pending.as_str(), "next_attempt_at": {"$lte": now}})
-            .sort(doc! {"next_attempt_at": 1})
-            .await?;
-        Ok(oldest
-            .map(|m| (now.timestamp_millis() - m.next_attempt_at.timestamp_millis()).max(0) as f64 / 1000.0)
-            .unwrap_or(0.0))
-    }
 }
 
-/// The narrowest window the oldest-due search reads sorted.
-const FINE_WINDOW: std::time::Duration = std::time::Duration::from_millis(16);
-/// How far behind now the oldest-due floor stays when nothing is due.
-const FLOOR_MARGIN: std::time::Duration = std::time::Duration::from_secs(60);
-/// How often the oldest-due search starts again from the oldest message.
-const FLOOR_RESET: std::time::Duration = std::time::Duration::from_secs(300);
+/// The second the oldest message there is was created in (no message is due before it unless
+/// edited by hand), from the counts' bounds; `None` before any message.
+pub(super) async fn first_created(counts: &super::counts::StatusCounts) -> Result<Option<DateTime>, StoreError> {
+    Ok(counts
+        .snapshot()
+        .await?
+        .and_then(|s| s.first_id)
+        .map(|first| DateTime::from_millis(first.timestamp().timestamp_millis())))
+}
+
+/// How far behind the last search the oldest-due hint starts when nothing was due then (a
+/// message written since by a replica whose clock is a little behind still lies after it).
+const HINT_MARGIN: std::time::Duration = std::time::Duration::from_secs(1);

@@ -176,6 +176,35 @@ async fn a_message_due_behind_the_claim_window_is_still_claimed() {
 }
 
 #[tokio::test]
+async fn a_message_made_due_long_before_everything_is_claimed_first_by_the_look_behind() {
+    let app = spawn_app().await;
+    let ids = app.seed(30).await;
+    // The claimer's window now starts at the oldest due message, and claims do not come up
+    // short, so only the periodic look-behind can find what lands behind it.
+    assert_eq!(app.claim("w", 5).await.len(), 5);
+    let edited = bson::oid::ObjectId::parse_str(&ids[29]).unwrap();
+    let long_ago = bson::DateTime::parse_rfc3339_str("1999-12-31T23:59:59Z").unwrap();
+    app.env
+        .db()
+        .collection::<bson::Document>("messages")
+        .update_one(
+            bson::doc! {"_id": edited},
+            bson::doc! {"$set": {"next_attempt_at": long_ago}},
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(5200)).await;
+    let batch = app.claim("w", 5).await;
+    let got: HashSet<&str> = batch.iter().map(|m| m["id"].as_str().unwrap()).collect();
+    assert_eq!(
+        got,
+        HashSet::from([&ids[29], &ids[5], &ids[6], &ids[7], &ids[8]].map(String::as_str)),
+        "the edited message (due first), then the window's oldest"
+    );
+    app.cleanup().await;
+}
+
+#[tokio::test]
 async fn claimers_on_two_api_replicas_never_share_a_message() {
     let mut app = spawn_app().await;
     let total = 1000;

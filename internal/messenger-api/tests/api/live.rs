@@ -692,6 +692,30 @@ async fn the_oldest_due_age_follows_claims_retries_requeues_and_schedules() {
 }
 
 #[tokio::test]
+async fn the_oldest_due_age_finds_a_due_time_edited_to_before_every_message() {
+    let app = spawn_app().await;
+    let ids = app.seed(3).await;
+    assert_oldest(&app, Some(&ids[0]), "as seeded").await;
+    // By hand, to before the oldest message was even created.
+    let edited = bson::oid::ObjectId::parse_str(&ids[2]).unwrap();
+    let long_ago = bson::DateTime::parse_rfc3339_str("1999-12-31T23:59:59Z").unwrap();
+    app.env
+        .db()
+        .collection::<bson::Document>("messages")
+        .update_one(
+            bson::doc! {"_id": edited},
+            bson::doc! {"$set": {"next_attempt_at": long_ago}},
+        )
+        .await
+        .unwrap();
+    assert_oldest(&app, Some(&ids[2]), "edited back").await;
+    let held = app.claim("w", 1).await;
+    assert_eq!(held[0]["id"], ids[2].as_str(), "claimed first too");
+    assert_oldest(&app, Some(&ids[0]), "the edited one claimed").await;
+    app.cleanup().await;
+}
+
+#[tokio::test]
 async fn counts_not_yet_checked_are_served_as_kept_and_marked_until_reconciled() {
     // The period is long: only a reader's finding can bring the correction this soon.
     let app = spawn_app_with(&[("HERALD__MESSENGER_API__COUNT_RECONCILE_SECONDS", "600")]).await;

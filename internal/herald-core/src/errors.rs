@@ -61,6 +61,7 @@ error_codes! {
     ReceiptUnreadable = 400019,
     InvalidCallbackUrl = 400020,
     InvalidCallbackReport = 400021,
+    InvalidExtendRequest = 400022,
     Unauthorized = 401001,
     ReceiptUnauthorized = 401002,
     MissingScope = 403001,

@@ -298,3 +298,43 @@ pub struct OutcomeResults {
     /// False when Redis was unreachable for the commits (they still stand).
     pub cached: bool,
 }
+
+/// Path of the claim extension.
+pub const EXTEND_PATH: &str = "/api/messenger/extend";
+
+/// One claim its worker still holds: a message claimed and not yet reported.
+#[derive(Debug, Clone, Object, Serialize, Deserialize)]
+#[oai(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
+pub struct HeldClaim {
+    /// The message id.
+    pub id: String,
+    /// The token its claim gave.
+    pub claim_token: String,
+}
+
+/// Claims to keep for longer: the body of `extend`.
+#[derive(Debug, Clone, Object, Serialize, Deserialize)]
+#[oai(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
+pub struct ExtendRequest {
+    /// 1 to 1,000 claims, each message once.
+    pub items: Vec<HeldClaim>,
+    /// The new lease, from now: 1..=3600 seconds (default `job_scheduler.lease_seconds`). A
+    /// lease is never shortened.
+    #[oai(nullable)]
+    #[serde(default)]
+    pub lease_seconds: Option<u64>,
+}
+
+/// What an extension did.
+#[derive(Debug, Clone, Object, Serialize, Deserialize)]
+#[oai(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
+pub struct ExtendResults {
+    /// How many of the claims were still held, and now last until `leaseUntil` (or longer);
+    /// the others had lapsed and moved on, or were already reported.
+    pub extended: u64,
+    /// The lease end the held claims were given.
+    pub lease_until: DateTime<Utc>,
+}

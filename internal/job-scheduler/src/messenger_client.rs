@@ -1,10 +1,12 @@
-//! The worker side of the Messenger API: claim, and report outcomes in batches, spoken with
-//! the typed contract of [`herald_core::worker`].
+//! The worker side of the Messenger API: claim, report outcomes in batches and keep claims
+//! still held, spoken with the typed contract of [`herald_core::worker`].
 
 use std::time::Duration;
 
 use herald_core::peer::{PeerClient, PeerError};
-use herald_core::worker::{self, ClaimRequest, ClaimedMessage, Outcome, OutcomeResults};
+use herald_core::worker::{
+    self, ClaimRequest, ClaimedMessage, ExtendRequest, ExtendResults, HeldClaim, Outcome, OutcomeResults,
+};
 use layered_config::SecretString;
 use reqwest::{Method, StatusCode};
 
@@ -78,6 +80,24 @@ impl MessengerClient {
         Ok(self
             .peer
             .call(Method::POST, worker::OUTCOMES_PATH, &body, Some(run_id))
+            .await?)
+    }
+
+    /// Keeps the claims in `held` (still claimed, not yet reported) for `lease` more from now;
+    /// answers how many were still held.
+    pub async fn extend(
+        &self,
+        held: Vec<HeldClaim>,
+        lease: Duration,
+        run_id: &str,
+    ) -> Result<ExtendResults, MessengerError> {
+        let body = ExtendRequest {
+            items: held,
+            lease_seconds: Some(lease.as_secs().max(1)),
+        };
+        Ok(self
+            .peer
+            .call(Method::POST, worker::EXTEND_PATH, &body, Some(run_id))
             .await?)
     }
 

@@ -35,6 +35,8 @@ pub struct SchedulerMetrics {
     pub working: IntGauge,
     /// Messenger API calls that failed, by operation.
     pub messenger_errors: IntCounterVec,
+    /// Claims extended because their outcome reports were slow to land.
+    pub claims_extended: prometheus::IntCounter,
     /// The provider pause.
     pub pause: crate::provider::PauseMetrics,
     /// The shared rate limit.
@@ -94,6 +96,10 @@ impl SchedulerMetrics {
             ),
             &["operation"],
         )?;
+        let claims_extended = prometheus::IntCounter::new(
+            "claims_extended_total",
+            "Claims extended with under two thirds of their lease left, their outcome reports slow to land.",
+        )?;
         let pause = crate::provider::PauseMetrics {
             paused: IntGaugeVec::new(
                 Opts::new("provider_paused", "1 while this replica sees the provider paused."),
@@ -145,6 +151,7 @@ impl SchedulerMetrics {
         registry.register(Box::new(last_run.clone()))?;
         registry.register(Box::new(working.clone()))?;
         registry.register(Box::new(messenger_errors.clone()))?;
+        registry.register(Box::new(claims_extended.clone()))?;
         Ok(Self {
             registry,
             http,
@@ -159,6 +166,7 @@ impl SchedulerMetrics {
             last_run,
             working,
             messenger_errors,
+            claims_extended,
             pause,
             limiter,
         })

@@ -30,6 +30,8 @@ pub struct MessengerMetrics {
     pub cache_repair_pending: IntGauge,
     /// Messages that expired unsent, by where it was found: claim, worker, retry.
     pub expired: IntCounterVec,
+    /// Claims asked to be extended, by result: held (extended), lost (lapsed or reported).
+    pub claims_extended: IntCounterVec,
     /// Messages re-queued by operators, one at a time or in bulk.
     pub requeued: IntCounterVec,
     /// Delivery receipts by provider and result.
@@ -85,6 +87,13 @@ impl MessengerMetrics {
             ),
             &["via"],
         )?;
+        let claims_extended = IntCounterVec::new(
+            Opts::new(
+                "claims_extended_total",
+                "Claims a worker asked to keep for longer, by result: held (extended), lost (the lease had lapsed and the message moved on, or it was reported).",
+            ),
+            &["result"],
+        )?;
         let requeued = IntCounterVec::new(
             Opts::new(
                 "messages_requeued_total",
@@ -138,6 +147,7 @@ impl MessengerMetrics {
         registry.register(Box::new(removed.clone()))?;
         registry.register(Box::new(retention_swept_at.clone()))?;
         registry.register(Box::new(expired.clone()))?;
+        registry.register(Box::new(claims_extended.clone()))?;
         registry.register(Box::new(requeued.clone()))?;
         registry.register(Box::new(admission_rejected.clone()))?;
         registry.register(Box::new(receipts.clone()))?;
@@ -184,6 +194,7 @@ impl MessengerMetrics {
             cache_repaired,
             cache_repair_pending,
             expired,
+            claims_extended,
             requeued,
             admission_rejected,
             receipts,

@@ -6,9 +6,11 @@
 //! - `budget`: how long after its claim a message may still be sent, and how many to claim.
 //! - `deliver`: one message through the provider pause, the rate limit and the webhook.
 //! - `report`: outcomes gathered into reports to the Messenger API, retried while it is away.
+//! - `keep`: the claims still held, extended while their reports are slow to land.
 
 mod budget;
 mod deliver;
+mod keep;
 mod report;
 
 use std::time::Duration;
@@ -111,6 +113,8 @@ pub struct SendingJob {
     metrics: SchedulerMetrics,
     /// Held for the whole of a run: a run never overlaps the previous one on this replica.
     run_lock: Mutex<()>,
+    /// The run's claims not yet reported.
+    held: keep::Held,
     shutdown: CancellationToken,
 }
 
@@ -129,6 +133,7 @@ impl SendingJob {
             config,
             metrics,
             run_lock: Mutex::new(()),
+            held: keep::Held::default(),
             shutdown,
         }
     }
@@ -225,7 +230,12 @@ impl SendingJob {
         let (outcomes, reported) = mpsc::channel::<Reported>(OUTCOME_QUEUE);
         let sending = self.send_batches(batch, outcomes, &mut report, &run_id);
         let reporting = self.report_outcomes(reported, &run_id);
-        let ((), tally) = tokio::join!(sending, reporting);
+        let ((), tally) = tokio::select! {
+            biased;
+            done = async { tokio::join!(sending, reporting) } => done,
+            never = self.keep_claims(&run_id) => match never {},
+        };
+        self.held.clear();
         report.sent += tally.sent;
         report.retried += tally.retried;
         report.failed += tally.failed;
@@ -256,6 +266,9 @@ impl SendingJob {
             .await;
         if claimed.is_err() {
             self.metrics.messenger_errors.with_label_values(&["claim"]).inc();
+        }
+        if let Ok(messages) = &claimed {
+            self.held.add(messages, self.config.lease);
         }
         Ok(Claimed {
             messages: claimed?,

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use herald_core::worker::OutcomeResult;
+use herald_core::worker::{Outcome, OutcomeResult};
 use telemetry::Chain;
 use tokio::sync::mpsc;
 
@@ -78,6 +78,8 @@ impl SendingJob {
             answer = self.messenger.report(&batch, run_id).await;
             wait = (wait * 2).min(REPORT_RETRY_MAX);
         }
+        // Reported (or given up on): no longer this run's to keep.
+        self.held.remove(batch.iter().map(Outcome::id));
         match answer {
             Ok(results) => {
                 for item in results.items {

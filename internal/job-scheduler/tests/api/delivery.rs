@@ -400,3 +400,98 @@ async fn an_idle_draining_replica_sends_a_new_message_well_under_a_second() {
     scheduler.shutdown().await.unwrap();
     stack.cleanup().await;
 }
+
+/// A TCP forwarder to `api` that holds every chunk carrying an outcome report for `delay`
+/// before passing it on: the Messenger API as a worker sees it under load.
+async fn slow_reports(api: &str, delay: Duration) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const OUTCOMES: &[u8] = b"/api/messenger/outcomes";
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let upstream = api.trim_start_matches("http://").to_owned();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let upstream = upstream.clone();
+            tokio::spawn(async move {
+                let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
+                    return;
+                };
+                let (mut from_client, mut to_client) = client.into_split();
+                let (mut from_server, mut to_server) = server.into_split();
+                let up = async move {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    while let Ok(n) = from_client.read(&mut buf).await {
+                        if n == 0 {
+                            break;
+                        }
+                        if buf[..n].windows(OUTCOMES.len()).any(|w| w == OUTCOMES) {
+                            tokio::time::sleep(delay).await;
+                        }
+                        if to_server.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                };
+                let down = tokio::io::copy(&mut from_server, &mut to_client);
+                let _ = tokio::join!(up, down);
+            });
+        }
+    });
+    format!("http://{address}")
+}
+
+#[tokio::test]
+async fn a_claim_whose_report_is_slow_to_land_is_kept_and_the_message_sent_once() {
+    let stack = Stack::start(&[]).await;
+    let ids = stack.seed(1).await;
+    let (webhook, log) = sink(0, 0.0).await;
+    // Reports take 9 s to reach the API; the lease is 6 s (the least a 500 ms timeout allows).
+    let proxy = slow_reports(&stack.api_url, Duration::from_secs(9)).await;
+    let settings = herald_core::testing::settings_for(
+        &stack.env,
+        &[
+            ("HERALD__MESSENGER_API__URL", proxy.as_str()),
+            ("HERALD__WEBHOOK__URL", webhook.as_str()),
+            ("HERALD__WEBHOOK__TIMEOUT_MS", "500"),
+            ("HERALD__JOB_SCHEDULER__SCHEDULE", crate::helpers::NEVER),
+            ("HERALD__JOB_SCHEDULER__LEASE_SECONDS", "6"),
+        ],
+    );
+    let scheduler = stack.scheduler_with(settings).await;
+    let control = scheduler.control.clone();
+    let run = tokio::spawn(async move { control.job().run_once().await });
+
+    // Past the first lease, while the report is still on its way: another worker finds
+    // nothing to take, because the run kept its claim.
+    tokio::time::sleep(Duration::from_millis(7500)).await;
+    let taken: Vec<Value> = stack
+        .http
+        .post_json(
+            &format!("{}/api/messenger/get-two", stack.api_url),
+            &json!({"worker": "other", "limit": 10}),
+        )
+        .await;
+    assert!(taken.is_empty(), "the claim lapsed and moved on: {taken:?}");
+
+    let report = run.await.unwrap();
+    assert_eq!((report.claimed, report.sent), (1, 1));
+    assert_eq!(stack.message(&ids[0]).await["status"], "sent");
+    assert_eq!(log.snapshot().len(), 1, "the provider got it once");
+    let metrics = stack
+        .client
+        .get(format!("{}/metrics", scheduler.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("herald_claims_extended_total") && !l.ends_with(" 0")),
+        "{metrics}"
+    );
+    scheduler.shutdown().await.unwrap();
+    stack.cleanup().await;
+}

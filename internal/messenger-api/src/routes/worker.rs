@@ -1,5 +1,6 @@
 //! The worker protocol the Job Scheduler speaks: claim (`get-two`), then the outcomes — many at
-//! once (`outcomes`), or one at a time (`commit`, `fail`, `release`: one-item reports).
+//! once (`outcomes`), or one at a time (`commit`, `fail`, `release`: one-item reports) — and,
+//! while reports are slow to land, `extend` to keep the claims still held.
 
 use std::sync::Arc;
 
@@ -14,8 +15,8 @@ use super::ApiTags;
 use crate::service::MessengerService;
 use herald_core::message::MessageView;
 use herald_core::worker::{
-    ClaimRequest, ClaimedMessage, CommitRequest, CommitView, FailRequest, FailedOutcome, Outcome, OutcomeBatch,
-    OutcomeResults, ReleaseRequest, ReleasedOutcome, SentOutcome,
+    ClaimRequest, ClaimedMessage, CommitRequest, CommitView, ExtendRequest, ExtendResults, FailRequest, FailedOutcome,
+    Outcome, OutcomeBatch, OutcomeResults, ReleaseRequest, ReleasedOutcome, SentOutcome,
 };
 
 api_errors!(ClaimErrors: 400, 401, 413, 415, 500, 503);
@@ -54,6 +55,14 @@ pub enum OutcomesResponse {
 }
 
 api_errors!(OutcomeErrors: 400, 401, 413, 415, 500, 503);
+
+/// What an extension did.
+#[derive(ApiResponse)]
+pub enum ExtendResponse {
+    /// How many of the claims were still held and now last longer.
+    #[oai(status = 200)]
+    Ok(Json<ExtendResults>),
+}
 
 /// Worker operations.
 pub struct WorkerApi {
@@ -160,6 +169,25 @@ impl WorkerApi {
             .await
             .map_err(ApiError::from)?;
         Ok(OutcomesResponse::Ok(Json(results)))
+    }
+
+    /// Extend held claims
+    ///
+    /// Keeps the claims the caller still holds (claimed, not yet reported) for `leaseSeconds`
+    /// more from now, each conditional on its claim token as an outcome is. A worker whose
+    /// outcome reports are slow to land (the Messenger API under load) calls it while it waits,
+    /// so its messages are not handed to another worker and sent twice. Claims that lapsed and
+    /// moved on, or were already reported, are left alone and not counted; a lease is never
+    /// shortened.
+    #[oai(path = "/api/messenger/extend", method = "post", operation_id = "extendClaims")]
+    async fn extend(&self, _auth: WorkerKey, body: Json<ExtendRequest>) -> Result<ExtendResponse, OutcomeErrors> {
+        let body = body.0;
+        let results = self
+            .service
+            .extend(body.items, body.lease_seconds)
+            .await
+            .map_err(ApiError::from)?;
+        Ok(ExtendResponse::Ok(Json(results)))
     }
 }
 

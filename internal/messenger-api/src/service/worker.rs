@@ -12,7 +12,9 @@ use std::time::Duration;
 
 use bson::oid::ObjectId;
 use bson::DateTime;
-use herald_core::worker::{AttemptRecord, Outcome, OutcomeReport, OutcomeResult, OutcomeResults, MAX_OUTCOMES};
+use herald_core::worker::{
+    AttemptRecord, ExtendResults, HeldClaim, Outcome, OutcomeReport, OutcomeResult, OutcomeResults, MAX_OUTCOMES,
+};
 use herald_core::ErrorCode;
 
 use herald_core::callbacks::CallbackEvent;
@@ -137,6 +139,54 @@ impl MessengerService {
                 cached: results.cached,
             }),
         }
+    }
+
+    /// Keeps the claims in `items` that are still held for `lease_seconds` more from now (the
+    /// default lease when absent; never shortening one): a worker whose reports are slow to
+    /// land keeps its messages from being handed to another worker and sent twice.
+    pub async fn extend(
+        &self,
+        items: Vec<HeldClaim>,
+        lease_seconds: Option<u64>,
+    ) -> Result<ExtendResults, ServiceError> {
+        let bad = |msg: String| ServiceError::invalid(ErrorCode::InvalidExtendRequest, msg);
+        if items.is_empty() || items.len() > MAX_OUTCOMES {
+            return Err(bad(format!(
+                "an extension holds 1 to {MAX_OUTCOMES} claims; this one has {}",
+                items.len()
+            )));
+        }
+        let lease = match lease_seconds {
+            None => self.policy.default_lease,
+            Some(s) if (1..=3600).contains(&s) => Duration::from_secs(s),
+            Some(_) => return Err(bad("leaseSeconds must be 1..=3600".to_owned())),
+        };
+        let mut claims = Vec::with_capacity(items.len());
+        for item in items {
+            let id =
+                ObjectId::parse_str(&item.id).map_err(|_| bad(format!("{:?} is not a 24-hex message id", item.id)))?;
+            claims.push((id, item.claim_token));
+        }
+        let mut ids: Vec<ObjectId> = claims.iter().map(|(id, _)| *id).collect();
+        ids.sort();
+        ids.dedup();
+        if ids.len() != claims.len() {
+            return Err(bad("each message may appear once in an extension".to_owned()));
+        }
+        let until = herald_core::mongo::after(bson::DateTime::now(), lease);
+        let extended = self.store.extend_claims(&claims, until).await?;
+        self.metrics
+            .claims_extended
+            .with_label_values(&["held"])
+            .inc_by(extended);
+        self.metrics
+            .claims_extended
+            .with_label_values(&["lost"])
+            .inc_by(claims.len() as u64 - extended.min(claims.len() as u64));
+        Ok(ExtendResults {
+            extended,
+            lease_until: until.to_chrono(),
+        })
     }
 
     /// Applies many outcomes at once: one unordered bulk write whose every update stays

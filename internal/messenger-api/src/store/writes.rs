@@ -249,6 +249,26 @@ impl MessageStore {
         Ok(applied.into_iter().sum())
     }
 
+    /// Extends each of `claims` (id, claim token) still held to last until `until`, never
+    /// shortening a lease; answers how many were still held. One unordered command, each
+    /// update conditional on its claim as an outcome is.
+    pub async fn extend_claims(&self, claims: &[(ObjectId, String)], until: DateTime) -> Result<u64, StoreError> {
+        if claims.is_empty() {
+            return Ok(0);
+        }
+        let updates = claims
+            .iter()
+            .map(|(id, token)| {
+                doc! {
+                    "q": ClaimWrite::claimed(*id, token),
+                    // While a message is processing its `next_attempt_at` is its lease end.
+                    "u": {"$max": {"lease_until": until, "next_attempt_at": until}},
+                }
+            })
+            .collect();
+        self.update_unordered(updates).await
+    }
+
     /// One unordered `update` command; how many matched.
     async fn update_unordered(&self, updates: Vec<Document>) -> Result<u64, StoreError> {
         let answer = self

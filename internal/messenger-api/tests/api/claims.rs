@@ -229,3 +229,62 @@ async fn claimers_on_two_api_replicas_never_share_a_message() {
     let app = Arc::into_inner(app).unwrap();
     app.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_held_claim_is_extended_and_a_lapsed_or_foreign_one_is_not() {
+    let app = spawn_app().await;
+    app.seed(2).await;
+    let held = app
+        .claim_with(json!({"worker": "w", "limit": 2, "leaseSeconds": 1}))
+        .await;
+    assert_eq!(held.len(), 2);
+    let (kept, lapsing) = (&held[0], &held[1]);
+    let extend = |body: Value| app.post("/api/messenger/extend").json(&body).send();
+    let claim_of = |m: &Value| json!({"id": m["id"], "claimToken": m["claimToken"]});
+
+    let answer: Value = extend(json!({"items": [claim_of(kept)], "leaseSeconds": 60}))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(answer["extended"], 1, "{answer}");
+    let lease = app.message(kept["id"].as_str().unwrap()).await["leaseUntil"].clone();
+    // A shorter extension never shortens a lease (still counted: the claim is held).
+    let answer: Value = extend(json!({"items": [claim_of(kept)], "leaseSeconds": 1}))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(answer["extended"], 1, "{answer}");
+    assert_eq!(app.message(kept["id"].as_str().unwrap()).await["leaseUntil"], lease);
+
+    tokio::time::sleep(std::time::Duration::from_millis(1300)).await;
+    let taken = app.claim("other", 10).await;
+    assert_eq!(taken.len(), 1, "only the lapsed claim moved on");
+    assert_eq!(taken[0]["id"], lapsing["id"]);
+    // The lapsed claim is no longer its first worker's to extend.
+    let answer: Value = extend(json!({"items": [claim_of(lapsing)]}))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(answer["extended"], 0, "{answer}");
+    assert_eq!(app.message(lapsing["id"].as_str().unwrap()).await["claimedBy"], "other");
+    // The kept one commits under its first token.
+    let id = kept["id"].as_str().unwrap();
+    let committed = app.commit(id, kept["claimToken"].as_str().unwrap(), "prov-1").await;
+    assert_eq!(committed.status(), 200);
+
+    for bad in [
+        json!({"items": []}),
+        json!({"items": [{"id": "nope", "claimToken": "t"}]}),
+        json!({"items": [claim_of(kept), claim_of(kept)]}),
+        json!({"items": [claim_of(kept)], "leaseSeconds": 0}),
+    ] {
+        assert_error(extend(bad).await.unwrap(), 400, 400022).await;
+    }
+    app.cleanup().await;
+}

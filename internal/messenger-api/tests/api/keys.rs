@@ -34,6 +34,7 @@ async fn every_operation_declares_its_scope_and_a_key_without_it_gets_403() {
         "POST /api/messenger/get-two worker",
         "PUT /api/messenger/commit/{id} worker",
         "POST /api/messenger/outcomes worker",
+        "POST /api/messenger/extend worker",
         "POST /api/messenger/messenger-job-toggle operator",
         "POST /api/messenger/messages/{id}/retry operator",
         "GET /api/messenger/stats metrics",

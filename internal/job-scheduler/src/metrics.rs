@@ -98,7 +98,7 @@ impl SchedulerMetrics {
         )?;
         let claims_extended = prometheus::IntCounter::new(
             "claims_extended_total",
-            "Claims extended with under two thirds of their lease left, their outcome reports slow to land.",
+            "Claims of sent messages extended with under a third of their lease left, their outcome reports slow to land.",
         )?;
         let pause = crate::provider::PauseMetrics {
             paused: IntGaugeVec::new(

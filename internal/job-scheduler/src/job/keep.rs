@@ -1,11 +1,13 @@
-//! Keeping claims: a message claimed and not yet reported is this run's. When its report is
-//! slow to land (the Messenger API under load, a report retried while it is away) its lease
-//! could lapse while the provider already has it; another worker would claim it and the
-//! provider get it twice. So the run keeps what it holds: a claim with less than two thirds of
-//! a lease left is extended by a lease, each conditional on its token. What is left is counted
-//! from the claim's own `leaseUntil` when it arrives (a claim answered slowly has already used
-//! some of its lease), and from the moment each extension was asked for after that. In a
-//! healthy run every report lands within a third of a lease, and nothing is extended.
+//! Keeping claims: a message that went to a provider is its run's until its outcome is
+//! reported. When the report is slow to land (the Messenger API under load, a report retried
+//! while it is away) the claim's lease could lapse with the provider already holding the
+//! message; another worker would claim it and the provider get it twice. So the run keeps
+//! those claims: one with less than a third of a lease left is extended by a lease, each
+//! conditional on its token. What is left is counted from the claim's own `leaseUntil`, then
+//! from the moment each extension was asked for. Messages not yet sent need no keeping: a send
+//! starts only while its claim leaves room for the timeout and the report (`budget`), and one
+//! that cannot is given back unsent. A report that lands in time — every one in a healthy
+//! run — extends nothing.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -18,7 +20,7 @@ use tokio::time::Instant;
 
 use super::SendingJob;
 
-/// A run's claims not yet reported: id → (claim token, when its lease ends at the latest).
+/// A run's sent messages not yet reported: id → (claim token, when its lease ends at the latest).
 #[derive(Default)]
 pub(super) struct Held(Mutex<HashMap<String, (String, Instant)>>);
 
@@ -27,17 +29,14 @@ impl Held {
         self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Claimed just now, each for at most `lease`.
-    pub(super) fn add(&self, messages: &[ClaimedMessage], lease: Duration) {
-        let (now, wall) = (Instant::now(), chrono::Utc::now());
-        let mut held = self.lock();
-        for message in messages {
-            let left = (message.lease_until - wall)
-                .to_std()
-                .unwrap_or(Duration::ZERO)
-                .min(lease);
-            held.insert(message.id.clone(), (message.claim_token.clone(), now + left));
-        }
+    /// Sent just now (or tried), held for at most `lease` from its claim.
+    pub(super) fn add(&self, message: &ClaimedMessage, lease: Duration) {
+        let left = (message.lease_until - chrono::Utc::now())
+            .to_std()
+            .unwrap_or(Duration::ZERO)
+            .min(lease);
+        self.lock()
+            .insert(message.id.clone(), (message.claim_token.clone(), Instant::now() + left));
     }
 
     /// Reported (or given up on).
@@ -78,14 +77,14 @@ impl Held {
 }
 
 impl SendingJob {
-    /// For as long as the run lasts (it drops this when done): every sixth of a lease, extends
-    /// the claims with less than two thirds of one left.
+    /// For as long as the run lasts (it drops this when done): every tenth of a lease, extends
+    /// the kept claims with less than a third of one left.
     pub(super) async fn keep_claims(&self, run_id: &str) -> Infallible {
         let lease = self.config.lease;
-        let tick = (lease / 6).max(Duration::from_millis(100));
+        let tick = (lease / 10).max(Duration::from_millis(100));
         loop {
             tokio::time::sleep(tick).await;
-            let ending = self.held.ending_within(lease * 2 / 3);
+            let ending = self.held.ending_within(lease / 3);
             for chunk in ending.chunks(MAX_OUTCOMES) {
                 let asked = Instant::now();
                 match self.messenger.extend(chunk.to_vec(), lease, run_id).await {
@@ -96,7 +95,7 @@ impl SendingJob {
                         tracing::info!(
                             asked = chunk.len(),
                             extended = answer.extended,
-                            "claims with under two thirds of their lease left extended: outcome reports are slow to land"
+                            "claims of sent messages with under a third of their lease left extended: outcome reports are slow to land"
                         );
                     }
                     Err(error) => {

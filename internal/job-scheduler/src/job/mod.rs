@@ -6,7 +6,7 @@
 //! - `budget`: how long after its claim a message may still be sent, and how many to claim.
 //! - `deliver`: one message through the provider pause, the rate limit and the webhook.
 //! - `report`: outcomes gathered into reports to the Messenger API, retried while it is away.
-//! - `keep`: the claims still held, extended while their reports are slow to land.
+//! - `keep`: the claims of sent messages, extended while their reports are slow to land.
 
 mod budget;
 mod deliver;
@@ -267,9 +267,6 @@ impl SendingJob {
         if claimed.is_err() {
             self.metrics.messenger_errors.with_label_values(&["claim"]).inc();
         }
-        if let Ok(messages) = &claimed {
-            self.held.add(messages, self.config.lease);
-        }
         Ok(Claimed {
             messages: claimed?,
             asked,
@@ -330,6 +327,10 @@ impl SendingJob {
         futures::stream::iter(batch)
             .for_each_concurrent(self.config.concurrency.max(1), |message| async move {
                 let outcome = self.deliver(&message, run_id).await;
+                if matches!(outcome, Outcome::Sent(_) | Outcome::Failed(_)) {
+                    // It went to a provider: its claim must outlive its report ([`keep`]).
+                    self.held.add(&message, self.config.lease);
+                }
                 // The reporter outlives every send, so this only fails if it panicked.
                 let _ = outcomes.send(outcome).await;
             })

@@ -8,7 +8,7 @@
 SHELL := /bin/bash
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: run test services services-down fmt-check lint unit-tests newman fuzz console-test screenshots compose-check k8s-check compose-up-test chaos chaos-short openapi bench bench-feed bench-scale
+.PHONY: run test services services-down fmt-check lint unit-tests newman fuzz console-test screenshots compose-check k8s-check compose-up-test chaos chaos-short openapi bench bench-feed bench-scale bench-campaign
 
 run:
 	build/run-local.sh
@@ -75,10 +75,17 @@ bench: services
 	cargo run --release -p herald --example scale_bench -- 1000000
 	cargo run --release -p herald --example receipts_bench -- 20000
 
-# Only the "at scale" section of make bench: a million messages.
+# Only the "at scale" section of make bench: a million messages with 1,000 due, then a million
+# all due (a campaign), each beside a database holding only the 1,000 due.
 bench-scale: services
 	cargo build --release --bin herald
 	cargo run --release -p herald --example scale_bench -- 1000000
+	SCALE_ALL_DUE=1 cargo run --release -p herald --example scale_bench -- 1000000
+
+# A million messages due at once drained by 4 replicas, beside the 50k drain (about 30 minutes).
+bench-campaign: services
+	cargo build --release --bin herald
+	BENCH_ONLY=campaign cargo run --release -p herald --example drain_bench -- 50000
 
 bench-feed: services
 	cargo build --release --bin herald

@@ -20,7 +20,9 @@ use std::time::{Duration, Instant};
 use bson::oid::ObjectId;
 use bson::{doc, DateTime, Document};
 use futures::TryStreamExt;
-use herald_core::testing::stack::{cpu_ms, peak_rss_mib, release_binary as herald_binary, ProcessStack as Stack};
+use herald_core::testing::stack::{
+    cpu_ms, peak_rss_mib, release_binary as herald_binary, rss_mib, ProcessStack as Stack,
+};
 use herald_core::testing::{seed_messages, TEST_KEY};
 use serde_json::{json, Value};
 use test_support::{Http, TestEnv};
@@ -258,6 +260,78 @@ async fn herald_drain(n: usize, replicas: usize) -> (f64, f64, f64, String) {
     (n as f64 / secs, herald_cpu, db_cpu, detail)
 }
 
+/// What a campaign's drain looked like: the rate over its first, middle and last 100k, and
+/// over every 100k in turn.
+struct Campaign {
+    first: f64,
+    middle: f64,
+    last: f64,
+    whole: f64,
+    every: Vec<f64>,
+    db_cpu: f64,
+    db_rss: (f64, f64),
+}
+
+/// A campaign: `n` messages created (batch creates of 1,000) and all due at once, then drained
+/// by 4 replicas in drain mode. Times when the provider had received each 100k, and checks
+/// every message reached it exactly once. Answers the stack too: dropping a million-message
+/// database may outlast the cleanup's timeout, so the caller prints first.
+async fn herald_campaign(n: usize) -> (Campaign, Stack) {
+    const SEGMENT: u64 = 100_000;
+    let http = Http::new(TEST_KEY);
+    let mut stack = Stack::api_and_sink(&draining()).await;
+    let t = Instant::now();
+    seed_messages(&http, &stack.api, n).await;
+    eprintln!("campaign: {n} created in {:.0} s", t.elapsed().as_secs_f64());
+    let usage = Usage::start(&stack).await;
+    let n64 = n as u64;
+    let mut marks: Vec<u64> = (1..=n64 / SEGMENT).map(|k| k * SEGMENT).collect();
+    marks.extend([n64 / 2 - SEGMENT / 2, n64 / 2 + SEGMENT / 2, n64 - SEGMENT, n64]);
+    marks.sort_unstable();
+    marks.dedup();
+    let mut at = std::collections::BTreeMap::new();
+    let t = Instant::now();
+    stack.replicas(4);
+    let mut next = 0;
+    while next < marks.len() {
+        assert!(t.elapsed() < Duration::from_secs(7200), "the campaign stalled");
+        let delivered = stack.delivered().await;
+        while next < marks.len() && delivered >= marks[next] {
+            at.insert(marks[next], t.elapsed().as_secs_f64());
+            eprintln!("campaign: {} delivered at {:.0} s", marks[next], at[&marks[next]]);
+            next += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    while stack.sent_count().await < n64 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let db_rss = stack
+        .pids()
+        .into_iter()
+        .find(|(name, _)| name == "database")
+        .map_or((f64::NAN, f64::NAN), |(_, pid)| (rss_mib(pid), peak_rss_mib(pid)));
+    let (_, db_cpu, _) = usage.finish(&stack, n);
+    let received = stack.received_counts().await;
+    assert_eq!(received.len(), n, "every message reached the provider");
+    assert!(received.values().all(|c| *c == 1), "a message was sent twice");
+    let when = |mark: u64| if mark == 0 { 0.0 } else { at[&mark] };
+    let rate = |from: u64, to: u64| (to - from) as f64 / (when(to) - when(from));
+    let every = (1..=n64 / SEGMENT)
+        .map(|k| rate((k - 1) * SEGMENT, k * SEGMENT))
+        .collect();
+    let campaign = Campaign {
+        first: rate(0, SEGMENT),
+        middle: rate(n64 / 2 - SEGMENT / 2, n64 / 2 + SEGMENT / 2),
+        last: rate(n64 - SEGMENT, n64),
+        whole: n as f64 / when(n64),
+        every,
+        db_cpu,
+        db_rss,
+    };
+    (campaign, stack)
+}
+
 /// Herald draining a stored backlog of `n` with 4 scheduler replicas while the provider
 /// stand-in posts a signed delivery receipt back for every message it accepts (`delay_ms`
 /// later), as a provider closing the loop would. Answers the drain's rate,
@@ -265,8 +339,18 @@ async fn herald_drain(n: usize, replicas: usize) -> (f64, f64, f64, String) {
 /// applied, and the detail.
 async fn herald_drain_with_receipts(n: usize, delay_ms: u64) -> (f64, f64, f64, f64, String) {
     let http = Http::new(TEST_KEY);
-    let mut vars = vec![("RUST_LOG", "warn".to_owned())];
+    // BENCH_RUST_LOG: the processes' log filter (with STACK_LOGS, to see what happened).
+    let log = std::env::var("BENCH_RUST_LOG").unwrap_or_else(|_| "warn".to_owned());
+    let mut vars = vec![("RUST_LOG", log)];
     vars.extend(draining());
+    // BENCH_VARS: more settings for every process, `HERALD__A=1,HERALD__B=2`.
+    let extra = std::env::var("BENCH_VARS").unwrap_or_default();
+    let extra: Vec<(String, String)> = extra
+        .split(',')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .collect();
+    vars.extend(extra.iter().map(|(k, v)| (k.as_str(), v.clone())));
     let mut stack = Stack::new(herald_binary(), &vars).await;
     stack.use_providers(&format!(
         "[[providers]]\nname = \"sink\"\nurl = \"{}/webhook\"\nauth_key = \"local-dev-webhook-key\"\n\
@@ -640,6 +724,34 @@ async fn main() {
             "| max_due_backlog = {bound}: the same POSTs (a 429 waits Retry-After and posts again), msgs/s | {rate:.0} | | |"
         );
         println!("| max_due_backlog = {bound}: accept → delivered p50 / p99, ms; 429s | {p50:.0} / {p99:.0}; {refused} | | |");
+    }
+    if std::env::var("BENCH_ONLY").is_ok_and(|o| o.split(',').any(|o| o.trim() == "campaign")) {
+        // Only when asked for by name (it takes about half an hour): BENCH_CAMPAIGN messages
+        // (1,000,000 by default) due at once, beside the drain of the stored backlog in the
+        // same sitting.
+        let n = std::env::var("BENCH_CAMPAIGN")
+            .ok()
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(1_000_000);
+        let (base, _, base_db_cpu, _) = herald_drain(backlog, 4).await;
+        let (c, stack) = herald_campaign(n).await;
+        println!(
+            "| drain of a stored {backlog} backlog, R=4, msgs/s; database CPU ms per msg | {base:.0}; {base_db_cpu:.3} | {ceiling:.0} | {:.0} % |",
+            100.0 * base / ceiling
+        );
+        for (what, rate) in [("first", c.first), ("middle", c.middle), ("last", c.last)] {
+            println!(
+                "| campaign of {n} due at once, R=4: the {what} 100k, msgs/s (of the {backlog} drain) | {rate:.0} | | {:.0} % |",
+                100.0 * rate / base
+            );
+        }
+        println!(
+            "| campaign: whole drain, msgs/s; database CPU ms per msg; database RSS after / peak, MiB | {:.0}; {:.3}; {:.0} / {:.0} | | |",
+            c.whole, c.db_cpu, c.db_rss.0, c.db_rss.1
+        );
+        let every: Vec<String> = c.every.iter().map(|r| format!("{r:.0}")).collect();
+        println!("\ncampaign, msgs/s over each 100k in turn: {}", every.join(", "));
+        stack.cleanup().await;
     }
     if wanted("claims") {
         let claims = contended_claims(20_000).await;

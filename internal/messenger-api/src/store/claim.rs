@@ -404,8 +404,8 @@ impl Inner {
 
     /// Up to `want` ids due in `[from, until]`, window by window: each window that came back
     /// short is followed by one twice as wide just after it (an empty one by a jump to the next
-    /// due time); a window that filled the request is halved for the next claim. Answers the ids, the earliest due time among them and the
-    /// width to start the next claim with.
+    /// due time); a window that filled the request is halved for the next claim. Answers the
+    /// ids, the earliest due time among them and the width to start the next claim with.
     async fn walk(
         &self,
         mut from: DateTime,

@@ -155,17 +155,8 @@ async fn a_message_due_behind_the_claim_window_is_still_claimed() {
     );
     // A message due an hour before anything the claimer has seen (a skewed clock, an edit).
     let late = app.create("+905551234567", "behind the window").await;
-    let late_id = bson::oid::ObjectId::parse_str(late["id"].as_str().unwrap()).unwrap();
     let hour_ago = bson::DateTime::from_millis(bson::DateTime::now().timestamp_millis() - 3_600_000);
-    app.env
-        .db()
-        .collection::<bson::Document>("messages")
-        .update_one(
-            bson::doc! {"_id": late_id},
-            bson::doc! {"$set": {"next_attempt_at": hour_ago}},
-        )
-        .await
-        .unwrap();
+    app.set_due(late["id"].as_str().unwrap(), hour_ago).await;
     let batch = app.claim("w", 10).await;
     assert_eq!(batch.len(), 6);
     assert!(
@@ -182,17 +173,8 @@ async fn a_message_made_due_long_before_everything_is_claimed_first_by_the_look_
     // The claimer's window now starts at the oldest due message, and claims do not come up
     // short, so only the periodic look-behind can find what lands behind it.
     assert_eq!(app.claim("w", 5).await.len(), 5);
-    let edited = bson::oid::ObjectId::parse_str(&ids[29]).unwrap();
     let long_ago = bson::DateTime::parse_rfc3339_str("1999-12-31T23:59:59Z").unwrap();
-    app.env
-        .db()
-        .collection::<bson::Document>("messages")
-        .update_one(
-            bson::doc! {"_id": edited},
-            bson::doc! {"$set": {"next_attempt_at": long_ago}},
-        )
-        .await
-        .unwrap();
+    app.set_due(&ids[29], long_ago).await;
     tokio::time::sleep(std::time::Duration::from_millis(5200)).await;
     let batch = app.claim("w", 5).await;
     let got: HashSet<&str> = batch.iter().map(|m| m["id"].as_str().unwrap()).collect();

@@ -136,6 +136,18 @@ impl TestApp {
             .unwrap()
     }
 
+    /// Sets message `id`'s due time to `at` by hand, behind the service's back (a skewed
+    /// clock, an operator's edit).
+    pub async fn set_due(&self, id: &str, at: bson::DateTime) {
+        let id = bson::oid::ObjectId::parse_str(id).unwrap();
+        self.env
+            .db()
+            .collection::<bson::Document>("messages")
+            .update_one(bson::doc! {"_id": id}, bson::doc! {"$set": {"next_attempt_at": at}})
+            .await
+            .unwrap();
+    }
+
     pub async fn message(&self, id: &str) -> Value {
         let response = self.get(&format!("/api/messenger/messages/{id}")).send().await.unwrap();
         assert_eq!(response.status(), 200);

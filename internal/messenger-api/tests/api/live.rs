@@ -697,17 +697,8 @@ async fn the_oldest_due_age_finds_a_due_time_edited_to_before_every_message() {
     let ids = app.seed(3).await;
     assert_oldest(&app, Some(&ids[0]), "as seeded").await;
     // By hand, to before the oldest message was even created.
-    let edited = bson::oid::ObjectId::parse_str(&ids[2]).unwrap();
     let long_ago = bson::DateTime::parse_rfc3339_str("1999-12-31T23:59:59Z").unwrap();
-    app.env
-        .db()
-        .collection::<bson::Document>("messages")
-        .update_one(
-            bson::doc! {"_id": edited},
-            bson::doc! {"$set": {"next_attempt_at": long_ago}},
-        )
-        .await
-        .unwrap();
+    app.set_due(&ids[2], long_ago).await;
     assert_oldest(&app, Some(&ids[2]), "edited back").await;
     let held = app.claim("w", 1).await;
     assert_eq!(held[0]["id"], ids[2].as_str(), "claimed first too");

@@ -23,6 +23,13 @@ use crate::domain::MessageStatus;
 /// The narrowest window the search reads sorted, in milliseconds.
 pub const FINE_WINDOW_MS: i64 = 16;
 
+/// Messages in `status` with `from <= next_attempt_at <= to` (milliseconds): an equality on the
+/// claim index's first field and a range on its second.
+fn due_between(status: MessageStatus, from: i64, to: i64) -> Document {
+    doc! {"status": status.as_str(), "next_attempt_at": {
+    "$gte": DateTime::from_millis(from), "$lte": DateTime::from_millis(to)}}
+}
+
 /// Whether any message in one of `statuses` is due with `from <= next_attempt_at <= to`.
 /// One read per status (an equality on the claim index's first field and a range on its
 /// second; an `$in` of statuses leaves the range unbounded on the SecantusDB test server).
@@ -33,8 +40,7 @@ async fn any_due(
     to: i64,
 ) -> Result<bool, StoreError> {
     let checks = statuses.iter().map(|status| {
-        let filter = doc! {"status": status.as_str(), "next_attempt_at": {
-        "$gte": DateTime::from_millis(from), "$lte": DateTime::from_millis(to)}};
+        let filter = due_between(*status, from, to);
         async move { Ok::<_, StoreError>(raw.find_one(filter).projection(doc! {"_id": 1}).await?.is_some()) }
     });
     Ok(futures::future::try_join_all(checks)
@@ -103,8 +109,7 @@ async fn finest(
     let mut earliest: Option<DateTime> = None;
     for status in statuses {
         let first = raw
-            .find_one(doc! {"status": status.as_str(), "next_attempt_at": {
-            "$gte": DateTime::from_millis(from), "$lte": DateTime::from_millis(to)}})
+            .find_one(due_between(*status, from, to))
             .sort(doc! {"next_attempt_at": 1})
             .projection(doc! {"next_attempt_at": 1})
             .await?

@@ -122,6 +122,16 @@ async fn mongodb(settings: &Settings, indexes: &[IndexSpec]) -> Vec<Finding> {
             settings.mongo.database
         ),
     ));
+    if older_than_minimum(&version) {
+        out.push(finding(
+            Level::Fail,
+            "mongodb",
+            format!(
+                "server {version} is older than {MIN_MONGODB}: commits are pipeline updates with \
+                 constants (`c`), which MongoDB has from 5.0"
+            ),
+        ));
+    }
     let set = hello.get_str("setName").ok().map(str::to_owned);
     if let Some(name) = &set {
         let hosts: Vec<String> = hello
@@ -434,4 +444,32 @@ async fn providers(settings: &Settings, env: &str) -> Vec<Finding> {
         ));
     }
     out
+}
+
+/// The oldest MongoDB Herald runs on.
+const MIN_MONGODB: &str = "5.0";
+
+/// Whether a server's `version` is older than [`MIN_MONGODB`] (an unreadable one is not
+/// called old: the checks that follow find a server that cannot do the work).
+fn older_than_minimum(version: &str) -> bool {
+    version
+        .split('.')
+        .next()
+        .and_then(|major| major.parse::<u32>().ok())
+        .is_some_and(|major| major < 5)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::older_than_minimum;
+
+    #[test]
+    fn a_server_before_mongodb_5_is_too_old_for_herald() {
+        for old in ["4.4.29", "4.2.0", "3.6.23"] {
+            assert!(older_than_minimum(old), "{old}");
+        }
+        for fine in ["5.0.0", "7.0.14", "8.2.11", "?", ""] {
+            assert!(!older_than_minimum(fine), "{fine}");
+        }
+    }
 }

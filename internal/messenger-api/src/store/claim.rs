@@ -210,18 +210,20 @@ impl ClaimSteps {
         super::due::earliest_due(&self.raw, &DUE_STATUSES, hint, now).await
     }
 
-    /// The messages held under any of `tokens`, by id.
+    /// The messages held under any of `tokens`, by id (sorted here: the SecantusDB test server
+    /// sorts them in memory all the same, and that sort was 4 % of its CPU in a drain).
     async fn held_by(&self, tokens: &[String]) -> Result<Vec<MessageDoc>, StoreError> {
         if tokens.is_empty() {
             return Ok(Vec::new());
         }
-        Ok(self
+        let mut held: Vec<MessageDoc> = self
             .messages
             .find(doc! {"claim_token": {"$in": tokens}, "status": MessageStatus::Processing.as_str()})
-            .sort(doc! {"_id": 1})
             .await?
             .try_collect()
-            .await?)
+            .await?;
+        held.sort_unstable_by_key(|m| m.id);
+        Ok(held)
     }
 }
 

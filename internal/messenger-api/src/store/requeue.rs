@@ -63,6 +63,7 @@ impl MessageStore {
             update: requeue(now),
             to: MessageStatus::Pending,
             sent_at: None,
+            commit: None,
         };
         self.transition(write, MessageStatus::Failed).await
     }

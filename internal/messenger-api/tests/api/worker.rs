@@ -348,6 +348,102 @@ async fn a_batch_of_outcomes_is_applied_with_a_result_for_each_and_a_replay_answ
 }
 
 #[tokio::test]
+async fn commits_reported_together_each_keep_their_own_values_under_their_own_claim() {
+    // More commits than one statement takes, under two claims, from two providers, with and
+    // without a provider id: the grouped statements must still give each its own values.
+    let app = spawn_app().await;
+    app.seed(75).await;
+    let mut claimed = app.claim("a", 40).await;
+    claimed.extend(app.claim("b", 35).await);
+    assert_eq!(claimed.len(), 75);
+    let base = chrono::DateTime::parse_from_rfc3339("2026-12-01T10:00:00Z").unwrap();
+    let mid = |i: usize| match i {
+        1 => Some("$notAFieldPath".to_owned()),
+        _ if i.is_multiple_of(5) => None,
+        _ => Some(format!("prov-{i}")),
+    };
+    let provider = |i: usize| if i.is_multiple_of(2) { "primary" } else { "secondary" };
+    let attempts = |i: usize| -> Vec<Value> {
+        // Message 2 reports more attempts than the log keeps.
+        let n = if i == 2 { 12 } else { 1 };
+        (0..n)
+            .map(|k| json!({"at": base.to_rfc3339(), "provider": provider(i), "kind": "accepted", "status": 202, "latencyMs": i * 100 + k}))
+            .collect()
+    };
+    let items: Vec<Value> = claimed
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let token = if i == 3 {
+                "not-the-token"
+            } else {
+                m["claimToken"].as_str().unwrap()
+            };
+            json!({"outcome": "sent", "id": m["id"], "claimToken": token, "webhookMessageId": mid(i),
+                "sentAt": (base + chrono::Duration::seconds(i as i64)).to_rfc3339(),
+                "provider": provider(i), "attempts": attempts(i)})
+        })
+        .collect();
+    let results: Value = app
+        .http
+        .post_json(&app.url("/api/messenger/outcomes"), &json!({"items": items}))
+        .await;
+    let got: Vec<&str> = results["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["result"].as_str().unwrap())
+        .collect();
+    let mut expected = vec!["committed"; 75];
+    expected[3] = "claim_lost";
+    assert_eq!(got, expected, "{results}");
+
+    let raw = app.env.db().collection::<bson::Document>("messages");
+    for (i, m) in claimed.iter().enumerate() {
+        let id = m["id"].as_str().unwrap();
+        let view = app.message(id).await;
+        if i == 3 {
+            assert_eq!(
+                view["status"], "processing",
+                "a commit under another claim changes nothing"
+            );
+            continue;
+        }
+        assert_eq!(view["status"], "sent", "{view}");
+        assert_eq!(
+            view["webhookMessageId"].as_str(),
+            mid(i).as_deref(),
+            "message {i}: {view}"
+        );
+        assert_eq!(view["provider"], provider(i), "message {i}");
+        let sent_at = chrono::DateTime::parse_from_rfc3339(view["sentAt"].as_str().unwrap()).unwrap();
+        assert_eq!(sent_at, base + chrono::Duration::seconds(i as i64), "message {i}");
+        let latencies: Vec<u64> = view["attemptsLog"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a["latencyMs"].as_u64().unwrap())
+            .collect();
+        let wanted: Vec<u64> = match i {
+            2 => (202..212).collect(), // the last ten of twelve
+            _ => vec![i as u64 * 100],
+        };
+        assert_eq!(latencies, wanted, "message {i}");
+        // Nothing of the statement's own machinery is left on the document.
+        let oid = bson::oid::ObjectId::parse_str(id).unwrap();
+        let doc = raw.find_one(bson::doc! {"_id": oid}).await.unwrap().unwrap();
+        assert!(!doc.contains_key("_o") && !doc.contains_key("lease_until"), "{doc}");
+    }
+    let stats = app.get_json("/api/messenger/stats").await;
+    assert_eq!(
+        (stats["counts"]["sent"].as_u64(), stats["counts"]["processing"].as_u64()),
+        (Some(74), Some(1)),
+        "{stats}"
+    );
+    app.cleanup().await;
+}
+
+#[tokio::test]
 async fn an_outcome_report_must_be_one_to_a_thousand_distinct_messages() {
     let app = spawn_app().await;
     let outcomes = |items: Value| {

@@ -405,9 +405,12 @@ impl Inner {
     }
 
     /// Up to `want` ids due in `[from, until]`, window by window: each window that came back
-    /// short is followed by one twice as wide just after it (an empty one by a jump to the next
-    /// due time); a window that filled the request is halved for the next claim. Answers the
-    /// ids, the earliest due time among them and the width to start the next claim with.
+    /// short is followed by one twice as wide just after it; empty ones by windows that double
+    /// without bound (a gallop: the next due message may lie years ahead, after a hand edit),
+    /// so an empty stretch costs a few reads of nothing and the first window that holds
+    /// something is read at once. A window that filled the request is halved for the next
+    /// claim. Answers the ids, the earliest due time among them and the width to start the
+    /// next claim with (never a gallop's width).
     async fn walk(
         &self,
         mut from: DateTime,
@@ -417,10 +420,11 @@ impl Inner {
     ) -> Result<(Vec<ObjectId>, Option<DateTime>, i64), StoreError> {
         let mut ids = Vec::new();
         let mut oldest = None;
+        let mut span = width;
         while from <= until {
             let to = DateTime::from_millis(
                 from.timestamp_millis()
-                    .saturating_add(width)
+                    .saturating_add(span)
                     .min(until.timestamp_millis()),
             );
             let found = self.steps.due_ids(from, to, want - ids.len()).await?;
@@ -432,16 +436,13 @@ impl Inner {
                 width = (width / 2).max(WIDTH_MS.0);
                 break;
             }
-            // Short: the rest lies after this window. After an empty one, the next due
-            // message may lie far ahead (years, after a hand edit): jump to it.
-            from = DateTime::from_millis(to.timestamp_millis() + 1);
+            // Short: the rest lies after this window.
+            from = DateTime::from_millis(to.timestamp_millis().saturating_add(1));
             if empty {
-                match super::due::next_due(&self.steps.raw, &DUE_STATUSES, from, until).await? {
-                    Some(next) => from = next,
-                    None => break,
-                }
+                span = span.saturating_mul(2);
             } else {
                 width = width.saturating_mul(2).min(WIDTH_MS.1);
+                span = width;
             }
         }
         Ok((ids, oldest, width))

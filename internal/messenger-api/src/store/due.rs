@@ -68,7 +68,7 @@ pub async fn earliest_due(
 
 /// The earliest `next_attempt_at` in `[from, until]` of a message in one of `statuses`: what
 /// lies before `from` is not looked at.
-pub async fn next_due(
+async fn next_due(
     raw: &Collection<Document>,
     statuses: &[MessageStatus],
     from: DateTime,

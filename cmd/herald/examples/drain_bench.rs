@@ -751,7 +751,9 @@ async fn main() {
         );
         let every: Vec<String> = c.every.iter().map(|r| format!("{r:.0}")).collect();
         println!("\ncampaign, msgs/s over each 100k in turn: {}", every.join(", "));
-        stack.cleanup().await;
+        if let Err(error) = stack.try_cleanup().await {
+            eprintln!("the campaign's database is still being dropped by the server: {error:#}");
+        }
     }
     if wanted("claims") {
         let claims = contended_claims(20_000).await;

@@ -40,6 +40,9 @@ pub async fn run(settings: &Settings, count: u64) -> anyhow::Result<()> {
         .ensure_indexes()
         .await
         .context("Failed to reach MongoDB (is it running? build/local-services.sh up)")?;
+    // Into a fresh database the counts start exact, and the seeding keeps them so: the API
+    // that starts on it next needs no recount of what was seeded.
+    store.start_counts_if_empty().await?;
     let bar = ProgressBar::new(count);
     bar.set_style(
         ProgressStyle::with_template("{spinner} seeding [{bar:40}] {pos}/{len} ({per_sec}, eta {eta})")

@@ -215,6 +215,9 @@ impl Application {
         if let Err(error) = services.audit.ensure_indexes(keep).await {
             tracing::warn!(error = %Chain(&error), "could not create the audit index yet; the Job Scheduler makes it too");
         }
+        if let Err(error) = services.store.start_counts_if_empty().await {
+            tracing::warn!(error = %Chain(&error), "could not start the counts yet; the reconciliation will");
+        }
         let upkeep = tokio_util::sync::CancellationToken::new();
         services.upkeep.spawn(upkeep.clone());
         services.receipts.clone().spawn_matcher(upkeep.clone());

@@ -152,6 +152,23 @@ async fn both_services_answer_their_probes_and_exit_0_on_sigterm_within_two_seco
 }
 
 #[tokio::test]
+async fn seeding_a_fresh_database_leaves_its_counts_exact() {
+    // `herald seed` then `herald messenger-api`: the API must not have to recount what was
+    // seeded (at a million that is a full read of the collection per status).
+    let stack = stack(&[]).await;
+    let seeded = stack.command(&["seed", "--count", "25"]).output().unwrap();
+    assert!(seeded.status.success(), "{}", String::from_utf8_lossy(&seeded.stderr));
+    let counts = stack.env.db().collection::<bson::Document>("message_counts");
+    let kept = counts.find_one(bson::doc! {}).await.unwrap().expect("counts kept");
+    assert_eq!(
+        (kept.get_bool("exact").ok(), kept.get_i64("pending").ok()),
+        (Some(true), Some(25)),
+        "{kept}"
+    );
+    stack.cleanup().await;
+}
+
+#[tokio::test]
 async fn end_to_end_ten_seeded_messages_are_all_sent_and_listed() {
     let stack = stack(&[("HERALD__JOB_SCHEDULER__SCHEDULE", "*/1 * * * * *")]).await;
     let _sink = stack.spawn("webhook-sink", &["webhook-sink"]);

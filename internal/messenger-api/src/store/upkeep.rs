@@ -34,6 +34,20 @@ impl MessageStore {
         self.counts.widen_bounds(first_id, first_sent_at, last_id).await
     }
 
+    /// On a database with no messages and no counts yet, starts the counts at zero, exact,
+    /// before anything is written: the first creates (a campaign imported right after the
+    /// first start) then keep them exact, where otherwise the first create would make them
+    /// "not yet checked" and a full recount of the campaign would follow. Answers whether it
+    /// did. The emptiness comes from the collection's metadata, never a read of it; a create
+    /// that lands first (another replica) only leaves the counts to the reconciliation.
+    pub async fn start_counts_if_empty(&self) -> Result<bool, StoreError> {
+        if self.counts.snapshot().await?.is_some() || self.raw.estimated_document_count().await? > 0 {
+            return Ok(false);
+        }
+        let started = self.counts.correct(None, [0; 5], None).await?;
+        Ok(!matches!(started, Reconciled::Busy))
+    }
+
     /// Compares the maintained counts with a full count and corrects them when no count write
     /// happened while it counted (see [`super::counts`]).
     pub async fn reconcile_counts(&self) -> Result<Reconciled, StoreError> {

@@ -707,6 +707,24 @@ async fn the_oldest_due_age_finds_a_due_time_edited_to_before_every_message() {
 }
 
 #[tokio::test]
+async fn the_counts_of_a_fresh_database_are_exact_from_its_first_create() {
+    // A campaign imported right after the first start needs no recount: the counts start
+    // exact before the API listens, and every create keeps them so.
+    let app = spawn_app_with(&[("HERALD__MESSENGER_API__COUNT_RECONCILE_SECONDS", "600")]).await;
+    app.seed(40).await;
+    let stats = app.get_json("/api/messenger/stats").await;
+    assert_eq!(
+        (stats["countsExact"].as_bool(), stats["counts"]["pending"].as_u64()),
+        (Some(true), Some(40)),
+        "{stats}"
+    );
+    let counts = app.env.db().collection::<bson::Document>("message_counts");
+    let kept = counts.find_one(bson::doc! {}).await.unwrap().unwrap();
+    assert!(kept.get_datetime("reconciled_at").is_ok(), "started by the API: {kept}");
+    app.cleanup().await;
+}
+
+#[tokio::test]
 async fn counts_not_yet_checked_are_served_as_kept_and_marked_until_reconciled() {
     // The period is long: only a reader's finding can bring the correction this soon.
     let app = spawn_app_with(&[("HERALD__MESSENGER_API__COUNT_RECONCILE_SECONDS", "600")]).await;

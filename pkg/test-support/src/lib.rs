@@ -13,6 +13,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod lossy_proxy;
 pub mod redis_topologies;
 
 use std::future::Future;

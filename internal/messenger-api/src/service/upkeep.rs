@@ -86,16 +86,21 @@ impl Upkeep {
         tokio::spawn(async move {
             loop {
                 counts.reconcile().await;
-                // At the period, or sooner when a reader found the counts not known exact (no
-                // sooner than INEXACT_GAP after the last one: a full count is not free).
+                // At the period, or sooner when a reader found the counts not known exact or a
+                // write may have landed without its count (no sooner than INEXACT_GAP after the
+                // last one: a full count is not free). While such a doubt is not settled (the
+                // database was down), again every INEXACT_GAP.
                 tokio::select! {
                     () = halt.cancelled() => return,
                     () = tokio::time::sleep(INEXACT_GAP.min(counts.reconcile_every)) => {}
                 }
+                if counts.store.counts_in_doubt() {
+                    continue;
+                }
                 tokio::select! {
                     () = halt.cancelled() => return,
                     () = tokio::time::sleep(counts.reconcile_every.saturating_sub(INEXACT_GAP)) => {}
-                    () = counts.store.inexact_counts_seen() => {}
+                    () = counts.store.reconcile_asked() => {}
                 }
             }
         });

@@ -158,7 +158,10 @@ impl ClaimSteps {
             // SecantusDB test server stops using an index for the whole filter (340 ms instead
             // of 8 ms beside a million messages).
             filter.insert("expires_at", doc! {"$not": {"$lte": now}});
-            let n = self.messages.update_many(filter, claim.clone()).await?.modified_count;
+            let n = self
+                .counts
+                .doubting(self.messages.update_many(filter, claim.clone()).await)?
+                .modified_count;
             self.counts.add(Deltas::moved(from, MessageStatus::Processing, n)).await;
             claimed += n;
             if claimed as usize >= ids.len() {
@@ -179,9 +182,8 @@ impl ClaimSteps {
             let mut filter = due_among(ids, from, now);
             filter.insert("expires_at", doc! {"$lte": now});
             let n = self
-                .messages
-                .update_many(filter, ClaimWrite::expired(now))
-                .await?
+                .counts
+                .doubting(self.messages.update_many(filter, ClaimWrite::expired(now)).await)?
                 .modified_count;
             self.counts.add(Deltas::moved(from, MessageStatus::Expired, n)).await;
             expired += n;

@@ -8,8 +8,13 @@
 //! [`super::MessageStore::reconcile_counts`] corrects it at start-up and every
 //! `messenger_api.count_reconcile_seconds`, only when no count write moved the document while
 //! it counted nor in the [`SETTLE`] second after. Until the first reconciliation the counts are
-//! not known to be exact ([`Snapshot::exact`]). More: `docs/architecture.md`.
+//! not known to be exact ([`Snapshot::exact`]). A write that may have landed without its count
+//! (a count write that failed, or a message write whose answer never came: the connection
+//! dropped, or the server was killed between writing and answering) is a doubt: the counts are
+//! served as not known exact and reconciled as soon as the database answers, not a period
+//! later ([`StatusCounts::doubt`]). More: `docs/architecture.md`.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bson::oid::ObjectId;
@@ -217,6 +222,8 @@ pub struct CountMetrics {
     pub drift: IntCounterVec,
     /// When the counts were last confirmed or corrected, in Unix seconds.
     pub reconciled_at: IntGauge,
+    /// Writes after which the counts may be off ([`StatusCounts::doubt`]).
+    pub doubts: IntCounter,
 }
 
 impl CountMetrics {
@@ -249,6 +256,11 @@ impl CountMetrics {
                 "When the maintained counts by status were last confirmed by a full count (Unix seconds).",
             )
             .expect("valid metric"),
+            doubts: IntCounter::new(
+                "message_counts_doubts_total",
+                "Writes after which the maintained counts by status may be off (a count write failed, or a message write's answer never came); each asks for a reconciliation as soon as the database answers.",
+            )
+            .expect("valid metric"),
         }
     }
 
@@ -258,6 +270,7 @@ impl CountMetrics {
         registry.register(Box::new(self.reconciliations.clone()))?;
         registry.register(Box::new(self.drift.clone()))?;
         registry.register(Box::new(self.reconciled_at.clone()))?;
+        registry.register(Box::new(self.doubts.clone()))?;
         Ok(())
     }
 }
@@ -271,8 +284,16 @@ pub struct StatusCounts {
 struct Inner {
     counts: Collection<Document>,
     /// Deltas arriving together, written as one `$inc` ([`write`]).
-    writes: Coalescer<Deltas, ()>,
+    writes: Coalescer<Deltas, bool>,
     metrics: CountMetrics,
+    /// Raised when the counts may be off (a reader found them not known exact, or a doubt):
+    /// the upkeep reconciles soon.
+    asked: tokio::sync::Notify,
+    /// Doubts noted so far ([`StatusCounts::doubt`]).
+    doubts: AtomicU64,
+    /// `doubts` as it stood when the last reconciliation that finished began: those are
+    /// settled, any later one is not.
+    settled: AtomicU64,
 }
 
 impl StatusCounts {
@@ -289,8 +310,57 @@ impl StatusCounts {
                 counts,
                 writes,
                 metrics,
+                asked: tokio::sync::Notify::new(),
+                doubts: AtomicU64::new(0),
+                settled: AtomicU64::new(0),
             }),
         }
+    }
+
+    /// Notes that a write may have landed without its count: until a reconciliation that
+    /// began after now finishes, the counts are served as not known exact
+    /// ([`super::MessageStore::count_by_status`]), and the upkeep reconciles as soon as it may
+    /// and again until one finishes (the database may still be down).
+    pub fn doubt(&self) {
+        self.inner.doubts.fetch_add(1, Ordering::SeqCst);
+        self.inner.metrics.doubts.inc();
+        self.inner.asked.notify_one();
+    }
+
+    /// Passes on the result of a write that moves the counts, noting a [`Self::doubt`] when it
+    /// failed: an error does not say the write did not land (the server may have applied it
+    /// and died, or the connection dropped, before the answer came).
+    pub fn doubting<T, E>(&self, result: Result<T, E>) -> Result<T, E> {
+        if result.is_err() {
+            self.doubt();
+        }
+        result
+    }
+
+    /// Whether a doubt is not settled by a reconciliation yet.
+    pub fn in_doubt(&self) -> bool {
+        self.inner.doubts.load(Ordering::SeqCst) > self.inner.settled.load(Ordering::SeqCst)
+    }
+
+    /// Asks the upkeep to reconcile soon.
+    pub fn ask_reconcile(&self) {
+        self.inner.asked.notify_one();
+    }
+
+    /// Resolves once a reconciliation was asked for since the last call.
+    pub async fn reconcile_asked(&self) {
+        self.inner.asked.notified().await;
+    }
+
+    /// The doubts noted so far: a reconciliation that begins now and finishes settles them.
+    pub(super) fn doubts(&self) -> u64 {
+        self.inner.doubts.load(Ordering::SeqCst)
+    }
+
+    /// Settles the doubts up to `seen` (a reconciliation that began when there were that many
+    /// finished).
+    pub(super) fn settle(&self, seen: u64) {
+        self.inner.settled.fetch_max(seen, Ordering::SeqCst);
     }
 
     /// The counts' metrics (to register with the service's registry).
@@ -300,14 +370,15 @@ impl StatusCounts {
 
     /// Applies `deltas`, sharing the write with whatever else arrives meanwhile; returns once
     /// they are written. A failed write is logged and counted, never returned: the message
-    /// write it follows stands, and the next reconciliation corrects the counts.
+    /// write it follows stands, and it is a [`Self::doubt`].
     pub async fn add(&self, deltas: Deltas) {
         if deltas.is_zero() {
             return;
         }
-        // Unanswered only if the write panicked: as for a failed write, the next reconciliation
-        // corrects the counts.
-        let _ = self.inner.writes.call(deltas).await;
+        // Unanswered only if the write panicked: as for a failed write.
+        if !matches!(self.inner.writes.call(deltas).await, Ok(true)) {
+            self.doubt();
+        }
     }
 
     /// The counts as maintained, or `None` before anything was ever counted.
@@ -433,12 +504,14 @@ impl StatusCounts {
     }
 }
 
-/// Writes a group of deltas as one: their sum in one `$inc` of the counts document.
-async fn write(counts: Collection<Document>, metrics: CountMetrics, group: Vec<Deltas>) -> Vec<()> {
+/// Writes a group of deltas as one: their sum in one `$inc` of the counts document; answers
+/// each whether it was written.
+async fn write(counts: Collection<Document>, metrics: CountMetrics, group: Vec<Deltas>) -> Vec<bool> {
     let mut deltas = Deltas::default();
     for one in &group {
         deltas.add(*one);
     }
+    let mut written = true;
     if !deltas.is_zero() {
         let write = counts.update_one(doc! {"_id": ID}, deltas.update()).upsert(true).await;
         if let Err(error) = write {
@@ -446,28 +519,30 @@ async fn write(counts: Collection<Document>, metrics: CountMetrics, group: Vec<D
             tracing::warn!(
                 ?deltas,
                 error = %telemetry::Chain(&error),
-                "could not update the counts by status; the next reconciliation corrects them"
+                "could not update the counts by status; a reconciliation corrects them once the database answers"
             );
+            written = false;
         }
     }
-    vec![(); group.len()]
+    vec![written; group.len()]
 }
 
 impl super::MessageStore {
     /// Messages per status, as maintained (this module): one document read, and whether they
     /// are known exact. Before a reconciliation has checked them (at start, on a collection
-    /// that was written without them, or after the database lost recent writes) they are
-    /// served as kept, marked not exact, and the upkeep is asked to reconcile soon — never
+    /// that was written without them, after the database lost recent writes, or while a
+    /// [`StatusCounts::doubt`] of this process is not settled) they are served as kept, marked not exact, and the upkeep is asked to reconcile soon — never
     /// recounted per reader. Only a collection with no counts document at all is counted, once
     /// for all the readers waiting together.
     pub async fn count_by_status(&self) -> Result<(Vec<(MessageStatus, u64)>, bool), StoreError> {
         match self.counts.snapshot().await? {
             Some(snapshot) => {
-                if !snapshot.exact {
+                let exact = snapshot.exact && !self.counts.in_doubt();
+                if !exact {
                     // Not recounted here: the upkeep reconciles soon, once for every reader.
-                    self.inexact.notify_one();
+                    self.counts.ask_reconcile();
                 }
-                Ok((snapshot.by_status(), snapshot.exact))
+                Ok((snapshot.by_status(), exact))
             }
             None => {
                 // Unanswered only if the count panicked: count again, alone.

@@ -57,6 +57,8 @@ async fn insert_group(
                 let ids: Vec<ObjectId> = group.iter().map(|m| m.id).collect();
                 if let Err(cleanup) = messages.delete_many(doc! {"_id": {"$in": ids}}).await {
                     tracing::error!(%cleanup, "could not remove a partly inserted group of creates");
+                    // Some of the group may stand, uncounted.
+                    counts.doubt();
                 }
                 let failure = StoreError::from(error);
                 return group.iter().map(|_| Err(failure.clone())).collect();

@@ -101,8 +101,6 @@ pub struct MessageStore {
     due_floor: std::sync::Arc<std::sync::Mutex<Option<DateTime>>>,
     /// Full counts by status asked for together, counted once ([`counts`]).
     recount: Coalescer<(), Result<[u64; 5], StoreError>>,
-    /// Raised when a reader finds the counts not known exact: the upkeep reconciles soon.
-    inexact: std::sync::Arc<tokio::sync::Notify>,
 }
 
 /// Those of `ids` that are in status `from` and due at `now`. `_id` leads the filter on
@@ -129,13 +127,19 @@ impl MessageStore {
             providers: ProviderStats::new(db),
             due_floor: std::sync::Arc::default(),
             recount: counts::recounter(db.collection(COLLECTION)),
-            inexact: std::sync::Arc::default(),
         }
     }
 
-    /// Resolves once a reader has found the counts not known exact since the last call.
-    pub async fn inexact_counts_seen(&self) {
-        self.inexact.notified().await;
+    /// Resolves once a reconciliation was asked for since the last call: a reader found the
+    /// counts not known exact, or a write may have landed without its count.
+    pub async fn reconcile_asked(&self) {
+        self.counts.reconcile_asked().await;
+    }
+
+    /// Whether a write may have landed without its count and no reconciliation since has
+    /// settled it ([`counts::StatusCounts::doubt`]).
+    pub fn counts_in_doubt(&self) -> bool {
+        self.counts.in_doubt()
     }
 
     /// The database the store is over.

@@ -49,8 +49,10 @@ impl MessageStore {
     }
 
     /// Compares the maintained counts with a full count and corrects them when no count write
-    /// happened while it counted (see [`super::counts`]).
+    /// happened while it counted (see [`super::counts`]); one that finishes settles the doubts
+    /// noted before it began.
     pub async fn reconcile_counts(&self) -> Result<Reconciled, StoreError> {
+        let doubts = self.counts.doubts();
         let run = async {
             // The floors first: on a collection that has messages but no counts document yet
             // (data from before counts were kept) this write creates it, and it must not land
@@ -68,8 +70,10 @@ impl MessageStore {
             self.counts.correct(before, actual, after).await
         };
         let outcome = run.await;
-        if outcome.is_err() {
-            self.counts.reconcile_failed();
+        match &outcome {
+            Ok(Reconciled::InSync | Reconciled::Corrected(_)) => self.counts.settle(doubts),
+            Ok(Reconciled::Busy) => {}
+            Err(_) => self.counts.reconcile_failed(),
         }
         outcome
     }
@@ -97,7 +101,10 @@ impl MessageStore {
         // `_id` first, as in [`due_among`].
         let mut by_id = doc! {"_id": {"$in": ids}};
         by_id.extend(filter);
-        let removed = self.messages.delete_many(by_id).await?.deleted_count;
+        let removed = self
+            .counts
+            .doubting(self.messages.delete_many(by_id).await)?
+            .deleted_count;
         self.counts.add(Deltas::removed(status, removed)).await;
         Ok(removed)
     }

@@ -258,15 +258,16 @@ impl MessageStore {
         let ClaimWrite {
             id, filter, update, to, ..
         } = write;
-        let updated = self
-            .messages
-            .find_one_and_update(filter, update)
-            .with_options(
-                FindOneAndUpdateOptions::builder()
-                    .return_document(ReturnDocument::After)
-                    .build(),
-            )
-            .await?;
+        let updated = self.counts.doubting(
+            self.messages
+                .find_one_and_update(filter, update)
+                .with_options(
+                    FindOneAndUpdateOptions::builder()
+                        .return_document(ReturnDocument::After)
+                        .build(),
+                )
+                .await,
+        )?;
         if let Some(doc) = updated {
             self.counts.add(Deltas::moved(from, to, 1)).await;
             return Ok(TransitionOutcome::Done(doc));
@@ -306,7 +307,7 @@ impl MessageStore {
         }
         let applied =
             futures::future::try_join_all(groups.into_iter().map(|(to, first_sent_at, updates)| async move {
-                let n = self.update_unordered(updates).await?;
+                let n = self.counts.doubting(self.update_unordered(updates).await)?;
                 self.counts
                     .add(
                         Deltas::moved(MessageStatus::Processing, to, n)

@@ -273,6 +273,76 @@ async fn cache_entries_missed_while_redis_was_down_are_written_once_it_is_back()
     app.cleanup().await;
 }
 
+/// A report of commits the database applied but never answered (its connection dropped as
+/// the answer came, as when the server is killed between writing and answering): the worker
+/// hears 503 and the messages are sent, but their counts never moved. The stats say at once
+/// that the counts are not known exact, a reconciliation corrects them as soon as the upkeep
+/// may run one (not a period later), and the worker's repeated report answers
+/// `alreadyCommitted` and counts nothing twice.
+#[tokio::test]
+async fn counts_are_corrected_soon_after_a_write_whose_answer_was_lost() {
+    use test_support::lossy_proxy::{address_of, LossyProxy};
+    let proxy = LossyProxy::start(&address_of(&test_support::mongo_uri()).await).await;
+    let uri = proxy.uri();
+    let app = spawn_app_with(&[
+        ("HERALD__MONGO__URI", uri.as_str()),
+        ("HERALD__MONGO__SERVER_SELECTION_TIMEOUT_MS", "1000"),
+    ])
+    .await;
+    let ids = app.seed(3).await;
+    let claimed = app.claim("w", 3).await;
+    let stats = || async { app.get_json("/api/messenger/stats").await };
+    eventually(Duration::from_secs(20), "the counts are exact", || async {
+        let s = stats().await;
+        s["countsExact"] == true && s["counts"]["processing"] == 3
+    })
+    .await;
+    let items: Vec<Value> = claimed
+        .iter()
+        .map(|m| json!({"outcome": "sent", "id": m["id"], "claimToken": m["claimToken"], "webhookMessageId": format!("prov-{}", m["id"].as_str().unwrap())}))
+        .collect();
+    let report = json!({"items": items});
+
+    proxy.lose_answers_to(Some("update"));
+    let lost = app
+        .http
+        .post(&app.url("/api/messenger/outcomes"))
+        .json(&report)
+        .send()
+        .await
+        .unwrap();
+    proxy.lose_answers_to(None);
+    assert_error(lost, 503, 503_001).await;
+    assert_eq!(proxy.lost(), 1, "the answer to the commits' one update was lost");
+    let doubted = stats().await;
+    assert_eq!(doubted["countsExact"], false, "{doubted}");
+    assert_eq!(doubted["counts"]["processing"], 3, "{doubted}");
+    for id in &ids {
+        assert_eq!(app.message(id).await["status"], "sent", "the database applied it");
+    }
+
+    eventually(Duration::from_secs(30), "the counts are corrected", || async {
+        let s = stats().await;
+        s["countsExact"] == true && s["counts"]["sent"] == 3 && s["counts"]["processing"] == 0
+    })
+    .await;
+    let metrics = app.open_text("/metrics").await;
+    assert!(
+        metrics.contains("herald_message_counts_drift_total{status=\"sent\"} 3"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("herald_message_counts_doubts_total 1"), "{metrics}");
+
+    let again: Value = app.http.post_json(&app.url("/api/messenger/outcomes"), &report).await;
+    for result in again["items"].as_array().unwrap() {
+        assert_eq!(result["result"], "already_committed", "{again}");
+    }
+    let after = stats().await;
+    assert_eq!(after["counts"]["sent"], 3, "{after}");
+    assert_eq!(after["countsExact"], true, "{after}");
+    app.cleanup().await;
+}
+
 /// Clients that connect and send nothing, or stop halfway through a request head, are cut at
 /// `messenger_api.idle_timeout_seconds` (real sockets); meanwhile others are answered, and a
 /// live feed, quiet on the client's side, stays open on its heartbeats.

@@ -22,6 +22,14 @@ pub const SWEEP_MAX: u64 = 10_000;
 pub const REPAIR_EVERY: Duration = Duration::from_secs(2);
 /// The least time between two reconciliations asked for by readers of inexact counts.
 const INEXACT_GAP: Duration = Duration::from_secs(10);
+/// The least time between two reconciliations after one that ended `busy_in_a_row` times busy
+/// in a row: [`INEXACT_GAP`], doubled for each (counts that kept moving through five full
+/// counts, as in a campaign's drain, will likely move through the next: a full count of a
+/// million costs the database seconds), never more than the period.
+fn least_gap(busy_in_a_row: u32, every: Duration) -> Duration {
+    INEXACT_GAP.saturating_mul(1 << busy_in_a_row.min(16)).min(every)
+}
+
 /// The `sent_at` range the repair reads at once, in milliseconds: about a second of sends.
 const REPAIR_WINDOW_MS: i64 = 1000;
 /// Windows per repair pass: a pass catches up a minute of sends, twenty times faster than real
@@ -84,22 +92,28 @@ impl Upkeep {
         let counts = self.clone();
         let halt = stop.clone();
         tokio::spawn(async move {
+            let mut busy_in_a_row = 0;
             loop {
-                counts.reconcile().await;
+                let outcome = counts.reconcile().await;
+                busy_in_a_row = match outcome {
+                    Some(Reconciled::Busy) => busy_in_a_row + 1,
+                    _ => 0,
+                };
                 // At the period, or sooner when a reader found the counts not known exact or a
-                // write may have landed without its count (no sooner than INEXACT_GAP after the
-                // last one: a full count is not free). While such a doubt is not settled (the
-                // database was down), again every INEXACT_GAP.
+                // write may have landed without its count (no sooner than `least_gap` after
+                // the last one: a full count is not free). While such a doubt is not settled
+                // (the database was down, or the counts kept moving), again after that gap.
+                let gap = least_gap(busy_in_a_row, counts.reconcile_every);
                 tokio::select! {
                     () = halt.cancelled() => return,
-                    () = tokio::time::sleep(INEXACT_GAP.min(counts.reconcile_every)) => {}
+                    () = tokio::time::sleep(gap) => {}
                 }
                 if counts.store.counts_in_doubt() {
                     continue;
                 }
                 tokio::select! {
                     () = halt.cancelled() => return,
-                    () = tokio::time::sleep(counts.reconcile_every.saturating_sub(INEXACT_GAP)) => {}
+                    () = tokio::time::sleep(counts.reconcile_every.saturating_sub(gap)) => {}
                     () = counts.store.reconcile_asked() => {}
                 }
             }
@@ -237,4 +251,18 @@ pub enum RepairError {
     /// The sent messages could not be read.
     #[error("MongoDB: {0}")]
     Store(#[from] StoreError),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reconciliations_that_keep_finding_the_counts_moving_back_off_up_to_the_period() {
+        let every = Duration::from_secs(600);
+        let gaps: Vec<u64> = (0..8).map(|busy| least_gap(busy, every).as_secs()).collect();
+        assert_eq!(gaps, [10, 20, 40, 80, 160, 320, 600, 600]);
+        assert_eq!(least_gap(u32::MAX, every), every);
+        assert_eq!(least_gap(0, Duration::from_secs(3)), Duration::from_secs(3));
+    }
 }

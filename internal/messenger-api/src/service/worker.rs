@@ -271,6 +271,8 @@ impl MessengerService {
         let mut changed: Vec<(ObjectId, CallbackEvent)> = Vec::new();
         // Commits (first or repeated) by provider and provider id: receipts may wait for them.
         let mut committed: Vec<(String, String)> = Vec::new();
+        // Outcomes reported before with the same claim.
+        let mut replays = 0;
         for plan in planned {
             let report = &mut reports[plan.index];
             let current = now_held.get(&plan.id);
@@ -309,6 +311,7 @@ impl MessengerService {
                     };
                     if report.result != OutcomeResult::ClaimLost {
                         changed.extend(event_of_status(doc.status).map(|e| (plan.id, e)));
+                        replays += 1;
                     }
                     match report.result {
                         OutcomeResult::ClaimLost => self.metrics.commits.with_label_values(&["claim_lost"]).inc(),
@@ -328,6 +331,12 @@ impl MessengerService {
                     }
                 }
             }
+        }
+        if replays > 0 {
+            // A worker reports again only when it never heard how its report went: the first
+            // may have landed without its count (its answer lost, or the replica that wrote it
+            // killed before the count write), perhaps through another replica than this one.
+            self.store.doubt_counts();
         }
         let pairs: Vec<(&str, &str)> = committed.iter().map(|(p, m)| (p.as_str(), m.as_str())).collect();
         let (cached, (), written, matched) = tokio::join!(

@@ -136,6 +136,11 @@ impl MessageStore {
         self.counts.reconcile_asked().await;
     }
 
+    /// Notes that a write may have landed without its count ([`counts::StatusCounts::doubt`]).
+    pub fn doubt_counts(&self) {
+        self.counts.doubt();
+    }
+
     /// Whether a write may have landed without its count and no reconciliation since has
     /// settled it ([`counts::StatusCounts::doubt`]).
     pub fn counts_in_doubt(&self) -> bool {

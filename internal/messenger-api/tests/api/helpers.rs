@@ -66,6 +66,23 @@ impl TestApp {
         }
     }
 
+    /// Another API replica on the same database and key prefix that reaches the database at
+    /// `mongo_uri` (a proxy in front of it); stopped on its own, with its `cleanup`.
+    pub async fn replica_through(&self, mongo_uri: &str) -> TestApp {
+        let mut settings = self.settings.clone();
+        settings.mongo.uri = mongo_uri.to_owned().into();
+        let (address, stop) = start(&settings).await;
+        TestApp {
+            address,
+            client: reqwest::Client::new(),
+            http: Http::new(KEY),
+            env: TestEnv::new().await.expect("test servers"),
+            settings,
+            stop: Some(stop),
+            replicas: Vec::new(),
+        }
+    }
+
     /// The WebSocket URL of the event feed.
     pub fn ws_url(&self) -> String {
         format!("{}/api/messenger/ws", self.address.replacen("http://", "ws://", 1))

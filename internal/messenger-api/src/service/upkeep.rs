@@ -108,13 +108,13 @@ impl Upkeep {
                     () = halt.cancelled() => return,
                     () = tokio::time::sleep(gap) => {}
                 }
-                if counts.store.counts_in_doubt() {
+                if counts.store.counts().in_doubt() {
                     continue;
                 }
                 tokio::select! {
                     () = halt.cancelled() => return,
                     () = tokio::time::sleep(counts.reconcile_every.saturating_sub(gap)) => {}
-                    () = counts.store.reconcile_asked() => {}
+                    () = counts.store.counts().reconcile_asked() => {}
                 }
             }
         });

@@ -336,7 +336,7 @@ impl MessengerService {
             // A worker reports again only when it never heard how its report went: the first
             // may have landed without its count (its answer lost, or the replica that wrote it
             // killed before the count write), perhaps through another replica than this one.
-            self.store.doubt_counts();
+            self.store.counts().doubt();
         }
         let pairs: Vec<(&str, &str)> = committed.iter().map(|(p, m)| (p.as_str(), m.as_str())).collect();
         let (cached, (), written, matched) = tokio::join!(

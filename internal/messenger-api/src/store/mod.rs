@@ -130,23 +130,6 @@ impl MessageStore {
         }
     }
 
-    /// Resolves once a reconciliation was asked for since the last call: a reader found the
-    /// counts not known exact, or a write may have landed without its count.
-    pub async fn reconcile_asked(&self) {
-        self.counts.reconcile_asked().await;
-    }
-
-    /// Notes that a write may have landed without its count ([`counts::StatusCounts::doubt`]).
-    pub fn doubt_counts(&self) {
-        self.counts.doubt();
-    }
-
-    /// Whether a write may have landed without its count and no reconciliation since has
-    /// settled it ([`counts::StatusCounts::doubt`]).
-    pub fn counts_in_doubt(&self) -> bool {
-        self.counts.in_doubt()
-    }
-
     /// The database the store is over.
     pub fn database(&self) -> &Database {
         &self.db

@@ -2,8 +2,9 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use test_support::eventually;
+use test_support::lossy_proxy::{address_of, LossyProxy};
 
-use crate::helpers::{assert_error, spawn_app, spawn_app_with};
+use crate::helpers::{assert_error, spawn_app, spawn_app_with, TestApp};
 
 #[tokio::test]
 async fn readiness_reports_mongodb_and_redis_up() {
@@ -273,6 +274,64 @@ async fn cache_entries_missed_while_redis_was_down_are_written_once_it_is_back()
     app.cleanup().await;
 }
 
+/// A loopback proxy in front of the test database that can lose its answers.
+async fn lossy_proxy() -> LossyProxy {
+    LossyProxy::start(&address_of(&test_support::mongo_uri()).await).await
+}
+
+async fn stats(app: &TestApp) -> Value {
+    app.get_json("/api/messenger/stats").await
+}
+
+/// Seeds and claims `n` messages, waits until the counts are exact with them processing, and
+/// answers a report committing every one.
+async fn claimed_and_counted(app: &TestApp, n: u32) -> Value {
+    app.seed(n as usize).await;
+    let claimed = app.claim("w", n).await;
+    eventually(Duration::from_secs(20), "the counts are exact", || async {
+        let s = stats(app).await;
+        s["countsExact"] == true && s["counts"]["processing"] == n
+    })
+    .await;
+    let items: Vec<Value> = claimed
+        .iter()
+        .map(|m| json!({"outcome": "sent", "id": m["id"], "claimToken": m["claimToken"], "webhookMessageId": format!("prov-{}", m["id"].as_str().unwrap())}))
+        .collect();
+    json!({"items": items})
+}
+
+/// Posts `report` to `app` while `proxy` loses the answer to its `update`: the database
+/// applies it, the caller hears 503 503001.
+async fn report_losing_the_answer(proxy: &LossyProxy, app: &TestApp, report: &Value) {
+    proxy.lose_answers_to(Some("update"));
+    let lost = app
+        .http
+        .post(&app.url("/api/messenger/outcomes"))
+        .json(report)
+        .send()
+        .await
+        .unwrap();
+    proxy.lose_answers_to(None);
+    assert_error(lost, 503, 503_001).await;
+}
+
+/// Reports `report` again; every commit in it answers `already_committed`.
+async fn report_again(app: &TestApp, report: &Value) {
+    let again: Value = app.http.post_json(&app.url("/api/messenger/outcomes"), report).await;
+    for result in again["items"].as_array().unwrap() {
+        assert_eq!(result["result"], "already_committed", "{again}");
+    }
+}
+
+/// Waits until the counts are exact with `sent` sent and none processing.
+async fn counts_corrected(app: &TestApp, sent: u32) {
+    eventually(Duration::from_secs(30), "the counts are corrected", || async {
+        let s = stats(app).await;
+        s["countsExact"] == true && s["counts"]["sent"] == sent && s["counts"]["processing"] == 0
+    })
+    .await;
+}
+
 /// A report of commits the database applied but never answered (its connection dropped as
 /// the answer came, as when the server is killed between writing and answering): the worker
 /// hears 503 and the messages are sent, but their counts never moved. The stats say at once
@@ -281,73 +340,36 @@ async fn cache_entries_missed_while_redis_was_down_are_written_once_it_is_back()
 /// `alreadyCommitted` and counts nothing twice.
 #[tokio::test]
 async fn counts_are_corrected_soon_after_a_write_whose_answer_was_lost() {
-    use test_support::lossy_proxy::{address_of, LossyProxy};
-    let proxy = LossyProxy::start(&address_of(&test_support::mongo_uri()).await).await;
+    let proxy = lossy_proxy().await;
     let uri = proxy.uri();
     let app = spawn_app_with(&[
         ("HERALD__MONGO__URI", uri.as_str()),
         ("HERALD__MONGO__SERVER_SELECTION_TIMEOUT_MS", "1000"),
     ])
     .await;
-    let ids = app.seed(3).await;
-    let claimed = app.claim("w", 3).await;
-    let stats = || async { app.get_json("/api/messenger/stats").await };
-    eventually(Duration::from_secs(20), "the counts are exact", || async {
-        let s = stats().await;
-        s["countsExact"] == true && s["counts"]["processing"] == 3
-    })
-    .await;
-    let items: Vec<Value> = claimed
-        .iter()
-        .map(|m| json!({"outcome": "sent", "id": m["id"], "claimToken": m["claimToken"], "webhookMessageId": format!("prov-{}", m["id"].as_str().unwrap())}))
-        .collect();
-    let report = json!({"items": items});
+    let report = claimed_and_counted(&app, 3).await;
 
-    proxy.lose_answers_to(Some("update"));
-    let lost = app
-        .http
-        .post(&app.url("/api/messenger/outcomes"))
-        .json(&report)
-        .send()
-        .await
-        .unwrap();
-    proxy.lose_answers_to(None);
-    assert_error(lost, 503, 503_001).await;
+    report_losing_the_answer(&proxy, &app, &report).await;
     assert_eq!(proxy.lost(), 1, "the answer to the commits' one update was lost");
-    let doubted = stats().await;
+    let doubted = stats(&app).await;
     assert_eq!(doubted["countsExact"], false, "{doubted}");
     assert_eq!(doubted["counts"]["processing"], 3, "{doubted}");
-    for id in &ids {
+    for item in report["items"].as_array().unwrap() {
+        let id = item["id"].as_str().unwrap();
         assert_eq!(app.message(id).await["status"], "sent", "the database applied it");
     }
 
-    eventually(Duration::from_secs(30), "the counts are corrected", || async {
-        let s = stats().await;
-        s["countsExact"] == true && s["counts"]["sent"] == 3 && s["counts"]["processing"] == 0
-    })
-    .await;
+    counts_corrected(&app, 3).await;
+    let drift = "herald_message_counts_drift_total{status=\"sent\"} 3";
     let metrics = app.open_text("/metrics").await;
-    assert!(
-        metrics.contains("herald_message_counts_drift_total{status=\"sent\"} 3"),
-        "{metrics}"
-    );
+    assert!(metrics.contains(drift), "{metrics}");
     assert!(metrics.contains("herald_message_counts_doubts_total 1"), "{metrics}");
 
-    let again: Value = app.http.post_json(&app.url("/api/messenger/outcomes"), &report).await;
-    for result in again["items"].as_array().unwrap() {
-        assert_eq!(result["result"], "already_committed", "{again}");
-    }
+    report_again(&app, &report).await;
     // A repeat is a doubt of its own (next test); it finds nothing more to correct.
-    eventually(Duration::from_secs(30), "the counts are confirmed", || async {
-        let s = stats().await;
-        s["countsExact"] == true && s["counts"]["sent"] == 3
-    })
-    .await;
+    counts_corrected(&app, 3).await;
     let metrics = app.open_text("/metrics").await;
-    assert!(
-        metrics.contains("herald_message_counts_drift_total{status=\"sent\"} 3"),
-        "{metrics}"
-    );
+    assert!(metrics.contains(drift), "{metrics}");
     app.cleanup().await;
 }
 
@@ -358,52 +380,24 @@ async fn counts_are_corrected_soon_after_a_write_whose_answer_was_lost() {
 /// serves its counts as not known exact and corrects them soon, not a period later.
 #[tokio::test]
 async fn a_report_repeated_through_another_replica_has_that_one_correct_the_counts_soon() {
-    use test_support::lossy_proxy::{address_of, LossyProxy};
-    let proxy = LossyProxy::start(&address_of(&test_support::mongo_uri()).await).await;
+    let proxy = lossy_proxy().await;
     let app = spawn_app().await;
-    app.seed(2).await;
-    let claimed = app.claim("w", 2).await;
-    let stats = || async { app.get_json("/api/messenger/stats").await };
-    eventually(Duration::from_secs(20), "the counts are exact", || async {
-        let s = stats().await;
-        s["countsExact"] == true && s["counts"]["processing"] == 2
-    })
-    .await;
-    let report = json!({"items": claimed
-        .iter()
-        .map(|m| json!({"outcome": "sent", "id": m["id"], "claimToken": m["claimToken"]}))
-        .collect::<Vec<_>>()});
+    let report = claimed_and_counted(&app, 2).await;
 
     let writer = app.replica_through(&proxy.uri()).await;
-    proxy.lose_answers_to(Some("update"));
-    let lost = writer
-        .http
-        .post(&writer.url("/api/messenger/outcomes"))
-        .json(&report)
-        .send()
-        .await
-        .unwrap();
-    proxy.lose_answers_to(None);
-    assert_error(lost, 503, 503_001).await;
+    report_losing_the_answer(&proxy, &writer, &report).await;
     writer.cleanup().await;
-    let unaware = stats().await;
+    let unaware = stats(&app).await;
     assert_eq!(unaware["countsExact"], true, "{unaware}");
     assert_eq!(
         unaware["counts"]["processing"], 2,
         "this replica saw nothing: {unaware}"
     );
 
-    let again: Value = app.http.post_json(&app.url("/api/messenger/outcomes"), &report).await;
-    for result in again["items"].as_array().unwrap() {
-        assert_eq!(result["result"], "already_committed", "{again}");
-    }
-    let doubted = stats().await;
+    report_again(&app, &report).await;
+    let doubted = stats(&app).await;
     assert_eq!(doubted["countsExact"], false, "{doubted}");
-    eventually(Duration::from_secs(30), "the counts are corrected", || async {
-        let s = stats().await;
-        s["countsExact"] == true && s["counts"]["sent"] == 2 && s["counts"]["processing"] == 0
-    })
-    .await;
+    counts_corrected(&app, 2).await;
     app.cleanup().await;
 }
 
